@@ -1,0 +1,190 @@
+"""The one configuration of kvsink, shared by ``reference`` and ``accelerated``.
+
+``KVSinkConfig`` is a frozen dataclass validated at construction: every
+invalid field raises ``ValueError`` naming the field, the value given and the
+values allowed.  The spec of each field is docs/07-config.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Tuple, Union
+
+#: Names of the quantizer kinds (docs/02-quantization.md and, for "kvquant", docs/08-kvquant.md).
+QUANTIZERS = ("uniform", "kvquant")
+#: Names of the preservation policies that may be combined (docs/03-preservation.md).
+POLICIES = ("pfn", "kvsink", "oracle")
+#: Axis names: "token" = groups along the head dimension of one token
+#: (KIVI's values); "channel" = groups of consecutive tokens of one channel
+#: (KIVI's keys).
+AXES = ("token", "channel")
+SCHEMES = ("asymmetric", "symmetric")
+
+
+def _check_int(name, value, lo, hi=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < lo or (hi is not None and value > hi):
+        allowed = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name}={value} is out of range; allowed: {allowed}")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {choices}")
+
+
+def parse_preserve(preserve) -> Tuple[str, ...]:
+    """Normalise a preservation policy to a sorted tuple of policy names.
+
+    Accepts ``None``/``"none"``/``""``/``()`` (no preservation), one name such
+    as ``"kvsink"``, a ``"+"``-joined union such as ``"pfn+kvsink"``, or an
+    iterable of names.
+    """
+    if preserve is None:
+        return ()
+    if isinstance(preserve, str):
+        text = preserve.strip().lower()
+        if text in ("", "none"):
+            return ()
+        names = [p.strip() for p in text.split("+")]
+    else:
+        names = [str(p).strip().lower() for p in preserve]
+    for name in names:
+        if name not in POLICIES:
+            raise ValueError(
+                f"preserve: unknown policy {name!r}; allowed: 'none' or a '+'-joined "
+                f"union of {POLICIES}, e.g. 'pfn+kvsink'")
+    if len(set(names)) != len(names):
+        raise ValueError(f"preserve: policy named twice in {preserve!r}")
+    return tuple(sorted(names))
+
+
+@dataclass(frozen=True)
+class KVSinkConfig:
+    """Quantization and preservation settings of a KV cache (docs/07-config.md).
+
+    Quantization
+        key_bits, value_bits : int in 1..8 (symmetric scheme: 2..8).
+        key_group_size, value_group_size : int >= 1.  Elements per group: along
+            the head dimension for axis "token", consecutive tokens for axis
+            "channel".
+        key_axis, value_axis : "channel" or "token" (KIVI: keys per channel,
+            values per token).
+        scheme : "asymmetric" (min/max with zero point) or "symmetric" (absmax).
+        quantizer : "uniform" (KIVI-style) or "kvquant" (KVQuant-style).
+        residual_length : int >= 0, the R most recent tokens kept at full
+            precision; older tokens are quantized ``token_block`` at a time.
+
+    Preservation
+        preserve : tuple of policy names from ("pfn", "kvsink", "oracle"); the
+            union of their sets is kept at full precision.  A string such as
+            "pfn+kvsink" or "none" is accepted and normalised.
+        preserve_first_n : int >= 0, N of Preserve-First-N.
+        max_preserved : None or int >= 0, cap on preserved tokens per sequence
+            (earliest positions win).
+        predictor_layer : None or int >= 0, index into the model's hidden
+            states (0 = embeddings, l = output of decoder layer l-1) read by the
+            KVSink predictor.  None = calibrate from the model.
+        predictor_channels : tuple of int >= 0, the stable outlier channels.
+        predictor_threshold : None or float > 0, a token is a sink when
+            max over channels |h[t, c]| > threshold.
+        oracle_ratio : float > 1, attention-oracle threshold in multiples of
+            uniform attention.
+
+    KVQuant-style (used when quantizer == "kvquant", docs/08-kvquant.md)
+        outlier_fraction : float in [0, 0.5), share of entries kept sparse.
+        kvquant_datatype : "nf" (fixed normal-float grid) or "kmeans".
+    """
+
+    key_bits: int = 2
+    value_bits: int = 2
+    key_group_size: int = 32
+    value_group_size: int = 32
+    key_axis: str = "channel"
+    value_axis: str = "token"
+    scheme: str = "asymmetric"
+    quantizer: str = "uniform"
+    residual_length: int = 128
+    preserve: Union[str, Tuple[str, ...]] = ("kvsink",)
+    preserve_first_n: int = 1
+    max_preserved: Optional[int] = None
+    predictor_layer: Optional[int] = None
+    predictor_channels: Tuple[int, ...] = ()
+    predictor_threshold: Optional[float] = None
+    oracle_ratio: float = 8.0
+    outlier_fraction: float = 0.01
+    kvquant_datatype: str = "nf"
+
+    def __post_init__(self):
+        lo_bits = 2 if self.scheme == "symmetric" else 1
+        _check_choice("scheme", self.scheme, SCHEMES)
+        _check_int("key_bits", self.key_bits, lo_bits, 8)
+        _check_int("value_bits", self.value_bits, lo_bits, 8)
+        _check_int("key_group_size", self.key_group_size, 1)
+        _check_int("value_group_size", self.value_group_size, 1)
+        _check_choice("key_axis", self.key_axis, AXES)
+        _check_choice("value_axis", self.value_axis, AXES)
+        _check_choice("quantizer", self.quantizer, QUANTIZERS)
+        _check_int("residual_length", self.residual_length, 0)
+        object.__setattr__(self, "preserve", parse_preserve(self.preserve))
+        _check_int("preserve_first_n", self.preserve_first_n, 0)
+        if "pfn" in self.preserve and self.preserve_first_n == 0:
+            raise ValueError("preserve_first_n=0 with policy 'pfn' preserves nothing; "
+                             "set preserve_first_n >= 1 or drop 'pfn' from preserve")
+        if self.max_preserved is not None:
+            _check_int("max_preserved", self.max_preserved, 0)
+        if self.predictor_layer is not None:
+            _check_int("predictor_layer", self.predictor_layer, 0)
+        if not isinstance(self.predictor_channels, (tuple, list)):
+            raise ValueError("predictor_channels must be a tuple of ints, got "
+                             f"{self.predictor_channels!r}")
+        channels = tuple(self.predictor_channels)
+        for c in channels:
+            _check_int("predictor_channels[i]", c, 0)
+        if len(set(channels)) != len(channels):
+            raise ValueError(f"predictor_channels has repeated channels: {channels}")
+        object.__setattr__(self, "predictor_channels", channels)
+        if self.predictor_threshold is not None:
+            t = self.predictor_threshold
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+                raise ValueError(f"predictor_threshold must be a finite float > 0, got {t!r}")
+            object.__setattr__(self, "predictor_threshold", float(t))
+        r = self.oracle_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 1:
+            raise ValueError(f"oracle_ratio must be a finite float > 1, got {r!r}")
+        f = self.outlier_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 <= f < 0.5):
+            raise ValueError(f"outlier_fraction must be a float in [0, 0.5), got {f!r}")
+        _check_choice("kvquant_datatype", self.kvquant_datatype, ("nf", "kmeans"))
+        if self.key_axis == "channel" and self.value_axis == "channel" \
+                and self.key_group_size != self.value_group_size:
+            raise ValueError(
+                "key_group_size and value_group_size must be equal when both key_axis and "
+                f"value_axis are 'channel' (got {self.key_group_size} and "
+                f"{self.value_group_size}): both are the token block that is flushed at once")
+
+    @property
+    def token_block(self) -> int:
+        """Tokens quantized at once when the residual window is flushed.
+
+        The group size of whichever side is grouped per channel (along tokens);
+        1 when both sides are grouped per token.
+        """
+        if self.key_axis == "channel":
+            return self.key_group_size
+        if self.value_axis == "channel":
+            return self.value_group_size
+        return 1
+
+    @property
+    def predictor_ready(self) -> bool:
+        """True when the KVSink predictor is fully specified (no calibration needed)."""
+        return (self.predictor_layer is not None and len(self.predictor_channels) > 0
+                and self.predictor_threshold is not None)
+
+    def replace(self, **changes) -> "KVSinkConfig":
+        """A copy with some fields changed, validated again."""
+        from dataclasses import replace
+        return replace(self, **changes)
