@@ -50,7 +50,12 @@ def parse_preserve(preserve) -> Tuple[str, ...]:
             return ()
         names = [p.strip() for p in text.split("+")]
     else:
-        names = [str(p).strip().lower() for p in preserve]
+        try:
+            names = [str(p).strip().lower() for p in preserve]
+        except TypeError:
+            raise ValueError(
+                f"preserve must be 'none', a policy name, a '+'-joined union such as "
+                f"'pfn+kvsink' or a tuple of names from {POLICIES}; got {preserve!r}") from None
     for name in names:
         if name not in POLICIES:
             raise ValueError(
@@ -118,10 +123,15 @@ class KVSinkConfig:
     kvquant_datatype: str = "nf"
 
     def __post_init__(self):
-        lo_bits = 2 if self.scheme == "symmetric" else 1
         _check_choice("scheme", self.scheme, SCHEMES)
-        _check_int("key_bits", self.key_bits, lo_bits, 8)
-        _check_int("value_bits", self.value_bits, lo_bits, 8)
+        for name in ("key_bits", "value_bits"):
+            bits = getattr(self, name)
+            _check_int(name, bits, 1, 8)
+            if self.scheme == "symmetric" and bits < 2:
+                raise ValueError(
+                    f"{name}={bits} is not allowed with scheme='symmetric': the symmetric "
+                    "grid (q - M) * s with M = 2**(bits-1) - 1 needs bits >= 2 (M = 0 at 1 bit); "
+                    "use bits 2..8 or scheme='asymmetric'")
         _check_int("key_group_size", self.key_group_size, 1)
         _check_int("value_group_size", self.value_group_size, 1)
         _check_choice("key_axis", self.key_axis, AXES)

@@ -1,0 +1,359 @@
+"""The KVSink sink predictor and its calibration: docs/04-predictor.md.
+
+KVSink (Su & Yuan, COLM 2025) observes that attention sinks are the tokens
+that carry *extreme activation outliers* in a few fixed hidden channels, and
+that these "stable outliers" appear at an early layer and persist.  A token
+is therefore predicted to be a sink from its own hidden state at one early
+layer: ``max_c |h[t, c]| > threshold`` over the stable channels ``c``.  The
+rule reads one token at a time, so it works while decoding.
+
+Online part (used by the cache)
+    :func:`outlier_scores`, :func:`predict_sinks`, :class:`SinkPredictor`.
+Calibration (run once per model, offline)
+    :func:`layer_outlier_channels`, :func:`stable_outlier_channels`,
+    :func:`sink_threshold`, :func:`calibrate_predictor`.
+
+Hidden states follow transformers' ``output_hidden_states`` convention:
+``hidden_states[0]`` is the embedding output and ``hidden_states[l]`` the
+output of decoder layer ``l - 1``; each is ``(T, C)`` or ``(B, T, C)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from .config import KVSinkConfig
+
+__all__ = [
+    "outlier_scores",
+    "predict_sinks",
+    "SinkPredictor",
+    "layer_outlier_channels",
+    "stable_outlier_channels",
+    "sink_threshold",
+    "calibrate_predictor",
+    "DEFAULT_OUTLIER_RATIO",
+    "DEFAULT_WINDOW",
+]
+
+#: Default of ``ratio`` in calibration: a channel is an outlier at a layer when
+#: its peak |h| exceeds this many times the layer's median |h|; the same ratio
+#: times the median is the sink threshold.  docs/04-predictor.md §4.8 gives the
+#: range of ratios that yields the same result on SmolLM2-135M.
+DEFAULT_OUTLIER_RATIO = 300.0
+#: Default of ``window``: consecutive layers a channel must stay an outlier to be stable.
+DEFAULT_WINDOW = 4
+
+
+# --------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------
+
+def _hidden(name: str, x, min_ndim: int = 2, max_ndim: Optional[int] = None) -> np.ndarray:
+    """``x`` cast to float32 (float64 is rounded), checked for rank and finiteness."""
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"{name} must be a floating-point array (float16/32/64), got dtype {arr.dtype}")
+    if arr.ndim < min_ndim or (max_ndim is not None and arr.ndim > max_ndim):
+        want = f"(..., T, C) with at least {min_ndim} dims" if max_ndim is None \
+            else "(T, C) or (B, T, C)"
+        raise ValueError(f"{name} must have shape {want}, got {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or Inf; pass finite hidden states")
+    return arr.astype(np.float32)
+
+
+def _channels(channels, num_channels: Optional[int]) -> Tuple[int, ...]:
+    if isinstance(channels, (int, np.integer)) and not isinstance(channels, bool):
+        channels = (channels,)
+    try:
+        items = tuple(channels)
+    except TypeError:
+        raise TypeError(f"channels must be a sequence of ints, got {channels!r}") from None
+    if len(items) == 0:
+        raise ValueError("channels must name at least one channel")
+    out = []
+    for c in items:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
+            raise TypeError(f"channels must hold ints, got {c!r} in {items!r}")
+        c = int(c)
+        if c < 0 or (num_channels is not None and c >= num_channels):
+            hi = "" if num_channels is None else f" and < C = {num_channels}"
+            raise ValueError(f"channels: channel {c} is out of range; each must be >= 0{hi}")
+        out.append(c)
+    if len(set(out)) != len(out):
+        raise ValueError(f"channels has repeated entries: {tuple(out)}")
+    return tuple(out)
+
+
+def _threshold(threshold) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.integer, np.floating)):
+        raise TypeError(f"threshold must be a float, got {threshold!r}")
+    t = float(threshold)
+    if not math.isfinite(t) or t <= 0:
+        raise ValueError(f"threshold must be a finite float > 0, got {threshold!r}")
+    return t
+
+
+# --------------------------------------------------------------------------
+# Definitions 4.1 - 4.2: the online rule
+# --------------------------------------------------------------------------
+
+def outlier_scores(hidden, channels) -> np.ndarray:
+    """Outlier score of each token (Definition 4.1), float32 ``(..., T)``.
+
+    .. math::  s_t = \\max_{c \\in channels} |h_{t,c}|
+
+    ``hidden`` is ``(..., T, C)`` (any float dtype; cast to float32 first,
+    float64 being rounded to nearest).  ``|.|`` and ``max`` are exact in
+    float32, so the score is exactly an element of ``|float32(hidden)|``.
+
+    Raises ``ValueError`` naming ``channels`` for an empty, repeated or
+    out-of-range channel list, and naming ``hidden`` for a bad rank or NaN/Inf.
+    """
+    h = _hidden("hidden", hidden)
+    ch = _channels(channels, h.shape[-1])
+    return np.max(np.abs(h[..., list(ch)]), axis=-1)
+
+
+def predict_sinks(hidden, channels, threshold) -> np.ndarray:
+    """Predicted sinks (Definition 4.2), bool ``(..., T)``: ``outlier_scores > threshold``.
+
+    The comparison is strict and exact: the float32 score is compared with
+    ``threshold`` as a float64 number (float32 -> float64 is exact).  An
+    implementation comparing in float32 must round ``threshold`` *down*
+    (toward -inf) to float32 first to get the same answer.
+
+    Token ``t``'s prediction depends only on ``hidden[..., t, :]``: predicting
+    on a prefix gives the prefix of the prediction on the full sequence, and
+    a decoding step predicts its new token alone.
+    """
+    thr = _threshold(threshold)
+    scores = outlier_scores(hidden, channels)
+    return scores.astype(np.float64) > thr
+
+
+@dataclass(frozen=True)
+class SinkPredictor:
+    """A calibrated KVSink predictor (Definitions 4.1 - 4.2).
+
+    Attributes
+    ----------
+    layer : int >= 0, index into the hidden states (0 = embeddings, ``l`` =
+        output of decoder layer ``l - 1``).
+    channels : tuple of distinct ints >= 0, the stable outlier channels.
+    threshold : float > 0; token ``t`` is a sink iff ``max_c |h[t, c]| > threshold``.
+    """
+
+    layer: int
+    channels: Tuple[int, ...]
+    threshold: float
+
+    def __post_init__(self):
+        if isinstance(self.layer, bool) or not isinstance(self.layer, (int, np.integer)) \
+                or self.layer < 0:
+            raise ValueError(f"layer must be an int >= 0, got {self.layer!r}")
+        object.__setattr__(self, "layer", int(self.layer))
+        object.__setattr__(self, "channels", _channels(self.channels, None))
+        object.__setattr__(self, "threshold", _threshold(self.threshold))
+
+    def predict(self, hidden) -> np.ndarray:
+        """``predict_sinks(hidden, self.channels, self.threshold)``; ``hidden`` is
+        the hidden state at ``self.layer``, ``(..., T, C)``."""
+        return predict_sinks(hidden, self.channels, self.threshold)
+
+    def config_fields(self) -> dict:
+        """The ``KVSinkConfig`` fields: ``predictor_layer``, ``predictor_channels``,
+        ``predictor_threshold`` (use ``config.replace(**p.config_fields())``)."""
+        return {"predictor_layer": self.layer,
+                "predictor_channels": tuple(self.channels),
+                "predictor_threshold": self.threshold}
+
+    def apply_to(self, config: KVSinkConfig) -> KVSinkConfig:
+        """A copy of ``config`` with the predictor fields set to this predictor."""
+        return config.replace(**self.config_fields())
+
+    @classmethod
+    def from_config(cls, config: KVSinkConfig) -> "SinkPredictor":
+        """The predictor stored in ``config``; raises if it is not fully specified."""
+        if not config.predictor_ready:
+            raise ValueError("config does not specify the predictor: set predictor_layer, "
+                             "predictor_channels and predictor_threshold (or calibrate_predictor)")
+        return cls(config.predictor_layer, config.predictor_channels, config.predictor_threshold)
+
+
+# --------------------------------------------------------------------------
+# Definitions 4.3 - 4.6: calibration
+# --------------------------------------------------------------------------
+
+def _tokens_by_channels(hidden, valid, name) -> np.ndarray:
+    """``|hidden|`` as float32 ``(N, C)``: all valid tokens of all rows."""
+    h = _hidden(name, hidden, 2, 3)
+    if h.ndim == 2:
+        h = h[None]
+    if valid is not None:
+        v = np.asarray(valid)
+        if v.dtype != np.bool_:
+            raise TypeError(f"valid must be a bool array, got dtype {v.dtype}")
+        if v.ndim == 1:
+            v = v[None]
+        if v.shape != h.shape[:2]:
+            raise ValueError(f"valid must have shape {h.shape[:2]} (B, T) to match {name}, "
+                             f"got {np.asarray(valid).shape}")
+        a = np.abs(h[v])
+    else:
+        a = np.abs(h.reshape(-1, h.shape[-1]))
+    if a.shape[0] == 0:
+        raise ValueError(f"{name} has no (valid) token")
+    return a
+
+
+def _ratio(ratio) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(ratio)) or ratio <= 1:
+        raise ValueError(f"ratio must be a finite float > 1, got {ratio!r}")
+    return float(ratio)
+
+
+def layer_outlier_channels(hidden, ratio: float = DEFAULT_OUTLIER_RATIO, *, valid=None) -> np.ndarray:
+    """Outlier channels of one layer (Definition 4.3), sorted int64 array.
+
+    .. math::  O = \\{ c : \\max_t |h_{t,c}| > ratio \\cdot \\mathrm{median}_{t,c'} |h_{t,c'}| \\}
+
+    ``hidden`` is ``(T, C)`` or ``(B, T, C)``; the max and the median run
+    over all (valid) tokens of all rows (the median over all ``N * C``
+    entries, numpy's median: mean of the two middle values for an even
+    count, computed in float64).  If the median is 0, every channel with a
+    non-zero entry is an outlier.
+
+    Parameters
+    ----------
+    hidden : float ``(T, C)`` or ``(B, T, C)``.
+    ratio : float > 1.
+    valid : None or bool ``(T,)`` / ``(B, T)``; padding tokens are left out.
+    """
+    r = _ratio(ratio)
+    return _outliers_of(_tokens_by_channels(hidden, valid, "hidden"), r)
+
+
+def _outliers_of(a: np.ndarray, r: float) -> np.ndarray:
+    """Definition 4.3 on ``a = |h|`` given as ``(N, C)``."""
+    med = float(np.median(a.astype(np.float64)))
+    peak = a.max(axis=0).astype(np.float64)
+    return np.nonzero(peak > r * med)[0].astype(np.int64)
+
+
+def _num_layers(hidden_states) -> int:
+    try:
+        n = len(hidden_states)
+    except TypeError:
+        raise TypeError("hidden_states must be a sequence of (T, C) or (B, T, C) arrays, "
+                        "index 0 = embeddings") from None
+    if n < 2:
+        raise ValueError(f"hidden_states must hold the embeddings and at least one decoder "
+                         f"layer output (len >= 2), got len {n}")
+    return n - 1
+
+
+def stable_outlier_channels(hidden_states: Sequence, ratio: float = DEFAULT_OUTLIER_RATIO, *,
+                            window: int = DEFAULT_WINDOW, valid=None) -> Tuple[int, Tuple[int, ...]]:
+    """Prediction layer and stable outlier channels (Definition 4.4).
+
+    With ``O_l = layer_outlier_channels(hidden_states[l], ratio)``,
+    ``L = len(hidden_states) - 1`` decoder layers and ``mid = L // 2``,
+    the prediction layer is the smallest ``l`` in ``0 .. mid`` with
+
+    .. math::  S_l = O_l \\cap O_{l+1} \\cap \\dots \\cap O_{l + window - 1} \\ne \\emptyset
+
+    (a channel that is an outlier for ``window`` consecutive layers starting
+    at ``l``); the stable channels are ``S_l``.  Layers past ``L`` do not
+    exist: the window must fit (``l + window - 1 <= L``).
+
+    Returns
+    -------
+    (layer, channels) : int, tuple of sorted ints.
+
+    Raises
+    ------
+    ValueError when no layer up to ``mid`` qualifies (the model shows no
+    stable outlier at this ``ratio``: lower it, or configure the predictor
+    by hand).
+    """
+    num_layers = _num_layers(hidden_states)
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if window > num_layers + 1:
+        raise ValueError(f"window={window} is longer than the {num_layers + 1} hidden states")
+    r = _ratio(ratio)
+    mid = num_layers // 2
+    outliers = []
+    for l in range(num_layers + 1):
+        a = _tokens_by_channels(hidden_states[l], valid, f"hidden_states[{l}]")
+        if l > 0 and a.shape[1] != c_prev:
+            raise ValueError(f"hidden_states[{l}] has {a.shape[1]} channels, hidden_states[0] "
+                             f"has {c_prev}; all layers must have the same C")
+        c_prev = a.shape[1]
+        outliers.append(set(_outliers_of(a, r).tolist()))
+    for l in range(0, mid + 1):
+        if l + window - 1 > num_layers:
+            break
+        common = set.intersection(*outliers[l:l + window])
+        if common:
+            return l, tuple(sorted(common))
+    raise ValueError(f"no channel is an outlier (peak > ratio={ratio} x the layer median) for "
+                     f"window={window} consecutive layers starting at or before the middle layer "
+                     f"{mid}; lower ratio or window, or set the predictor fields by hand")
+
+
+def sink_threshold(hidden, ratio: float = DEFAULT_OUTLIER_RATIO, *, valid=None) -> float:
+    """Sink threshold at the prediction layer (Definition 4.5), a Python float.
+
+    .. math::  \\tau = ratio \\cdot \\mathrm{median}_{t,c} |h_{t,c}|
+
+    the same statistic as Definition 4.3: a token is predicted a sink exactly
+    when one of its stable-channel entries is an outlier entry of the
+    calibration layer (a "massive activation").  The median is over all
+    (valid) entries of ``hidden`` (``(T, C)`` or ``(B, T, C)``) in float64;
+    the product is a float64 multiplication.  docs/04-predictor.md §4.8
+    compares this rule with order-statistic rules on SmolLM2 (they transfer
+    worse from one text to another).
+
+    Raises ``ValueError`` when the median is 0 (the threshold must be > 0).
+    """
+    r = _ratio(ratio)
+    a = _tokens_by_channels(hidden, valid, "hidden")
+    med = float(np.median(a.astype(np.float64)))
+    if not med > 0:
+        raise ValueError("hidden: the median |h| is 0, so ratio * median gives no usable "
+                         "threshold; calibrate on real hidden states or set the threshold by hand")
+    return r * med
+
+
+def calibrate_predictor(hidden_states: Sequence, *, ratio: float = DEFAULT_OUTLIER_RATIO,
+                        window: int = DEFAULT_WINDOW, valid=None) -> SinkPredictor:
+    """Calibrate the KVSink predictor on one forward pass (Definition 4.6).
+
+    1. ``layer, channels = stable_outlier_channels(hidden_states, ratio, window=window)``;
+    2. ``threshold = sink_threshold(hidden_states[layer], ratio)``.
+
+    By construction the stable channels' peak exceeds the threshold at the
+    prediction layer, so at least one calibration token is predicted.
+
+    Parameters
+    ----------
+    hidden_states : sequence of float ``(T, C)`` or ``(B, T, C)`` arrays,
+        index 0 = embeddings, index ``l`` = output of decoder layer ``l - 1``.
+    ratio : float > 1, outlier ratio of :func:`layer_outlier_channels`.
+    window : int >= 1, consecutive outlier layers required.
+    valid : None or bool ``(T,)`` / ``(B, T)``; padding tokens are left out.
+
+    Returns
+    -------
+    SinkPredictor.
+    """
+    layer, channels = stable_outlier_channels(hidden_states, ratio, window=window, valid=valid)
+    return SinkPredictor(layer, channels, sink_threshold(hidden_states[layer], ratio, valid=valid))
