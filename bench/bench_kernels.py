@@ -1,0 +1,240 @@
+"""Check and time the Triton kernels of accelerated/ on CUDA (see bench/README.md).
+
+    PYTHONUNBUFFERED=1 python bench/bench_kernels.py [--quick]
+
+1. Correctness on fresh random inputs with poisoned outputs (the caching
+   allocator is filled with NaN / 0xFF bytes before each kernel call, so an
+   element the kernel fails to write shows up as a mismatch):
+   quantize kernel == torch path (bit for bit; the torch path is itself
+   bit-identical to reference/, tests/test_accelerated_ops.py) and == numpy
+   reference on a small case; attention kernel vs float64 attention over the
+   dequantized cache (relative error printed).
+2. Timing with triton.testing.do_bench (median, L2 flushed before each call
+   by do_bench) of kernel vs torch path, against the bytes-moved floor at the
+   measured copy bandwidth and at 3 TB/s.  Prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import reference as R                                           # noqa: E402
+from reference import attention as RA                           # noqa: E402
+from accelerated import attention as AA                         # noqa: E402
+from accelerated import quantize as AQ                          # noqa: E402
+from accelerated import quantize_kernels as QK                  # noqa: E402
+from accelerated import attention_kernels as AK                 # noqa: E402
+from accelerated.packing import words_to_reference              # noqa: E402
+
+
+def poison():
+    """Fill freed allocator blocks with garbage so torch.empty() returns poisoned memory."""
+    junk = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device="cuda").fill_(0xFF)
+    del junk
+
+
+def copy_bandwidth():
+    import triton.testing as tt
+    a = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    ms = tt.do_bench(lambda: b.copy_(a), return_mode="median")
+    return 2 * a.numel() / (ms * 1e-3)
+
+
+def quant_bytes(n, t_len, d, bits, group, axis, sym):
+    w = -(-d // (32 // bits))
+    stats = n * (-(-t_len // group) * d if axis == "channel" else t_len * -(-d // group))
+    return 4 * n * t_len * d + n * t_len + 4 * n * t_len * w + 4 * stats * (1 if sym else 2)
+
+
+def attn_bytes(b, h, t_len, d, kspec, vspec, hq, tq):
+    total = 0
+    for bits, g, axis, sym in (kspec, vspec):
+        w = -(-d // (32 // bits))
+        stats = b * h * (-(-t_len // g) * d if axis == "channel" else t_len * -(-d // g))
+        total += 4 * b * h * t_len * w + 4 * stats * (1 if sym else 2)
+    return total + 8 * b * t_len + 4 * b * hq * tq * d * 2
+
+
+def check_quantize(rows):
+    torch.manual_seed(0)
+    cases = [(2, 32, "channel", False, (1, 8, 32, 128)), (2, 32, "token", False, (1, 8, 4096, 128)),
+             (4, 32, "channel", True, (2, 8, 4096, 128)), (3, 16, "token", False, (1, 3, 777, 64)),
+             (1, 7, "channel", False, (2, 3, 100, 70)), (8, 64, "token", True, (1, 2, 300, 128))]
+    for bits, g, axis, sym, shape in cases:
+        x = torch.randn(shape, device="cuda") * torch.rand(shape[:-1] + (1,), device="cuda") * 10
+        excl = torch.rand(shape[:-1], device="cuda") < 0.1
+        poison()
+        got = AQ.quantize_packed(x, bits, g, axis, symmetric=sym, exclude=excl, use_kernel=True)
+        want = AQ.quantize_packed(x, bits, g, axis, symmetric=sym, exclude=excl, use_kernel=False)
+        same = (torch.equal(got.words, want.words) and torch.equal(got.scale.view(torch.int32),
+                                                                   want.scale.view(torch.int32))
+                and (sym or torch.equal(got.zero.view(torch.int32), want.zero.view(torch.int32))))
+        ref_ok = "-"
+        if x.numel() <= 300_000:
+            r = R.quantize(x.cpu().numpy(), bits, g, axis, symmetric=sym, exclude=excl.cpu().numpy())
+            ref_ok = bool((words_to_reference(got.words) == r.packed()).all()
+                          and (got.scale.cpu().numpy().view(np.uint32) == r.scale.view(np.uint32)).all())
+        print(f"check quantize {bits}b G={g} {axis:7s} sym={sym!s:5s} {shape}: kernel==torch {same}, "
+              f"kernel==reference {ref_ok}")
+        rows.append({"check": "quantize", "case": [bits, g, axis, sym, list(shape)], "same": same,
+                     "ref": ref_ok})
+        assert same and ref_ok is not False
+
+
+def make_cache(b, h, t_len, d, kspec, vspec, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    k = torch.randn((b, h, t_len, d), device="cuda", generator=g)
+    v = torch.randn((b, h, t_len, d), device="cuda", generator=g)
+    k[:, :, 0] *= 20                                            # a sink-like key
+    pk = AQ.quantize_packed(k, kspec[0], kspec[1], kspec[2], symmetric=kspec[3])
+    pv = AQ.quantize_packed(v, vspec[0], vspec[1], vspec[2], symmetric=vspec[3])
+    return pk, pv
+
+
+def check_attention(rows):
+    kspec, vspec = (2, 32, "channel", False), (2, 32, "token", False)
+    for (b, h, hq, tq, t_len, d, seed) in [(1, 8, 32, 1, 4096, 128, 1), (2, 3, 9, 4, 1000, 64, 2),
+                                          (1, 2, 2, 1, 37, 128, 3)]:
+        pk, pv = make_cache(b, h, t_len, d, kspec, vspec, seed)
+        q = torch.randn((b, hq, tq, d), device="cuda")
+        kp = torch.arange(t_len, device="cuda").repeat(b, 1)
+        kp[:, 1:3] = -1
+        qp = torch.full((b, tq), t_len + 10, device="cuda")
+        qp[0, 0] = t_len // 2
+        kd = AQ.dequantize(pk).double().cpu().numpy()
+        vd = AQ.dequantize(pv).double().cpu().numpy()
+        want = RA.attention(q.cpu().numpy(), kd, vd, query_positions=qp.cpu().numpy(),
+                            key_positions=kp.cpu().numpy())
+        for prec in ("ieee", "tf32x3"):
+            poison()
+            m, l, acc = AA.quantized_segment_attention(q, pk, pv, query_positions=qp, key_positions=kp,
+                                                       use_kernel=True, precision=prec)
+            got = AA.merge_partials([(m, l, acc)]).double().cpu().numpy()
+            rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+            mx = float(np.abs(got - want).max())
+            print(f"check attention B={b} H={h} Hq={hq} Tq={tq} T={t_len} D={d} {prec}: "
+                  f"rel err {rel:.2e}, max abs {mx:.2e}, finite {bool(np.isfinite(got).all())}")
+            rows.append({"check": "attention", "case": [b, h, hq, tq, t_len, d, prec], "rel": rel, "max": mx})
+            assert np.isfinite(got).all() and rel < 1e-5
+
+
+def bench(rows, quick):
+    import triton.testing as tt
+    bw = copy_bandwidth()
+    print(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)")
+    table = []
+
+    def timeit(fn):
+        fn()
+        torch.cuda.synchronize()
+        return tt.do_bench(fn, warmup=25, rep=200 if not quick else 50, return_mode="median")
+
+    # ---------------- quantize
+    for (name, b, h, t_len, d, bits, g, axis, sym) in [
+            ("quant flush block K", 1, 8, 32, 128, 2, 32, "channel", False),
+            ("quant prefill K 32K", 1, 8, 32768, 128, 2, 32, "channel", False),
+            ("quant prefill V 32K", 1, 8, 32768, 128, 2, 32, "token", False),
+            ("quant prefill K 32K 4b", 1, 8, 32768, 128, 4, 32, "channel", False)]:
+        x = torch.randn((b, h, t_len, d), device="cuda")
+        excl = torch.zeros((b, h, t_len), dtype=torch.bool, device="cuda")
+        nbytes = quant_bytes(b * h, t_len, d, bits, g, axis, sym)
+        t_kernel = timeit(lambda: QK.quantize_pack(x, excl, bits, g, axis, sym))
+        t_api = timeit(lambda: AQ.quantize_packed(x, bits, g, axis, symmetric=sym, exclude=excl))
+        t_torch = timeit(lambda: AQ.quantize_packed(x, bits, g, axis, symmetric=sym, exclude=excl,
+                                                    use_kernel=False))
+        table.append((name, nbytes, {"kernel": t_kernel, "quantize_packed": t_api, "torch": t_torch}))
+
+    # ---------------- attention
+    kspec, vspec = (2, 32, "channel", False), (2, 32, "token", False)
+    shapes = [("attn B1 H8 Hq32 T32K D128 2b", 1, 8, 32, 1, 32768, 128),
+              ("attn B4 H8 Hq32 T32K D128 2b", 4, 8, 32, 1, 32768, 128),
+              ("attn B1 H8 Hq32 T4K D128 2b", 1, 8, 32, 1, 4096, 128)]
+    for (name, b, h, hq, tq, t_len, d) in shapes:
+        sets = [make_cache(b, h, t_len, d, kspec, vspec, s) for s in range(2)]
+        q = torch.randn((b, hq, tq, d), device="cuda")
+        kp = torch.arange(t_len, device="cuda").repeat(b, 1)
+        qp = torch.full((b, tq), t_len, device="cuda")
+        nbytes = attn_bytes(b, h, t_len, d, kspec, vspec, hq, tq)
+        it = {"i": 0}
+
+        def run(**kw):
+            pk, pv = sets[it["i"] % 2]
+            it["i"] += 1
+            return AA.quantized_segment_attention(q, pk, pv, query_positions=qp, key_positions=kp, **kw)
+
+        times = {}
+
+        def kern(prec, **kw):
+            pk, pv = sets[it["i"] % 2]
+            it["i"] += 1
+            return AK.quantized_partial_attention(q, pk, pv, qp, kp, 1 / math.sqrt(d), prec, **kw)
+
+        for label, prec, kw in [("dot ieee bt64", "ieee", dict(block_t=64, use_dot=True)),
+                                ("dot tf32x3 bt64", "tf32x3", dict(block_t=64, use_dot=True)),
+                                ("fma bt16", "ieee", dict(block_t=16, use_dot=False)),
+                                ("fma bt32", "ieee", dict(block_t=32, use_dot=False)),
+                                ("fma bt16 w2", "ieee", dict(block_t=16, use_dot=False, num_warps=2)),
+                                ("fma bt8", "ieee", dict(block_t=8, use_dot=False)),
+                                ("fma bt16 s2", "ieee", dict(block_t=16, use_dot=False, num_stages=2))]:
+            try:
+                times[label] = timeit(lambda: kern(prec, **kw))
+            except Exception as e:                               # e.g. out of shared memory
+                print(f"{name} {label}: {type(e).__name__}: {str(e)[:120]}")
+        times["quantized_segment_attention"] = timeit(lambda: run())
+        if not quick:
+            times["torch blocked"] = timeit(lambda: run(use_kernel=False, block_size=4096))
+
+            def deq_sdpa():
+                pk, pv = sets[it["i"] % 2]
+                it["i"] += 1
+                kd, vd = AQ.dequantize(pk), AQ.dequantize(pv)
+                g = hq // h
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q, kd.repeat_interleave(g, 1), vd.repeat_interleave(g, 1))
+            times["dequant all + SDPA"] = timeit(deq_sdpa)
+        table.append((name, nbytes, times))
+
+    print()
+    print(f"{'case':34s} {'MB moved':>9s} {'floor@meas':>11s} {'floor@3TB/s':>12s}  version: median us (x floor@meas)")
+    for name, nbytes, times in table:
+        f_meas = nbytes / bw * 1e6
+        f_3 = nbytes / 3e12 * 1e6
+        vers = ", ".join(f"{k}: {v * 1e3:.1f} ({v * 1e3 / f_meas:.1f}x)" for k, v in times.items())
+        print(f"{name:34s} {nbytes / 1e6:9.2f} {f_meas:10.1f}us {f_3:11.1f}us  {vers}")
+        rows.append({"bench": name, "bytes": nbytes, "floor_us_measured_bw": f_meas, "floor_us_3TBs": f_3,
+                     "times_us": {k: v * 1e3 for k, v in times.items()}, "copy_bw": bw})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kernels.json"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs CUDA")
+        return 2
+    import triton
+    print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}, "
+          f"SMs {torch.cuda.get_device_properties(0).multi_processor_count}")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows = []
+    check_quantize(rows)
+    check_attention(rows)
+    bench(rows, args.quick)
+    with open(args.json, "w") as f:
+        json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,541 @@
+"""accelerated/cache.py against reference/cache.py (docs/06-cache.md).
+
+The same sequence of operations (prefill with left padding, resolve, flush,
+decode steps, crop, reorder, select_batch, reset) drives the reference cache
+(numpy) and the torch twin; after every step the two must hold the same
+contents:
+
+* quantized store: same blocks (start, ``coded``), bit-identical packed words,
+  codes, scales and zero points (docs/09-tolerances.md 9.4: the torch quantizer
+  uses the reference's operations, so codes are identical, K = 0);
+* preserved store: same positions, bit-identical keys and values;
+* residual: identical keys, values, validity and statuses; same pending count;
+* ``segments()``: identical (the dequantization is the same two roundings);
+* ``nbytes()``: equal (definition 6.17);
+* ``attend()``: within the bound of docs/09-tolerances.md 9.3, row "float32
+  throughout" (the CPU port has no TF32 and reads the same dequantized values
+  as the reference); exactly 0 for a query that sees no key.
+
+The CUDA variants run the same scenario on the GPU against the CPU reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from accelerated.cache import QuantizedKVCache, QuantizedKVCacheLayer
+from accelerated.packing import words_to_reference
+from reference import cache as ref_cache
+from reference.config import KVSinkConfig
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+DEVICES = ["cpu", CUDA]
+
+U32 = 2.0 ** -24
+
+#: (id, config) pairs: bits 1..8, keys per channel and per token, symmetric,
+#: R = 0 and R not a multiple of the block, caps, partial groups along D.
+CONFIGS = [
+    ("kivi-2bit", KVSinkConfig(key_bits=2, value_bits=2, key_group_size=4, value_group_size=8,
+                               residual_length=8)),
+    ("1bit-R0", KVSinkConfig(key_bits=1, value_bits=1, key_group_size=4, value_group_size=4,
+                             residual_length=0)),
+    ("3-5bit-R7-cap2", KVSinkConfig(key_bits=3, value_bits=5, key_group_size=4, value_group_size=8,
+                                    residual_length=7, max_preserved=2)),
+    ("sym-8bit-token-keys", KVSinkConfig(key_bits=8, value_bits=8, key_group_size=8, value_group_size=8,
+                                         key_axis="token", value_axis="token", scheme="symmetric",
+                                         residual_length=3)),
+    ("4-6bit-channel-both", KVSinkConfig(key_bits=4, value_bits=6, key_group_size=3, value_group_size=3,
+                                         key_axis="channel", value_axis="channel", residual_length=5)),
+    ("7bit-values-channel", KVSinkConfig(key_bits=7, value_bits=3, key_group_size=5, value_group_size=4,
+                                         key_axis="token", value_axis="channel", residual_length=2,
+                                         max_preserved=1)),
+    ("sym-2-4bit-cap0", KVSinkConfig(key_bits=2, value_bits=4, key_group_size=4, value_group_size=6,
+                                     scheme="symmetric", residual_length=6, max_preserved=0)),
+]
+CONFIG_IDS = [c[0] for c in CONFIGS]
+
+B, H, HQ, D = 3, 2, 4, 12
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _np(t):
+    if isinstance(t, torch.Tensor):
+        t = t.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        return t.numpy()
+    return np.asarray(t)
+
+
+def attention_bound(query, segments, query_positions, scale=None):
+    """Per-output bound of docs/09-tolerances.md 9.3, row "float32 throughout", and visible counts.
+
+    ``|o_port - o_ref| <= V [2.5 (c A (D + 1) u + u (3 ln S + 2 S + 4)) + 2u]`` (u_in = u_p = u_v = 0,
+    u_o = u) with ``V`` the largest |value| and ``A = max_j sum_d |q_d k_jd|`` over the keys the
+    query sees, ``S`` their number.  Returns (bound (B, Hq, Tq, 1), S (B, Hq, Tq)).
+    """
+    q = np.abs(np.asarray(query, dtype=np.float64))
+    b, hq, tq, d = q.shape
+    ks = [np.asarray(k, dtype=np.float64) for k, _, _ in segments]
+    vs = [np.asarray(v, dtype=np.float64) for _, v, _ in segments]
+    ps = [np.asarray(p) for _, _, p in segments]
+    k = np.concatenate(ks, axis=2)
+    v = np.concatenate(vs, axis=2)
+    kp = np.concatenate(ps, axis=1)
+    heads = np.arange(hq) // (hq // k.shape[1])
+    qp = np.asarray(query_positions)
+    vis = (kp[:, None, :] >= 0) & (kp[:, None, :] <= qp[:, :, None])           # (B, Tq, S)
+    a = np.einsum("bhtd,bhsd->bhts", q, np.abs(k[:, heads]))                      # (B, Hq, Tq, S)
+    a = np.where(vis[:, None], a, 0.0).max(axis=-1, initial=0.0)
+    vmax = np.where(vis[:, None, :, :, None], np.abs(v[:, heads])[:, :, None], 0.0).max(axis=(3, 4),
+                                                                                      initial=0.0)
+    s_vis = np.broadcast_to(vis.sum(axis=-1)[:, None, :], (b, hq, tq)).astype(np.float64)
+    s = np.maximum(s_vis, 1.0)
+    c = 1.0 / math.sqrt(d) if scale is None else scale
+    inner = c * a * (d + 1) * U32 + U32 * (3 * np.log(s) + 2 * s + 4)
+    return (vmax * (2.5 * inner + 2 * U32))[..., None], s_vis
+
+
+def assert_attention_close(ours, ref, query, qp, scale=None):
+    got = _np(ours).astype(np.float64)
+    bound, n_visible = attention_bound(query, ref.segments(), qp, scale)
+    want = ref.attend(query, qp, scale)
+    assert got.shape == want.shape
+    blind = np.broadcast_to((n_visible == 0)[..., None], got.shape)
+    assert np.all(got[blind] == 0), "a query that sees no key must output exactly 0"
+    err = np.abs(got - want)
+    bad = ~blind & (err > bound)
+    assert not bad.any(), (f"{int(bad.sum())} outputs beyond docs/09-tolerances.md 9.3; "
+                           f"max err {err[~blind].max():.3g}, bound there {np.broadcast_to(bound, err.shape)[bad].min():.3g}")
+
+
+def assert_same_state(ours: QuantizedKVCacheLayer, ref: ref_cache.QuantizedKVCacheLayer):
+    """Everything the reference holds, and what ``nbytes`` / ``segments`` report, agree."""
+    assert ours.seq_length == ref.seq_length
+    assert ours.num_quantized == ref.num_quantized
+    assert ours.num_residual == ref.num_residual
+    assert ours.num_pending == ref.num_pending
+    assert ours.batch_size == ref.batch_size
+    assert ours.nbytes() == ref.nbytes()
+    ours_segs, ref_segs = ours.segments(), ref.segments()
+    assert len(ours_segs) == len(ref_segs)
+    if ref.batch_size is None:
+        assert ours.blocks == [] and ours.preserved_positions() == []
+        return
+    # buffer slots beyond the used ones are empty (attend may read the whole buffer)
+    if ours._qpos is not None:
+        assert bool(torch.all(ours._qpos[:, ours._nq:] == -1))
+    # quantized store, block by block: bit-identical words, codes, statistics
+    assert len(ours.blocks) == len(ref.blocks)
+    for j, (ob, rb) in enumerate(zip(ours.blocks, ref.blocks)):
+        assert (ob.start, ob.num_slots, ob.num_codes) == (rb.start, rb.num_slots, rb.num_codes), f"block {j}"
+        np.testing.assert_array_equal(_np(ob.positions()), rb.positions(), err_msg=f"block {j} positions")
+        np.testing.assert_array_equal(_np(ob.coded), rb.coded, err_msg=f"block {j} coded")
+        for side in ("keys", "values"):
+            o, r = getattr(ob, side), getattr(rb, side)
+            np.testing.assert_array_equal(words_to_reference(o.words), r.words,
+                                          err_msg=f"block {j} {side} words")
+            np.testing.assert_array_equal(_np(o.unpack().codes), r.unpack().codes,
+                                          err_msg=f"block {j} {side} codes")
+            np.testing.assert_array_equal(_np(o.scale), r.scale, err_msg=f"block {j} {side} scale")
+            if r.zero is None:
+                assert o.zero is None
+            else:
+                np.testing.assert_array_equal(_np(o.zero), r.zero, err_msg=f"block {j} {side} zero")
+    # preserved store: positions and bit-exact values
+    for o, r in zip(ours.preserved, ref.preserved):
+        np.testing.assert_array_equal(_np(o), r)
+    for o, r in zip(ours.preserved_positions(), ref.preserved_positions()):
+        np.testing.assert_array_equal(_np(o), r)
+    # residual: keys, values, validity, statuses
+    for o, r in zip(ours.residual, ref.residual):
+        np.testing.assert_array_equal(_np(o), r)
+    # segments (dequantized quantized store, preserved store, residual)
+    for (ok, ov, op), (rk, rv, rp) in zip(ours_segs, ref_segs):
+        np.testing.assert_array_equal(_np(op), rp)
+        np.testing.assert_array_equal(_np(ok), rk)
+        np.testing.assert_array_equal(_np(ov), rv)
+
+
+class Pair:
+    """The reference layer and ours, driven together with the same numpy inputs."""
+
+    def __init__(self, config, device="cpu", dtype=np.float32, seed=0):
+        self.ref = ref_cache.QuantizedKVCacheLayer(config, dtype=dtype)
+        tdtype = {np.float32: torch.float32, np.float16: torch.float16}[dtype]
+        self.ours = QuantizedKVCacheLayer(config, dtype=tdtype, device=device)
+        self.device = device
+        self.dtype = dtype
+        self.rng = np.random.default_rng(seed)
+
+    def t(self, x):
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+
+    def tokens(self, b, n, sink_every=0):
+        k = self.rng.standard_normal((b, H, n, D)).astype(np.float32)
+        v = self.rng.standard_normal((b, H, n, D)).astype(np.float32)
+        if sink_every:
+            k[:, :, ::sink_every, 0] *= 40.0        # sink-like outliers in one channel
+        return k, v
+
+    def update(self, n, valid=None, pres_prob=0.25, resolve=True, flush=True):
+        b = self.ref.batch_size or B
+        k, v = self.tokens(b, n, sink_every=7)
+        self.ref.update(k, v, valid)
+        self.ours.update(self.t(k), self.t(v), None if valid is None else self.t(valid))
+        if resolve:
+            vld = np.ones((b, n), bool) if valid is None else valid
+            flags = (self.rng.random((b, self.ref.num_pending)) < pres_prob)
+            flags &= self.ref.residual[2][:, self.ref.num_residual - self.ref.num_pending:]
+            self.ref.resolve(flags)
+            self.ours.resolve(self.t(flags))
+            del vld
+        if flush:
+            assert self.ours.flush() == self.ref.flush()
+
+    def check(self, scale=None):
+        assert_same_state(self.ours, self.ref)
+        if self.ref.batch_size is None:
+            return
+        b = self.ref.batch_size
+        q = self.rng.standard_normal((b, HQ, 3, D)).astype(np.float32)
+        s = self.ref.seq_length
+        # the newest slot, a slot in the middle, and one before every key (sees nothing)
+        qp = np.stack([np.full(b, s - 1), self.rng.integers(0, max(s, 1), b), np.full(b, -1)], axis=1)
+        out = self.ours.attend(self.t(q), self.t(qp.astype(np.int64)), scale=scale)
+        assert out.dtype == torch.float32 and out.shape == (b, HQ, 3, D)
+        assert_attention_close(out, self.ref, q, qp, scale)
+
+
+def left_padding(b, n, pads):
+    valid = np.ones((b, n), bool)
+    for row, p in enumerate(pads):
+        valid[row, :p] = False
+    return valid
+
+
+def run_scenario(pair: Pair):
+    """Prefill, decode, crop, reorder, select_batch, reset: compare after every step."""
+    pair.update(23, valid=left_padding(B, 23, [0, 3, 6]))
+    pair.check()
+    for _ in range(7):
+        pair.update(1)
+        pair.check()
+    pair.update(3)                          # a multi-token step (e.g. speculative decoding)
+    pair.check()
+    # an update whose status arrives later: flush must refuse, nothing changes
+    pair.update(2, resolve=False, flush=False)
+    pair.check()
+    b = pair.ref.batch_size
+    flags = np.zeros((b, 2), bool)
+    flags[0, 1] = True
+    pair.ref.resolve(flags)
+    pair.ours.resolve(pair.t(flags))
+    assert pair.ours.flush() == pair.ref.flush()
+    pair.check(scale=0.3)
+    # crop inside a quantized block (straddling), then decode again
+    blk = pair.ref.config.token_block
+    if pair.ref.blocks:
+        last = pair.ref.blocks[-1]
+        cut = last.start + max(1, blk // 2) if blk > 1 else last.start
+    else:
+        cut = pair.ref.seq_length - 2
+    pair.ref.crop(cut)
+    pair.ours.crop(cut)
+    pair.check()
+    for _ in range(6):
+        pair.update(1)
+        pair.check()
+    pair.ref.crop(-2)
+    pair.ours.crop(-2)
+    pair.check()
+    pair.update(2)
+    pair.check()
+    beam = np.array([2, 0, 0])
+    pair.ref.reorder(beam)
+    pair.ours.reorder(pair.t(beam))
+    pair.check()
+    for _ in range(3):
+        pair.update(1)
+    pair.check()
+    rows = np.array([1, 2])
+    pair.ref.select_batch(rows)
+    pair.ours.select_batch(pair.t(rows))
+    pair.check()
+    for _ in range(5):
+        pair.update(1)
+        pair.check()
+    pair.ref.reset()
+    pair.ours.reset()
+    pair.check()
+    assert pair.ours.nbytes() == 0 and pair.ours.seq_length == 0
+    pair.update(9, valid=left_padding(B, 9, [2, 0, 0]))   # a fresh batch after reset
+    pair.check()
+    for _ in range(4):
+        pair.update(1)
+    pair.check()
+
+
+# --------------------------------------------------------------------------- differential tests
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cfg", [c[1] for c in CONFIGS], ids=CONFIG_IDS)
+def test_matches_reference(cfg, device):
+    run_scenario(Pair(cfg, device=device, seed=hash(str(cfg)) % 2 ** 32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_reference_float16_storage(device):
+    cfg = KVSinkConfig(key_bits=2, value_bits=4, key_group_size=4, value_group_size=4,
+                       residual_length=5, max_preserved=3)
+    run_scenario(Pair(cfg, device=device, dtype=np.float16, seed=7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_by_token_equals_prefill(device):
+    """Theorem 6.11: streaming one token at a time ends where quantize_sequence does."""
+    cfg = KVSinkConfig(key_bits=3, value_bits=2, key_group_size=4, value_group_size=8,
+                       residual_length=6, max_preserved=4)
+    rng = np.random.default_rng(3)
+    t = 41
+    k = rng.standard_normal((2, H, t, D)).astype(np.float32)
+    v = rng.standard_normal((2, H, t, D)).astype(np.float32)
+    valid = left_padding(2, t, [0, 5])
+    flags = (rng.random((2, t)) < 0.3) & valid
+    ref = ref_cache.quantize_sequence(k, v, flags, valid, cfg)
+    ours = QuantizedKVCacheLayer(cfg, device=device)
+    for i in range(t):
+        ours.update(torch.from_numpy(k[:, :, i:i + 1]).to(device), torch.from_numpy(v[:, :, i:i + 1]).to(device),
+                    torch.from_numpy(valid[:, i:i + 1]).to(device))
+        ours.resolve(torch.from_numpy(flags[:, i:i + 1]).to(device))
+        ours.flush()
+    assert_same_state(ours, ref)
+
+
+def test_multi_layer_cache_matches_reference():
+    cfg = KVSinkConfig(key_bits=2, value_bits=2, key_group_size=4, value_group_size=4,
+                       residual_length=4, max_preserved=2)
+    rng = np.random.default_rng(11)
+    ref = ref_cache.QuantizedKVCache(cfg, 3)
+    ours = QuantizedKVCache(cfg, 3)
+    for n in (13, 1, 1, 1, 5, 1):
+        for layer in range(3):
+            k = rng.standard_normal((2, H, n, D)).astype(np.float32)
+            v = rng.standard_normal((2, H, n, D)).astype(np.float32)
+            ref.update(layer, k, v)
+            ours.update(layer, torch.from_numpy(k), torch.from_numpy(v))
+        flags = rng.random((2, n)) < 0.3
+        ref.resolve(flags)
+        ours.resolve(torch.from_numpy(flags))
+        assert ours.flush() == ref.flush()
+        assert ours.nbytes() == ref.nbytes()
+        for layer in range(3):
+            assert_same_state(ours[layer], ref[layer])
+    q = rng.standard_normal((2, HQ, 1, D)).astype(np.float32)
+    qp = np.full((2, 1), ref.seq_length - 1)
+    assert_attention_close(ours.attend(1, torch.from_numpy(q), torch.from_numpy(qp)), ref[1], q, qp)
+    ours.crop(10)
+    ref.crop(10)
+    ours.select_batch(torch.tensor([1]))
+    ref.select_batch(np.array([1]))
+    for layer in range(3):
+        assert_same_state(ours[layer], ref[layer])
+
+
+# --------------------------------------------------------------------------- storage
+
+def _all_tensors(obj):
+    """Every tensor reachable from the object's attributes (lists, tuples, dicts followed)."""
+    found, stack = [], list(vars(obj).values())
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+    return found
+
+
+def _long_run(dtype, cfg, steps=300):
+    rng = np.random.default_rng(5)
+    layer = QuantizedKVCacheLayer(cfg, dtype=dtype)
+    k = torch.from_numpy(rng.standard_normal((2, H, 200, D)).astype(np.float32))
+    layer.update(k, -k)
+    flags = torch.zeros((2, 200), dtype=torch.bool)
+    flags[:, 0] = True
+    flags[1, 17] = True
+    layer.resolve(flags)
+    layer.flush()
+    for _ in range(steps):
+        x = torch.from_numpy(rng.standard_normal((2, H, 1, D)).astype(np.float32))
+        layer.update(x, x)
+        layer.resolve(torch.zeros((2, 1), dtype=torch.bool))
+        layer.flush()
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_no_full_precision_copy_of_quantized_tokens(dtype):
+    cfg = KVSinkConfig(key_bits=2, value_bits=2, key_group_size=8, value_group_size=8,
+                       residual_length=16)
+    layer = _long_run(dtype, cfg)
+    assert layer.num_quantized >= 480 and layer.num_residual < 16 + 8
+    b, h, d = 2, H, D
+    tensors = _all_tensors(layer)
+    # float32 statistics (scale / zero) of the quantized store: one per group, not per element
+    stats = {id(layer._ks), id(layer._kz), id(layer._vs), id(layer._vz)}
+    assert all(t.dtype == torch.float32 for t in tensors if id(t) in stats)
+    # the other tensors of the model dtype are exactly the residual and preserved buffers
+    model_dtype = [t for t in tensors if t.dtype == dtype and id(t) not in stats]
+    expected = {id(layer._rk), id(layer._rv), id(layer._pk), id(layer._pv)}
+    assert {id(t) for t in model_dtype} == expected
+    fp_elements = sum(t.numel() for t in model_dtype)
+    assert fp_elements == 2 * b * h * d * (layer._rcap + layer._pcap + 1)
+    # ... whose capacity is far below one full-precision copy of the quantized tokens
+    assert fp_elements < 2 * b * h * d * layer.num_quantized / 4
+    # no other floating tensor at all
+    assert all(id(t) in stats or id(t) in expected for t in tensors if t.is_floating_point())
+    # the codes are int32 words: 2 bits per element
+    words = [t for t in tensors if t.dtype == torch.int32]
+    assert {id(t) for t in words} == {id(layer._kw), id(layer._vw)}
+
+
+def test_nbytes_and_allocated_bytes():
+    cfg = KVSinkConfig(key_bits=2, value_bits=2, key_group_size=8, value_group_size=8,
+                       residual_length=16)
+    layer = _long_run(torch.float16, cfg)
+    # spec count, by hand (definition 6.17): 2-bit D=12 -> 1 word per token per head
+    nb = layer.num_quantized // 8
+    b, h, d = 2, H, D
+    q = nb * 8
+    expected = (4 * b * h * q * 1 * 2                      # key and value words
+                + 4 * b * h * nb * d * 2                   # key scale + zero (per channel, one row per block)
+                + 4 * b * h * q * 2 * 2                    # value scale + zero (per token, ceil(12/8) = 2 groups)
+                + b * q                                    # coded flags
+                + 2 * b * h * 2 * d * 2 + 8 * b * 2        # preserved store: P = 2 (row 1), float16
+                + 2 * b * h * layer.num_residual * d * 2 + 2 * b * layer.num_residual)
+    assert layer.nbytes() == expected
+    alloc = layer.allocated_bytes()
+    assert alloc >= layer.nbytes()
+    # geometric growth: the quantized buffers hold at most twice the slots in use,
+    # and the residual buffer left by the 200-token prefill was given back
+    assert layer._qcap <= 2 * layer._nq
+    window = cfg.residual_length + cfg.token_block
+    assert layer._rcap <= 2 * max(64, window + max(16, window // 2))
+
+
+def test_preserved_store_respects_cap_and_order():
+    cfg = KVSinkConfig(key_bits=2, value_bits=2, key_group_size=2, value_group_size=2,
+                       residual_length=0, max_preserved=2)
+    layer = QuantizedKVCacheLayer(cfg)
+    k = torch.arange(2 * 1 * 6 * 4, dtype=torch.float32).reshape(2, 1, 6, 4)
+    layer.update(k, k + 0.5)
+    flags = torch.tensor([[True, False, True, True, False, True],
+                          [False, False, False, False, False, True]])
+    layer.resolve(flags)
+    assert layer.flush() == 3
+    pos = layer.preserved_positions()
+    assert pos[0].tolist() == [0, 2] and pos[1].tolist() == [5]
+    ppos, pk, pv = layer.preserved
+    assert torch.equal(pk[0, 0, :2], k[0, 0, [0, 2]]) and torch.equal(pv[1, 0, :1], k[1, 0, [5]] + 0.5)
+    assert ppos[1].tolist() == [5, -1] and torch.all(pk[1, 0, 1] == 0)
+    # beyond the cap, token 3 and 5 of row 0 were quantized: coded, and in the statistics
+    coded = torch.cat([blk.coded for blk in layer.blocks], dim=1)
+    assert coded[0].tolist() == [False, True, False, True, True, True]
+
+
+# --------------------------------------------------------------------------- errors
+
+def _filled(cfg=None, n=5):
+    cfg = cfg or KVSinkConfig(key_bits=2, value_bits=2, key_group_size=2, value_group_size=2,
+                              residual_length=1)
+    layer = QuantizedKVCacheLayer(cfg)
+    layer.update(torch.ones(2, 1, n, 4), torch.ones(2, 1, n, 4),
+                 torch.tensor([[False] + [True] * (n - 1), [True] * n]))
+    return layer
+
+
+def test_errors():
+    with pytest.raises(NotImplementedError, match="kvquant"):
+        QuantizedKVCacheLayer(KVSinkConfig(quantizer="kvquant"))
+    with pytest.raises(TypeError, match="dtype"):
+        QuantizedKVCacheLayer(KVSinkConfig(), dtype=torch.int32)
+    with pytest.raises(TypeError, match="config"):
+        QuantizedKVCacheLayer({"key_bits": 2})
+    layer = QuantizedKVCacheLayer(KVSinkConfig())
+    with pytest.raises(RuntimeError, match="update"):
+        layer.resolve(torch.zeros((1, 0), dtype=torch.bool))
+    with pytest.raises(ValueError, match="shape"):
+        layer.update(torch.ones(2, 1, 3), torch.ones(2, 1, 3))
+    with pytest.raises(TypeError, match="floating"):
+        layer.update(torch.ones(1, 1, 3, 4, dtype=torch.int64), torch.ones(1, 1, 3, 4, dtype=torch.int64))
+    bad = torch.ones(1, 1, 3, 4)
+    bad[0, 0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="values contains NaN"):
+        layer.update(torch.ones(1, 1, 3, 4), bad)
+    with pytest.raises(ValueError, match="storage dtype"):
+        QuantizedKVCacheLayer(KVSinkConfig(), dtype=torch.float16).update(
+            torch.full((1, 1, 1, 4), 1e6), torch.ones(1, 1, 1, 4))
+    layer = _filled()
+    with pytest.raises(ValueError, match="must have the same shape"):
+        layer.update(torch.ones(2, 1, 1, 4), torch.ones(2, 1, 2, 4))
+    with pytest.raises(ValueError, match="D \\(axis 3\\)|do not match"):
+        layer.update(torch.ones(2, 1, 1, 5), torch.ones(2, 1, 1, 5))
+    with pytest.raises(ValueError, match="valid"):
+        layer.update(torch.ones(2, 1, 1, 4), torch.ones(2, 1, 1, 4), torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(TypeError, match="valid"):
+        layer.update(torch.ones(2, 1, 1, 4), torch.ones(2, 1, 1, 4), torch.ones(2, 1))
+    # flushing pending tokens: refused, nothing changes
+    before = (layer.nbytes(), layer.seq_length, layer.num_pending)
+    with pytest.raises(RuntimeError, match="resolve"):
+        layer.flush()
+    assert (layer.nbytes(), layer.seq_length, layer.num_pending) == before
+    with pytest.raises(ValueError, match="shape"):
+        layer.resolve(torch.zeros((2, 4), dtype=torch.bool))
+    with pytest.raises(ValueError, match="padding"):
+        layer.resolve(torch.tensor([[True] + [False] * 4, [False] * 5]))
+    assert layer.num_pending == 5                               # unchanged by the failed resolve
+    layer.resolve(torch.zeros((2, 5), dtype=torch.bool))
+    assert layer.flush() == 2
+    with pytest.raises(TypeError, match="max_length"):
+        layer.crop(2.5)
+    with pytest.raises(ValueError, match="drops more"):
+        layer.crop(-6)
+    with pytest.raises(ValueError, match="length B=2"):
+        layer.reorder(torch.tensor([0]))
+    with pytest.raises(ValueError, match="row indices in"):
+        layer.select_batch(torch.tensor([0, 2]))
+    with pytest.raises(TypeError, match="integer"):
+        layer.select_batch(torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="at least one row"):
+        layer.select_batch(torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="query"):
+        layer.attend(torch.ones(3, 2, 1, 4), torch.zeros(3, 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="query_positions"):
+        layer.attend(torch.ones(2, 2, 1, 4), torch.zeros(2, 2, dtype=torch.int64))
+    cache = QuantizedKVCache(KVSinkConfig(), 2)
+    with pytest.raises(ValueError, match="layer_idx"):
+        cache.update(2, torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4))
+    cache.update(0, torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4))
+    with pytest.raises(RuntimeError, match="pending"):
+        cache.resolve(torch.zeros((1, 1), dtype=torch.bool))
+
+
+def test_empty_cache_behaviour():
+    layer = QuantizedKVCacheLayer(KVSinkConfig())
+    assert layer.seq_length == 0 and layer.nbytes() == 0 and layer.segments() == []
+    assert layer.flush() == 0 and layer.preserved_positions() == []
+    layer.crop(0)
+    layer.reorder(torch.tensor([0]))
+    out = layer.attend(torch.ones(1, 2, 1, 4), torch.zeros(1, 1, dtype=torch.int64))
+    assert out.shape == (1, 2, 1, 4) and torch.all(out == 0)
+    with pytest.raises(RuntimeError, match="empty"):
+        layer.preserved
