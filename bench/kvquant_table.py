@@ -24,7 +24,7 @@ Protocol (the papers' fake quantization, one forward pass per window):
   pass over the window; both also on the calibration windows, whose preserved
   tokens are left out of the calibration statistics.
 
-Run:  python bench/kvquant_table.py            (about 10 minutes on 2 CPU cores)
+Run:  python bench/kvquant_table.py   (16 min on a busy 2-core CPU; less when idle)
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +134,8 @@ def main(argv=None):
     ap.add_argument("--datatype", default="kmeans", choices=("kmeans", "nf"))
     ap.add_argument("--key-group-size", type=int, default=32, help="tokens per key group (per channel)")
     ap.add_argument("--value-group-size", type=int, default=64, help="channels per value group (per token)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 is fastest for the many small tensors on a busy 2-core CPU)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -209,12 +209,8 @@ def main(argv=None):
                                        value_group_size=args.value_group_size,
                                        outlier_fraction=frac, kvquant_datatype=args.datatype,
                                        preserve=policy, residual_length=0)
-                    cals = []
-                    for li in range(len(cal_k)):
-                        kf, vf = (fisher[li] if fisher is not None else (None, None))
-                        cals.append(KQ.calibrate_kvquant(cal_k[li], cal_v[li], cfg,
-                                                         exclude=calib_sets[policy],
-                                                         key_fisher=kf, value_fisher=vf))
+                    cals = KQ.calibrate_kvquant_layers(cal_k, cal_v, cfg, exclude=calib_sets[policy],
+                                                       fisher=fisher)
                     _STATE.clear()
                     _STATE.update(mode="quant", config=cfg, calibrations=cals, inv_freq=inv_freq,
                                   outliers=0, elements=0, bytes=0)

@@ -55,7 +55,7 @@ __all__ = [
     "outlier_count", "key_outlier_thresholds", "key_outliers", "value_outliers",
     "KVQuantTensor", "quantize_nonuniform", "dequantize_nonuniform",
     "kmeans_init", "kmeans_assign", "kmeans_objective", "kmeans_levels",
-    "KVQuantCalibration", "calibrate_kvquant",
+    "KVQuantCalibration", "calibrate_kvquant", "nf_calibration",
     "KVQuantBlock", "quantize_block_kvquant", "dequantize_block_kvquant", "fake_quantize_kvquant",
     "DATATYPES", "KMEANS_MAX_ITER", "MAX_POSITION",
 ]
@@ -839,8 +839,6 @@ def nf_calibration(config: KVSinkConfig, num_heads: int, head_dim: int) -> KVQua
                               outlier_fraction=0.0, key_group_size=config.key_group_size,
                               value_group_size=config.value_group_size)
 
-
-__all__.append("nf_calibration")
 
 
 # =========================================================================== 8.10 block API
