@@ -36,10 +36,12 @@ __all__ = [
     "calibrate_predictor",
     "DEFAULT_OUTLIER_RATIO",
     "DEFAULT_WINDOW",
+    "DEFAULT_GROWTH",
 ]
 
 DEFAULT_OUTLIER_RATIO = _ref.DEFAULT_OUTLIER_RATIO
 DEFAULT_WINDOW = _ref.DEFAULT_WINDOW
+DEFAULT_GROWTH = _ref.DEFAULT_GROWTH
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -119,12 +121,14 @@ def sink_threshold(hidden, ratio: float = DEFAULT_OUTLIER_RATIO, *, valid=None) 
 
 
 def calibrate_predictor(hidden_states: Sequence, *, ratio: float = DEFAULT_OUTLIER_RATIO,
-                        window: int = DEFAULT_WINDOW, valid=None) -> SinkPredictor:
+                        window: int = DEFAULT_WINDOW, growth: float = DEFAULT_GROWTH,
+                        valid=None) -> SinkPredictor:
     """Reference Definition 4.6 on torch (or numpy) hidden states; returns a torch-aware predictor."""
     try:
         states = [_np(h) for h in hidden_states]
     except TypeError:
         raise TypeError("hidden_states must be a sequence of (T, C) or (B, T, C) arrays, "
                         "index 0 = embeddings") from None
-    p = _ref.calibrate_predictor(states, ratio=ratio, window=window, valid=_np(valid))
+    p = _ref.calibrate_predictor(states, ratio=ratio, window=window, growth=growth,
+                                 valid=_np(valid))
     return SinkPredictor.from_reference(p)

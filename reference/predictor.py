@@ -34,10 +34,12 @@ __all__ = [
     "SinkPredictor",
     "layer_outlier_channels",
     "stable_outlier_channels",
+    "settled_layer",
     "sink_threshold",
     "calibrate_predictor",
     "DEFAULT_OUTLIER_RATIO",
     "DEFAULT_WINDOW",
+    "DEFAULT_GROWTH",
 ]
 
 #: Default of ``ratio`` in calibration: a channel is an outlier at a layer when
@@ -47,6 +49,9 @@ __all__ = [
 DEFAULT_OUTLIER_RATIO = 300.0
 #: Default of ``window``: consecutive layers a channel must stay an outlier to be stable.
 DEFAULT_WINDOW = 4
+#: Default of ``growth``: the prediction layer moves on while the stable channels'
+#: peak still grows by more than this factor at the next layer (Definition 4.4b).
+DEFAULT_GROWTH = 2.0
 
 
 # --------------------------------------------------------------------------
@@ -309,6 +314,60 @@ def stable_outlier_channels(hidden_states: Sequence, ratio: float = DEFAULT_OUTL
                      f"{mid}; lower ratio or window, or set the predictor fields by hand")
 
 
+
+def settled_layer(hidden_states: Sequence, layer: int, channels, growth: float = DEFAULT_GROWTH,
+                  ratio: float = DEFAULT_OUTLIER_RATIO, *, valid=None) -> int:
+    """The layer at which the stable outlier has settled (Definition 4.4b).
+
+    With ``peak_l = max_{c in channels} max_t |h_l[t, c]|`` (float32, exact)
+    and ``O_l`` the outlier channels of Definition 4.3, starting from
+    ``l = layer``:
+
+    .. math::  \text{while } l < L,\ channels \subseteq O_{l+1} \text{ and }
+               peak_{l+1} > growth \cdot peak_l:\quad l \leftarrow l + 1
+
+    An outlier that is still emerging (its peak grows several-fold at the next
+    layer) gives a threshold that the same tokens miss on another text; the
+    layer after the jump separates sinks from ordinary tokens by a wide margin.
+    On SmolLM2-135M channel 507 peaks at ~180 at layer 2 and ~810 at layer 3,
+    then stays: the settled layer is 3 on every text we tried (docs §4.8).
+
+    Parameters
+    ----------
+    hidden_states : sequence of ``(T, C)`` / ``(B, T, C)`` float arrays (index 0 = embeddings).
+    layer : int, the prediction layer of Definition 4.4.
+    channels : the stable channels of Definition 4.4.
+    growth : float > 1, or ``math.inf`` to keep ``layer`` unchanged.
+    ratio : the outlier ratio of Definition 4.3.
+    valid : None or bool ``(T,)`` / ``(B, T)``.
+
+    Returns
+    -------
+    int, ``>= layer``.
+    """
+    if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not growth > 1:
+        raise ValueError(f"growth must be a float > 1 (or math.inf), got {growth!r}")
+    r = _ratio(ratio)
+    num_layers = _num_layers(hidden_states)
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) \
+            or not 0 <= layer <= num_layers:
+        raise ValueError(f"layer must be an int in 0..{num_layers}, got {layer!r}")
+    cols = list(_channels(channels, None))
+
+    def abs_layer(l):
+        return _tokens_by_channels(hidden_states[l], valid, f"hidden_states[{l}]")
+
+    l = int(layer)
+    peak = float(abs_layer(l)[:, cols].max())
+    while l < num_layers:
+        a = abs_layer(l + 1)
+        nxt = float(a[:, cols].max())
+        if not (set(cols) <= set(_outliers_of(a, r).tolist()) and nxt > growth * peak):
+            break
+        l, peak = l + 1, nxt
+    return l
+
+
 def sink_threshold(hidden, ratio: float = DEFAULT_OUTLIER_RATIO, *, valid=None) -> float:
     """Sink threshold at the prediction layer (Definition 4.5), a Python float.
 
@@ -334,11 +393,13 @@ def sink_threshold(hidden, ratio: float = DEFAULT_OUTLIER_RATIO, *, valid=None) 
 
 
 def calibrate_predictor(hidden_states: Sequence, *, ratio: float = DEFAULT_OUTLIER_RATIO,
-                        window: int = DEFAULT_WINDOW, valid=None) -> SinkPredictor:
+                        window: int = DEFAULT_WINDOW, growth: float = DEFAULT_GROWTH,
+                        valid=None) -> SinkPredictor:
     """Calibrate the KVSink predictor on one forward pass (Definition 4.6).
 
     1. ``layer, channels = stable_outlier_channels(hidden_states, ratio, window=window)``;
-    2. ``threshold = sink_threshold(hidden_states[layer], ratio)``.
+    2. ``layer = settled_layer(hidden_states, layer, channels, growth, ratio)``;
+    3. ``threshold = sink_threshold(hidden_states[layer], ratio)``.
 
     By construction the stable channels' peak exceeds the threshold at the
     prediction layer, so at least one calibration token is predicted.
@@ -349,6 +410,7 @@ def calibrate_predictor(hidden_states: Sequence, *, ratio: float = DEFAULT_OUTLI
         index 0 = embeddings, index ``l`` = output of decoder layer ``l - 1``.
     ratio : float > 1, outlier ratio of :func:`layer_outlier_channels`.
     window : int >= 1, consecutive outlier layers required.
+    growth : float > 1 of :func:`settled_layer` (``math.inf``: keep the earliest layer).
     valid : None or bool ``(T,)`` / ``(B, T)``; padding tokens are left out.
 
     Returns
@@ -356,4 +418,5 @@ def calibrate_predictor(hidden_states: Sequence, *, ratio: float = DEFAULT_OUTLI
     SinkPredictor.
     """
     layer, channels = stable_outlier_channels(hidden_states, ratio, window=window, valid=valid)
+    layer = settled_layer(hidden_states, layer, channels, growth, ratio, valid=valid)
     return SinkPredictor(layer, channels, sink_threshold(hidden_states[layer], ratio, valid=valid))

@@ -17,6 +17,7 @@ from reference.predictor import (
     predict_sinks,
     sink_threshold,
     stable_outlier_channels,
+    settled_layer,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,6 +187,30 @@ def test_calibration_needs_window_of_consecutive_layers():
     # layer 1's decoy becomes stable only with window 1
     assert stable_outlier_channels(states, 300.0, window=1) == (1, (9,))
     assert stable_outlier_channels(states, 300.0, window=2)[0] == 3
+
+
+def test_calibration_moves_to_the_layer_where_the_outlier_settles():
+    # the planted channels emerge at layer 3 with |h| = 400 (already > 300 x median),
+    # jump to 2000 at layer 4 and stay: the earliest layer is 3, the settled one 4
+    states = synthetic_hidden_states(start=3)
+    for ch in (5, 17):
+        states[3][[0, 41, 97], ch] = 400.0
+    assert stable_outlier_channels(states, 300.0)[0] == 3
+    assert settled_layer(states, 3, (5, 17)) == 4
+    assert settled_layer(states, 3, (5, 17), growth=10.0) == 3     # 2000 / 400 = 5 < 10
+    assert settled_layer(states, 3, (5, 17), growth=math.inf) == 3
+    p = calibrate_predictor(states)
+    assert p.layer == 4
+    med = float(np.median(np.abs(states[4]).astype(np.float64)))
+    assert p.threshold == DEFAULT_OUTLIER_RATIO * med
+    assert calibrate_predictor(states, growth=math.inf).layer == 3
+    # a channel that stops being an outlier blocks the move, however large the jump
+    states[4][[0, 41, 97], 5] = 0.5
+    assert settled_layer(states, 3, (5, 17)) == 3
+    with pytest.raises(ValueError, match="growth"):
+        settled_layer(states, 3, (5, 17), growth=1.0)
+    with pytest.raises(ValueError, match="layer"):
+        settled_layer(states, 13, (5, 17))
 
 
 def test_calibration_fails_without_stable_outlier():
