@@ -408,7 +408,13 @@ def quantized_segment_attention(query, keys: PackedQuantizedTensor, values: Pack
     (m, l, acc) float32: ``(B, Hq, Tq)``, ``(B, Hq, Tq)``, ``(B, Hq, Tq, D)``.
     """
     block_size = _check_block(block_size)
-    q = _float_tensor("query", query, 4)
+    q = _float_tensor("query", query, 4, check_finite=False)
+    # On CUDA the finiteness of the query is checked AFTER the kernel launch (same single
+    # device->host sync, but the Python launch work then overlaps the GPU instead of following
+    # an idle wait); elsewhere, here as before.
+    deferred = q.is_cuda and q.numel() > 0
+    if not deferred and q.numel() and not bool(torch.isfinite(q).all()):
+        raise ValueError("query contains NaN or Inf; pass finite values")
     b, hq, tq, d = q.shape
     if not isinstance(keys, PackedQuantizedTensor):
         raise TypeError(f"keys must be an accelerated.quantize.PackedQuantizedTensor, got {type(keys).__name__}")
@@ -437,7 +443,13 @@ def quantized_segment_attention(query, keys: PackedQuantizedTensor, values: Pack
                          "(needs CUDA tensors and triton); pass use_kernel=None")
     if usable and use_kernel is not False and t_len > 0:
         from . import attention_kernels
-        return attention_kernels.quantized_partial_attention(q, keys, values, qp, kp, sc, precision)
+        bad = ~torch.isfinite(q).all() if deferred else None          # device flag, no sync yet
+        out = attention_kernels.quantized_partial_attention(q, keys, values, qp, kp, sc, precision)
+        if bad is not None and bool(bad):
+            raise ValueError("query contains NaN or Inf; pass finite values")
+        return out
+    if deferred and not bool(torch.isfinite(q).all()):
+        raise ValueError("query contains NaN or Inf; pass finite values")
 
     g = hq // h
     qg = q.reshape(b, h, g * tq, d)

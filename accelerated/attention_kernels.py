@@ -11,10 +11,12 @@
 #   K scale / zero float32: axis "channel" (B, H, ceil(T/G), D); axis "token" (B, H, T, ceil(D/G));
 #            zero absent (symmetric scheme).  V likewise.
 #   out: m, l float32 (B*H, n_split, R); acc float32 (B*H, n_split, R, D); merged over the splits
-#        by a few torch ops (small: n_split * R * D floats per head).
+#        by merge_splits_kernel (one launch; v2 used ~13 small torch ops) into (B, Hq, Tq[, D]).
 #   Grid (B*H, n_split): a program owns one KV head (all g*Tq query rows of its group, so the
 #   packed K/V are read ONCE) and a contiguous token range, BLOCK_T tokens per step; the codes are
 #   unpacked and dequantized in registers (x = q*s + z), never written back.
+#   This is the v2 kernel (quantized_attention_kernel), still used for many rows (tl.dot) and
+#   "tf32x3"; decode (<= 8 rows, "ieee") uses the v3 kernel further down (decode_attention_kernel).
 #
 # BYTES MOVED PER CALL (the floor: every packed word and statistic read once)
 #   K, V words: 2 * 4*B*H*T*ceil(D/cpw);  stats: 4*B*H*(n_stat_k*(2 or 1) + n_stat_v*(2 or 1));
@@ -125,19 +127,356 @@ def quantized_attention_kernel(q_ptr, qpos_ptr, kpos_ptr,
     tl.store(acc_ptr + out[:, None] * D + dd[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
+# --------------------------------------------------------------------------- v3: decode kernel
+#
+# Why v2 was 40x its floor (compile report, bench/compile_report.py): 242 registers (2 programs per
+# SM), 348 warp shuffles + 28 barriers per 16-token tile (the (rows, tokens, D) products were
+# reduced across lanes every tile), one 4-byte load per element for words, scales and zeros, and no
+# loads in flight while computing: latency-bound.  v3:
+#   * the K/V words are loaded as (A, TS, W) tiles, ONE lane per word, and unpacked in registers
+#     into (A, TS, W, CPW) codes (code j of word w is channel w*CPW + j), so a token's dot product
+#     over D is 16 in-thread FMAs + a reduction over the W lanes only;
+#   * codes become floats exactly by the 2^23 trick ((c | 0x4B000000) as float - 2^23: integer ops
+#     at full rate instead of I2F);
+#   * TS "streams" (one per lane/warp position along tokens) each keep their own online-softmax
+#     state (m, l, acc): the sum over tokens of p * v is in-thread for the A tokens of a stream,
+#     never across lanes; the TS streams are merged once at the end of the program (log-sum-exp,
+#     docs/05-attention.md Def. 5.5), as are the splits, by a second small kernel that writes the
+#     final (B, Hq, Tq[, D]) tensors (no torch ops after the kernels);
+#   * per-channel (axis "channel") statistics are loaded once per tile when the tile lies inside one
+#     token group; per-token statistics once per word when G is a multiple of codes-per-word;
+#   * optional manual prefetch of the next tile's packed words/statistics (PREFETCH).
+# Numerics as v2 (float32 products on CUDA cores, exact codes, q*s + z possibly one FMA, tl.exp);
+# only the summation order and the number of online-softmax rescalings differ, both covered by
+# docs/09-tolerances.md 9.3 ("any summation order", n_r <= S).
+
+
+@triton.jit
+def _codes(words, shifts, MASK: tl.constexpr):
+    # int32 words (..., 1) >> shifts (..., CPW) -> exact float32 codes: (c | 2^23 bits) - 2^23
+    c = ((words >> shifts) & MASK) | 0x4B000000
+    return c.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _load_side(w_ptr, s_ptr, z_ptr, w_base, s_base, t, t_ok, grp, wstride,
+               W: tl.constexpr, W_PAD: tl.constexpr, CPW: tl.constexpr, CPW_PAD: tl.constexpr,
+               D: tl.constexpr, G: tl.constexpr, NG, CHAN: tl.constexpr, SYM: tl.constexpr,
+               STAT_TILE: tl.constexpr, STAT_WORD: tl.constexpr):
+    """Raw packed data of one tile: words (1, A, TS, W_PAD) int32 and scale/zero broadcastable to
+    (CPW_PAD, A, TS, W_PAD) (axis order chosen so that Triton's default layout puts the words on
+    lanes and the CPW codes of a word in one thread).  t: (A, TS) token indices; grp: the tile's
+    token group (STAT_TILE); wstride: 1 at run time, not specialised, so that the compiler does not
+    vectorise the word loads (one word per lane)."""
+    wi = tl.arange(0, W_PAD)
+    j = tl.arange(0, CPW_PAD)
+    d = j[:, None] + wi[None, :] * CPW                                     # (CPW_PAD, W_PAD)
+    d_ok = (wi[None, :] < W) & (j[:, None] < CPW) & (d < D)
+    t3 = t[:, :, None]
+    words = tl.load(w_ptr + w_base + t3 * W + wi[None, None, :] * wstride,
+                    mask=t_ok[:, :, None] & (wi < W)[None, None, :], other=0)
+    words = words[None]                                                    # (1, A, TS, W_PAD)
+    if CHAN:
+        if STAT_TILE:      # the whole tile is inside token group grp: one row of D statistics
+            sidx = s_base + grp * D + d
+            g_ok = d_ok & (grp < NG)       # tiles past T (last split, prefetch) read nothing
+            s = tl.load(s_ptr + sidx, mask=g_ok, other=0.0)[:, None, None, :]
+            if SYM:
+                z = s
+            else:
+                z = tl.load(z_ptr + sidx, mask=g_ok, other=0.0)[:, None, None, :]
+        else:
+            sidx = s_base + (t // G)[None, :, :, None] * D + d[:, None, None, :]
+            ok = t_ok[None, :, :, None] & d_ok[:, None, None, :]
+            s = tl.load(s_ptr + sidx, mask=ok, other=0.0)
+            if SYM:
+                z = s
+            else:
+                z = tl.load(z_ptr + sidx, mask=ok, other=0.0)
+    else:
+        if STAT_WORD:      # G % CPW == 0: every code of a word is in the same channel group
+            sidx = s_base + t3 * NG + (wi * CPW // G)[None, None, :]
+            ok = t_ok[:, :, None] & (wi < W)[None, None, :]
+            s = tl.load(s_ptr + sidx, mask=ok, other=0.0)[None]
+            if SYM:
+                z = s
+            else:
+                z = tl.load(z_ptr + sidx, mask=ok, other=0.0)[None]
+        else:
+            sidx = s_base + t[None, :, :, None] * NG + (d // G)[:, None, None, :]
+            ok = t_ok[None, :, :, None] & d_ok[:, None, None, :]
+            s = tl.load(s_ptr + sidx, mask=ok, other=0.0)
+            if SYM:
+                z = s
+            else:
+                z = tl.load(z_ptr + sidx, mask=ok, other=0.0)
+    return words, s, z
+
+
+@triton.jit
+def _dequant(words, s, z, BITS: tl.constexpr, CPW_PAD: tl.constexpr, SYM: tl.constexpr):
+    shifts = (tl.arange(0, CPW_PAD) * BITS)[:, None, None, None]
+    c = _codes(words, shifts, (1 << BITS) - 1)                            # (CPW_PAD, A, TS, W_PAD)
+    if SYM:
+        M: tl.constexpr = (1 << (BITS - 1)) - 1
+        return (c - M) * s
+    else:
+        return c * s + z
+
+
+@triton.jit(do_not_specialize=["wstride"])
+def decode_attention_kernel(q_ptr, qpos_ptr, kpos_ptr,
+                            kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr,
+                            m_ptr, l_ptr, acc_ptr,
+                            H, T, TQ, NGK, NGV, tiles_per_split, n_split, scale, wstride,
+                            kpos_sb, kw_sb, kw_sh, ks_sb, ks_sh, vw_sb, vw_sh, vs_sb, vs_sh,
+                            R: tl.constexpr, RB: tl.constexpr, NRG: tl.constexpr, D: tl.constexpr,
+                            A: tl.constexpr, TS: tl.constexpr,
+                            KW: tl.constexpr, KW_PAD: tl.constexpr, KBITS: tl.constexpr,
+                            KCPW: tl.constexpr, KCPW_PAD: tl.constexpr, KG: tl.constexpr,
+                            KCHAN: tl.constexpr, KSYM: tl.constexpr, KTILE: tl.constexpr,
+                            KWORD: tl.constexpr,
+                            VW: tl.constexpr, VW_PAD: tl.constexpr, VBITS: tl.constexpr,
+                            VCPW: tl.constexpr, VCPW_PAD: tl.constexpr, VG: tl.constexpr,
+                            VCHAN: tl.constexpr, VSYM: tl.constexpr, VTILE: tl.constexpr,
+                            VWORD: tl.constexpr, PREFETCH: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    rg = pid % NRG
+    bh = (pid // NRG).to(tl.int64)
+    b = bh // H
+    hh = bh % H
+    rows = rg * RB + tl.arange(0, RB)
+    row_ok = rows < R
+    # query rows (RB, KCPW_PAD, KW_PAD) in the words' channel order d = w * CPW + j
+    kwi = tl.arange(0, KW_PAD)
+    kj = tl.arange(0, KCPW_PAD)
+    kd = kj[:, None] + kwi[None, :] * KCPW
+    kd_ok = (kwi[None, :] < KW) & (kj[:, None] < KCPW) & (kd < D)
+    q = tl.load(q_ptr + (bh * R + rows)[:, None, None] * D + kd[None, :, :],
+                mask=row_ok[:, None, None] & kd_ok[None, :, :], other=0.0)
+    q5 = q[:, :, None, None, :]                                            # (RB, CPW, 1, 1, W)
+    qpos = tl.load(qpos_ptr + b * TQ + rows % TQ, mask=row_ok, other=-1)
+    qpos3 = qpos[:, None, None]
+    row3 = row_ok[:, None, None]
+    BT: tl.constexpr = A * TS
+    tok = tl.arange(0, A)[:, None] * TS + tl.arange(0, TS)[None, :]       # (A, TS)
+    kw_base = b * kw_sb + hh * kw_sh
+    ks_base = b * ks_sb + hh * ks_sh
+    vw_base = b * vw_sb + hh * vw_sh
+    vs_base = b * vs_sb + hh * vs_sh
+    kpos_base = b * kpos_sb
+    m_u = tl.full((RB, TS), float("-inf"), tl.float32)
+    l_u = tl.zeros((RB, TS), tl.float32)
+    acc_u = tl.zeros((RB, VCPW_PAD, TS, VW_PAD), tl.float32)
+    t_first = split * tiles_per_split * BT
+    if PREFETCH:
+        t = t_first + tok
+        t_ok = t < T
+        n_kpos = tl.load(kpos_ptr + kpos_base + t, mask=t_ok, other=-1)
+        n_kw, n_ks, n_kz = _load_side(kw_ptr, ks_ptr, kz_ptr, kw_base, ks_base, t, t_ok,
+                                      t_first // KG, wstride, KW, KW_PAD, KCPW, KCPW_PAD, D, KG, NGK,
+                                      KCHAN, KSYM, KTILE, KWORD)
+        n_vw, n_vs, n_vz = _load_side(vw_ptr, vs_ptr, vz_ptr, vw_base, vs_base, t, t_ok,
+                                      t_first // VG, wstride, VW, VW_PAD, VCPW, VCPW_PAD, D, VG, NGV,
+                                      VCHAN, VSYM, VTILE, VWORD)
+    for it in range(0, tiles_per_split):
+        t0 = t_first + it * BT
+        if PREFETCH:
+            kpos = n_kpos
+            kw, ks, kz = n_kw, n_ks, n_kz
+            vw, vs, vz = n_vw, n_vs, n_vz
+            tn = t0 + BT + tok
+            tn_ok = (tn < T) & (it + 1 < tiles_per_split)
+            n_kpos = tl.load(kpos_ptr + kpos_base + tn, mask=tn_ok, other=-1)
+            n_kw, n_ks, n_kz = _load_side(kw_ptr, ks_ptr, kz_ptr, kw_base, ks_base, tn, tn_ok,
+                                          (t0 + BT) // KG, wstride, KW, KW_PAD, KCPW, KCPW_PAD, D,
+                                          KG, NGK, KCHAN, KSYM, KTILE, KWORD)
+            n_vw, n_vs, n_vz = _load_side(vw_ptr, vs_ptr, vz_ptr, vw_base, vs_base, tn, tn_ok,
+                                          (t0 + BT) // VG, wstride, VW, VW_PAD, VCPW, VCPW_PAD, D,
+                                          VG, NGV, VCHAN, VSYM, VTILE, VWORD)
+        else:
+            t = t0 + tok
+            t_ok = t < T
+            kpos = tl.load(kpos_ptr + kpos_base + t, mask=t_ok, other=-1)
+            kw, ks, kz = _load_side(kw_ptr, ks_ptr, kz_ptr, kw_base, ks_base, t, t_ok, t0 // KG,
+                                    wstride, KW, KW_PAD, KCPW, KCPW_PAD, D, KG, NGK, KCHAN, KSYM,
+                                    KTILE, KWORD)
+            vw, vs, vz = _load_side(vw_ptr, vs_ptr, vz_ptr, vw_base, vs_base, t, t_ok, t0 // VG,
+                                    wstride, VW, VW_PAD, VCPW, VCPW_PAD, D, VG, NGV, VCHAN, VSYM,
+                                    VTILE, VWORD)
+        k = _dequant(kw, ks, kz, KBITS, KCPW_PAD, KSYM)                     # (KCPW, A, TS, KW)
+        sc = tl.sum(tl.sum(q5 * k[None], axis=1), axis=3) * scale          # (RB, A, TS)
+        vis = (kpos[None] >= 0) & (kpos[None] <= qpos3) & row3
+        sc = tl.where(vis, sc, float("-inf"))
+        m_new = tl.maximum(m_u, tl.max(sc, axis=1))                        # (RB, TS)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_u - m_safe)
+        p = tl.where(vis, tl.exp(sc - m_safe[:, None, :]), 0.0)            # (RB, A, TS)
+        l_u = l_u * alpha + tl.sum(p, axis=1)
+        v = _dequant(vw, vs, vz, VBITS, VCPW_PAD, VSYM)                     # (VCPW, A, TS, VW)
+        acc_u = acc_u * alpha[:, None, :, None] + tl.sum(p[:, None, :, :, None] * v[None], axis=2)
+        m_u = m_new
+    # merge the TS streams (log-sum-exp)
+    big_m = tl.max(m_u, axis=1)                                            # (RB,)
+    safe = tl.where(big_m == float("-inf"), 0.0, big_m)
+    w = tl.where(m_u == float("-inf"), 0.0, tl.exp(m_u - safe[:, None]))
+    l_out = tl.sum(w * l_u, axis=1)
+    acc = tl.sum(w[:, None, :, None] * acc_u, axis=2)                      # (RB, VCPW_PAD, VW_PAD)
+    vwi = tl.arange(0, VW_PAD)
+    vj = tl.arange(0, VCPW_PAD)
+    vd = vj[:, None] + vwi[None, :] * VCPW
+    vd_ok = (vwi[None, :] < VW) & (vj[:, None] < VCPW) & (vd < D)
+    out = (bh * n_split + split) * R + rows
+    tl.store(m_ptr + out, big_m, mask=row_ok)
+    tl.store(l_ptr + out, l_out, mask=row_ok)
+    tl.store(acc_ptr + out[:, None, None] * D + vd[None, :, :], acc,
+             mask=row_ok[:, None, None] & vd_ok[None, :, :])
+
+
+@triton.jit
+def merge_splits_kernel(m_s_ptr, l_s_ptr, acc_s_ptr, m_ptr, l_ptr, acc_ptr, n_split,
+                        R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                        NS_BLOCK: tl.constexpr):
+    """One program per (KV head, row): log-sum-exp merge of the n_split partials (Def. 5.5);
+    writes m, l (B*H*R,) and acc (B*H*R, D), i.e. (B, Hq, Tq[, D]) in the caller's order."""
+    pid = tl.program_id(0).to(tl.int64)            # = bh * R + r
+    bh = pid // R
+    r = pid % R
+    si = tl.arange(0, NS_BLOCK)
+    dd = tl.arange(0, D_PAD)
+    d_ok = dd < D
+    big = tl.full((NS_BLOCK,), float("-inf"), tl.float32)
+    for s0 in range(0, n_split, NS_BLOCK):
+        sm = tl.load(m_s_ptr + (bh * n_split + s0 + si) * R + r, mask=s0 + si < n_split,
+                     other=float("-inf"))
+        big = tl.maximum(big, sm)
+    mx = tl.max(big, axis=0)
+    safe = tl.where(mx == float("-inf"), 0.0, mx)
+    l_acc = tl.zeros((NS_BLOCK,), tl.float32)
+    acc = tl.zeros((NS_BLOCK, D_PAD), tl.float32)
+    for s0 in range(0, n_split, NS_BLOCK):
+        ok = s0 + si < n_split
+        idx = (bh * n_split + s0 + si) * R + r
+        sm = tl.load(m_s_ptr + idx, mask=ok, other=float("-inf"))
+        w = tl.where(sm == float("-inf"), 0.0, tl.exp(sm - safe))
+        l_acc += w * tl.load(l_s_ptr + idx, mask=ok, other=0.0)
+        acc += w[:, None] * tl.load(acc_s_ptr + idx[:, None] * D + dd[None, :],
+                                    mask=ok[:, None] & d_ok[None, :], other=0.0)
+    tl.store(m_ptr + pid, mx)
+    tl.store(l_ptr + pid, tl.sum(l_acc, axis=0))
+    tl.store(acc_ptr + pid * D + dd, tl.sum(acc, axis=0), mask=d_ok)
+
+
 def _stat_count(p) -> int:
     """Runtime NG of a packed tensor: groups along T (channel) or along D (token)."""
     return p.scale.shape[-2] if p.axis == "channel" else p.scale.shape[-1]
 
 
+def _bh_strides(x: torch.Tensor, name: str):  # noqa: ARG001
+    """(batch, head) strides of a (B, H, n, m) tensor whose last two dims are contiguous."""
+    if x.dim() != 4 or (x.shape[-1] > 1 and x.stride(-1) != 1) or \
+            (x.shape[-2] > 1 and x.stride(-2) != x.shape[-1]):
+        x = x.contiguous()
+    return x, x.stride(0), x.stride(1)
+
+
+def _merge(m_s, l_s, acc_s, b, hq, tq, d):
+    bh, n_split, r = m_s.shape
+    dev = m_s.device
+    m = torch.empty((b, hq, tq), dtype=torch.float32, device=dev)
+    l = torch.empty_like(m)
+    acc = torch.empty((b, hq, tq, d), dtype=torch.float32, device=dev)
+    merge_splits_kernel[(bh * r,)](m_s, l_s, acc_s, m, l, acc, n_split, R=r, D=d, D_PAD=_p2(d),
+                                   NS_BLOCK=min(32, _p2(n_split)), num_warps=4)
+    return m, l, acc
+
+
+def decode_partial_attention(q: torch.Tensor, keys, values, qp: torch.Tensor, kp: torch.Tensor,
+                             scale: float, a: int = None, num_warps: int = 4, n_split: int = None,
+                             prefetch: bool = None, target_programs: int = None, rb: int = 4):
+    """v3 (decode: g*Tq <= 8 rows per KV head, float32 "ieee"): see the header above."""
+    b, hq, tq, d = q.shape
+    h, t_len = keys.shape[1], keys.shape[2]
+    r = (hq // h) * tq
+    rb = min(rb, _p2(r))
+    nrg = -(-r // rb)
+    qg = q.reshape(b, h, r, d).contiguous()
+
+    def spec(p):
+        cpw = 32 // p.bits
+        w = -(-d // cpw)
+        w_pad = _p2(w)
+        return cpw, _p2(cpw), w, w_pad
+
+    kcpw, kcpw_pad, kw_n, kw_pad = spec(keys)
+    vcpw, vcpw_pad, vw_n, vw_pad = spec(values)
+    lanes_t = max(1, 32 // max(kw_pad, vw_pad))
+    ts = lanes_t * num_warps
+    if a is None:
+        a = 2
+    bt = a * ts
+    n_tiles = -(-t_len // bt)
+    if n_split is None:
+        if target_programs is None:
+            target_programs = 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count
+                                   if q.is_cuda else 16)
+        target = target_programs
+        # floor, not ceil: programs <= target, a whole number of waves (v3 at 4 warps and ~255
+        # registers keeps 2 programs per SM resident; 4 per SM = 2 full waves, no 3rd partial wave)
+        n_split = max(1, min(n_tiles, target // (b * h * nrg)))
+    tiles_per_split = -(-n_tiles // n_split)
+    n_split = -(-n_tiles // tiles_per_split)
+    dev = q.device
+    m_s = torch.empty((b * h, n_split, r), dtype=torch.float32, device=dev)
+    l_s = torch.empty_like(m_s)
+    acc_s = torch.empty((b * h, n_split, r, d), dtype=torch.float32, device=dev)
+
+    def parts(p):
+        wds, wsb, wsh = _bh_strides(p.words, "words")
+        s, ssb, ssh = _bh_strides(p.scale, "scale")
+        z = s
+        if p.zero is not None:
+            z = p.zero
+            if z.stride() != s.stride():
+                s, z = s.contiguous(), z.contiguous()
+                ssb, ssh = s.stride(0), s.stride(1)
+        return wds, wsb, wsh, s, z, ssb, ssh
+
+    kw, kw_sb, kw_sh, ks, kz, ks_sb, ks_sh = parts(keys)
+    vw, vw_sb, vw_sh, vs, vz, vs_sb, vs_sh = parts(values)
+    if kp.stride(-1) != 1:
+        kp = kp.contiguous()
+    ktile = keys.axis == "channel" and keys.group_size % bt == 0
+    if prefetch is None:        # prefetch only when the per-channel statistics are one row per tile
+        prefetch = keys.axis != "channel" or ktile      # (else the prefetched gather spills: bench)
+    vtile = values.axis == "channel" and values.group_size % bt == 0
+    kword = keys.axis == "token" and keys.group_size % kcpw == 0
+    vword = values.axis == "token" and values.group_size % vcpw == 0
+    grid = (b * h * nrg, n_split)
+    decode_attention_kernel[grid](
+        qg, qp.contiguous(), kp, kw, ks, kz, vw, vs, vz, m_s, l_s, acc_s,
+        h, t_len, tq, _stat_count(keys), _stat_count(values), tiles_per_split, n_split, float(scale), 1,
+        kp.stride(0), kw_sb, kw_sh, ks_sb, ks_sh, vw_sb, vw_sh, vs_sb, vs_sh,
+        R=r, RB=rb, NRG=nrg, D=d, A=a, TS=ts,
+        KW=kw_n, KW_PAD=kw_pad, KBITS=keys.bits, KCPW=kcpw, KCPW_PAD=kcpw_pad, KG=keys.group_size,
+        KCHAN=keys.axis == "channel", KSYM=keys.symmetric, KTILE=ktile, KWORD=kword,
+        VW=vw_n, VW_PAD=vw_pad, VBITS=values.bits, VCPW=vcpw, VCPW_PAD=vcpw_pad, VG=values.group_size,
+        VCHAN=values.axis == "channel", VSYM=values.symmetric, VTILE=vtile, VWORD=vword,
+        PREFETCH=prefetch, num_warps=num_warps, num_stages=1)
+    return _merge(m_s, l_s, acc_s, b, hq, tq, d)
+
+
 def quantized_partial_attention(q: torch.Tensor, keys, values, qp: torch.Tensor, kp: torch.Tensor,
                                 scale: float, precision: str = "ieee", block_t: int = None,
                                 n_split: int = None, num_stages: int = 1, num_warps: int = 4,
-                                use_dot: bool = None):
+                                use_dot: bool = None, version: int = 3, **v3_options):
     """(m, l, acc) of the quantized segment; arguments validated by accelerated/attention.py.
 
     ``q`` float32 (B, Hq, Tq, D); ``keys``/``values`` PackedQuantizedTensor (B, H, T, D);
     ``qp`` int64 (B, Tq); ``kp`` int64 (B, T) with invalid keys at -1.
+    Decode (g*Tq <= 8 rows per KV head, precision "ieee"): the v3 kernel; otherwise (or
+    ``version=2``) the v2 kernel below (``tl.dot`` for many rows or "tf32x3").
     """
     b, hq, tq, d = q.shape
     h, t_len = keys.shape[1], keys.shape[2]
@@ -145,6 +484,9 @@ def quantized_partial_attention(q: torch.Tensor, keys, values, qp: torch.Tensor,
     r = g * tq
     if use_dot is None:                 # few rows (decode): CUDA-core products; many rows: tl.dot
         use_dot = precision == "tf32x3" or r > 8
+    if version == 3 and not use_dot:
+        return decode_partial_attention(q, keys, values, qp, kp, scale, n_split=n_split,
+                                        num_warps=num_warps, **v3_options)
     m_pad = max(16, _p2(r)) if use_dot else _p2(r)
     if block_t is None:
         block_t = 64 if use_dot else max(1, 64 // m_pad)
@@ -178,10 +520,11 @@ def quantized_partial_attention(q: torch.Tensor, keys, values, qp: torch.Tensor,
         VCHAN=values.axis == "channel", VSYM=values.symmetric,
         PREC=precision, USE_DOT=use_dot, num_warps=num_warps,
         num_stages=num_stages)
-    # merge the splits (log-sum-exp)
-    big_m = m_s.amax(dim=1)                                            # (BH, R)
-    safe = torch.where(torch.isfinite(big_m), big_m, torch.zeros_like(big_m))
-    w = torch.where(torch.isfinite(m_s), torch.exp(m_s - safe[:, None]), torch.zeros_like(m_s))
-    l = (w * l_s).sum(dim=1)
-    acc = (w[..., None] * acc_s).sum(dim=1)
-    return (big_m.reshape(b, hq, tq), l.reshape(b, hq, tq), acc.reshape(b, hq, tq, d))
+    if version == 2:                    # v2's merge (torch ops), kept for the before/after bench
+        big_m = m_s.amax(dim=1)
+        safe = torch.where(torch.isfinite(big_m), big_m, torch.zeros_like(big_m))
+        w = torch.where(torch.isfinite(m_s), torch.exp(m_s - safe[:, None]), torch.zeros_like(m_s))
+        l = (w * l_s).sum(dim=1)
+        acc = (w[..., None] * acc_s).sum(dim=1)
+        return (big_m.reshape(b, hq, tq), l.reshape(b, hq, tq), acc.reshape(b, hq, tq, d))
+    return _merge(m_s, l_s, acc_s, b, hq, tq, d)

@@ -208,7 +208,7 @@ def symmetric_dequantize(q: torch.Tensor, s: torch.Tensor, bits: int) -> torch.T
 
 # --------------------------------------------------------------------------- validation
 
-def _check_x(x) -> torch.Tensor:
+def _check_x(x, check_finite: bool = True) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch tensor (float16/bfloat16/float32/float64), got "
                         f"{type(x).__name__}; use torch.as_tensor(x)")
@@ -217,10 +217,10 @@ def _check_x(x) -> torch.Tensor:
                         f"dtype {x.dtype}; convert it with x.float()")
     if x.dim() < 2:
         raise ValueError(f"x must have at least 2 dimensions (..., T, D), got shape {tuple(x.shape)}")
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    if check_finite and x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or +-Inf; quantization needs finite values")
     x32 = x.to(_F32)                       # exact for float16/bfloat16, rounds float64 to nearest
-    if x.dtype == torch.float64 and x.numel() and not bool(torch.isfinite(x32).all()):
+    if check_finite and x.dtype == torch.float64 and x.numel() and not bool(torch.isfinite(x32).all()):
         raise ValueError("x has values outside the float32 range (|x| > 3.4e38); "
                          "they become Inf when rounded to float32")
     return x32
@@ -385,12 +385,12 @@ class PackedQuantizedTensor:
 
 # --------------------------------------------------------------------------- quantizers
 
-def _prepare(x, bits, group_size, axis, symmetric, exclude):
+def _prepare(x, bits, group_size, axis, symmetric, exclude, check_finite: bool = True):
     axis = _check_axis(axis)
     symmetric = _check_symmetric(symmetric)
     bits = check_bits(bits, lo=2 if symmetric else 1, hi=8)
     group_size = _check_group_size(group_size)
-    x32 = _check_x(x)
+    x32 = _check_x(x, check_finite)
     excl = _check_exclude(exclude, x32)
     return x32, bits, group_size, axis, symmetric, excl
 
@@ -451,30 +451,49 @@ def _kernel_usable(x32: torch.Tensor, group_size: int, axis: str) -> bool:
 
 
 def quantize_packed(x, bits: int, group_size: int, axis: str, *, symmetric: bool = False,
-                    exclude=None, use_kernel: Optional[bool] = None) -> PackedQuantizedTensor:
+                    exclude=None, use_kernel: Optional[bool] = None,
+                    validate: bool = True) -> PackedQuantizedTensor:
     """Quantize and pack in one step: the stored form the cache keeps.
 
     Same numbers as ``quantize(...).packed()``.  On a CUDA tensor (and when
     triton is importable) the fused kernel of ``quantize_kernels.py`` runs
     (``use_kernel=None`` means "when possible"; ``True`` forces it and raises
     if it cannot run; ``False`` forces the torch path).
+
+    Validation on the kernel path costs ONE device->host synchronisation: the
+    kernel itself screens ``x`` for NaN/Inf and the statistics for float32
+    overflow into a one-word flag, read once; only if it is set are the exact
+    torch checks run, raising the same errors as the torch path.
+    ``validate=False`` skips that read (no synchronisation at all): allowed
+    only where the caller has already checked ``x`` finite (e.g. the cache,
+    which checks K/V on ``update``); a group whose float32 statistics overflow
+    (|x| near 3.4e38) then goes undetected.  The torch path always validates.
     """
-    x32, bits, group_size, axis, symmetric, excl = _prepare(x, bits, group_size, axis, symmetric, exclude)
+    if not isinstance(validate, (bool, np.bool_)):
+        raise TypeError(f"validate must be a bool, got {validate!r}")
+    kernel = None
     if use_kernel is None or use_kernel:
-        ok = _kernel_usable(x32, group_size, axis)
-        if use_kernel and not ok:
+        # shape/dtype checks only: finiteness is checked by the kernel (fused) or below
+        x32, bits, group_size, axis, symmetric, excl = _prepare(x, bits, group_size, axis, symmetric,
+                                                                exclude, check_finite=False)
+        kernel = _kernel_usable(x32, group_size, axis)
+        if use_kernel and not kernel:
             raise ValueError("use_kernel=True but the Triton quantize kernel cannot run here "
                              "(needs a CUDA tensor, triton, and ceil(D / G) <= 16 for axis 'token'); "
                              "pass use_kernel=None")
-        if ok:
-            from . import quantize_kernels
-            words, s, z = quantize_kernels.quantize_pack(x32, excl, bits, group_size, axis, symmetric)
+    if kernel:
+        from . import quantize_kernels
+        flag = torch.zeros(1, dtype=torch.int32, device=x32.device) if validate else None
+        words, s, z = quantize_kernels.quantize_pack(x32, excl, bits, group_size, axis, symmetric, flag)
+        if validate and int(flag.item()):                     # the one sync; rare slow path below
+            _check_x(x)
             if symmetric:
                 _check_overflow_symmetric(s, symmetric_offset(bits))
             else:
                 _check_overflow_asymmetric(s, z, quantization_levels(bits))
-            return PackedQuantizedTensor(words=words, scale=s, zero=z, bits=bits, group_size=group_size,
-                                         axis=axis, symmetric=symmetric, shape=tuple(x32.shape))
+        return PackedQuantizedTensor(words=words, scale=s, zero=z, bits=bits, group_size=group_size,
+                                     axis=axis, symmetric=symmetric, shape=tuple(x32.shape))
+    x32, bits, group_size, axis, symmetric, excl = _prepare(x, bits, group_size, axis, symmetric, exclude)
     return _quantize_torch(x32, bits, group_size, axis, symmetric, excl).to_packed()
 
 

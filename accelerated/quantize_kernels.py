@@ -58,11 +58,29 @@ def _pack(q, j, keep, BITS: tl.constexpr):
     return tl.sum(shifted, axis=2)
 
 @triton.jit
-def quantize_channel_kernel(x_ptr, excl_ptr, words_ptr, scale_ptr, zero_ptr,
-                            T, D, W, NGT, n_wblocks,
+def _flag(flag_ptr, x, x_ok, s, z, s_ok, L: tl.constexpr, M: tl.constexpr, SYMMETRIC: tl.constexpr):
+    # Fused validation (one device->host sync per call, in quantize.py): bit 1 = x holds NaN/Inf
+    # (all elements, excluded ones too, like the torch check); bit 2 = a group's statistics may
+    # overflow float32 (range max - min, or L*s + z / M*s).  Bit 2 is a conservative screen
+    # (|top| >= 3.0e38, whatever the rounding): quantize.py then runs the exact torch checks,
+    # which raise the documented error or, for a false alarm, nothing.
+    bad_x = tl.max(tl.where(x_ok & ((x != x) | (tl.abs(x) == float("inf"))), 1, 0))
+    if SYMMETRIC:
+        top = tl.abs(s) * M
+    else:
+        top = tl.abs(s) * L + tl.abs(z)
+    bad_s = tl.max(tl.where(s_ok & ((top != top) | (top >= 3.0e38)), 2, 0))
+    code = bad_x | bad_s
+    tl.atomic_or(flag_ptr, code, mask=code != 0)
+
+
+@triton.jit
+def quantize_channel_kernel(x_ptr, excl_ptr, words_ptr, scale_ptr, zero_ptr, flag_ptr,
+                            T, NGT, n_wblocks, D: tl.constexpr, W: tl.constexpr,
                             BITS: tl.constexpr, CPW: tl.constexpr, G: tl.constexpr,
                             G_PAD: tl.constexpr, W_BLOCK: tl.constexpr, CPW_PAD: tl.constexpr,
-                            SYMMETRIC: tl.constexpr, L: tl.constexpr, M: tl.constexpr):
+                            SYMMETRIC: tl.constexpr, L: tl.constexpr, M: tl.constexpr,
+                            CHECK: tl.constexpr):
     pid = tl.program_id(0)
     wb = pid % n_wblocks
     rest = pid // n_wblocks
@@ -89,6 +107,8 @@ def quantize_channel_kernel(x_ptr, excl_ptr, words_ptr, scale_ptr, zero_ptr,
         xe = tl.where(counted, x, 0.0)
         y = tl.where(nz[None], tl.math.div_rn(xe, safe[None]), 0.0)
         q = _rint_clamped(y, -M * 1.0, M * 1.0) + M
+        if CHECK:
+            _flag(flag_ptr, x, ok, s, s, col_ok, L, M, SYMMETRIC)
     else:
         mn = tl.min(tl.where(counted, x, float("inf")), axis=0)
         mx = tl.max(tl.where(counted, x, float("-inf")), axis=0)
@@ -101,17 +121,20 @@ def quantize_channel_kernel(x_ptr, excl_ptr, words_ptr, scale_ptr, zero_ptr,
         y = tl.where(nz[None], tl.math.div_rn(xe - mn[None], safe[None]), 0.0)
         q = _rint_clamped(y, 0.0, L * 1.0)
         tl.store(zero_ptr + (n * NGT + g) * D + d, mn, mask=col_ok)
+        if CHECK:
+            _flag(flag_ptr, x, ok, s, mn, col_ok, L, M, SYMMETRIC)
     tl.store(scale_ptr + (n * NGT + g) * D + d, s, mask=col_ok)
     packed = _pack(q, j[None, None, :], ok, BITS)             # (G_PAD, W_BLOCK)
     tl.store(words_ptr + (n * T + t)[:, None] * W + w[None, :], packed.to(tl.int32, bitcast=True),
              mask=row_ok[:, None] & (w[None, :] < W))
 
 @triton.jit
-def quantize_token_kernel(x_ptr, excl_ptr, words_ptr, scale_ptr, zero_ptr,
-                          T, D, W, NGD, n_tblocks,
+def quantize_token_kernel(x_ptr, excl_ptr, words_ptr, scale_ptr, zero_ptr, flag_ptr,
+                          T, NGD, n_tblocks, D: tl.constexpr, W: tl.constexpr,
                           BITS: tl.constexpr, CPW: tl.constexpr, G: tl.constexpr,
                           NG: tl.constexpr, T_BLOCK: tl.constexpr, W_PAD: tl.constexpr,
-                          CPW_PAD: tl.constexpr, SYMMETRIC: tl.constexpr, L: tl.constexpr, M: tl.constexpr):
+                          CPW_PAD: tl.constexpr, SYMMETRIC: tl.constexpr, L: tl.constexpr, M: tl.constexpr,
+                          CHECK: tl.constexpr):
     pid = tl.program_id(0)
     tb = pid % n_tblocks
     n = (pid // n_tblocks).to(tl.int64)
@@ -145,6 +168,8 @@ def quantize_token_kernel(x_ptr, excl_ptr, words_ptr, scale_ptr, zero_ptr,
             tl.store(zero_ptr + (n * T + t) * NGD + gi, mn, mask=row_ok & (gi < NGD))
         s_full = tl.where(grp == gi, s_g[:, None, None], s_full)
         tl.store(scale_ptr + (n * T + t) * NGD + gi, s_g, mask=row_ok & (gi < NGD))
+    if CHECK:
+        _flag(flag_ptr, x, ok, s_full, z_full, ok, L, M, SYMMETRIC)
     nz = s_full != 0
     safe = tl.where(nz, s_full, 1.0)
     if SYMMETRIC:
@@ -161,11 +186,13 @@ def quantize_token_kernel(x_ptr, excl_ptr, words_ptr, scale_ptr, zero_ptr,
 
 
 def quantize_pack(x32: torch.Tensor, excl: torch.Tensor, bits: int, group_size: int, axis: str,
-                  symmetric: bool):
+                  symmetric: bool, flag: torch.Tensor = None):
     """Run the kernel: ``x32`` float32 ``(..., T, D)``, ``excl`` bool ``(..., T)``.
 
     Returns ``(words int32 (..., T, W), scale, zero or None)`` in the reference's shapes.
-    Arguments are assumed validated by accelerated/quantize.py.
+    Arguments are assumed validated by accelerated/quantize.py.  ``flag``: None, or an int32
+    tensor of one element (zero on entry) into which the kernel ORs its validation bits
+    (see ``_flag``); no host synchronisation happens here.
     """
     *lead, T, D = x32.shape
     N = 1
@@ -187,10 +214,11 @@ def quantize_pack(x32: torch.Tensor, excl: torch.Tensor, bits: int, group_size: 
         zero = None if symmetric else torch.empty_like(scale)
         grid = (N * ngt * n_wb,)
         quantize_channel_kernel[grid](x, ex, words, scale, scale if zero is None else zero,
-                             T, D, W, ngt, n_wb,
+                             words if flag is None else flag, T, ngt, n_wb, D=D, W=W,
                              BITS=bits, CPW=cpw, G=group_size, G_PAD=g_pad, W_BLOCK=w_block,
                              CPW_PAD=cpw_pad, SYMMETRIC=symmetric,
-                             L=(1 << bits) - 1, M=(1 << (bits - 1)) - 1, num_warps=4)
+                             L=(1 << bits) - 1, M=(1 << (bits - 1)) - 1, CHECK=flag is not None,
+                             num_warps=4)
         stat_shape = tuple(lead) + (ngt, D)
     else:
         ngd = -(-D // group_size)
@@ -202,10 +230,11 @@ def quantize_pack(x32: torch.Tensor, excl: torch.Tensor, bits: int, group_size: 
         zero = None if symmetric else torch.empty_like(scale)
         grid = (N * n_tb,)
         quantize_token_kernel[grid](x, ex, words, scale, scale if zero is None else zero,
-                           T, D, W, ngd, n_tb,
+                           words if flag is None else flag, T, ngd, n_tb, D=D, W=W,
                            BITS=bits, CPW=cpw, G=group_size, NG=ngd, T_BLOCK=t_block, W_PAD=w_pad,
                            CPW_PAD=cpw_pad, SYMMETRIC=symmetric,
-                             L=(1 << bits) - 1, M=(1 << (bits - 1)) - 1, num_warps=4)
+                           L=(1 << bits) - 1, M=(1 << (bits - 1)) - 1, CHECK=flag is not None,
+                           num_warps=4)
         stat_shape = tuple(lead) + (T, ngd)
     words = words.reshape(tuple(lead) + (T, W))
     scale = scale.reshape(stat_shape)

@@ -27,13 +27,30 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import reference as R                                           # noqa: E402
+from reference import quantize as RQ                              # noqa: E402
 from reference import attention as RA                           # noqa: E402
 from accelerated import attention as AA                         # noqa: E402
 from accelerated import quantize as AQ                          # noqa: E402
 from accelerated import quantize_kernels as QK                  # noqa: E402
 from accelerated import attention_kernels as AK                 # noqa: E402
 from accelerated.packing import words_to_reference              # noqa: E402
+
+
+def _load_version(name):
+    """A kept copy of an earlier kernel module (bench/versions/), for before/after timings."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "versions", name + ".py")
+    spec = importlib.util.spec_from_file_location("bench_versions_" + name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# decode attention v3 variants swept by the bench: (label, options of decode_partial_attention)
+V3_VARIANTS = [("v3 default", dict()),
+               ("v3 A2 w4 pf rb4", dict(a=2, num_warps=4, prefetch=True, rb=4)),
+               ("v3 A2 w4 rb4", dict(a=2, num_warps=4, prefetch=False, rb=4)),
+               ("v3 A2 w4 pf rb4 2x", dict(a=2, num_warps=4, prefetch=True, rb=4, target_programs=1056))]
 
 
 def poison():
@@ -81,7 +98,7 @@ def check_quantize(rows):
                 and (sym or torch.equal(got.zero.view(torch.int32), want.zero.view(torch.int32))))
         ref_ok = "-"
         if x.numel() <= 300_000:
-            r = R.quantize(x.cpu().numpy(), bits, g, axis, symmetric=sym, exclude=excl.cpu().numpy())
+            r = RQ.quantize(x.cpu().numpy(), bits, g, axis, symmetric=sym, exclude=excl.cpu().numpy())
             ref_ok = bool((words_to_reference(got.words) == r.packed()).all()
                           and (got.scale.cpu().numpy().view(np.uint32) == r.scale.view(np.uint32)).all())
         print(f"check quantize {bits}b G={g} {axis:7s} sym={sym!s:5s} {shape}: kernel==torch {same}, "
@@ -115,17 +132,38 @@ def check_attention(rows):
         vd = AQ.dequantize(pv).double().cpu().numpy()
         want = RA.attention(q.cpu().numpy(), kd, vd, query_positions=qp.cpu().numpy(),
                             key_positions=kp.cpu().numpy())
-        for prec in ("ieee", "tf32x3"):
+        qn = q.clone()
+        qn[0, 0, 0, 0] = float("nan")
+        try:
+            AA.quantized_segment_attention(qn, pk, pv, query_positions=qp, key_positions=kp)
+            raise AssertionError("NaN query not rejected on the kernel path")
+        except ValueError as e:
+            print(f"check attention NaN query rejected: {e}")
+        runs = [("api " + prec, lambda prec=prec: AA.quantized_segment_attention(
+                    q, pk, pv, query_positions=qp, key_positions=kp, use_kernel=True, precision=prec))
+                for prec in ("ieee", "tf32x3")]
+        runs += [(lab, lambda kw=kw: AK.decode_partial_attention(q, pk, pv, qp, kp, 1 / math.sqrt(d), **kw))
+                 for lab, kw in V3_VARIANTS]
+        for lab, fn in runs:
             poison()
-            m, l, acc = AA.quantized_segment_attention(q, pk, pv, query_positions=qp, key_positions=kp,
-                                                       use_kernel=True, precision=prec)
+            m, l, acc = fn()
+            again = [fn() for _ in range(2)]                    # same inputs: must be bit-identical
+            stable = all(torch.equal(acc, a[2]) and torch.equal(m, a[0]) for a in again)
             got = AA.merge_partials([(m, l, acc)]).double().cpu().numpy()
             rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
             mx = float(np.abs(got - want).max())
-            print(f"check attention B={b} H={h} Hq={hq} Tq={tq} T={t_len} D={d} {prec}: "
-                  f"rel err {rel:.2e}, max abs {mx:.2e}, finite {bool(np.isfinite(got).all())}")
-            rows.append({"check": "attention", "case": [b, h, hq, tq, t_len, d, prec], "rel": rel, "max": mx})
-            assert np.isfinite(got).all() and rel < 1e-5
+            print(f"check attention B={b} H={h} Hq={hq} Tq={tq} T={t_len} D={d} {lab}: "
+                  f"rel err {rel:.2e}, max abs {mx:.2e}, finite {bool(np.isfinite(got).all())}, "
+                  f"repeatable {stable}")
+            rows.append({"check": "attention", "case": [b, h, hq, tq, t_len, d, lab], "rel": rel, "max": mx,
+                         "stable": stable})
+            assert np.isfinite(got).all() and rel < 1e-5 and stable
+
+
+def _print_row(name, nbytes, times, bw):
+    f_meas = nbytes / bw * 1e6
+    print(f"{name}: floor {f_meas:.1f} us; " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in times.items()),
+          flush=True)
 
 
 def bench(rows, quick):
@@ -148,17 +186,36 @@ def bench(rows, quick):
         x = torch.randn((b, h, t_len, d), device="cuda")
         excl = torch.zeros((b, h, t_len), dtype=torch.bool, device="cuda")
         nbytes = quant_bytes(b * h, t_len, d, bits, g, axis, sym)
-        t_kernel = timeit(lambda: QK.quantize_pack(x, excl, bits, g, axis, sym))
-        t_api = timeit(lambda: AQ.quantize_packed(x, bits, g, axis, symmetric=sym, exclude=excl))
-        t_torch = timeit(lambda: AQ.quantize_packed(x, bits, g, axis, symmetric=sym, exclude=excl,
-                                                    use_kernel=False))
-        table.append((name, nbytes, {"kernel": t_kernel, "quantize_packed": t_api, "torch": t_torch}))
+        QK1 = _load_version("quantize_kernels_v1")
+
+        def api_v1():                                       # the v1 API: 3 syncs around the v1 kernel
+            x32 = AQ._check_x(x)
+            w_, s_, z_ = QK1.quantize_pack(x32, excl, bits, g, axis, sym)
+            if sym:
+                AQ._check_overflow_symmetric(s_, AQ.symmetric_offset(bits))
+            else:
+                AQ._check_overflow_asymmetric(s_, z_, AQ.quantization_levels(bits))
+        flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+        tm = {"kernel v1": timeit(lambda: QK1.quantize_pack(x, excl, bits, g, axis, sym)),
+              "kernel v2": timeit(lambda: QK.quantize_pack(x, excl, bits, g, axis, sym)),
+              "kernel v2+flag": timeit(lambda: QK.quantize_pack(x, excl, bits, g, axis, sym, flag)),
+              "API v1 (3 syncs)": timeit(api_v1),
+              "quantize_packed": timeit(lambda: AQ.quantize_packed(x, bits, g, axis, symmetric=sym,
+                                                                   exclude=excl)),
+              "validate=False": timeit(lambda: AQ.quantize_packed(x, bits, g, axis, symmetric=sym,
+                                                                  exclude=excl, validate=False))}
+        if not quick:
+            tm["torch"] = timeit(lambda: AQ.quantize_packed(x, bits, g, axis, symmetric=sym, exclude=excl,
+                                                            use_kernel=False))
+        table.append((name, nbytes, tm))
+        _print_row(name, nbytes, tm, bw)
 
     # ---------------- attention
     kspec, vspec = (2, 32, "channel", False), (2, 32, "token", False)
     shapes = [("attn B1 H8 Hq32 T32K D128 2b", 1, 8, 32, 1, 32768, 128),
               ("attn B4 H8 Hq32 T32K D128 2b", 4, 8, 32, 1, 32768, 128),
-              ("attn B1 H8 Hq32 T4K D128 2b", 1, 8, 32, 1, 4096, 128)]
+              ("attn B1 H8 Hq32 T4K D128 2b", 1, 8, 32, 1, 4096, 128),
+              ("attn B1 H3 Hq9 T32K D64 2b (SmolLM2)", 1, 3, 9, 1, 32768, 64)]
     for (name, b, h, hq, tq, t_len, d) in shapes:
         sets = [make_cache(b, h, t_len, d, kspec, vspec, s) for s in range(2)]
         q = torch.randn((b, hq, tq, d), device="cuda")
@@ -179,17 +236,34 @@ def bench(rows, quick):
             it["i"] += 1
             return AK.quantized_partial_attention(q, pk, pv, qp, kp, 1 / math.sqrt(d), prec, **kw)
 
-        for label, prec, kw in [("dot ieee bt64", "ieee", dict(block_t=64, use_dot=True)),
-                                ("dot tf32x3 bt64", "tf32x3", dict(block_t=64, use_dot=True)),
-                                ("fma bt16", "ieee", dict(block_t=16, use_dot=False)),
-                                ("fma bt32", "ieee", dict(block_t=32, use_dot=False)),
-                                ("fma bt16 w2", "ieee", dict(block_t=16, use_dot=False, num_warps=2)),
-                                ("fma bt8", "ieee", dict(block_t=8, use_dot=False)),
-                                ("fma bt16 s2", "ieee", dict(block_t=16, use_dot=False, num_stages=2))]:
+        times["v2 fma bt16 (+torch merge)"] = timeit(lambda: kern("ieee", block_t=16, use_dot=False, version=2))
+        times["v2 dot tf32x3 (+merge kernel)"] = timeit(lambda: kern("tf32x3", block_t=64, use_dot=True))
+        for label, kw in V3_VARIANTS:
             try:
-                times[label] = timeit(lambda: kern(prec, **kw))
-            except Exception as e:                               # e.g. out of shared memory
-                print(f"{name} {label}: {type(e).__name__}: {str(e)[:120]}")
+                times[label] = timeit(lambda kw=kw: kern("ieee", **kw))
+            except Exception as e:                               # e.g. out of registers / shared memory
+                print(f"{name} {label}: {type(e).__name__}: {str(e)[:160]}")
+        # GPU time alone (no Python/launch overhead): CUDA graph of the default call
+        try:
+            pk0, pv0 = sets[0]
+            gr = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                AK.quantized_partial_attention(q, pk0, pv0, qp, kp, 1 / math.sqrt(d))
+                with torch.cuda.graph(gr, stream=stream):
+                    AK.quantized_partial_attention(q, pk0, pv0, qp, kp, 1 / math.sqrt(d))
+            torch.cuda.current_stream().wait_stream(stream)
+            times["v3 default, CUDA graph"] = timeit(gr.replay)
+            gr2 = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(stream):
+                with torch.cuda.graph(gr2, stream=stream):
+                    AK.quantized_partial_attention(q, pk0, pv0, qp, kp, 1 / math.sqrt(d), "ieee",
+                                                   block_t=16, use_dot=False, version=2)
+            torch.cuda.current_stream().wait_stream(stream)
+            times["v2 fma bt16, CUDA graph"] = timeit(gr2.replay)
+        except Exception as e:
+            print(f"{name} graph: {type(e).__name__}: {str(e)[:160]}")
         times["quantized_segment_attention"] = timeit(lambda: run())
         if not quick:
             times["torch blocked"] = timeit(lambda: run(use_kernel=False, block_size=4096))
@@ -203,6 +277,7 @@ def bench(rows, quick):
                     q, kd.repeat_interleave(g, 1), vd.repeat_interleave(g, 1))
             times["dequant all + SDPA"] = timeit(deq_sdpa)
         table.append((name, nbytes, times))
+        _print_row(name, nbytes, times, bw)
 
     print()
     print(f"{'case':34s} {'MB moved':>9s} {'floor@meas':>11s} {'floor@3TB/s':>12s}  version: median us (x floor@meas)")

@@ -58,6 +58,71 @@ def report(label, fn, types, consts, num_warps=4, num_stages=1):
     return k
 
 
+ATT_TYPES = {"q_ptr": "*fp32", "qpos_ptr": "*i64", "kpos_ptr": "*i64", "kw_ptr": "*i32", "ks_ptr": "*fp32",
+             "kz_ptr": "*fp32", "vw_ptr": "*i32", "vs_ptr": "*fp32", "vz_ptr": "*fp32", "m_ptr": "*fp32",
+             "l_ptr": "*fp32", "acc_ptr": "*fp32", "scale": "fp32", "m_s_ptr": "*fp32", "l_s_ptr": "*fp32",
+             "acc_s_ptr": "*fp32", "x_ptr": "*fp32", "excl_ptr": "*u8", "words_ptr": "*i32",
+             "scale_ptr": "*fp32", "zero_ptr": "*fp32", "flag_ptr": "*i32"}
+
+
+def attention_v3(a=2, num_warps=4, prefetch=True, rb=4):
+    from accelerated import attention_kernels as AK
+    lanes_t = 4
+    ts = lanes_t * num_warps
+    bt = a * ts
+    c = dict(R=4, RB=rb, NRG=1, D=128, A=a, TS=ts, KW=8, KW_PAD=8, KBITS=2, KCPW=16, KCPW_PAD=16, KG=32,
+             KCHAN=True, KSYM=False, KTILE=32 % bt == 0, KWORD=False, VW=8, VW_PAD=8, VBITS=2, VCPW=16,
+             VCPW_PAD=16, VG=32, VCHAN=False, VSYM=False, VTILE=False, VWORD=True, PREFETCH=prefetch)
+    return report(f"attn v3 A={a} w={num_warps} pf={int(prefetch)} RB={rb}", AK.decode_attention_kernel, ATT_TYPES, c,
+                  num_warps=num_warps)
+
+
+def main():
+    from accelerated import attention_kernels as AK
+    base = dict(R=4, M_PAD=4, D=128, D_PAD=128, BLOCK_T=16, KW=8, KBITS=2, KCPW=16, KG=32, KCHAN=True,
+                KSYM=False, VW=8, VBITS=2, VCPW=16, VG=32, VCHAN=False, VSYM=False, PREC="ieee", USE_DOT=False)
+    report("attn v2 fma bt16", AK.quantized_attention_kernel, ATT_TYPES, base)
+    for a, w, pf, rb in [(2, 4, True, 4), (2, 4, False, 4), (1, 4, True, 4), (1, 4, False, 4), (4, 4, False, 4),
+                         (2, 4, True, 2), (1, 4, True, 2), (2, 8, True, 4), (1, 8, True, 4), (2, 2, True, 4),
+                         (4, 2, False, 4), (2, 1, True, 4)]:
+        attention_v3(a, w, pf, rb)
+    report("merge", AK.merge_splits_kernel, ATT_TYPES, dict(R=4, D=128, D_PAD=128, NS_BLOCK=32))
+    quantize_kernels()
+
+
+def quantize_kernels():
+    from accelerated import quantize_kernels as QK
+    extra = {"CHECK": True} if "CHECK" in QK.quantize_channel_kernel.arg_names else {}
+    for bits in (2, 4):
+        cpw = 32 // bits
+        w = 128 // cpw
+        wb = max(1, min(w, 8192 // (32 * cpw)))
+        k = report(f"quant channel {bits}b G=32 D=128", QK.quantize_channel_kernel, ATT_TYPES,
+                   dict(D=128, W=w, BITS=bits, CPW=cpw, G=32, G_PAD=32, W_BLOCK=wb, CPW_PAD=cpw, SYMMETRIC=False,
+                        L=(1 << bits) - 1, M=(1 << (bits - 1)) - 1, **extra))
+    k = report("quant token 2b G=32 D=128", QK.quantize_token_kernel, ATT_TYPES,
+               dict(D=128, W=8, BITS=2, CPW=16, G=32, NG=4, T_BLOCK=64, W_PAD=8, CPW_PAD=16, SYMMETRIC=False, L=3, M=1,
+                    **extra))
+
+
 if __name__ == "__main__":
-    from bench.kernel_variants import main
-    main(report)
+    main()
+
+
+def by_source_line(k, ops=("st.shared", "shfl.sync", "bar.sync", "ld.global", "ld.local", "st.local")):
+    """Count the given PTX instructions per source line (from the .loc directives)."""
+    import collections
+    ptx = k.asm["ptx"]
+    files = dict(re.findall(r'\.file\s+(\d+)\s+"([^"]+)"', ptx))
+    cur = "?"
+    cnt = collections.Counter()
+    for line in ptx.splitlines():
+        m = re.match(r"\s*\.loc\s+(\d+)\s+(\d+)", line)
+        if m:
+            cur = f"{os.path.basename(files.get(m.group(1), '?'))}:{m.group(2)}"
+            continue
+        for op in ops:
+            if line.strip().startswith(op):
+                cnt[(cur, op)] += 1
+    for (where, op), n in sorted(cnt.items()):
+        print(f"    {where:28s} {op:12s} {n}")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-import reference as R
+from reference import packing as RPk, quantize as RQ
 from reference import attention as RA
 from reference import predictor as RPd
 from reference import preserve as RPs
@@ -51,7 +51,7 @@ def test_pack_codes_bit_identical(bits):
     rng = np.random.default_rng(bits)
     for n in (0, 1, 5, 31, 32, 33, 64, 100, 129):
         codes = rng.integers(0, 2 ** bits, size=(2, 3, n)).astype(np.uint8)
-        want = R.pack_codes(codes, bits)
+        want = RPk.pack_codes(codes, bits)
         got = AP.pack_codes(t(codes), bits)
         assert got.dtype == torch.int32
         np.testing.assert_array_equal(AP.words_to_reference(got), want)
@@ -140,19 +140,19 @@ def test_quantize_identical_to_reference(bits, group, axis, symmetric, shape, dt
     rng = np.random.default_rng(abs(hash((bits, group, axis, symmetric, dtype))) % 2 ** 32)
     x_np, x_t = _input(rng, shape, dtype)
     excl = rng.random(shape[:-1]) < 0.25
-    want = R.quantize(x_np, bits, group, axis, symmetric=symmetric, exclude=excl)
+    want = RQ.quantize(x_np, bits, group, axis, symmetric=symmetric, exclude=excl)
     got = AQ.quantize(x_t, bits, group, axis, symmetric=symmetric, exclude=t(excl))
     _check_same_quantization(got, want)
     packed = AQ.quantize_packed(x_t, bits, group, axis, symmetric=symmetric, exclude=t(excl))
     _check_same_quantization(packed, want)
-    np.testing.assert_array_equal(bits_of(AQ.dequantize(got).numpy()), bits_of(R.dequantize(want)))
-    np.testing.assert_array_equal(bits_of(AQ.dequantize(packed).numpy()), bits_of(R.dequantize(want)))
+    np.testing.assert_array_equal(bits_of(AQ.dequantize(got).numpy()), bits_of(RQ.dequantize(want)))
+    np.testing.assert_array_equal(bits_of(AQ.dequantize(packed).numpy()), bits_of(RQ.dequantize(want)))
 
 
 def test_quantize_ties_round_half_to_even():
     # group min 0, max 3 at 2 bits: s = 1, z = 0; t = 0.5, 1.5, 2.5 are exact ties
     x = np.array([[0.0, 0.5, 1.5, 2.5, 3.0, 1.0]], dtype=np.float32)
-    want = R.quantize_per_token(x, 2, 6)
+    want = RQ.quantize_per_token(x, 2, 6)
     got = AQ.quantize_per_token(t(x), 2, 6)
     assert got.codes.tolist() == [[0, 0, 2, 2, 3, 1]]
     _check_same_quantization(got, want)
@@ -160,7 +160,7 @@ def test_quantize_ties_round_half_to_even():
     xs = np.array([[-1.0, -0.5, 0.5, 1.0]], dtype=np.float32)
     gs = AQ.quantize_per_token(t(xs), 2, 4, symmetric=True)
     assert gs.codes.tolist() == [[0, 1, 1, 2]]
-    _check_same_quantization(gs, R.quantize_per_token(xs, 2, 4, symmetric=True))
+    _check_same_quantization(gs, RQ.quantize_per_token(xs, 2, 4, symmetric=True))
 
 
 def test_quantize_zero_range_and_empty_groups():
@@ -168,7 +168,7 @@ def test_quantize_zero_range_and_empty_groups():
     excl = np.zeros((1, 8), dtype=bool)
     excl[0, 4:] = True                                               # second channel group empty
     for sym in (False, True):
-        want = R.quantize_per_channel(x, 3, 4, symmetric=sym, exclude=excl)
+        want = RQ.quantize_per_channel(x, 3, 4, symmetric=sym, exclude=excl)
         got = AQ.quantize_packed(t(x), 3, 4, "channel", symmetric=sym, exclude=t(excl))
         _check_same_quantization(got, want)
         assert float(got.scale[0, 1].abs().max()) == 0.0
@@ -212,7 +212,7 @@ def test_quantize_packed_kernel_unavailable_on_cpu():
 def test_containers_round_trip_through_reference():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 3, 40, 24)).astype(np.float32)
-    want = R.quantize(x, 3, 16, "channel")
+    want = RQ.quantize(x, 3, 16, "channel")
     p = AQ.PackedQuantizedTensor.from_reference(want)
     _check_same_quantization(p, want)
     back = p.to_reference()
@@ -403,8 +403,8 @@ def _quantized_case(rng, kspec, vspec, s=200, d=64, tq=3):
     q, k, v, kp, qp, kv = _attn_inputs(rng, s=s, d=d, tq=tq)
     excl = rng.random(kp.shape) < 0.05                               # preserved tokens leave the stats
     excl4 = np.broadcast_to(excl[:, None, :], k.shape[:3])
-    kq = R.quantize(k, kspec[0], kspec[1], kspec[2], symmetric=kspec[3], exclude=excl4)
-    vq = R.quantize(v, vspec[0], vspec[1], vspec[2], symmetric=vspec[3], exclude=excl4)
+    kq = RQ.quantize(k, kspec[0], kspec[1], kspec[2], symmetric=kspec[3], exclude=excl4)
+    vq = RQ.quantize(v, vspec[0], vspec[1], vspec[2], symmetric=vspec[3], exclude=excl4)
     kp = np.where(excl, -1, kp)                                      # ... and their slots are empty
     return q, kq, vq, kp, qp, kv
 
@@ -413,7 +413,7 @@ def _quantized_case(rng, kspec, vspec, s=200, d=64, tq=3):
 def test_quantized_segment_attention_torch(kspec, vspec):
     rng = np.random.default_rng(kspec[0] * 10 + vspec[0])
     q, kq, vq, kp, qp, kv = _quantized_case(rng, kspec, vspec)
-    kd, vd = R.dequantize(kq), R.dequantize(vq)
+    kd, vd = RQ.dequantize(kq), RQ.dequantize(vq)
     pk = AQ.PackedQuantizedTensor.from_reference(kq)
     pv = AQ.PackedQuantizedTensor.from_reference(vq)
     # a full-precision residual segment merged with the quantized one
@@ -454,7 +454,7 @@ def test_quantize_kernel_identical_cuda(bits, group, axis, symmetric, shape):
     for dtype in ("float32", "bfloat16"):
         x_np, x_t = _input(rng, shape, dtype)
         excl = rng.random(shape[:-1]) < 0.25
-        want = R.quantize(x_np, bits, group, axis, symmetric=symmetric, exclude=excl)
+        want = RQ.quantize(x_np, bits, group, axis, symmetric=symmetric, exclude=excl)
         if axis == "token" and -(-shape[-1] // group) > 16:
             continue
         got = AQ.quantize_packed(x_t.cuda(), bits, group, axis, symmetric=symmetric,
@@ -469,7 +469,7 @@ def test_quantize_kernel_identical_cuda(bits, group, axis, symmetric, shape):
 def test_quantized_segment_attention_kernel_cuda(kspec, vspec, precision, tq):
     rng = np.random.default_rng(kspec[0] * 10 + vspec[0] + 1)
     q, kq, vq, kp, qp, kv = _quantized_case(rng, kspec, vspec, s=1000, d=64, tq=tq)
-    kd, vd = R.dequantize(kq), R.dequantize(vq)
+    kd, vd = RQ.dequantize(kq), RQ.dequantize(vq)
     pk = AQ.PackedQuantizedTensor.from_reference(kq, "cuda")
     pv = AQ.PackedQuantizedTensor.from_reference(vq, "cuda")
     m, l, acc = AA.quantized_segment_attention(t(q, "cuda"), pk, pv, query_positions=t(qp, "cuda"),

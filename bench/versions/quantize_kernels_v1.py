@@ -1,0 +1,213 @@
+# Fused group quantization + bit packing (Triton), called by accelerated/quantize.py::quantize_packed.
+#
+# MEMORY LAYOUT
+#   x      float32 (N, T, D) contiguous, N = prod(leading dims) (e.g. B*H)
+#   excl   uint8   (N, T)            1 = token excluded from the statistics (preserved / padding)
+#   words  int32   (N, T, W)         W = ceil(D / cpw), cpw = 32 // bits; code k of a row in word
+#                                    k // cpw at bits [(k % cpw) * b, ...), LSB first (uint32 pattern)
+#   scale, zero float32              axis "channel": (N, ceil(T/G), D)   (groups of G tokens)
+#                                    axis "token":   (N, T, ceil(D/G))   (groups of G channels)
+#   In registers a tile is (ROWS, W_BLOCK, CPW_PAD): element (r, w, j) is channel d = w*cpw + j, so
+#   packing is a shift by j*b and a sum over the last axis (fields are disjoint: sum == or).
+#
+# BYTES MOVED PER CALL (each input read once, each output written once)
+#   read  x: 4*N*T*D  + excl: N*T
+#   write words: 4*N*T*W  + stats: 4*(1 or 2)*N*n_stats   (asymmetric writes scale and zero)
+#   Realistic shape: one flushed key block, B=1, H=8 KV heads, G=T=32 tokens, D=128, 2-bit, channel:
+#     x 131,072 B + words 8,192 B + stats 8,192 B + excl 256 B = 147,712 B  -> 0.05 us at 3 TB/s:
+#     a single flush is launch-bound (~5 us).  The bandwidth floor matters for a prefill of a
+#     long prompt: B=1, H=8, T=32768, D=128 2-bit keys: 134.2 MB + 8.4 MB + 8.4 MB = 151 MB
+#     -> 50 us at 3 TB/s (bench/bench_kernels.py measures both).
+#
+# NUMERICS: identical to reference/quantize.py bit for bit: min/max are exact, the subtractions
+#   are IEEE float32, every division is tl.math.div_rn (correctly rounded, like numpy's), and
+#   round-half-to-even is (a + 2**23) - 2**23 on a = |y| <= 255 (< 2**23: the float32 adder rounds
+#   to an integer with ties to even; LLVM does not reassociate without fast-math), sign restored.
+#   The codes are clamped before rounding: clip(rint(y), lo, hi) == rint(clip(y, lo, hi)) for
+#   integer lo, hi.
+#
+# This module imports triton at its top: accelerated/quantize.py imports it only for a CUDA tensor
+# when triton is installed (see quantize._kernel_usable), so CPU-only installs never load it.
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_MAX_TILE = 8192          # elements of one program's register tile
+MAX_TOKEN_GROUPS = 16     # axis "token": groups per row are unrolled; more than this -> torch path
+
+
+def _p2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+@triton.jit
+def _rint_clamped(y, lo, hi):
+    # round half to even of y clamped to [lo, hi] (|y| <= 255 < 2**23)
+    y = tl.minimum(tl.maximum(y, lo), hi)
+    a = tl.abs(y)
+    r = (a + 8388608.0) - 8388608.0
+    return tl.where(y < 0, -r, r)
+
+@triton.jit
+def _pack(q, j, keep, BITS: tl.constexpr):
+    # q (R, W, C) float32 integer codes -> (R, W) uint32 words
+    qi = tl.where(keep, q, 0.0).to(tl.uint32)
+    shifted = qi << (j * BITS).to(tl.uint32)
+    return tl.sum(shifted, axis=2)
+
+@triton.jit
+def quantize_channel_kernel(x_ptr, excl_ptr, words_ptr, scale_ptr, zero_ptr,
+                            T, D, W, NGT, n_wblocks,
+                            BITS: tl.constexpr, CPW: tl.constexpr, G: tl.constexpr,
+                            G_PAD: tl.constexpr, W_BLOCK: tl.constexpr, CPW_PAD: tl.constexpr,
+                            SYMMETRIC: tl.constexpr, L: tl.constexpr, M: tl.constexpr):
+    pid = tl.program_id(0)
+    wb = pid % n_wblocks
+    rest = pid // n_wblocks
+    g = rest % NGT
+    n = (rest // NGT).to(tl.int64)
+    r = tl.arange(0, G_PAD)
+    w = wb * W_BLOCK + tl.arange(0, W_BLOCK)
+    j = tl.arange(0, CPW_PAD)
+    t = g * G + r
+    row_ok = (r < G) & (t < T)
+    d = w[:, None] * CPW + j[None, :]                         # (W_BLOCK, CPW_PAD)
+    col_ok = (j[None, :] < CPW) & (d < D)
+    ok = row_ok[:, None, None] & col_ok[None, :, :]
+    x = tl.load(x_ptr + (n * T + t)[:, None, None] * D + d[None, :, :], mask=ok, other=0.0)
+    ex = tl.load(excl_ptr + n * T + t, mask=row_ok, other=1)
+    counted = ok & (ex == 0)[:, None, None]
+    n_counted = tl.sum(counted.to(tl.int32), axis=0)          # (W_BLOCK, CPW_PAD)
+    empty = n_counted == 0
+    if SYMMETRIC:
+        amax = tl.max(tl.where(counted, tl.abs(x), 0.0), axis=0)
+        s = tl.math.div_rn(amax, tl.zeros_like(amax) + M)
+        nz = s != 0
+        safe = tl.where(nz, s, 1.0)
+        xe = tl.where(counted, x, 0.0)
+        y = tl.where(nz[None], tl.math.div_rn(xe, safe[None]), 0.0)
+        q = _rint_clamped(y, -M * 1.0, M * 1.0) + M
+    else:
+        mn = tl.min(tl.where(counted, x, float("inf")), axis=0)
+        mx = tl.max(tl.where(counted, x, float("-inf")), axis=0)
+        mn = tl.where(empty, 0.0, mn)
+        mx = tl.where(empty, 0.0, mx)
+        s = tl.math.div_rn(mx - mn, tl.zeros_like(mn) + L)
+        nz = s != 0
+        safe = tl.where(nz, s, 1.0)
+        xe = tl.where(counted, x, mn[None])
+        y = tl.where(nz[None], tl.math.div_rn(xe - mn[None], safe[None]), 0.0)
+        q = _rint_clamped(y, 0.0, L * 1.0)
+        tl.store(zero_ptr + (n * NGT + g) * D + d, mn, mask=col_ok)
+    tl.store(scale_ptr + (n * NGT + g) * D + d, s, mask=col_ok)
+    packed = _pack(q, j[None, None, :], ok, BITS)             # (G_PAD, W_BLOCK)
+    tl.store(words_ptr + (n * T + t)[:, None] * W + w[None, :], packed.to(tl.int32, bitcast=True),
+             mask=row_ok[:, None] & (w[None, :] < W))
+
+@triton.jit
+def quantize_token_kernel(x_ptr, excl_ptr, words_ptr, scale_ptr, zero_ptr,
+                          T, D, W, NGD, n_tblocks,
+                          BITS: tl.constexpr, CPW: tl.constexpr, G: tl.constexpr,
+                          NG: tl.constexpr, T_BLOCK: tl.constexpr, W_PAD: tl.constexpr,
+                          CPW_PAD: tl.constexpr, SYMMETRIC: tl.constexpr, L: tl.constexpr, M: tl.constexpr):
+    pid = tl.program_id(0)
+    tb = pid % n_tblocks
+    n = (pid // n_tblocks).to(tl.int64)
+    t = tb * T_BLOCK + tl.arange(0, T_BLOCK)
+    w = tl.arange(0, W_PAD)
+    j = tl.arange(0, CPW_PAD)
+    row_ok = t < T
+    d = w[:, None] * CPW + j[None, :]
+    col_ok = (j[None, :] < CPW) & (d < D)
+    ok = row_ok[:, None, None] & col_ok[None, :, :]
+    x = tl.load(x_ptr + (n * T + t)[:, None, None] * D + d[None, :, :], mask=ok, other=0.0)
+    ex = tl.load(excl_ptr + n * T + t, mask=row_ok, other=1)
+    counted = ok & (ex == 0)[:, None, None]
+    grp = (d // G)[None, :, :]                                # (1, W_PAD, CPW_PAD)
+    s_full = tl.zeros_like(x)
+    z_full = tl.zeros_like(x)
+    for gi in tl.static_range(NG):
+        in_g = counted & (grp == gi)
+        cnt = tl.sum(tl.sum(in_g.to(tl.int32), axis=2), axis=1)           # (T_BLOCK,)
+        empty = cnt == 0
+        if SYMMETRIC:
+            amax = tl.max(tl.max(tl.where(in_g, tl.abs(x), 0.0), axis=2), axis=1)
+            s_g = tl.math.div_rn(amax, tl.zeros_like(amax) + M)
+        else:
+            mn = tl.min(tl.min(tl.where(in_g, x, float("inf")), axis=2), axis=1)
+            mx = tl.max(tl.max(tl.where(in_g, x, float("-inf")), axis=2), axis=1)
+            mn = tl.where(empty, 0.0, mn)
+            mx = tl.where(empty, 0.0, mx)
+            s_g = tl.math.div_rn(mx - mn, tl.zeros_like(mn) + L)
+            z_full = tl.where(grp == gi, mn[:, None, None], z_full)
+            tl.store(zero_ptr + (n * T + t) * NGD + gi, mn, mask=row_ok & (gi < NGD))
+        s_full = tl.where(grp == gi, s_g[:, None, None], s_full)
+        tl.store(scale_ptr + (n * T + t) * NGD + gi, s_g, mask=row_ok & (gi < NGD))
+    nz = s_full != 0
+    safe = tl.where(nz, s_full, 1.0)
+    if SYMMETRIC:
+        xe = tl.where(counted, x, 0.0)
+        y = tl.where(nz, tl.math.div_rn(xe, safe), 0.0)
+        q = _rint_clamped(y, -M * 1.0, M * 1.0) + M
+    else:
+        xe = tl.where(counted, x, z_full)
+        y = tl.where(nz, tl.math.div_rn(xe - z_full, safe), 0.0)
+        q = _rint_clamped(y, 0.0, L * 1.0)
+    packed = _pack(q, j[None, None, :], ok, BITS)             # (T_BLOCK, W_PAD)
+    tl.store(words_ptr + (n * T + t)[:, None] * W + w[None, :], packed.to(tl.int32, bitcast=True),
+             mask=row_ok[:, None] & (w[None, :] < W))
+
+
+def quantize_pack(x32: torch.Tensor, excl: torch.Tensor, bits: int, group_size: int, axis: str,
+                  symmetric: bool):
+    """Run the kernel: ``x32`` float32 ``(..., T, D)``, ``excl`` bool ``(..., T)``.
+
+    Returns ``(words int32 (..., T, W), scale, zero or None)`` in the reference's shapes.
+    Arguments are assumed validated by accelerated/quantize.py.
+    """
+    *lead, T, D = x32.shape
+    N = 1
+    for n in lead:
+        N *= n
+    cpw = 32 // bits
+    W = -(-D // cpw)
+    x = x32.reshape(N, T, D).contiguous()
+    ex = excl.reshape(N, T).contiguous().view(torch.uint8)
+    words = torch.empty((N, T, W), dtype=torch.int32, device=x.device)
+    cpw_pad = _p2(cpw)
+    if axis == "channel":
+        ngt = -(-T // group_size)
+        g_pad = _p2(min(group_size, T))
+        w_block = max(1, min(_p2(W), _MAX_TILE // (g_pad * cpw_pad)))
+        w_block = 1 << (w_block.bit_length() - 1)                 # power of two
+        n_wb = -(-W // w_block)
+        scale = torch.empty((N, ngt, D), dtype=torch.float32, device=x.device)
+        zero = None if symmetric else torch.empty_like(scale)
+        grid = (N * ngt * n_wb,)
+        quantize_channel_kernel[grid](x, ex, words, scale, scale if zero is None else zero,
+                             T, D, W, ngt, n_wb,
+                             BITS=bits, CPW=cpw, G=group_size, G_PAD=g_pad, W_BLOCK=w_block,
+                             CPW_PAD=cpw_pad, SYMMETRIC=symmetric,
+                             L=(1 << bits) - 1, M=(1 << (bits - 1)) - 1, num_warps=4)
+        stat_shape = tuple(lead) + (ngt, D)
+    else:
+        ngd = -(-D // group_size)
+        w_pad = _p2(W)
+        t_block = max(1, min(64, _MAX_TILE // (w_pad * cpw_pad)))
+        t_block = 1 << (t_block.bit_length() - 1)
+        n_tb = -(-T // t_block)
+        scale = torch.empty((N, T, ngd), dtype=torch.float32, device=x.device)
+        zero = None if symmetric else torch.empty_like(scale)
+        grid = (N * n_tb,)
+        quantize_token_kernel[grid](x, ex, words, scale, scale if zero is None else zero,
+                           T, D, W, ngd, n_tb,
+                           BITS=bits, CPW=cpw, G=group_size, NG=ngd, T_BLOCK=t_block, W_PAD=w_pad,
+                           CPW_PAD=cpw_pad, SYMMETRIC=symmetric,
+                             L=(1 << bits) - 1, M=(1 << (bits - 1)) - 1, num_warps=4)
+        stat_shape = tuple(lead) + (T, ngd)
+    words = words.reshape(tuple(lead) + (T, W))
+    scale = scale.reshape(stat_shape)
+    zero = None if zero is None else zero.reshape(stat_shape)
+    return words, scale, zero
