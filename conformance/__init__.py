@@ -1,0 +1,1 @@
+"""kvsink conformance suite: ``pytest conformance/ --impl ...`` (docs/13-conformance.md)."""

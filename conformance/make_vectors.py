@@ -1,0 +1,459 @@
+"""Generate the golden vectors of conformance/vectors/ from the reference (docs/13-conformance.md).
+
+    python -m conformance.make_vectors            # (re)write conformance/vectors/
+    python -m conformance.make_vectors --check    # regenerate in memory, compare checksums
+
+Format (language-neutral)
+-------------------------
+``vectors/manifest.json``::
+
+    {"format": "kvsink-conformance-vectors", "version": 1,
+     "checksum": "sha256 of each array's bytes: C order, little-endian, dtype as listed",
+     "cases": [{"name": "quantize_03", "function": "quantize", "file": "quantize_03.npz",
+                "params": {...},                      # scalars and the config, JSON
+                "arrays": {"x": {"role": "input", "shape": [2, 12, 20], "dtype": "<f4",
+                                 "sha256": "..."},
+                           "codes": {"role": "expected", ...}, ...}}, ...]}
+
+Each case is one ``.npz`` file (a zip of ``.npy`` arrays: a 10-line reader in
+any language) holding the arrays named in the manifest.  Inputs are generated
+with ``numpy.random.RandomState`` (a frozen bit stream) and planted outlier
+channels; expected outputs are the reference's.  bfloat16 inputs are stored
+as float32 arrays holding bfloat16 values (``params.input_dtype ==
+"bfloat16"``); attention outputs are stored rounded to float32 (the bound of
+docs/09-tolerances.md 9.3 is ~1e-4 relative, so the rounding, ``2^-24``
+relative, is immaterial; compare with the bound plus ``2^-24 |o|``).
+
+The ``ops`` of a ``cache`` case are replayed in order on a fresh layer:
+``update`` (arrays ``keys``, ``values``, optional ``valid``), ``resolve``
+(array ``preserve``), ``flush``, ``crop`` (``max_length``), ``reorder``
+(``beam_idx``), ``select_batch`` (``indices``); then the expected state is
+given: ``preserved_positions_<row>``, the three segments ``seg<i>_keys /
+_values / _positions``, each block's ``block<i>_{keys,values}_{codes,scale,zero}``
+and ``block<i>_coded`` (with ``start`` / ``num_slots`` in ``params.blocks``),
+the pre-quantization values ``block<i>_{keys,values}_x`` (for the near-tie
+rule), ``nbytes`` and one ``attend`` output for ``query`` at ``query_positions``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import sys
+from importlib import import_module
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from reference import attention as ra
+from reference import packing as rpk
+from reference import predictor as rp
+from reference import preserve as rpres
+from reference.cache import QuantizedKVCacheLayer
+from reference.config import KVSinkConfig
+
+from .adapter import round_to_bfloat16
+
+rq = import_module("reference.quantize")
+
+VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
+FORMAT = "kvsink-conformance-vectors"
+VERSION = 1
+
+
+def sha256(a: np.ndarray) -> str:
+    a = np.ascontiguousarray(a)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return hashlib.sha256(a.tobytes()).hexdigest()
+
+
+def dtype_str(a: np.ndarray) -> str:
+    return a.dtype.newbyteorder("<").str if a.dtype.itemsize > 1 else a.dtype.str
+
+
+def kv(rs: np.random.RandomState, shape, *, outliers=True, scale=1.0) -> np.ndarray:
+    """Gaussian values with channel offsets and, like real models, 2 outlier channels x100-x1000
+    on 2 tokens."""
+    x = rs.standard_normal(shape) * scale + rs.standard_normal(shape[-1]) * scale
+    if outliers and shape[-2] >= 2 and shape[-1] >= 2:
+        ch = rs.choice(shape[-1], 2, replace=False)
+        tok = rs.choice(shape[-2], 2, replace=False)
+        x[..., tok[:, None], ch[None, :]] *= rs.choice([100.0, 300.0, 1000.0])
+    return np.clip(x, -1e4, 1e4).astype(np.float32)
+
+
+class Case:
+    def __init__(self, name: str, function: str, params: dict):
+        self.name, self.function, self.params = name, function, params
+        self.arrays: Dict[str, np.ndarray] = {}
+        self.roles: Dict[str, str] = {}
+
+    def inp(self, name, a):
+        self.arrays[name], self.roles[name] = np.array(a, order="C"), "input"
+        return a
+
+    def out(self, name, a):
+        self.arrays[name], self.roles[name] = np.array(a, order="C"), "expected"
+        return a
+
+    def manifest(self) -> dict:
+        return {"name": self.name, "function": self.function, "file": f"{self.name}.npz",
+                "params": self.params,
+                "arrays": {k: {"role": self.roles[k], "shape": list(v.shape), "dtype": dtype_str(v),
+                               "sha256": sha256(v)} for k, v in self.arrays.items()}}
+
+
+def _config_dict(cfg: KVSinkConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["preserve"] = list(d["preserve"])
+    d["predictor_channels"] = list(d["predictor_channels"])
+    return d
+
+
+def config_from_dict(d: dict) -> KVSinkConfig:
+    d = dict(d)
+    d["preserve"] = tuple(d["preserve"])
+    d["predictor_channels"] = tuple(d["predictor_channels"])
+    return KVSinkConfig(**d)
+
+
+# --------------------------------------------------------------------------- cases
+
+def packing_cases() -> List[Case]:
+    cases = []
+    for bits in range(1, 9):
+        rs = np.random.RandomState(100 + bits)
+        c = Case(f"packing_b{bits}", "pack_codes", {"bits": bits, "n": 37})
+        codes = c.inp("codes", rs.randint(0, 2**bits, size=(3, 37)).astype(np.uint8))
+        c.out("words", rpk.pack_codes(codes, bits))
+        cases.append(c)
+    return cases
+
+
+QUANTIZE_SPECS = [
+    # bits, G, axis, symmetric, exclude, input dtype
+    (2, 32, "token", False, None, "float32"),
+    (2, 32, "channel", False, "preserved", "float32"),
+    (4, 7, "token", False, "random", "float16"),
+    (4, 5, "channel", False, "random", "bfloat16"),
+    (1, 3, "token", False, None, "float32"),
+    (8, 16, "channel", False, "all", "float32"),
+    (3, 64, "token", True, None, "float64"),
+    (5, 3, "channel", True, "random", "float32"),
+    (6, 20, "token", False, "first", "float16"),
+    (7, 1, "channel", False, None, "float32"),
+    (2, 12, "token", False, "ties", "float32"),
+    (4, 4, "token", True, "ties", "float32"),
+]
+
+
+def quantize_cases() -> List[Case]:
+    cases = []
+    for i, (bits, g, axis, sym, excl, dtype) in enumerate(QUANTIZE_SPECS):
+        rs = np.random.RandomState(200 + i)
+        shape = (2, 12, 20)
+        if excl == "ties":       # exact half-integer grid with power-of-two scales
+            top = 2 ** (bits - 1) - 1 if sym else 2**bits - 1
+            k = rs.randint(-2 * top if sym else 0, 2 * top + 1, size=shape)
+            k[..., ::g] = -2 * top if sym else 0
+            k[..., 1::g] = 2 * top
+            x32 = (0.25 * k / 2.0).astype(np.float32)
+            excl = None
+        else:
+            x32 = kv(rs, shape)
+        if dtype == "float16":
+            x = x32.astype(np.float16)
+        elif dtype == "bfloat16":
+            x = round_to_bfloat16(x32)
+        elif dtype == "float64":
+            x = x32.astype(np.float64) * (1 + 2.0**-30)
+        else:
+            x = x32
+        exclude = {None: None, "preserved": np.isin(np.arange(12), [0, 5])[None, :].repeat(2, 0),
+                   "random": rs.rand(2, 12) < 0.3, "all": np.ones((2, 12), bool),
+                   "first": np.isin(np.arange(12), [0])[None, :].repeat(2, 0)}[excl]
+        c = Case(f"quantize_{i:02d}", "quantize",
+                 {"bits": bits, "group_size": g, "axis": axis, "symmetric": sym,
+                  "input_dtype": dtype, "has_exclude": exclude is not None})
+        c.inp("x", x)
+        if exclude is not None:
+            c.inp("exclude", exclude)
+        qt = rq.quantize(x, bits, g, axis, symmetric=sym, exclude=exclude)
+        c.out("codes", qt.codes)
+        c.out("scale", qt.scale)
+        if qt.zero is not None:
+            c.out("zero", qt.zero)
+        c.out("words", qt.packed())
+        c.out("dequantized", rq.dequantize(qt))
+        cases.append(c)
+    return cases
+
+
+def predictor_cases() -> List[Case]:
+    cases = []
+    for i, (channels, dtype) in enumerate([((3, 7), "float32"), ((0,), "float16"), ((1, 2, 30), "float32")]):
+        rs = np.random.RandomState(300 + i)
+        h = rs.standard_normal((2, 16, 32)).astype(np.float32)
+        h[:, [0, 9], channels[0]] = 800.0 * (i + 1)
+        h[:, 4, channels[-1]] = -450.0
+        h = h.astype(dtype)
+        scores = rp.outlier_scores(h, channels)
+        threshold = float(scores.ravel()[5])          # a threshold equal to a score (strict >)
+        c = Case(f"predictor_{i}", "predict_sinks", {"channels": list(channels), "threshold": threshold,
+                                                    "input_dtype": dtype})
+        c.inp("hidden", h)
+        c.out("scores", scores)
+        c.out("sinks", rp.predict_sinks(h, channels, threshold))
+        cases.append(c)
+    return cases
+
+
+def preserve_cases() -> List[Case]:
+    rs = np.random.RandomState(400)
+    valid = np.arange(14)[None, :] >= np.array([[0], [3], [6]])
+    cases = []
+    c = Case("preserve_first_n", "preserve_first_n", {"n": 2})
+    c.inp("valid", valid)
+    c.out("mask", rpres.preserve_first_n(valid, 2))
+    cases.append(c)
+    flags = rs.rand(3, 14) < 0.4
+    c = Case("cap_preserved", "cap_preserved", {"max_count": 2})
+    c.inp("flags", flags)
+    c.out("mask", rpres.cap_preserved(flags, 2))
+    cases.append(c)
+    logits = rs.standard_normal((3, 4, 14, 14)) * 2
+    logits[..., [0, 5]] += 5
+    causal = np.tril(np.ones((14, 14), bool))
+    logits = np.where(causal, logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    c = Case("attention_oracle", "attention_oracle", {"ratio": 2.0})
+    c.inp("probs", probs)
+    c.inp("valid", valid)
+    c.out("mask", rpres.attention_oracle(probs, 2.0, valid))
+    c.out("scores", rpres.oracle_scores(probs, valid))
+    cases.append(c)
+    cfg = KVSinkConfig(preserve="pfn+kvsink+oracle", preserve_first_n=1, max_preserved=3)
+    predicted, oracle = rs.rand(3, 14) < 0.3, rs.rand(3, 14) < 0.2
+    c = Case("preserved_set", "preserved_set", {"config": _config_dict(cfg)})
+    c.inp("valid", valid)
+    c.inp("predicted", predicted)
+    c.inp("oracle", oracle)
+    c.out("mask", rpres.preserved_set(cfg, valid, predicted, oracle))
+    cases.append(c)
+    return cases
+
+
+def attention_cases() -> List[Case]:
+    cases = []
+    specs = [(1, 2, 4, 16, 24, 3, "float32", False), (2, 1, 1, 64, 40, 1, "float32", True),
+             (2, 2, 6, 8, 17, 2, "float16", False), (1, 3, 6, 32, 33, 4, "float32", True)]
+    for i, (b, h, hq, d, s, tq, dtype, holes) in enumerate(specs):
+        rs = np.random.RandomState(500 + i)
+        q = np.clip(kv(rs, (b, hq, tq, d), outliers=False), -100, 100)
+        k = np.clip(kv(rs, (b, h, s, d)), -100, 100) * 0.1
+        v = kv(rs, (b, h, s, d))
+        q, k, v = (a.astype(dtype) for a in (q, k, v))
+        kp = np.tile(np.arange(s), (b, 1))
+        if holes:
+            kp = np.where(rs.rand(b, s) < 0.2, -1, kp)
+        qp = np.tile(np.arange(s - tq - 2, s - 2), (b, 1))
+        key_valid = rs.rand(b, s) < 0.9 if i == 2 else None
+        c = Case(f"attention_{i}", "attention", {"scale": None, "input_dtype": dtype,
+                                                 "has_key_valid": key_valid is not None})
+        for name, a in (("query", q), ("keys", k), ("values", v), ("query_positions", qp),
+                        ("key_positions", kp)):
+            c.inp(name, a)
+        if key_valid is not None:
+            c.inp("key_valid", key_valid)
+        c.out("output", ra.attention(q, k, v, query_positions=qp, key_positions=kp,
+                                     key_valid=key_valid).astype(np.float32))
+        cases.append(c)
+        cuts = [0, s // 3, s // 3, s]       # an empty middle segment
+        c = Case(f"split_attention_{i}", "split_attention", {"scale": None, "input_dtype": dtype,
+                                                             "num_segments": 3})
+        c.inp("query", q)
+        c.inp("query_positions", qp)
+        kpv = kp if key_valid is None else np.where(key_valid, kp, -1)
+        segs = []
+        for j, (a, z) in enumerate(zip(cuts[:-1], cuts[1:])):
+            segs.append((c.inp(f"seg{j}_keys", k[:, :, a:z]), c.inp(f"seg{j}_values", v[:, :, a:z]),
+                         c.inp(f"seg{j}_positions", kpv[:, a:z])))
+        c.out("output", ra.split_attention(q, segs, query_positions=qp).astype(np.float32))
+        cases.append(c)
+    return cases
+
+
+CACHE_SPECS = [
+    # name, config, storage dtype, script
+    ("cache_kivi", KVSinkConfig(key_bits=2, value_bits=2, key_group_size=4, value_group_size=8,
+                                residual_length=3), "float32", "prefill_decode"),
+    ("cache_symmetric_token", KVSinkConfig(key_bits=4, value_bits=3, key_group_size=5, value_group_size=3,
+                                           key_axis="token", value_axis="token", scheme="symmetric",
+                                           residual_length=2, max_preserved=2), "float16", "crop_reorder"),
+    ("cache_channel_values", KVSinkConfig(key_bits=3, value_bits=1, key_group_size=3, value_group_size=3,
+                                          key_axis="channel", value_axis="channel", residual_length=0,
+                                          max_preserved=1), "float32", "padding_select"),
+]
+
+
+def _cache_case(name, cfg, dtype, script) -> Case:
+    rs = np.random.RandomState(sum(map(ord, name)))
+    b, h, d = 2, 2, 8
+    c = Case(name, "cache", {"config": _config_dict(cfg), "dtype": dtype, "ops": []})
+    layer = QuantizedKVCacheLayer(cfg, dtype=np.float16 if dtype == "float16" else np.float32)
+    store = (lambda a: a.astype(np.float16).astype(np.float32)) if dtype == "float16" else (lambda a: a)
+    shadow = {"keys": np.zeros((b, h, 0, d), np.float32), "values": np.zeros((b, h, 0, d), np.float32)}
+    state = {"b": b, "n_ops": 0}
+
+    def op(kind, **kw):
+        c.params["ops"].append(dict(op=kind, **kw))
+        state["n_ops"] += 1
+
+    def update(n, pad=False):
+        i = state["n_ops"]
+        k, v = kv(rs, (state["b"], h, n, d)), kv(rs, (state["b"], h, n, d))
+        valid = None
+        if pad:
+            valid = np.arange(n)[None, :] >= np.arange(state["b"])[:, None] * 2
+            c.inp(f"op{i}_valid", valid)
+        c.inp(f"op{i}_keys", k)
+        c.inp(f"op{i}_values", v)
+        layer.update(k, v, valid)
+        shadow["keys"] = np.concatenate([shadow["keys"], store(k)], 2)
+        shadow["values"] = np.concatenate([shadow["values"], store(v)], 2)
+        op("update", keys=f"op{i}_keys", values=f"op{i}_values",
+           valid=None if valid is None else f"op{i}_valid")
+        pending_valid = layer.residual[2][:, layer.num_residual - layer.num_pending:]
+        j = state["n_ops"]
+        flags = (rs.rand(*pending_valid.shape) < 0.25) & pending_valid
+        flags[:, 0] |= pending_valid[:, 0] & (j < 2)        # the first token is a sink
+        c.inp(f"op{j}_preserve", flags)
+        layer.resolve(flags)
+        op("resolve", preserve=f"op{j}_preserve")
+        layer.flush()
+        op("flush")
+
+    def take(kind, idx):
+        i = state["n_ops"]
+        idx = np.asarray(idx, np.int64)
+        c.inp(f"op{i}_{kind}", idx)
+        getattr(layer, kind)(idx)
+        for key in shadow:
+            shadow[key] = shadow[key][idx]
+        state["b"] = len(idx)
+        op(kind, **{"beam_idx" if kind == "reorder" else "indices": f"op{i}_{kind}"})
+
+    def crop(m):
+        layer.crop(m)
+        for key in shadow:
+            shadow[key] = shadow[key][:, :, :layer.seq_length]
+        op("crop", max_length=m)
+
+    if script == "prefill_decode":
+        update(13)
+        for _ in range(6):
+            update(1)
+    elif script == "crop_reorder":
+        update(9)
+        update(1)
+        crop(-3)
+        take("reorder", [1, 1])
+        update(4)
+        update(1)
+    else:
+        update(10, pad=True)
+        crop(4)
+        update(5)
+        take("select_batch", [1])
+        update(1)
+
+    for row, p in enumerate(layer.preserved_positions()):
+        c.out(f"preserved_positions_{row}", p)
+    for i, (k, v, p) in enumerate(layer.segments()):
+        c.out(f"seg{i}_keys", np.asarray(k, np.float32))
+        c.out(f"seg{i}_values", np.asarray(v, np.float32))
+        c.out(f"seg{i}_positions", p)
+    blocks = []
+    for i, blk in enumerate(layer.blocks):
+        blocks.append({"start": int(blk.start), "num_slots": int(blk.num_slots)})
+        c.out(f"block{i}_coded", blk.coded)
+        for side, pq in (("keys", blk.keys), ("values", blk.values)):
+            qt = pq.unpack()
+            c.out(f"block{i}_{side}_codes", qt.codes)
+            c.out(f"block{i}_{side}_scale", qt.scale)
+            if qt.zero is not None:
+                c.out(f"block{i}_{side}_zero", qt.zero)
+            x = np.zeros(qt.shape, np.float32)
+            live = blk.num_slots
+            x[:, :, :live] = shadow[side][:, :, blk.start:blk.start + live]
+            c.out(f"block{i}_{side}_x", x)
+    c.params["blocks"] = blocks
+    c.out("nbytes", np.array(layer.nbytes(), np.int64))
+    q = np.clip(kv(rs, (state["b"], 2 * h, 2, d), outliers=False), -100, 100)
+    if dtype == "float16":
+        q = q.astype(np.float16).astype(np.float32)
+    qp = np.tile(np.array([layer.seq_length - 2, layer.seq_length]), (state["b"], 1))
+    c.inp("query", q)
+    c.inp("query_positions", qp)
+    c.out("attend", layer.attend(q, qp).astype(np.float32))
+    return c
+
+
+def cache_cases() -> List[Case]:
+    return [_cache_case(*spec) for spec in CACHE_SPECS]
+
+
+def all_cases() -> List[Case]:
+    return packing_cases() + quantize_cases() + predictor_cases() + preserve_cases() + \
+        attention_cases() + cache_cases()
+
+
+def manifest(cases) -> dict:
+    return {"format": FORMAT, "version": VERSION,
+            "generator": "python -m conformance.make_vectors",
+            "checksum": "sha256 of each array's raw bytes: C order, little-endian, the listed dtype",
+            "cases": [c.manifest() for c in cases]}
+
+
+def write(directory: Path = VECTORS_DIR) -> dict:
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("*.npz"):
+        old.unlink()
+    cases = all_cases()
+    for c in cases:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **c.arrays)
+        (directory / f"{c.name}.npz").write_bytes(buf.getvalue())
+    man = manifest(cases)
+    (directory / "manifest.json").write_text(json.dumps(man, indent=1, sort_keys=True) + "\n")
+    return man
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true",
+                    help="regenerate in memory and compare with vectors/manifest.json")
+    ap.add_argument("--out", type=Path, default=VECTORS_DIR)
+    args = ap.parse_args(argv)
+    if args.check:
+        stored = json.loads((args.out / "manifest.json").read_text())
+        fresh = manifest(all_cases())
+        if stored != fresh:
+            print("vectors differ from a fresh generation", file=sys.stderr)
+            return 1
+        print(f"{len(fresh['cases'])} cases reproduce exactly")
+        return 0
+    man = write(args.out)
+    size = sum(p.stat().st_size for p in args.out.iterdir())
+    print(f"wrote {len(man['cases'])} cases to {args.out} ({size / 1024:.0f} KiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""End-to-end checks of accelerated/ against full-precision models (docs/13-conformance.md §13.6).
+
+These exercise ``accelerated.hf.KVSinkCache`` and ``accelerated.evaluate``;
+they are not part of the adapter protocol and run for ``--impl accelerated``
+only (skipped, with the reason, for other ports).
+
+* Tiny random-weight Llama / Qwen2 / Mistral / Gemma-3 (initializer range 0.2,
+  so that attention is far from uniform and the logits depend on the cache),
+  64 tokens sampled from the model itself, fed one token at a time:
+
+  - 8 bits: mean KL(p_fp || p_q) <= KL_8BIT; and, as a negative control showing
+    the check can fail, 1-bit keys and values without residual window exceed it;
+  - 4 bits: streaming perplexity <= PPL_RATIO_4BIT x full precision;
+  - 2 bits: <= PPL_RATIO_2BIT x full precision.
+
+* SmolLM2-135M (``@pytest.mark.model``): 2-bit fake quantization on WikiText-2
+  (or the packaged corpus), KVSink no worse than Preserve-First-N with as many
+  preserved tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from reference.config import KVSinkConfig  # noqa: E402
+
+#: Mean KL bound at 8 bits (nats per token); derivation in docs/13-conformance.md §13.6.
+KL_8BIT = 1e-3
+#: Perplexity ratio bounds at 4 and 2 bits (sanity bounds, docs/13-conformance.md §13.6).
+PPL_RATIO_4BIT = 1.10
+PPL_RATIO_2BIT = 2.5
+
+VOCAB = 256
+TOKENS = 64
+FAMILIES = ["llama", "qwen2", "mistral", "gemma3"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _accelerated_only(request):
+    from .conftest import _spec
+    spec = _spec(request.config)
+    if spec != "accelerated":
+        pytest.skip(f"model checks exercise accelerated/hf.py and accelerated/evaluate.py; "
+                    f"--impl {spec!r} is not accelerated")
+
+
+def _tiny(family: str):
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0, initializer_range=0.2)
+    if family == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif family == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif family == "mistral":
+        from transformers import MistralConfig, MistralForCausalLM
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
+    else:
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, sliding_window=8,
+                                                   layer_types=["sliding_attention", "full_attention"] * 2))
+    return model.eval()
+
+
+def _sample(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        return model.generate(torch.tensor([[1, 2, 3, 4]]), do_sample=True, top_k=0,
+                              max_new_tokens=TOKENS - 4, min_new_tokens=TOKENS - 4,
+                              pad_token_id=0, eos_token_id=None)
+
+
+def _config(bits, **kw):
+    base = dict(key_bits=bits, value_bits=bits, key_group_size=8, value_group_size=8,
+                residual_length=8, preserve="pfn", preserve_first_n=1)
+    base.update(kw)
+    return KVSinkConfig(**base)
+
+
+def _streamed_logprobs(model, ids, config):
+    from accelerated.hf import KVSinkCache
+    cache = KVSinkCache(model, config)
+    out = []
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            logits = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+            out.append(torch.log_softmax(logits.double(), -1)[0, 0])
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    models = {f: _tiny(f) for f in FAMILIES}
+    return {f: (m, _sample(m)) for f, m in models.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_8bit_logits_match_full_precision(tiny_models, family):
+    from accelerated.hf import uninstall
+    model, ids = tiny_models[family]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(ids).logits.double(), -1)[0]
+    try:
+        kl8 = float((ref.exp() * (ref - _streamed_logprobs(model, ids, _config(8)))).sum(-1).mean())
+        kl1 = float((ref.exp() * (ref - _streamed_logprobs(
+            model, ids, _config(1, residual_length=0, preserve="none")))).sum(-1).mean())
+    finally:
+        uninstall(model)
+    print(f"{family}: mean KL 8-bit {kl8:.3g}, 1-bit without residual {kl1:.3g} (bound {KL_8BIT})")
+    assert kl8 <= KL_8BIT, f"{family}: 8-bit mean KL {kl8:.3g} > {KL_8BIT} (docs/13 §13.6)"
+    assert kl1 > KL_8BIT, (f"{family}: negative control: 1-bit keys/values without residual give KL "
+                           f"{kl1:.3g} <= {KL_8BIT}, so the KL check would not see a broken cache")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("bits,bound", [(4, PPL_RATIO_4BIT), (2, PPL_RATIO_2BIT)])
+def test_low_bit_perplexity_within_bounds(tiny_models, family, bits, bound):
+    from accelerated import evaluate as ev
+    model, ids = tiny_models[family]
+    fp = ev.perplexity_full_precision(model, ids, seq_len=TOKENS)
+    q = ev.perplexity_streaming(model, ids, _config(bits), chunk=1, seq_len=TOKENS)
+    ratio = q.ppl / fp.ppl
+    print(f"{family} {bits}-bit: perplexity {q.ppl:.4g} vs full precision {fp.ppl:.4g} (x{ratio:.4f})")
+    assert math.isfinite(q.ppl) and q.tokens == fp.tokens == TOKENS - 1
+    assert ratio <= bound, f"{family} {bits}-bit: perplexity x{ratio:.4f} > x{bound} (docs/13 §13.6)"
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_smollm2_kvsink_no_worse_than_pfn_at_2_bits():
+    from accelerated import evaluate as ev
+    from accelerated.models import load_model
+    model, tokenizer = load_model()
+    text, corpus = ev.load_corpus()
+    print(f"corpus: {corpus}")
+    ids = ev.tokenize_corpus(text, tokenizer)
+    base = dict(key_bits=2, value_bits=2, key_group_size=32, value_group_size=32)
+    kvsink = ev.perplexity_fake_quant(model, ids, KVSinkConfig(**base, preserve="kvsink"),
+                                      seq_len=512, max_windows=4, corpus=corpus)
+    n = max(1, max(len(p) for p in kvsink.preserved_positions))
+    pfn = ev.perplexity_fake_quant(model, ids, KVSinkConfig(**base, preserve="pfn", preserve_first_n=n),
+                                   seq_len=512, max_windows=4, corpus=corpus)
+    print(f"2-bit on {corpus}: KVSink ppl {kvsink.ppl:.4f} (preserved per window "
+          f"{[len(p) for p in kvsink.preserved_positions]}), PFN-{n} ppl {pfn.ppl:.4f}")
+    assert kvsink.ppl <= pfn.ppl, (f"KVSink perplexity {kvsink.ppl:.4f} is worse than PFN-{n} "
+                                   f"{pfn.ppl:.4f} at 2 bits on {corpus}")
