@@ -65,6 +65,19 @@ the bytes the cache logically holds, identical to the reference's.
 ``>= nbytes()`` by the spare capacity, the int64 slot positions kept beside
 the coded flags (attention reads them directly) and the preserved counts.
 
+KVQuant-style quantizer (``config.quantizer == "kvquant"``, docs/06-cache.md 6.21)
+---------------------------------------------------------------------------------
+The residual window and the preserved store are the same; the residual also
+keeps each token's rotary position (int32 ``(B, Rcap)``).  A flushed block is
+un-rotated (``accelerated.kvquant.unapply_rope`` with the layer's
+``rope_inv_freq``), quantized with ``accelerated.kvquant.quantize_block_kvquant``
+and kept as a :class:`KVQuantCacheBlock` whose keys and values are
+:class:`PackedKVQuantTensor` (codes packed along ``D``, float32 half-range and
+centre, COO outliers); the codebooks stay in the layer's calibration.
+:meth:`~QuantizedKVCacheLayer.attend` dequantizes the blocks, rotates the keys
+back and attends at full precision (no kernel for the non-uniform grid yet),
+merged with the preserved and residual segments as for the uniform quantizer.
+
 Hot path
 --------
 * :meth:`update`: one copy into the residual buffer (+ one finiteness check).
@@ -83,7 +96,9 @@ Hot path
 
 from __future__ import annotations
 
+import math
 import numbers
+from importlib import import_module
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -93,10 +108,14 @@ from reference.config import KVSinkConfig
 from reference.packing import packed_length
 
 from . import attention as _att
-from .packing import WORD_DTYPE
+from . import kvquant as _kvq
+from .packing import WORD_DTYPE, pack_codes, unpack_codes
 from .quantize import PackedQuantizedTensor, dequantize, quantize_packed
 
-__all__ = ["QuantizedKVCacheLayer", "QuantizedKVCache", "QuantizedBlock"]
+_rkvq = import_module("reference.kvquant")
+
+__all__ = ["QuantizedKVCacheLayer", "QuantizedKVCache", "QuantizedBlock", "KVQuantCacheBlock",
+           "PackedKVQuantTensor"]
 
 _FLUSH_PENDING_MESSAGE = "resolve() the status of tokens before flushing"
 
@@ -136,26 +155,41 @@ class QuantizedKVCacheLayer:
 
     Parameters
     ----------
-    config : KVSinkConfig.  ``config.quantizer`` must be ``"uniform"``.
+    config : KVSinkConfig; ``quantizer`` "uniform" or "kvquant" (docs/06-cache.md 6.21).
     dtype : torch dtype of the full-precision parts (residual, preserved
         store); inputs are converted to it.  Default ``torch.float32``.
     device : device of the state; default: the device of the first
         :meth:`update`'s keys.
+    kvquant_calibration : kvquant only: the layer's ``KVQuantCalibration``
+        (``accelerated.kvquant`` or ``reference.kvquant``); None only for nf with
+        ``outlier_fraction=0`` (``nf_calibration``).
+    rope_inv_freq : kvquant only: float ``(D/2,)`` (``accelerated.kvquant.model_inv_freq``):
+        keys given post-RoPE are un-rotated before quantization and rotated back
+        after; None = keys not rotated.
     """
 
-    def __init__(self, config: KVSinkConfig, *, dtype=torch.float32, device=None):
+    def __init__(self, config: KVSinkConfig, *, dtype=torch.float32, device=None,
+                 kvquant_calibration=None, rope_inv_freq=None):
         if not isinstance(config, KVSinkConfig):
             raise TypeError(f"config must be a KVSinkConfig, got {type(config).__name__}")
-        if config.quantizer != "uniform":
-            raise NotImplementedError(
-                f"config.quantizer={config.quantizer!r}: the streaming cache implements the "
-                "'uniform' quantizer (docs/02-quantization.md); see docs/08-kvquant.md")
         self.config = config
         self.dtype = _check_dtype(dtype)
         self._device_arg = None if device is None else torch.device(device)
         self.device = self._device_arg
         self.block = config.token_block
         self.symmetric = config.scheme == "symmetric"
+        self.kvquant = config.quantizer == "kvquant"
+        if self.kvquant:
+            _rkvq._check_kvquant_config(config)
+            self._calibration_arg = _check_kvquant_calibration(kvquant_calibration, config)
+            self._inv_freq_arg = _check_rope_inv_freq(rope_inv_freq)
+        else:
+            for name, arg in (("kvquant_calibration", kvquant_calibration),
+                              ("rope_inv_freq", rope_inv_freq)):
+                if arg is not None:
+                    raise ValueError(f"{name} is only used by quantizer='kvquant' (the config has "
+                                     f"quantizer={config.quantizer!r}); leave it None")
+            self._calibration_arg = self._inv_freq_arg = None
         self._clear()
 
     # ------------------------------------------------------------------ state
@@ -187,6 +221,11 @@ class QuantizedKVCacheLayer:
         self._rk = self._rv = None  # (B, H, rcap, D)
         self._rvalid = None         # bool (B, rcap)
         self._rpres = None          # bool (B, rcap)
+        # kvquant: residual rotary positions, the blocks, the calibration and inv_freq on the device
+        self._rrope = None          # int32 (B, rcap)
+        self._kvq_blocks: List["KVQuantCacheBlock"] = []
+        self.kvquant_calibration = None
+        self.rope_inv_freq = None
 
     # ------------------------------------------------------------------ properties
 
@@ -286,6 +325,30 @@ class QuantizedKVCacheLayer:
         self._pk = torch.zeros((b, h, 1, d), dtype=dt, device=dev)
         self._pv = torch.zeros((b, h, 1, d), dtype=dt, device=dev)
         self._ppos = torch.full((b, 1), -1, dtype=torch.int64, device=dev)
+        if self.kvquant:
+            cal = self._calibration_arg
+            if cal is None:
+                cal = _kvq.nf_calibration(self.config, h, d, dev)
+            elif not isinstance(cal, _kvq.KVQuantCalibration):
+                cal = _kvq.KVQuantCalibration.from_reference(cal, dev)
+            else:
+                cal = _kvq.KVQuantCalibration.from_reference(cal.to_reference(), dev)
+            self.kvquant_calibration = cal
+            if self._inv_freq_arg is not None:
+                self.rope_inv_freq = self._inv_freq_arg.to(dev)
+
+    def _check_kvquant_dims(self, h: int, d: int) -> None:
+        """kvquant: the calibration and ``rope_inv_freq`` must fit ``H``, ``D`` (before any change)."""
+        cal = self._calibration_arg
+        if cal is not None:
+            try:
+                cal.check(self.config, h, d)
+            except ValueError as exc:
+                raise ValueError(f"kvquant_calibration does not fit the keys: {exc}") from None
+        f = self._inv_freq_arg
+        if f is not None and (d % 2 or tuple(f.shape) != (d // 2,)):
+            raise ValueError(f"rope_inv_freq has shape {tuple(f.shape)}; keys with head dimension "
+                             f"D={d} need (D/2,) = ({d // 2},) and D even")
 
     def _stat_cols(self, axis: str, group: int, slots: int) -> Tuple[int, int]:
         """(rows, cols) of the scale buffer for ``slots`` token slots of one side."""
@@ -342,12 +405,16 @@ class QuantizedKVCacheLayer:
         v = torch.zeros((b, h, cap, d), dtype=self.dtype, device=self.device)
         valid = torch.zeros((b, cap), dtype=torch.bool, device=self.device)
         pres = torch.zeros((b, cap), dtype=torch.bool, device=self.device)
+        rope = torch.zeros((b, cap), dtype=torch.int32, device=self.device) if self.kvquant else None
         if self._rk is not None and hi > lo:
             k[:, :, :self._rlen].copy_(self._rk[:, :, lo:hi])
             v[:, :, :self._rlen].copy_(self._rv[:, :, lo:hi])
             valid[:, :self._rlen].copy_(self._rvalid[:, lo:hi])
             pres[:, :self._rlen].copy_(self._rpres[:, lo:hi])
+            if rope is not None:
+                rope[:, :self._rlen].copy_(self._rrope[:, lo:hi])
         self._rk, self._rv, self._rvalid, self._rpres = k, v, valid, pres
+        self._rrope = rope
         self._rcap, self._roff = cap, 0
 
     def _ensure_residual_room(self, n: int) -> None:
@@ -376,36 +443,74 @@ class QuantizedKVCacheLayer:
 
     # ------------------------------------------------------------------ 6.1 update
 
-    def update(self, keys, values, valid=None) -> None:
+    def update(self, keys, values, valid=None, rope_positions=None) -> None:
         """Append ``n`` tokens to the residual window, status pending (definition 6.1).
 
         Parameters
         ----------
         keys, values : float ``(B, H, n, D)`` torch tensors, finite; converted to
             the storage dtype and moved to the cache's device.  ``B``, ``H``,
-            ``D`` must match earlier updates.
+            ``D`` must match earlier updates.  kvquant with ``rope_inv_freq``:
+            the keys are post-RoPE.
         valid : None (all valid) or bool ``(B, n)``; ``False`` = padding.
+        rope_positions : kvquant only: None (the slot positions) or int ``(B, n)``,
+            each token's rotary position, in ``[0, 2**24)`` at valid tokens
+            (stored as 0 at padding) (docs/06-cache.md 6.21).
 
         The tokens take positions ``seq_length .. seq_length + n - 1``.
         """
+        if not self.kvquant and rope_positions is not None:
+            raise ValueError("rope_positions is only used by quantizer='kvquant' (the config has "
+                             f"quantizer={self.config.quantizer!r}); leave it None")
         keys, values = self._check_kv(keys, values)
         b, h, n, d = keys.shape
         if valid is None:
             valid = torch.ones((b, n), dtype=torch.bool, device=self.device)
         else:
             valid = self._check_mask("valid", valid, (b, n))
+        if self.kvquant:
+            rope = self._check_rope_positions(rope_positions, valid)
+            self._check_kvquant_dims(h, d)
         if self._shape is None:
             self._allocate(b, h, d)
         if n == 0:
             return
         self._ensure_residual_room(n)
         lo = self._roff + self._rlen
+        if self.kvquant:
+            self._rrope[:, lo:lo + n].copy_(rope)
         self._rk[:, :, lo:lo + n].copy_(keys)
         self._rv[:, :, lo:lo + n].copy_(values)
         self._rvalid[:, lo:lo + n].copy_(valid)
         self._rpres[:, lo:lo + n].zero_()
         self._rlen += n
         self._npending += n
+
+    def _check_rope_positions(self, rope_positions, valid: torch.Tensor) -> torch.Tensor:
+        """int32 ``(B, n)`` rotary positions of new tokens (0 at padding), as the reference."""
+        b, n = valid.shape
+        first = self.seq_length
+        if rope_positions is None:
+            if n and first + n - 1 >= _rkvq.MAX_POSITION:
+                raise ValueError(f"rope_positions: slot positions reach {first + n - 1} >= 2**24; "
+                                 "pass rope_positions")
+            pos = torch.arange(first, first + n, dtype=torch.int64, device=self.device).expand(b, n)
+        else:
+            if isinstance(rope_positions, np.ndarray):
+                rope_positions = torch.from_numpy(rope_positions)
+            if not isinstance(rope_positions, torch.Tensor) or rope_positions.dtype not in _INDEX_DTYPES:
+                raise TypeError(f"rope_positions must be an integer tensor (B, n), got "
+                                f"{getattr(rope_positions, 'dtype', type(rope_positions).__name__)}")
+            if tuple(rope_positions.shape) != (b, n):
+                raise ValueError(f"rope_positions must have shape (B, n) = {(b, n)}, got "
+                                 f"{tuple(rope_positions.shape)}")
+            pos = rope_positions.to(device=self.device, dtype=torch.int64)
+            bad = valid & ((pos < 0) | (pos >= _rkvq.MAX_POSITION))
+            if n and bool(bad.any()):
+                i = tuple(int(j) for j in bad.nonzero()[0])
+                raise ValueError(f"rope_positions must lie in [0, 2**24) at valid tokens; got "
+                                 f"{int(pos[i])} at (row, token) {i}")
+        return torch.where(valid, pos, torch.zeros((), dtype=torch.int64, device=self.device)).to(torch.int32)
 
     # ------------------------------------------------------------------ 6.2 resolve
 
@@ -476,11 +581,16 @@ class QuantizedKVCacheLayer:
             rank = torch.cumsum(flags, dim=1) + self._pcount[:, None]
             flags = flags & (rank <= c.max_preserved)
         coded = valid & ~flags
-        exclude = (~coded)[:, None, :].expand(b, h, m)
-        pk = quantize_packed(k, c.key_bits, c.key_group_size, c.key_axis,
-                             symmetric=self.symmetric, exclude=exclude)
-        pv = quantize_packed(v, c.value_bits, c.value_group_size, c.value_axis,
-                             symmetric=self.symmetric, exclude=exclude)
+        if self.kvquant:
+            # one block at a time (definition 6.21); before the preserved store changes nothing
+            new_blocks = [self._quantize_kvquant_block(lo + j, coded[:, j:j + blk], self._rstart + j)
+                          for j in range(0, m, blk)]
+        else:
+            exclude = (~coded)[:, None, :].expand(b, h, m)
+            pk = quantize_packed(k, c.key_bits, c.key_group_size, c.key_axis,
+                                 symmetric=self.symmetric, exclude=exclude)
+            pv = quantize_packed(v, c.value_bits, c.value_group_size, c.value_axis,
+                                 symmetric=self.symmetric, exclude=exclude)
         positions = torch.arange(self._rstart, self._rstart + m, dtype=torch.int64, device=self.device)
         # preserved store; the one device->host sync of a flush: (largest count, tokens admitted)
         n_new = flags.sum(dim=1)
@@ -498,6 +608,17 @@ class QuantizedKVCacheLayer:
             self._pcount = new_count
             self._pused = max(self._pused, need)
         # quantized store
+        if self.kvquant:
+            self._kvq_blocks.extend(new_blocks)
+            self._block_starts.extend(range(self._rstart, self._rstart + m, blk))
+            self._block_slots.extend([blk] * (m // blk))
+            self._nq += m
+            self._roff += m
+            self._rlen -= m
+            self._rstart += m
+            if self._rcap > 2 * self._residual_target(0):
+                self._relocate_residual(self._residual_target(0))
+            return m // blk
         q0 = self._nq
         self._ensure_quantized_capacity(q0 + m)
         self._kw[:, :, q0:q0 + m].copy_(pk.words)
@@ -520,6 +641,23 @@ class QuantizedKVCacheLayer:
         if self._rcap > 2 * self._residual_target(0):
             self._relocate_residual(self._residual_target(0))
         return m // blk
+
+    def _quantize_kvquant_block(self, lo: int, coded: torch.Tensor, start: int) -> "KVQuantCacheBlock":
+        """The block of residual buffer slots ``[lo, lo + blk)`` (definition 6.21)."""
+        blk = self.block
+        k = self._rk[:, :, lo:lo + blk]
+        v = self._rv[:, :, lo:lo + blk]
+        rope = self._rrope[:, lo:lo + blk].clone()
+        if self.rope_inv_freq is None:
+            pre = k.to(_F32)
+        else:
+            pre = _kvq.unapply_rope(k, rope[:, None, :], self.rope_inv_freq)
+        block = _kvq.quantize_block_kvquant(pre, v, self.kvquant_calibration, self.config,
+                                            exclude=~coded)
+        return KVQuantCacheBlock(start=start, num_slots=blk, coded=coded.clone(), rope_positions=rope,
+                                 keys=PackedKVQuantTensor.pack(block.keys),
+                                 values=PackedKVQuantTensor.pack(block.values),
+                                 inv_freq=self.rope_inv_freq)
 
     # ------------------------------------------------------------------ 6.14 crop
 
@@ -551,6 +689,10 @@ class QuantizedKVCacheLayer:
         del self._block_slots[kept:]
         if kept:
             self._block_slots[-1] = min(self._block_slots[-1], max_length - self._block_starts[-1])
+        if self.kvquant:
+            del self._kvq_blocks[kept:]
+            if kept:
+                self._kvq_blocks[-1] = self._kvq_blocks[-1].with_slots(self._block_slots[-1])
         self._nq = kept * self.block
         if self._qpos is not None:
             self._qpos[:, self._nq:] = -1
@@ -576,10 +718,11 @@ class QuantizedKVCacheLayer:
     def _take_rows(self, idx: torch.Tensor) -> None:
         """Gather every per-row tensor along the batch axis with ``idx`` (int64 on the device)."""
         for name in ("_kw", "_ks", "_kz", "_vw", "_vs", "_vz", "_qpos", "_qcoded", "_pk", "_pv", "_ppos",
-                     "_pcount", "_rk", "_rv", "_rvalid", "_rpres"):
+                     "_pcount", "_rk", "_rv", "_rvalid", "_rpres", "_rrope"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.index_select(0, idx))
+        self._kvq_blocks = [blk.take_rows(idx) for blk in self._kvq_blocks]
         self._shape = (int(idx.shape[0]),) + self._shape[1:]
         self._pused = int(self._pcount.max()) if self._pused else 0
 
@@ -653,6 +796,10 @@ class QuantizedKVCacheLayer:
 
     def _slot_positions(self) -> torch.Tensor:
         """int64 ``(B, nq)``: position of every buffer slot of the quantized store, -1 = empty."""
+        if self.kvquant:
+            if not self._kvq_blocks:
+                return torch.zeros((self._shape[0], 0), dtype=torch.int64, device=self.device)
+            return torch.cat([blk.positions() for blk in self._kvq_blocks], dim=1)
         if self._qpos is None:
             return torch.zeros((self._shape[0], 0), dtype=torch.int64, device=self.device)
         return self._qpos[:, :self._nq]
@@ -668,6 +815,8 @@ class QuantizedKVCacheLayer:
         """
         if self._shape is None:
             return []
+        if self.kvquant:
+            return list(self._kvq_blocks)
         out = []
         for j, (start, k) in enumerate(zip(self._block_starts, self._block_slots)):
             t0 = j * self.block
@@ -683,16 +832,24 @@ class QuantizedKVCacheLayer:
 
         ``Tbuf = len(blocks) * token_block`` buffer slots (a cropped block keeps
         its ``blk`` codes); :attr:`quantized_slot_positions` gives each slot's
-        position (-1 = empty).  This is what :meth:`attend` reads.
+        position (-1 = empty).  This is what :meth:`attend` reads.  Uniform
+        quantizer only (kvquant: :attr:`blocks`).
         """
         self._require_data()
+        self._require_uniform("quantized_keys")
         return self._side("k", 0, self._nq)
 
     @property
     def quantized_values(self) -> PackedQuantizedTensor:
         """As :attr:`quantized_keys`, for the values."""
         self._require_data()
+        self._require_uniform("quantized_values")
         return self._side("v", 0, self._nq)
+
+    def _require_uniform(self, what: str) -> None:
+        if self.kvquant:
+            raise AttributeError(f"{what}: the kvquant store is a list of blocks (.blocks), not "
+                                 "packed uniform buffers")
 
     @property
     def quantized_slot_positions(self) -> torch.Tensor:
@@ -717,6 +874,24 @@ class QuantizedKVCacheLayer:
         self._require_data()
         lo, hi = self._roff, self._roff + self._rlen
         return self._rk[:, :, lo:hi], self._rv[:, :, lo:hi], self._rvalid[:, lo:hi], self._rpres[:, lo:hi]
+
+    @property
+    def residual_rope_positions(self) -> torch.Tensor:
+        """kvquant: int32 ``(B, r)``, the residual tokens' rotary positions (0 at padding)."""
+        self._require_data()
+        if not self.kvquant:
+            raise AttributeError("residual_rope_positions: only the kvquant quantizer stores "
+                                 "rotary positions")
+        return self._rrope[:, self._roff:self._roff + self._rlen]
+
+    def _dequantized_kvquant(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """kvquant: float32 keys (RoPE re-applied) and values of every code slot, ``(B, H, Q, D)``."""
+        b, h, d = self._shape
+        if not self._kvq_blocks:
+            z = torch.zeros((b, h, 0, d), dtype=_F32, device=self.device)
+            return z, z.clone()
+        parts = [blk.dequantize() for blk in self._kvq_blocks]
+        return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
 
     def _residual_positions(self) -> torch.Tensor:
         lo, hi = self._roff, self._roff + self._rlen
@@ -746,8 +921,11 @@ class QuantizedKVCacheLayer:
         """
         if self._shape is None:
             return []
-        keys = dequantize(self._side("k", 0, self._nq))
-        values = dequantize(self._side("v", 0, self._nq))
+        if self.kvquant:
+            keys, values = self._dequantized_kvquant()
+        else:
+            keys = dequantize(self._side("k", 0, self._nq))
+            values = dequantize(self._side("v", 0, self._nq))
         pos = self._slot_positions()
         ppos, pk, pv = self.preserved
         rk, rv, _, _ = self.residual
@@ -784,12 +962,16 @@ class QuantizedKVCacheLayer:
             raise ValueError(f"query must have shape (B={b}, Hq, Tq, D={d}), got {tuple(query.shape)}")
         # the finiteness of the query is checked once: by quantized_segment_attention when
         # there is a quantized part, here otherwise (each check is a device->host sync)
-        q = _att._float_tensor("query", query.to(self.device), 4, check_finite=self._nq == 0)
+        q = _att._float_tensor("query", query.to(self.device), 4,
+                               check_finite=self._nq == 0 or self.kvquant)
         _att._check_heads(q.shape[1], h)
         qp = _att._int_tensor("query_positions", query_positions, (b, q.shape[2]), self.device)
         sc = _att._check_scale(scale, d)
         parts = []
-        if self._nq:
+        if self._nq and self.kvquant:
+            kq, vq = self._dequantized_kvquant()
+            parts.append(_att._partial(q, kq, vq, qp, self._slot_positions(), None, sc, block_size))
+        elif self._nq:
             # The Triton kernel reads contiguous (B, H, T, W) words: hand it the whole buffers
             # (contiguous; slots beyond the used ones have position -1 and are masked) rather
             # than the used prefix, a strided view it would copy on every call.
@@ -829,6 +1011,12 @@ class QuantizedKVCacheLayer:
         b, h, d = self._shape
         c = self.config
         esize = torch.empty((), dtype=self.dtype).element_size()
+        p, r = self._pused, self._rlen
+        if self.kvquant:                      # definition 6.22
+            total = sum(blk.nbytes for blk in self._kvq_blocks)
+            total += 2 * b * h * p * d * esize + 8 * b * p
+            total += 2 * b * h * r * d * esize + b * r + b * r + 4 * b * r
+            return int(total + self.kvquant_calibration.nbytes)
         nb = len(self._block_starts)
         slots = nb * self.block                                   # codes held (cropped blocks keep theirs)
         total = 0
@@ -838,7 +1026,6 @@ class QuantizedKVCacheLayer:
             rows, cols = self._stat_cols(axis, group, slots)
             total += 4 * b * h * rows * cols * (1 if self.symmetric else 2)
         total += b * slots                                        # coded flags (B * blk per block)
-        p, r = self._pused, self._rlen
         total += 2 * b * h * p * d * esize + 8 * b * p
         total += 2 * b * h * r * d * esize + b * r + b * r
         return int(total)
@@ -856,12 +1043,169 @@ class QuantizedKVCacheLayer:
 
     def _tensors(self) -> List[torch.Tensor]:
         """Every tensor the layer holds (memory accounting, tests)."""
-        return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+        out = [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+        for blk in self._kvq_blocks:
+            out += blk.tensors()
+        if self.kvquant_calibration is not None:
+            cal = self.kvquant_calibration
+            out += [cal.key_lower, cal.key_upper]
+            if cal.datatype == "kmeans":
+                out += [cal.key_levels, cal.value_levels]
+        return out
 
     def __repr__(self) -> str:
         return (f"QuantizedKVCacheLayer(dims={self._shape}, quantized={self.num_quantized}, "
                 f"blocks={len(self._block_starts)}, preserved={self._pused}, "
                 f"residual={self._rlen}, pending={self._npending}, device={self.device}, dtype={self.dtype})")
+
+
+def _check_kvquant_calibration(calibration, config: KVSinkConfig):
+    """A ``KVQuantCalibration`` (torch twin or reference), or None for nf with p = 0."""
+    if calibration is None:
+        if config.kvquant_datatype != "nf" or config.outlier_fraction != 0:
+            raise ValueError(
+                "kvquant_calibration is required for quantizer='kvquant' unless "
+                "kvquant_datatype='nf' and outlier_fraction=0 (got "
+                f"kvquant_datatype={config.kvquant_datatype!r}, outlier_fraction="
+                f"{config.outlier_fraction}); make one with accelerated.kvquant.calibrate_kvquant_layers")
+        return None
+    if not isinstance(calibration, _rkvq.KVQuantCalibration):
+        raise TypeError(f"kvquant_calibration must be a KVQuantCalibration (accelerated.kvquant or "
+                        f"reference.kvquant), got {type(calibration).__name__}")
+    calibration.check(config, *tuple(calibration.key_lower.shape))
+    return calibration
+
+
+def _check_rope_inv_freq(inv_freq) -> Optional[torch.Tensor]:
+    if inv_freq is None:
+        return None
+    if isinstance(inv_freq, np.ndarray):
+        inv_freq = torch.from_numpy(np.ascontiguousarray(inv_freq))
+    if not isinstance(inv_freq, torch.Tensor) or not inv_freq.dtype.is_floating_point:
+        raise TypeError(f"rope_inv_freq must be a float tensor (D/2,), got "
+                        f"{getattr(inv_freq, 'dtype', type(inv_freq).__name__)}")
+    if inv_freq.dim() != 1 or inv_freq.shape[0] < 1:
+        raise ValueError(f"rope_inv_freq must have shape (D/2,), got {tuple(inv_freq.shape)}")
+    if not bool(torch.isfinite(inv_freq).all()):
+        raise ValueError("rope_inv_freq contains NaN or Inf")
+    return inv_freq.detach().to(_F32)
+
+
+def _take_rows_outliers(index: torch.Tensor, value: torch.Tensor, per_row: int, idx: torch.Tensor):
+    """COO outliers of ``(B, ...)`` re-numbered for rows ``idx`` (row ``i`` = old row ``idx[i]``)."""
+    old_row = index.to(torch.int64) // per_row
+    rest = index.to(torch.int64) % per_row
+    sel = old_row[None, :] == idx[:, None]                     # (B', K)
+    new_row, k = sel.nonzero(as_tuple=True)                    # row-major: ascending new index
+    return (new_row * per_row + rest[k]).to(torch.int32), value[k]
+
+
+class PackedKVQuantTensor:
+    """A :class:`accelerated.kvquant.KVQuantTensor` as the cache stores it: codes packed along ``D``.
+
+    Fields as ``KVQuantTensor`` with ``words`` (int32 bit patterns, ``(B, H, n,
+    packed_length(D, bits))``) instead of ``codes``.  ``nbytes`` is definition 8.7
+    (the same as ``KVQuantTensor.nbytes``).
+    """
+
+    __slots__ = ("words", "scale", "centre", "levels", "outlier_index", "outlier_value", "bits",
+                 "group_size", "axis", "shape")
+
+    def __init__(self, words, scale, centre, levels, outlier_index, outlier_value, bits, group_size,
+                 axis, shape):
+        self.words, self.scale, self.centre, self.levels = words, scale, centre, levels
+        self.outlier_index, self.outlier_value = outlier_index, outlier_value
+        self.bits, self.group_size, self.axis, self.shape = bits, group_size, axis, tuple(shape)
+
+    @classmethod
+    def pack(cls, qt) -> "PackedKVQuantTensor":
+        return cls(pack_codes(qt.codes, qt.bits, validate=False), qt.scale, qt.centre, qt.levels,
+                   qt.outlier_index, qt.outlier_value, qt.bits, qt.group_size, qt.axis, qt.shape)
+
+    def unpack(self):
+        """The ``accelerated.kvquant.KVQuantTensor`` (unpacked uint8 codes)."""
+        codes = unpack_codes(self.words, self.bits, self.shape[-1], validate=False)
+        return _kvq.KVQuantTensor(codes=codes, scale=self.scale, centre=self.centre, levels=self.levels,
+                                  outlier_index=self.outlier_index, outlier_value=self.outlier_value,
+                                  bits=self.bits, group_size=self.group_size, axis=self.axis,
+                                  shape=self.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        return _kvq.dequantize_nonuniform(self.unpack())
+
+    def take_rows(self, idx: torch.Tensor) -> "PackedKVQuantTensor":
+        per_row = math.prod(self.shape[1:])
+        oi, ov = _take_rows_outliers(self.outlier_index, self.outlier_value, per_row, idx)
+        return PackedKVQuantTensor(self.words.index_select(0, idx), self.scale.index_select(0, idx),
+                                   self.centre.index_select(0, idx), self.levels, oi, ov, self.bits,
+                                   self.group_size, self.axis, (int(idx.shape[0]),) + self.shape[1:])
+
+    @property
+    def num_outliers(self) -> int:
+        return int(self.outlier_index.numel())
+
+    @property
+    def nbytes(self) -> int:
+        """``4 * words + 4 * scale + 4 * centre + K * (4 + itemsize of outlier values)`` (8.7)."""
+        return int(4 * self.words.numel() + 4 * (self.scale.numel() + self.centre.numel())
+                   + self.num_outliers * (4 + self.outlier_value.element_size()))
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [self.words, self.scale, self.centre, self.outlier_index, self.outlier_value]
+
+
+class KVQuantCacheBlock:
+    """One flushed block with ``quantizer="kvquant"`` (docs/06-cache.md 6.21; twin of the reference's).
+
+    ``start``, ``num_slots``, ``coded`` bool ``(B, n)`` as :class:`QuantizedBlock`;
+    ``rope_positions`` int32 ``(B, n)``; ``keys`` (pre-RoPE) and ``values``
+    :class:`PackedKVQuantTensor` ``(B, H, n, D)``; ``inv_freq`` float32 ``(D/2,)`` or None.
+    """
+
+    __slots__ = ("start", "num_slots", "coded", "rope_positions", "keys", "values", "inv_freq")
+
+    def __init__(self, start, num_slots, coded, rope_positions, keys, values, inv_freq):
+        self.start, self.num_slots, self.coded, self.rope_positions = start, num_slots, coded, rope_positions
+        self.keys, self.values, self.inv_freq = keys, values, inv_freq
+
+    @property
+    def num_codes(self) -> int:
+        return int(self.coded.shape[1])
+
+    def positions(self) -> torch.Tensor:
+        """int64 ``(B, n)``: ``start + j`` at live slots, ``-1`` at the others."""
+        j = torch.arange(self.num_codes, dtype=torch.int64, device=self.coded.device)
+        live = self.coded & (j < self.num_slots)
+        return torch.where(live, self.start + j, torch.full_like(j, -1))
+
+    def dequantize(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """float32 keys (RoPE re-applied with ``rope_positions``) and values ``(B, H, n, D)``."""
+        kh, vh = self.keys.dequantize(), self.values.dequantize()
+        if self.inv_freq is not None:
+            kh = _kvq.apply_rope(kh, self.rope_positions[:, None, :], self.inv_freq)
+        return kh, vh
+
+    def with_slots(self, num_slots: int) -> "KVQuantCacheBlock":
+        return KVQuantCacheBlock(self.start, num_slots, self.coded, self.rope_positions, self.keys,
+                                 self.values, self.inv_freq)
+
+    def take_rows(self, idx: torch.Tensor) -> "KVQuantCacheBlock":
+        return KVQuantCacheBlock(self.start, self.num_slots, self.coded.index_select(0, idx),
+                                 self.rope_positions.index_select(0, idx), self.keys.take_rows(idx),
+                                 self.values.take_rows(idx), self.inv_freq)
+
+    @property
+    def nbytes(self) -> int:
+        """``keys.nbytes + values.nbytes`` (8.7) ``+ B*n`` (coded) ``+ 4*B*n`` (rotary positions)."""
+        return int(self.keys.nbytes + self.values.nbytes + self.coded.numel()
+                   + 4 * self.rope_positions.numel())
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [self.coded, self.rope_positions] + self.keys.tensors() + self.values.tensors()
+
+    def __repr__(self) -> str:
+        return (f"KVQuantCacheBlock(start={self.start}, num_slots={self.num_slots}, "
+                f"num_codes={self.num_codes})")
 
 
 class QuantizedBlock:
@@ -902,13 +1246,21 @@ class QuantizedKVCache:
     ``select_batch`` and ``reset`` apply to every layer; ``nbytes`` is the sum.
     """
 
-    def __init__(self, config: KVSinkConfig, num_layers: int, *, dtype=torch.float32, device=None):
+    def __init__(self, config: KVSinkConfig, num_layers: int, *, dtype=torch.float32, device=None,
+                 kvquant_calibration=None, rope_inv_freq=None):
         if isinstance(num_layers, (bool, np.bool_)) or not isinstance(num_layers, numbers.Integral) \
                 or num_layers < 1:
             raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
         self.config = config
-        self.layers = [QuantizedKVCacheLayer(config, dtype=dtype, device=device)
-                       for _ in range(int(num_layers))]
+        if kvquant_calibration is None:
+            cals = [None] * int(num_layers)
+        else:
+            cals = list(kvquant_calibration)
+            if len(cals) != num_layers:
+                raise ValueError(f"kvquant_calibration must hold one KVQuantCalibration per layer "
+                                 f"({num_layers}), got {len(cals)}")
+        self.layers = [QuantizedKVCacheLayer(config, dtype=dtype, device=device, kvquant_calibration=cal,
+                                             rope_inv_freq=rope_inv_freq) for cal in cals]
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -922,9 +1274,9 @@ class QuantizedKVCache:
             raise ValueError(f"layer_idx must be an int in [0, {len(self.layers)}), got {layer_idx!r}")
         return int(layer_idx)
 
-    def update(self, layer_idx: int, keys, values, valid=None) -> None:
+    def update(self, layer_idx: int, keys, values, valid=None, rope_positions=None) -> None:
         """:meth:`QuantizedKVCacheLayer.update` of layer ``layer_idx``."""
-        self.layers[self._check_layer(layer_idx)].update(keys, values, valid)
+        self.layers[self._check_layer(layer_idx)].update(keys, values, valid, rope_positions)
 
     def resolve(self, preserve) -> None:
         """Resolve the pending tokens of every layer with the same ``preserve`` (B, n_pending).

@@ -31,6 +31,7 @@ the first :meth:`~QuantizedKVCacheLayer.update`; ``n`` tokens of one update;
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -39,6 +40,9 @@ import numpy as np
 
 from .attention import split_attention
 from .config import KVSinkConfig
+from .kvquant import (MAX_POSITION, KVQuantBlock, KVQuantCalibration, KVQuantTensor, apply_rope,
+                      dequantize_block_kvquant, nf_calibration, quantize_block_kvquant, unapply_rope)
+from .kvquant import _check_kvquant_config
 from .preserve import cap_preserved
 from .quantize import QuantizedTensor, dequantize, quantize
 
@@ -46,9 +50,11 @@ __all__ = [
     "STORAGE_DTYPES",
     "PackedQuantized",
     "QuantizedBlock",
+    "KVQuantCacheBlock",
     "QuantizedKVCacheLayer",
     "QuantizedKVCache",
     "quantize_block",
+    "quantize_block_kvquant_cache",
     "admit_preserved",
     "flushed_length",
     "quantize_sequence",
@@ -122,6 +128,67 @@ def _check_index(name: str, idx, batch: int, length: Optional[int]) -> np.ndarra
 
 def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_kvquant_calibration(calibration, config: KVSinkConfig):
+    """The layer's ``KVQuantCalibration`` (reference arrays), or None (nf with p = 0: made at the
+    first update by ``nf_calibration``, docs/08-kvquant.md definition 8.9)."""
+    if calibration is None:
+        if config.kvquant_datatype != "nf" or config.outlier_fraction != 0:
+            raise ValueError(
+                "kvquant_calibration is required for quantizer='kvquant' unless "
+                "kvquant_datatype='nf' and outlier_fraction=0 (got "
+                f"kvquant_datatype={config.kvquant_datatype!r}, outlier_fraction="
+                f"{config.outlier_fraction}); make one with reference.kvquant.calibrate_kvquant")
+        return None
+    if not isinstance(calibration, KVQuantCalibration):
+        raise TypeError(f"kvquant_calibration must be a reference.kvquant.KVQuantCalibration, got "
+                        f"{type(calibration).__name__}")
+    if hasattr(calibration, "to_reference"):       # the torch twin (a subclass): numpy arrays
+        calibration = calibration.to_reference()
+    calibration.check(config, *np.shape(calibration.key_lower))
+    return calibration
+
+
+def _check_rope_inv_freq(inv_freq) -> Optional[np.ndarray]:
+    if inv_freq is None:
+        return None
+    f = np.asarray(inv_freq)
+    if f.dtype == np.bool_ or f.dtype.kind != "f":
+        raise TypeError(f"rope_inv_freq must be a float array (D/2,), got dtype {f.dtype}")
+    if f.ndim != 1 or f.shape[0] < 1:
+        raise ValueError(f"rope_inv_freq must have shape (D/2,), got {f.shape}")
+    if not np.all(np.isfinite(f)):
+        raise ValueError("rope_inv_freq contains NaN or Inf")
+    return f.astype(np.float32)
+
+
+def _check_rope_positions(rope_positions, valid: np.ndarray, first: int) -> np.ndarray:
+    """int32 ``(B, n)`` rotary positions of new tokens: ``first + j`` if None; 0 at padding.
+
+    Valid tokens need positions in ``[0, 2**24)`` (exact in float32, docs/08 definition 8.1);
+    padding slots may hold anything (transformers gives them 1, others -1): they are never
+    rotated as data, and are stored as 0.
+    """
+    b, n = valid.shape
+    if rope_positions is None:
+        pos = np.broadcast_to(first + np.arange(n, dtype=np.int64), (b, n))
+        if n and first + n - 1 >= MAX_POSITION:
+            raise ValueError(f"rope_positions: slot positions reach {first + n - 1} >= 2**24; "
+                             "pass rope_positions")
+    else:
+        pos = np.asarray(rope_positions)
+        if pos.dtype == np.bool_ or pos.dtype.kind not in "ui":
+            raise TypeError(f"rope_positions must be an integer array (B, n), got dtype {pos.dtype}")
+        if pos.shape != (b, n):
+            raise ValueError(f"rope_positions must have shape (B, n) = {(b, n)}, got {pos.shape}")
+        pos = pos.astype(np.int64)
+        bad = valid & ((pos < 0) | (pos >= MAX_POSITION))
+        if np.any(bad):
+            i = tuple(np.argwhere(bad)[0])
+            raise ValueError(f"rope_positions must lie in [0, 2**24) at valid tokens; got {pos[i]} "
+                             f"at (row, token) {i}")
+    return np.where(valid, pos, 0).astype(np.int32)
 
 
 # --------------------------------------------------------------------------
@@ -237,6 +304,126 @@ class QuantizedBlock:
 
 
 # --------------------------------------------------------------------------
+# Definition 6.21: a block of the kvquant quantizer (docs/08-kvquant.md)
+# --------------------------------------------------------------------------
+
+def _kvquant_take_rows(qt: KVQuantTensor, rows: np.ndarray) -> KVQuantTensor:
+    """``qt`` restricted to batch rows ``rows`` (repeats allowed), outlier indices re-numbered.
+
+    The sparse part holds ascending flat C-order indices into ``(B, H, T, D)``;
+    row ``i`` of the result is old row ``rows[i]``, so an outlier at
+    ``(rows[i], rest)`` moves to ``i * H*T*D + rest``, still ascending.
+    """
+    per_row = int(np.prod(qt.shape[1:]))
+    old_row = qt.outlier_index.astype(np.int64) // per_row
+    rest = qt.outlier_index.astype(np.int64) % per_row
+    index, value = [], []
+    for i, r in enumerate(rows):
+        sel = old_row == r
+        index.append(i * per_row + rest[sel])
+        value.append(qt.outlier_value[sel])
+    return KVQuantTensor(
+        codes=qt.codes[rows], scale=qt.scale[rows], centre=qt.centre[rows], levels=qt.levels,
+        outlier_index=np.concatenate(index).astype(np.int32) if index else qt.outlier_index[:0],
+        outlier_value=np.concatenate(value).astype(qt.outlier_value.dtype) if value
+        else qt.outlier_value[:0],
+        bits=qt.bits, group_size=qt.group_size, axis=qt.axis,
+        shape=(len(rows),) + tuple(qt.shape[1:]))
+
+
+@dataclass(frozen=True, eq=False)
+class KVQuantCacheBlock:
+    """One flushed block of the quantized store with ``quantizer="kvquant"`` (definition 6.21).
+
+    Attributes
+    ----------
+    start, num_slots, coded : as :class:`QuantizedBlock` (definition 6.5).
+    rope_positions : int32 ``(B, n)``, the rotary position of each slot's token
+        (0 at padding slots); the keys were un-rotated with them and are
+        rotated back with them.
+    block : :class:`reference.kvquant.KVQuantBlock` of the **pre-RoPE** keys and
+        the values, ``(B, H, n, D)``, quantized with ``exclude = ~coded``.
+    inv_freq : float32 ``(D/2,)`` (the layer's ``rope_inv_freq``) or ``None``
+        (keys not rotated).
+    """
+
+    start: int
+    num_slots: int
+    coded: np.ndarray
+    rope_positions: np.ndarray
+    block: KVQuantBlock
+    inv_freq: Optional[np.ndarray]
+
+    @property
+    def keys(self) -> KVQuantTensor:
+        """Pre-RoPE keys, :class:`~reference.kvquant.KVQuantTensor` ``(B, H, n, D)``."""
+        return self.block.keys
+
+    @property
+    def values(self) -> KVQuantTensor:
+        return self.block.values
+
+    @property
+    def num_codes(self) -> int:
+        return int(self.coded.shape[1])
+
+    def positions(self) -> np.ndarray:
+        """int64 ``(B, n)``: ``start + j`` at live slots, ``-1`` at the others."""
+        j = np.arange(self.num_codes, dtype=np.int64)
+        live = self.coded & (j < self.num_slots)[None, :]
+        return np.where(live, self.start + j[None, :], np.int64(-1))
+
+    def dequantize(self) -> Tuple[np.ndarray, np.ndarray]:
+        """float32 keys (RoPE applied again with :attr:`rope_positions`) and values ``(B, H, n, D)``.
+
+        ``k_hat = apply_rope(dequantize_block_kvquant(block)[0], rope_positions[:, None, :], inv_freq)``
+        (docs/08-kvquant.md definition 8.10); excluded slots are placeholders.
+        """
+        kh, vh = dequantize_block_kvquant(self.block)
+        if self.inv_freq is not None:
+            kh = apply_rope(kh, self.rope_positions[:, None, :], self.inv_freq)
+        return kh, vh
+
+    def take_rows(self, rows: np.ndarray) -> "KVQuantCacheBlock":
+        blk = KVQuantBlock(keys=_kvquant_take_rows(self.block.keys, rows),
+                           values=_kvquant_take_rows(self.block.values, rows),
+                           exclude=self.block.exclude[rows])
+        return KVQuantCacheBlock(start=self.start, num_slots=self.num_slots,
+                                 coded=self.coded[rows], rope_positions=self.rope_positions[rows],
+                                 block=blk, inv_freq=self.inv_freq)
+
+    @property
+    def nbytes(self) -> int:
+        """``block.nbytes`` (definition 8.7, keys + values) + ``B * n`` (coded) + ``4 * B * n``
+        (int32 rotary positions)."""
+        return int(self.block.nbytes + self.coded.size + self.rope_positions.nbytes)
+
+
+def quantize_block_kvquant_cache(keys, values, coded, rope_positions, calibration,
+                                 inv_freq, config: KVSinkConfig) -> KVQuantBlock:
+    """Quantize one token block with the kvquant quantizer (definition 6.21).
+
+    ``quantize_block_kvquant(unapply_rope(keys, rope_positions[:, None, :], inv_freq), values,
+    calibration, config, exclude=~coded)`` (docs/08-kvquant.md definition 8.10).
+
+    Parameters
+    ----------
+    keys : ``(B, H, n, D)`` stored (``dtype``) **post-RoPE** keys.
+    values : ``(B, H, n, D)`` stored values.
+    coded : bool ``(B, n)``.
+    rope_positions : int ``(B, n)`` in ``[0, 2**24)``, the tokens' rotary positions.
+    calibration : the layer's ``KVQuantCalibration``.
+    inv_freq : float32 ``(D/2,)`` or ``None`` (keys not rotated: quantized as given).
+    config : ``KVSinkConfig(quantizer="kvquant")``.
+    """
+    if inv_freq is None:
+        pre = keys.astype(np.float32)
+    else:
+        pre = unapply_rope(keys, rope_positions[:, None, :], inv_freq)
+    return quantize_block_kvquant(pre, values, calibration, config, exclude=~coded)
+
+
+# --------------------------------------------------------------------------
 # Definitions 6.7 - 6.9: what one flush step computes
 # --------------------------------------------------------------------------
 
@@ -313,11 +500,22 @@ class QuantizedKVCacheLayer:
     Parameters
     ----------
     config : KVSinkConfig (bits, group sizes, axes, scheme, residual length,
-        cap ``max_preserved``).  Only ``quantizer="uniform"`` is implemented
-        here; ``"kvquant"`` raises ``NotImplementedError`` (docs/08-kvquant.md).
+        cap ``max_preserved``, quantizer).  ``quantizer="uniform"``: blocks
+        are :class:`QuantizedBlock` (definition 6.9); ``"kvquant"``: blocks are
+        :class:`KVQuantCacheBlock` (definition 6.21, docs/08-kvquant.md; needs
+        ``key_axis="channel"``, ``value_axis="token"``).
     dtype : np.float32 or np.float16, storage dtype of the full-precision
         parts (residual and preserved store).  Inputs are cast to it once
         (round to nearest even) by :meth:`update`.
+    kvquant_calibration : kvquant only: the layer's
+        ``reference.kvquant.KVQuantCalibration`` (``calibrate_kvquant``); None
+        only for ``kvquant_datatype="nf"`` with ``outlier_fraction=0`` (then
+        ``nf_calibration(config, H, D)`` is used).
+    rope_inv_freq : kvquant only: float ``(D/2,)``, the model's rotary
+        ``inv_freq`` (``accelerated.kvquant.model_inv_freq``): the keys given
+        to :meth:`update` are post-RoPE, un-rotated before quantization and
+        rotated back after.  None: the keys are not rotated (a model without
+        RoPE, or keys given pre-RoPE) and are quantized as given.
 
     State (read through the properties; treat the arrays as read-only)
     -----
@@ -332,15 +530,25 @@ class QuantizedKVCacheLayer:
         for the last ``num_pending`` tokens, still pending).
     """
 
-    def __init__(self, config: KVSinkConfig, *, dtype=np.float32):
+    def __init__(self, config: KVSinkConfig, *, dtype=np.float32, kvquant_calibration=None,
+                 rope_inv_freq=None):
         if not isinstance(config, KVSinkConfig):
             raise TypeError(f"config must be a KVSinkConfig, got {type(config).__name__}")
-        if config.quantizer != "uniform":
-            raise NotImplementedError(
-                f"config.quantizer={config.quantizer!r}: the reference cache implements the "
-                "'uniform' quantizer (docs/02-quantization.md); see docs/08-kvquant.md")
         self.config = config
         self.dtype = _check_storage_dtype(dtype)
+        self.kvquant = config.quantizer == "kvquant"
+        if self.kvquant:
+            _check_kvquant_config(config)
+            self._calibration_arg = _check_kvquant_calibration(kvquant_calibration, config)
+            self.rope_inv_freq = _check_rope_inv_freq(rope_inv_freq)
+        else:
+            for name, arg in (("kvquant_calibration", kvquant_calibration),
+                              ("rope_inv_freq", rope_inv_freq)):
+                if arg is not None:
+                    raise ValueError(f"{name} is only used by quantizer='kvquant' (the config has "
+                                     f"quantizer={config.quantizer!r}); leave it None")
+            self._calibration_arg = None
+            self.rope_inv_freq = None
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -356,7 +564,11 @@ class QuantizedKVCacheLayer:
         self._res_v = None
         self._res_valid = None          # bool (B, r)
         self._res_preserve = None       # bool (B, r)
+        self._res_rope = None           # int32 (B, r): rotary positions (kvquant only)
         self._pending = 0               # the last `_pending` residual tokens are pending
+        # kvquant: the calibration in use (nf_calibration(config, H, D) made at the first update
+        # when none was given; forgotten with H, D)
+        self.kvquant_calibration = self._calibration_arg
 
     def _allocate(self, b: int, h: int, d: int) -> None:
         self._dims = (b, h, d)
@@ -367,6 +579,10 @@ class QuantizedKVCacheLayer:
         self._res_v = np.zeros((b, h, 0, d), dtype=self.dtype)
         self._res_valid = np.zeros((b, 0), dtype=bool)
         self._res_preserve = np.zeros((b, 0), dtype=bool)
+        if self.kvquant:
+            self._res_rope = np.zeros((b, 0), dtype=np.int32)
+            if self.kvquant_calibration is None:
+                self.kvquant_calibration = nf_calibration(self.config, h, d)
 
     @property
     def batch_size(self) -> Optional[int]:
@@ -413,6 +629,15 @@ class QuantizedKVCacheLayer:
         self._require_data()
         return self._res_k, self._res_v, self._res_valid, self._res_preserve
 
+    @property
+    def residual_rope_positions(self) -> np.ndarray:
+        """kvquant: int32 ``(B, r)``, the residual tokens' rotary positions (0 at padding)."""
+        self._require_data()
+        if not self.kvquant:
+            raise AttributeError("residual_rope_positions: only the kvquant quantizer stores "
+                                 "rotary positions")
+        return self._res_rope
+
     def preserved_positions(self) -> List[np.ndarray]:
         """Per row, the sorted int64 positions of its preserved-store tokens."""
         if self._dims is None:
@@ -424,17 +649,26 @@ class QuantizedKVCacheLayer:
             raise RuntimeError("the cache is empty: call update() first")
 
     # ------------------------------------------------------------------ 6.1 update
-    def update(self, keys, values, valid=None) -> None:
+    def update(self, keys, values, valid=None, rope_positions=None) -> None:
         """Append ``n`` tokens to the residual window, status pending (definition 6.1).
 
         Parameters
         ----------
         keys, values : float ``(B, H, n, D)`` (float16/32/64), finite; cast to
             the storage dtype.  ``B``, ``H``, ``D`` must match earlier updates.
+            With ``quantizer="kvquant"`` the keys are **post-RoPE** (as a model
+            gives them) when the layer has ``rope_inv_freq``.
         valid : None (all valid) or bool ``(B, n)``; ``False`` = padding.
+        rope_positions : kvquant only: None or int ``(B, n)``, the rotary
+            position of each token (definition 6.21); None = the slot
+            positions.  With left padding they differ (transformers counts
+            positions from each row's first real token): pass them.
 
         The tokens take positions ``seq_length .. seq_length + n - 1``.
         """
+        if not self.kvquant and rope_positions is not None:
+            raise ValueError("rope_positions is only used by quantizer='kvquant' (the config has "
+                             f"quantizer={self.config.quantizer!r}); leave it None")
         k = _check_kv("keys", keys, self.dtype)
         v = _check_kv("values", values, self.dtype)
         if k.shape != v.shape:
@@ -452,13 +686,30 @@ class QuantizedKVCacheLayer:
             valid = np.ones((b, n), dtype=bool)
         else:
             valid = _check_mask("valid", valid, (b, n))
+        if self.kvquant:
+            rope = _check_rope_positions(rope_positions, valid, self.seq_length)
+            self._check_kvquant_dims(h, d)
         if self._dims is None:
             self._allocate(b, h, d)
+        if self.kvquant:
+            self._res_rope = np.concatenate([self._res_rope, rope], axis=1)
         self._res_k = np.concatenate([self._res_k, k], axis=2)
         self._res_v = np.concatenate([self._res_v, v], axis=2)
         self._res_valid = np.concatenate([self._res_valid, valid], axis=1)
         self._res_preserve = np.concatenate([self._res_preserve, np.zeros((b, n), bool)], axis=1)
         self._pending += n
+
+    def _check_kvquant_dims(self, h: int, d: int) -> None:
+        """kvquant: the calibration and ``rope_inv_freq`` must fit ``H``, ``D`` (checked before
+        anything changes)."""
+        if self.kvquant_calibration is not None:
+            try:
+                self.kvquant_calibration.check(self.config, h, d)
+            except ValueError as exc:
+                raise ValueError(f"kvquant_calibration does not fit the keys: {exc}") from None
+        if self.rope_inv_freq is not None and (d % 2 or self.rope_inv_freq.shape != (d // 2,)):
+            raise ValueError(f"rope_inv_freq has shape {self.rope_inv_freq.shape}; keys with head "
+                             f"dimension D={d} need (D/2,) = ({d // 2},) and D even")
 
     # ------------------------------------------------------------------ 6.2 resolve
     def resolve(self, preserve) -> None:
@@ -523,9 +774,18 @@ class QuantizedKVCacheLayer:
         held = np.sum(self._pres_pos >= 0, axis=1)
         admitted = admit_preserved(flags, held, self.config.max_preserved)
         coded = valid & ~admitted
-        kq, vq = quantize_block(k, v, coded, self.config)
-        self.blocks.append(QuantizedBlock(start=self._start, num_slots=blk, coded=coded,
-                                          keys=kq, values=vq))
+        if self.kvquant:
+            rope = self._res_rope[:, :blk]
+            block = quantize_block_kvquant_cache(k, v, coded, rope, self.kvquant_calibration,
+                                                 self.rope_inv_freq, self.config)
+            self.blocks.append(KVQuantCacheBlock(start=self._start, num_slots=blk, coded=coded,
+                                                 rope_positions=rope.copy(), block=block,
+                                                 inv_freq=self.rope_inv_freq))
+            self._res_rope = self._res_rope[:, blk:]
+        else:
+            kq, vq = quantize_block(k, v, coded, self.config)
+            self.blocks.append(QuantizedBlock(start=self._start, num_slots=blk, coded=coded,
+                                              keys=kq, values=vq))
         positions = self._start + np.arange(blk, dtype=np.int64)
         self._append_preserved(positions, k, v, admitted)
         self._res_k, self._res_v = self._res_k[:, :, blk:], self._res_v[:, :, blk:]
@@ -633,8 +893,7 @@ class QuantizedKVCacheLayer:
                 break
             k = min(blk.num_slots, max_length - blk.start)
             if k < blk.num_slots:
-                blk = QuantizedBlock(start=blk.start, num_slots=k, coded=blk.coded,
-                                     keys=blk.keys, values=blk.values)
+                blk = dataclasses.replace(blk, num_slots=k)
             kept.append(blk)
         self.blocks = kept
         keep_res = max(0, max_length - self._start)
@@ -642,6 +901,8 @@ class QuantizedKVCacheLayer:
         self._res_k, self._res_v = self._res_k[:, :, :keep_res], self._res_v[:, :, :keep_res]
         self._res_valid = self._res_valid[:, :keep_res]
         self._res_preserve = self._res_preserve[:, :keep_res]
+        if self.kvquant:
+            self._res_rope = self._res_rope[:, :keep_res]
         self._pending = max(0, self._pending - dropped)
         self._start = min(self._start, max_length)
         # preserved entries beyond max_length: positions are sorted, so keep a prefix per row
@@ -658,6 +919,8 @@ class QuantizedKVCacheLayer:
             self._pres_pos[rows], self._pres_k[rows], self._pres_v[rows]
         self._res_k, self._res_v = self._res_k[rows], self._res_v[rows]
         self._res_valid, self._res_preserve = self._res_valid[rows], self._res_preserve[rows]
+        if self.kvquant:
+            self._res_rope = self._res_rope[rows]
         self._dims = (len(rows),) + self._dims[1:]
         self._trim_preserved()
 
@@ -683,10 +946,17 @@ class QuantizedKVCacheLayer:
         ``sum over blocks (4*words + 4*scale + 4*zero, keys and values, + B*k)``
         ``+ 2*B*H*P*D*itemsize + 8*B*P``  (preserved store)
         ``+ 2*B*H*r*D*itemsize + B*r + B*r``  (residual, valid, statuses).
+
+        kvquant (definition 6.22): each block counts ``KVQuantBlock.nbytes``
+        (docs/08-kvquant.md 8.7) ``+ B*n`` (coded) ``+ 4*B*n`` (int32 rotary
+        positions); plus ``4*B*r`` (the residual's rotary positions) and the
+        layer's ``KVQuantCalibration.nbytes``, once.
         """
         if self._dims is None:
             return 0
         total = sum(blk.nbytes for blk in self.blocks)
+        if self.kvquant:
+            total += self._res_rope.nbytes + self.kvquant_calibration.nbytes
         total += self._pres_k.nbytes + self._pres_v.nbytes + self._pres_pos.nbytes
         total += self._res_k.nbytes + self._res_v.nbytes
         total += self._res_valid.nbytes + self._res_preserve.nbytes
@@ -703,7 +973,8 @@ class QuantizedKVCacheLayer:
 # --------------------------------------------------------------------------
 
 def quantize_sequence(keys, values, preserve, valid, config: KVSinkConfig, *,
-                      dtype=np.float32) -> QuantizedKVCacheLayer:
+                      dtype=np.float32, kvquant_calibration=None, rope_inv_freq=None,
+                      rope_positions=None) -> QuantizedKVCacheLayer:
     """The cache contents for a whole sequence, computed in one shot (definition 6.10).
 
     With ``T`` tokens, ``F = flushed_length(T, config)`` and
@@ -724,12 +995,21 @@ def quantize_sequence(keys, values, preserve, valid, config: KVSinkConfig, *,
     valid : None or bool ``(B, T)``.
     config : KVSinkConfig.
     dtype : storage dtype (np.float32 or np.float16).
+    kvquant_calibration, rope_inv_freq : as :class:`QuantizedKVCacheLayer` (kvquant only).
+    rope_positions : kvquant only: None (slot positions) or int ``(B, T)``.
+
+    With ``quantizer="kvquant"`` block ``j`` is
+    :func:`quantize_block_kvquant_cache` of its stored keys and values,
+    ``coded`` mask and rotary positions (definition 6.21).
 
     Returns
     -------
     A :class:`QuantizedKVCacheLayer` holding the result (it can be updated further).
     """
-    layer = QuantizedKVCacheLayer(config, dtype=dtype)
+    layer = QuantizedKVCacheLayer(config, dtype=dtype, kvquant_calibration=kvquant_calibration,
+                                  rope_inv_freq=rope_inv_freq)
+    if not layer.kvquant and rope_positions is not None:
+        raise ValueError("rope_positions is only used by quantizer='kvquant'; leave it None")
     k = _check_kv("keys", keys, layer.dtype)
     v = _check_kv("values", values, layer.dtype)
     if k.shape != v.shape:
@@ -745,12 +1025,26 @@ def quantize_sequence(keys, values, preserve, valid, config: KVSinkConfig, *,
     f = flushed_length(t, config)
     admitted = cap_preserved(preserve[:, :f], config.max_preserved)
     coded = valid[:, :f] & ~admitted
+    if layer.kvquant:
+        rope = _check_rope_positions(rope_positions, valid, 0)
+        layer._check_kvquant_dims(h, d)
     layer._allocate(b, h, d)
     for j in range(f // blk):
         sl = slice(j * blk, (j + 1) * blk)
-        kq, vq = quantize_block(k[:, :, sl], v[:, :, sl], coded[:, sl], config)
-        layer.blocks.append(QuantizedBlock(start=j * blk, num_slots=blk,
-                                           coded=coded[:, sl].copy(), keys=kq, values=vq))
+        if layer.kvquant:
+            block = quantize_block_kvquant_cache(k[:, :, sl], v[:, :, sl], coded[:, sl],
+                                                 rope[:, sl], layer.kvquant_calibration,
+                                                 layer.rope_inv_freq, config)
+            layer.blocks.append(KVQuantCacheBlock(start=j * blk, num_slots=blk,
+                                                  coded=coded[:, sl].copy(),
+                                                  rope_positions=rope[:, sl].copy(), block=block,
+                                                  inv_freq=layer.rope_inv_freq))
+        else:
+            kq, vq = quantize_block(k[:, :, sl], v[:, :, sl], coded[:, sl], config)
+            layer.blocks.append(QuantizedBlock(start=j * blk, num_slots=blk,
+                                               coded=coded[:, sl].copy(), keys=kq, values=vq))
+    if layer.kvquant:
+        layer._res_rope = rope[:, f:].copy()
     layer._start = f
     layer._append_preserved(np.arange(f, dtype=np.int64), k[:, :, :f], v[:, :, :f], admitted)
     layer._res_k, layer._res_v = k[:, :, f:].copy(), v[:, :, f:].copy()
@@ -768,14 +1062,25 @@ class QuantizedKVCache:
 
     ``update`` is per layer (attention runs layer by layer); ``resolve``,
     ``flush``, ``crop``, ``reorder``, ``select_batch`` and ``reset`` apply to
-    every layer; ``nbytes`` is the sum over layers.
+    every layer; ``nbytes`` is the sum over layers.  kvquant:
+    ``kvquant_calibration`` is None or a list with one ``KVQuantCalibration``
+    per layer; ``rope_inv_freq`` is shared by the layers.
     """
 
-    def __init__(self, config: KVSinkConfig, num_layers: int, *, dtype=np.float32):
+    def __init__(self, config: KVSinkConfig, num_layers: int, *, dtype=np.float32,
+                 kvquant_calibration=None, rope_inv_freq=None):
         if not _is_int(num_layers) or num_layers < 1:
             raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
         self.config = config
-        self.layers = [QuantizedKVCacheLayer(config, dtype=dtype) for _ in range(int(num_layers))]
+        if kvquant_calibration is None:
+            cals = [None] * int(num_layers)
+        else:
+            cals = list(kvquant_calibration)
+            if len(cals) != num_layers:
+                raise ValueError(f"kvquant_calibration must hold one KVQuantCalibration per layer "
+                                 f"({num_layers}), got {len(cals)}")
+        self.layers = [QuantizedKVCacheLayer(config, dtype=dtype, kvquant_calibration=cal,
+                                             rope_inv_freq=rope_inv_freq) for cal in cals]
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -789,9 +1094,9 @@ class QuantizedKVCache:
                              f"got {layer_idx!r}")
         return int(layer_idx)
 
-    def update(self, layer_idx: int, keys, values, valid=None) -> None:
+    def update(self, layer_idx: int, keys, values, valid=None, rope_positions=None) -> None:
         """:meth:`QuantizedKVCacheLayer.update` of layer ``layer_idx``."""
-        self.layers[self._check_layer(layer_idx)].update(keys, values, valid)
+        self.layers[self._check_layer(layer_idx)].update(keys, values, valid, rope_positions)
 
     def resolve(self, preserve) -> None:
         """Resolve the pending tokens of every layer with the same ``preserve`` (B, n_pending).

@@ -464,7 +464,8 @@ def _filled(cfg=None, n=5):
 
 
 def test_errors():
-    with pytest.raises(NotImplementedError, match="kvquant"):
+    # kvquant needs a calibration unless nf with outlier_fraction 0 (tests/test_reference_cache_kvquant.py)
+    with pytest.raises(ValueError, match="kvquant_calibration"):
         QuantizedKVCacheLayer(KVSinkConfig(quantizer="kvquant"))
     with pytest.raises(TypeError, match="dtype"):
         QuantizedKVCacheLayer(KVSinkConfig(), dtype=torch.int32)
