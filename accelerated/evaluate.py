@@ -1,0 +1,603 @@
+"""Perplexity of a language model whose KV cache is quantized (docs/12-evaluation.md).
+
+Two protocols, both returning a :class:`PerplexityResult`:
+
+``perplexity_fake_quant`` — the papers' protocol (KIVI, KVQuant, KVSink).
+    One forward pass per window.  In every layer the window's keys and values
+    are quantized *whole* and dequantized again ("fake quantization") before
+    causal attention; the preserved tokens keep their full-precision keys and
+    values and are excluded from the group statistics.  There is no residual
+    window: every token except the preserved ones is quantized, and the last
+    group along the token axis may be partial.
+
+``perplexity_streaming`` — faithful to decoding.
+    The window is fed through :class:`accelerated.hf.KVSinkCache` ``chunk``
+    tokens at a time; with ``chunk=1`` each query sees exactly the cache it
+    would see while generating (quantized groups, full-precision residual
+    window, preserved tokens).
+
+Corpus and windowing (both protocols): :func:`load_corpus` reads WikiText-2's
+test split (or the packaged offline corpus), :func:`tokenize_corpus` joins its
+lines with ``"\\n\\n"`` and tokenizes once, :func:`make_windows` cuts the token
+stream into non-overlapping windows of ``seq_len`` tokens.  In each window the
+``seq_len - 1`` next-token predictions are scored; perplexity is
+``exp(sum of NLL / number of predicted tokens)`` over all windows.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from reference.config import KVSinkConfig
+
+__all__ = [
+    "PerplexityResult",
+    "DEFAULT_CORPUS_NAME",
+    "default_corpus_path",
+    "load_corpus",
+    "corpus_documents",
+    "tokenize_corpus",
+    "make_windows",
+    "fake_quantize_kv",
+    "calibrate_config",
+    "perplexity_full_precision",
+    "perplexity_fake_quant",
+    "perplexity_streaming",
+    "FAKE_QUANT_ATTENTION",
+]
+
+#: Name under which the fake-quantizing attention function is registered in
+#: transformers' ``AttentionInterface`` (and the sdpa mask in ``AttentionMaskInterface``).
+FAKE_QUANT_ATTENTION = "kvsink_fake_quant"
+#: Name reported for the packaged offline corpus.
+DEFAULT_CORPUS_NAME = "kvsink default corpus (accelerated/data/default_corpus.txt)"
+_WIKITEXT_ENV = "KVSINK_WIKITEXT"
+
+
+# =========================================================================== result
+
+@dataclass
+class PerplexityResult:
+    """Perplexity of one configuration on one corpus.
+
+    ppl : ``exp(nll_sum / tokens)``.
+    nll_sum : sum over scored tokens of ``-log p(token | prefix)`` (natural log, float64).
+    tokens : number of scored tokens (``seq_len - 1`` per window).
+    protocol : ``"fp"`` (no quantization), ``"fake"`` or ``"streaming"``.
+    config : the ``KVSinkConfig`` used (``None`` for ``"fp"``), predictor fields
+        filled in when it was calibrated.
+    corpus : name of the corpus (see :func:`load_corpus`).
+    seq_len, windows : window length and number of windows evaluated.
+    preserved_positions : per window, the positions (0-based within the window)
+        kept at full precision.
+    preserved_count : total number of preserved tokens over all windows.
+    chunk : tokens fed per step (streaming protocol only).
+    """
+
+    ppl: float
+    nll_sum: float
+    tokens: int
+    protocol: str
+    config: Optional[KVSinkConfig] = None
+    corpus: str = ""
+    seq_len: int = 0
+    windows: int = 0
+    preserved_positions: List[List[int]] = field(default_factory=list)
+    preserved_count: int = 0
+    chunk: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict (the config as a dict of its fields)."""
+        d = asdict(self)
+        d["config"] = None if self.config is None else {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()}
+        return d
+
+
+def _finish(nll_sum: float, tokens: int, **kw) -> PerplexityResult:
+    ppl = math.exp(nll_sum / tokens) if tokens else float("nan")
+    preserved = kw.get("preserved_positions", [])
+    kw.setdefault("preserved_count", sum(len(p) for p in preserved))
+    return PerplexityResult(ppl=ppl, nll_sum=float(nll_sum), tokens=int(tokens), **kw)
+
+
+# =========================================================================== corpus
+
+def default_corpus_path() -> Path:
+    """Path of the packaged offline corpus (original prose, ~2,300 words)."""
+    return Path(__file__).resolve().parent / "data" / "default_corpus.txt"
+
+
+def _repo_wikitext() -> Path:
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def load_corpus(path=None) -> Tuple[str, str]:
+    """Return ``(text, name)`` of the evaluation corpus.
+
+    Search order:
+
+    1. ``path`` if given (a WikiText-2 ``wiki.test.raw`` or any UTF-8 text file);
+       a missing file raises ``FileNotFoundError`` — an explicit path is never
+       silently replaced;
+    2. the file named by the environment variable ``KVSINK_WIKITEXT``
+       (missing file: ``FileNotFoundError``);
+    3. ``../shared/data/wikitext-2-raw/wiki.test.raw`` relative to the
+       repository root, if present;
+    4. the packaged offline corpus ``accelerated/data/default_corpus.txt``.
+
+    ``name`` says which was used: ``"wikitext-2 test (<path>)"`` for a file named
+    ``wiki.test.raw``, ``"<path>"`` for another file, :data:`DEFAULT_CORPUS_NAME`
+    for the packaged one.
+    """
+    def named(p: Path) -> Tuple[str, str]:
+        text = p.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ValueError(f"corpus file {p} is empty")
+        label = f"wikitext-2 test ({p})" if p.name == "wiki.test.raw" else str(p)
+        return text, label
+
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"corpus file {p} does not exist; pass the path of WikiText-2's "
+                                    "wiki.test.raw (or any text file), or omit it to use the default")
+        return named(p)
+    env = os.environ.get(_WIKITEXT_ENV)
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"${_WIKITEXT_ENV}={env} does not exist; fix or unset it")
+        return named(p)
+    p = _repo_wikitext()
+    if p.is_file():
+        return named(p)
+    return default_corpus_path().read_text(encoding="utf-8"), DEFAULT_CORPUS_NAME
+
+
+def corpus_documents(text: str) -> List[str]:
+    """Rows of a raw text file as the Hugging Face ``wikitext`` dataset gives them.
+
+    One row per line; a non-blank line keeps its trailing ``"\\n"``, a blank
+    line becomes ``""`` (the ``wikitext-2-raw-v1`` loading script).
+    """
+    rows = []
+    for line in text.splitlines(keepends=True):
+        rows.append(line if line.strip() else "")
+    return rows
+
+
+def tokenize_corpus(text: str, tokenizer) -> torch.Tensor:
+    """Token ids ``(1, N)`` of the whole corpus, tokenized once.
+
+    The rows of :func:`corpus_documents` are joined with ``"\\n\\n"`` (the
+    common practice for WikiText raw in GPTQ / KIVI / lm-eval style
+    perplexity scripts) and tokenized with the tokenizer's defaults (a BOS
+    token is added at the very start only if the tokenizer adds one).
+    """
+    joined = "\n\n".join(corpus_documents(text))
+    enc = tokenizer(joined, return_tensors="pt", verbose=False)
+    return enc["input_ids"].to(torch.long)
+
+
+def make_windows(input_ids, seq_len: int, max_windows: Optional[int] = None) -> torch.Tensor:
+    """Non-overlapping windows ``(W, seq_len)`` of a token stream.
+
+    ``input_ids`` is ``(N,)`` or ``(1, N)``.  Window ``w`` holds tokens
+    ``[w * seq_len, (w + 1) * seq_len)``; a trailing partial window is dropped;
+    the first ``max_windows`` are kept (``None``: all).
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an int >= 2 (one prediction needs two tokens), got {seq_len!r}")
+    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)
+                                    or max_windows < 1):
+        raise ValueError(f"max_windows must be None or an int >= 1, got {max_windows!r}")
+    ids = torch.as_tensor(input_ids)
+    if ids.ndim == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.ndim != 1:
+        raise ValueError(f"input_ids must have shape (N,) or (1, N), got {tuple(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor, got {ids.dtype}")
+    n = ids.shape[0] // seq_len
+    if n == 0:
+        raise ValueError(f"the corpus has {ids.shape[0]} tokens, fewer than seq_len={seq_len}; "
+                         "use a smaller seq_len or a longer corpus")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seq_len].reshape(n, seq_len).to(torch.long)
+
+
+# =========================================================================== attention hook
+
+_STATE = threading.local()
+
+
+def _current_state():
+    return getattr(_STATE, "value", None)
+
+
+@contextmanager
+def _attention_state(model, state):
+    """Route every attention call of ``model`` through the fake-quant function with ``state``."""
+    _register()
+    config = model.config
+    previous_impl = config._attn_implementation
+    if previous_impl == FAKE_QUANT_ATTENTION:
+        raise RuntimeError("perplexity evaluation is not re-entrant")
+    state["inner"] = "eager" if previous_impl == "eager" else "sdpa"
+    previous_state = _current_state()
+    config._attn_implementation = FAKE_QUANT_ATTENTION
+    _STATE.value = state
+    try:
+        yield state
+    finally:
+        _STATE.value = previous_state
+        config._attn_implementation = previous_impl
+
+
+_REGISTERED = False
+
+
+def _register():
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    AttentionInterface.register(FAKE_QUANT_ATTENTION, _fake_quant_attention)
+    AttentionMaskInterface.register(FAKE_QUANT_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    _REGISTERED = True
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def _eager(module, query, key, value, attention_mask, scaling, **kwargs):
+    n_rep = query.shape[1] // key.shape[1]
+    k, v = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    w = torch.matmul(query, k.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            w = w.masked_fill(~attention_mask, float("-inf"))
+        else:
+            w = w + attention_mask
+    elif query.shape[2] > 1:
+        tq, tk = query.shape[2], key.shape[2]
+        causal = torch.ones(tq, tk, dtype=torch.bool, device=w.device).tril(tk - tq)
+        w = w.masked_fill(~causal, float("-inf"))
+    p = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(p, v).transpose(1, 2).contiguous(), p
+
+
+def _attention_probs(query, key, attention_mask, scaling) -> torch.Tensor:
+    """Full-precision causal attention probabilities ``(B, Hq, Tq, T)`` (float32)."""
+    n_rep = query.shape[1] // key.shape[1]
+    k = _repeat_kv(key, n_rep).float()
+    w = torch.matmul(query.float(), k.transpose(2, 3)) * scaling
+    tq, tk = query.shape[2], key.shape[2]
+    causal = torch.ones(tq, tk, dtype=torch.bool, device=w.device).tril(tk - tq)
+    w = w.masked_fill(~causal, float("-inf"))
+    return torch.softmax(w, dim=-1)
+
+
+def _fake_quant_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Attention function registered as :data:`FAKE_QUANT_ATTENTION`.
+
+    Mode ``"probe"`` (full-precision pass): computes the attention oracle's
+    per-layer scores when needed, then plain attention.  Mode ``"quant"``:
+    fake-quantizes ``key``/``value`` ``(B, H, T, D)`` per the config, keeping
+    the preserved tokens exact, then plain attention (sdpa, or eager when the
+    model was loaded with ``attn_implementation="eager"``).
+    """
+    state = _current_state()
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if state is None:
+        raise RuntimeError(f"attention implementation {FAKE_QUANT_ATTENTION!r} is only usable "
+                           "inside accelerated.evaluate's perplexity functions")
+    if state["mode"] == "probe" and state.get("oracle"):
+        from . import preserve as P
+        probs = _attention_probs(query, key, attention_mask, scaling)
+        valid = torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
+        state["oracle_scores"].append(P.oracle_scores(probs, valid).to(torch.float64))
+    elif state["mode"] == "quant":
+        key, value = fake_quantize_kv(key, value, state["config"], state["preserved"])
+    if state["inner"] == "eager":
+        return _eager(module, query, key, value, attention_mask, scaling, **kwargs)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+# =========================================================================== fake quantization
+
+def fake_quantize_kv(keys: torch.Tensor, values: torch.Tensor, config: KVSinkConfig,
+                     preserved: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Quantize then dequantize a layer's whole keys and values, preserved tokens kept exact.
+
+    Parameters
+    ----------
+    keys, values : ``(B, H, T, D)`` floating tensors.
+    config : quantization settings (``key_bits``/``key_group_size``/``key_axis``,
+        ``value_*``, ``scheme``); ``config.quantizer`` must be ``"uniform"``.
+    preserved : ``None`` or bool ``(B, T)``: tokens kept at full precision and
+        excluded from the statistics of their groups.
+
+    Returns
+    -------
+    ``(keys_hat, values_hat)`` in the input dtype: ``dequantize(quantize(x))``
+    (float32 arithmetic of accelerated.quantize, then cast back) except at
+    preserved tokens, where the input is returned unchanged.  The token axis is
+    quantized whole: groups along tokens (axis ``"channel"``) start at token 0
+    and the last one may be partial.
+    """
+    from . import quantize as Q
+    if config.quantizer != "uniform":
+        raise ValueError(f"config.quantizer={config.quantizer!r}: the fake-quant protocol "
+                         "implements the 'uniform' quantizer only")
+    if keys.ndim != 4 or values.shape[:3] != keys.shape[:3]:
+        raise ValueError(f"keys and values must be (B, H, T, D) with the same B, H, T; got "
+                         f"{tuple(keys.shape)} and {tuple(values.shape)}")
+    b, h, t, _ = keys.shape
+    symmetric = config.scheme == "symmetric"
+    exclude = None
+    if preserved is not None:
+        if preserved.dtype != torch.bool or tuple(preserved.shape) != (b, t):
+            raise ValueError(f"preserved must be a bool tensor (B, T) = {(b, t)}, got "
+                             f"{preserved.dtype} {tuple(preserved.shape)}")
+        preserved = preserved.to(keys.device)
+        exclude = preserved[:, None, :].expand(b, h, t)
+    out = []
+    for x, bits, group, axis in ((keys, config.key_bits, config.key_group_size, config.key_axis),
+                                 (values, config.value_bits, config.value_group_size,
+                                  config.value_axis)):
+        xq = Q.dequantize(Q.quantize(x, bits, group, axis, symmetric=symmetric, exclude=exclude))
+        xq = xq.to(x.dtype)
+        if exclude is not None:
+            xq = torch.where(exclude[..., None], x, xq)
+        out.append(xq)
+    return out[0], out[1]
+
+
+# =========================================================================== predictor
+
+def calibrate_config(model, config: KVSinkConfig, input_ids=None, *, tokenizer=None) -> KVSinkConfig:
+    """``config`` with the KVSink predictor fields filled in (returned as is if already set).
+
+    Calibration runs one full-precision forward pass with
+    ``output_hidden_states=True`` over ``input_ids`` (``(N,)`` or ``(1, N)``;
+    default: the first 512 tokens of the packaged default corpus tokenized
+    as is with ``tokenizer`` — the same text as ``KVSinkCache``'s default
+    calibration) and applies ``accelerated.predictor.calibrate_predictor``
+    (docs/04-predictor.md).  Fields the config already sets win: if the layer
+    or the channels are given but not the threshold, the threshold is
+    ``sink_threshold(outlier_scores(hidden[layer], channels))`` over the
+    calibration tokens.  Raises ``ValueError`` (from the predictor) when the
+    model shows no stable outlier channel, e.g. a randomly initialised model.
+    """
+    _check_config(config)
+    if config.predictor_ready:
+        return config
+    from . import predictor as PR
+    if input_ids is None:
+        if tokenizer is None:
+            raise ValueError("calibrate_config needs input_ids or a tokenizer (to tokenize the "
+                             "default calibration text)")
+        text = default_corpus_path().read_text(encoding="utf-8")
+        input_ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :512]
+    ids = torch.as_tensor(input_ids).reshape(1, -1).to(_device(model))
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    hidden = [h[0].float() for h in out.hidden_states]
+    if config.predictor_layer is not None and config.predictor_layer >= len(hidden):
+        raise ValueError(f"config.predictor_layer={config.predictor_layer} but the model has "
+                         f"hidden states 0..{len(hidden) - 1}")
+    if config.predictor_layer is None or not config.predictor_channels:
+        pred = PR.calibrate_predictor(hidden)
+        layer, channels, threshold = int(pred.layer), tuple(int(c) for c in pred.channels), \
+            float(pred.threshold)
+    else:
+        layer, channels, threshold = config.predictor_layer, config.predictor_channels, None
+    if config.predictor_layer is not None:
+        layer = config.predictor_layer
+    if config.predictor_channels:
+        channels = config.predictor_channels
+    if config.predictor_threshold is not None:
+        threshold = config.predictor_threshold
+    elif threshold is None or (layer, channels) != (pred.layer, tuple(pred.channels)):
+        from reference import predictor as RPR
+        scores = PR.outlier_scores(hidden[layer], channels)
+        threshold = float(RPR.sink_threshold(scores.cpu().numpy()))
+    return config.replace(predictor_layer=int(layer), predictor_channels=tuple(channels),
+                          predictor_threshold=float(threshold))
+
+
+# =========================================================================== protocols
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _check_config(config):
+    if not isinstance(config, KVSinkConfig):
+        raise TypeError(f"config must be a KVSinkConfig, got {type(config).__name__}")
+
+
+def _progress(iterable, enabled: bool, desc: str, total=None):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def _window_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Sum of ``-log softmax(logits)[target]`` in float64; logits ``(T, V)``, targets ``(T,)``."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return float(-logp.gather(-1, targets[:, None]).sum())
+
+
+def perplexity_full_precision(model, input_ids, *, seq_len: int = 512,
+                              max_windows: Optional[int] = None, corpus: str = "",
+                              progress: bool = False) -> PerplexityResult:
+    """Perplexity without quantization (one plain forward pass per window)."""
+    windows = make_windows(input_ids, seq_len, max_windows)
+    dev = _device(model)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for w in _progress(windows, progress, "fp"):
+            ids = w[None].to(dev)
+            logits = model(input_ids=ids, use_cache=False).logits[0]
+            nll += _window_nll(logits[:-1], ids[0, 1:])
+            count += seq_len - 1
+    return _finish(nll, count, protocol="fp", corpus=corpus, seq_len=seq_len,
+                   windows=len(windows))
+
+
+def _preserved_for_window(model, ids: torch.Tensor, config: KVSinkConfig) -> torch.Tensor:
+    """Preserved set ``(1, T)`` of one window (fake-quant protocol), from a full-precision pass."""
+    from . import predictor as PR
+    from . import preserve as PS
+    t = ids.shape[1]
+    valid = torch.ones(1, t, dtype=torch.bool, device=ids.device)
+    predicted = oracle = None
+    need_kvsink = "kvsink" in config.preserve
+    need_oracle = "oracle" in config.preserve
+    if need_kvsink or need_oracle:
+        state = {"mode": "probe", "oracle": need_oracle, "oracle_scores": []}
+        with _attention_state(model, state):
+            out = model(input_ids=ids, output_hidden_states=need_kvsink, use_cache=False)
+        if need_kvsink:
+            n_states = len(out.hidden_states)
+            if config.predictor_layer >= n_states:
+                raise ValueError(f"config.predictor_layer={config.predictor_layer} but the model "
+                                 f"has hidden states 0..{n_states - 1}")
+            hidden = out.hidden_states[config.predictor_layer]
+            predicted = PR.predict_sinks(hidden.float(), config.predictor_channels,
+                                         config.predictor_threshold).to(torch.bool)
+        if need_oracle:
+            # Layers pooled along the head axis = mean of the per-layer scores
+            # (reference.preserve.oracle_scores, "to pool several layers").
+            scores = torch.stack(state["oracle_scores"]).mean(dim=0)
+            oracle = scores >= float(config.oracle_ratio)
+    return PS.preserved_set(config, valid, predicted=predicted, oracle=oracle).to(torch.bool)
+
+
+def perplexity_fake_quant(model, input_ids, config: KVSinkConfig, *, seq_len: int = 512,
+                          max_windows: Optional[int] = None, corpus: str = "",
+                          progress: bool = False) -> PerplexityResult:
+    """Perplexity under the papers' fake-quantization protocol (docs/12-evaluation.md §1).
+
+    For each window of ``seq_len`` tokens:
+
+    1. the preserved set ``P`` (bool ``(1, T)``) is computed: the union of
+       ``config.preserve`` — ``pfn``: the first ``preserve_first_n`` positions
+       of the window; ``kvsink``: ``predict_sinks`` applied to hidden state
+       ``config.predictor_layer`` of a **full-precision** pass over the window
+       (this equals what a streaming cache sees at prefill, where attention is
+       full precision until the prediction layer has run); ``oracle``: the
+       per-layer ``oracle_scores`` of that full-precision pass averaged over
+       layers, ``>= config.oracle_ratio``; then capped by ``max_preserved``;
+    2. one forward pass in which every layer quantizes and dequantizes its whole
+       keys ``(B, H, T, D)`` and values with :func:`fake_quantize_kv` (``P``
+       excluded from the statistics and kept exact), then runs causal attention
+       (sdpa, or eager when the model was loaded with ``attn_implementation="eager"``);
+       there is no residual window;
+    3. the NLL of tokens ``1 .. T-1`` given the logits at ``0 .. T-2``.
+
+    If ``"kvsink"`` is configured and the predictor is not specified, the
+    config is calibrated once with :func:`calibrate_config` on the first window
+    (pass a calibrated config to calibrate on held-out text instead).
+    ``input_ids`` is the token stream ``(N,)`` or ``(1, N)`` (see
+    :func:`make_windows`).
+    """
+    _check_config(config)
+    windows = make_windows(input_ids, seq_len, max_windows)
+    dev = _device(model)
+    if "kvsink" in config.preserve and not config.predictor_ready:
+        config = calibrate_config(model, config, windows[:1])
+    nll, count, preserved_positions = 0.0, 0, []
+    with torch.no_grad():
+        for w in _progress(windows, progress, f"fake {config.key_bits}/{config.value_bits}-bit"):
+            ids = w[None].to(dev)
+            preserved = _preserved_for_window(model, ids, config)
+            preserved_positions.append(torch.nonzero(preserved[0]).flatten().tolist())
+            state = {"mode": "quant", "config": config, "preserved": preserved}
+            with _attention_state(model, state):
+                logits = model(input_ids=ids, use_cache=False).logits[0]
+            nll += _window_nll(logits[:-1], ids[0, 1:])
+            count += seq_len - 1
+    return _finish(nll, count, protocol="fake", config=config, corpus=corpus, seq_len=seq_len,
+                   windows=len(windows), preserved_positions=preserved_positions)
+
+
+def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int = 1,
+                         seq_len: int = 512, max_windows: Optional[int] = None, corpus: str = "",
+                         progress: bool = False) -> PerplexityResult:
+    """Perplexity with the text streamed through ``KVSinkCache`` (docs/12-evaluation.md §2).
+
+    For each window a fresh :class:`accelerated.hf.KVSinkCache` is built and
+    the window is fed ``chunk`` tokens per forward pass; the logits of every
+    fed token score the next token of the window.  With ``chunk=1`` each query
+    attends to exactly the cache a decoder would hold at that step: quantized
+    groups (dequantized), the full-precision residual window of
+    ``config.residual_length`` tokens and the preserved tokens.  With
+    ``chunk > 1`` the tokens of one chunk also see each other at full precision
+    (as in a prefill).
+
+    If ``"kvsink"`` is configured and the predictor is not specified, the
+    config is calibrated once with :func:`calibrate_config` on the first window
+    before the loop (not once per window, and not by the cache).
+    """
+    _check_config(config)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+    if "oracle" in config.preserve:
+        raise ValueError("preserve='oracle' needs the attention of future queries and has no "
+                         "streaming form; use perplexity_fake_quant for the oracle")
+    from . import hf
+    windows = make_windows(input_ids, seq_len, max_windows)
+    dev = _device(model)
+    if "kvsink" in config.preserve and not config.predictor_ready:
+        config = calibrate_config(model, config, windows[:1])
+    was_installed = getattr(model, "_kvsink_hooks", None) is not None
+    # transformers >= 5.? names the argument ``cache`` (``past_key_values`` is deprecated)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    nll, count, preserved_positions = 0.0, 0, []
+    steps = len(windows) * math.ceil(seq_len / chunk)
+    bar = _progress(None, progress, f"stream {config.key_bits}/{config.value_bits}-bit", total=steps)
+    try:
+        with torch.no_grad():
+            for w in windows:
+                ids = w[None].to(dev)
+                cache = hf.KVSinkCache(model, config)
+                for start in range(0, seq_len, chunk):
+                    stop = min(start + chunk, seq_len)
+                    out = model(input_ids=ids[:, start:stop], use_cache=True, **{cache_kw: cache})
+                    logits = out.logits[0]
+                    last = min(stop, seq_len - 1)   # the window's last token predicts nothing
+                    if last > start:
+                        nll += _window_nll(logits[: last - start], ids[0, start + 1: last + 1])
+                        count += last - start
+                    if progress:
+                        bar.update(1)
+                rows = cache.preserved_positions()
+                preserved_positions.append([int(p) for p in rows[0]] if rows else [])
+                del cache
+    finally:
+        if progress:
+            bar.close()
+        if not was_installed:
+            hf.uninstall(model)     # leave the model's attention implementation as it was
+    return _finish(nll, count, protocol="streaming", config=config, corpus=corpus,
+                   seq_len=seq_len, windows=len(windows), preserved_positions=preserved_positions,
+                   chunk=chunk)

@@ -1,0 +1,868 @@
+"""kvsink inside Hugging Face transformers: :class:`KVSinkCache` (docs/11-transformers.md).
+
+Usage::
+
+    from accelerated.hf import KVSinkCache
+    from reference.config import KVSinkConfig
+
+    cache = KVSinkCache(model, KVSinkConfig(key_bits=2, value_bits=2, preserve="kvsink"),
+                        tokenizer=tokenizer)            # tokenizer: only to calibrate the predictor
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+
+How it plugs in (transformers >= 5.0):
+
+* ``KVSinkCache`` is a transformers :class:`~transformers.cache_utils.Cache` whose
+  full-attention layers are :class:`KVSinkLayer` objects (a ``CacheLayerMixin``)
+  wrapping one ``accelerated.cache`` streaming layer each: new tokens are
+  appended to a full-precision residual, their preservation status is resolved
+  once per forward step, and after every forward step every layer is flushed
+  (the oldest whole blocks beyond the residual window are quantized and stored
+  *packed*; preserved tokens move to a full-precision store).  Sliding-window
+  layers (Gemma-3 local layers) stay transformers' full-precision
+  ``DynamicSlidingWindowLayer``: they never hold more than the window.
+* The model's attention implementation is switched to ``"kvsink"``, a function
+  registered in transformers' ``AttentionInterface``: for a kvsink layer it calls
+  the cache layer's ``attend`` (attention over packed codes + preserved store +
+  residual, no dequantized copy of the whole cache); for any other layer, or a
+  forward without a ``KVSinkCache``, it is transformers' ``sdpa`` attention.
+* Hooks installed once per model: a forward pre-hook on the base model binds
+  the ``KVSinkCache`` of the call and its 2-D ``attention_mask`` (padding slots
+  are invalid: never preserved, excluded from quantization statistics, never
+  attended); a pre-hook on decoder layer ``p = config.predictor_layer`` reads
+  ``hidden_states[p]`` (the input of decoder layer ``p``, i.e. the output of
+  layer ``p - 1``; ``p = 0`` is the embeddings) and resolves the pending tokens
+  of all layers (layers ``< p`` have appended them already, layers ``>= p`` are
+  resolved at their update); a forward hook on the base model flushes every
+  layer when the forward ends.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import warnings
+import weakref
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from reference.config import KVSinkConfig
+
+__all__ = [
+    "KVSinkCache",
+    "KVSinkLayer",
+    "ATTENTION_NAME",
+    "kvsink_attention",
+    "install",
+    "uninstall",
+    "dynamic_cache_nbytes",
+]
+
+#: Name of the attention function in transformers' ``AttentionInterface`` (and mask interface).
+ATTENTION_NAME = "kvsink"
+#: Tokens of the default calibration text used when calibrating the predictor.
+CALIBRATION_TOKENS = 512
+_DEFAULT_CALIBRATION_FILE = Path(__file__).with_name("data") / "default_corpus.txt"
+_SHORT_TEXT = (
+    "The history of written knowledge is in large part a history of copying. For most of the "
+    "time in which people have written things down, every book that existed had been produced "
+    "by a person who sat with a pen and reproduced a text by hand, one letter after another.")
+
+_LOCAL = threading.local()
+
+
+# ============================================================================ helpers on other modules
+
+def _new_store(config: KVSinkConfig, key_states: torch.Tensor):
+    """One ``accelerated.cache`` streaming layer for tokens like ``key_states`` (its device, its dtype)."""
+    from . import cache as C
+    cls = getattr(C, "QuantizedKVCacheLayer")
+    params = inspect.signature(cls).parameters
+    kwargs = {}
+    if "dtype" in params:
+        kwargs["dtype"] = key_states.dtype
+    if "device" in params:
+        kwargs["device"] = key_states.device
+    return cls(config, **kwargs)
+
+
+def _store_seq_length(store) -> int:
+    n = store.seq_length
+    return int(n() if callable(n) else n)
+
+
+def _predict_sinks(hidden: torch.Tensor, channels, threshold) -> torch.Tensor:
+    """``predict_sinks`` (docs/04-predictor.md) on a torch ``(B, n, C)``: bool ``(B, n)`` on hidden's device."""
+    try:
+        from . import predictor as P
+        fn = P.predict_sinks
+    except (ImportError, AttributeError):
+        fn = None
+    if fn is not None:
+        return torch.as_tensor(fn(hidden, channels, threshold), device=hidden.device).bool()
+    from reference import predictor as RP
+    out = RP.predict_sinks(hidden.detach().float().cpu().numpy(), channels, threshold)
+    return torch.from_numpy(np.ascontiguousarray(out)).to(hidden.device)
+
+
+def _preserved_set(config: KVSinkConfig, valid: torch.Tensor, predicted: Optional[torch.Tensor]):
+    """``preserved_set`` (docs/03-preservation.md) on torch bool ``(B, T)`` masks."""
+    try:
+        from . import preserve as P
+        fn = P.preserved_set
+    except (ImportError, AttributeError):
+        fn = None
+    if fn is not None:
+        return torch.as_tensor(fn(config, valid, predicted=predicted), device=valid.device).bool()
+    from reference import preserve as RP
+    out = RP.preserved_set(config, valid.cpu().numpy(),
+                           predicted=None if predicted is None else predicted.cpu().numpy())
+    return torch.from_numpy(np.ascontiguousarray(out)).to(valid.device)
+
+
+def dynamic_cache_nbytes(cache) -> int:
+    """Bytes held by the key/value tensors of a transformers ``DynamicCache`` (or any cache of such layers)."""
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+# ============================================================================ cache layer
+
+def _cache_utils():
+    from transformers import cache_utils
+    return cache_utils
+
+
+def _layer_base():
+    return _cache_utils().CacheLayerMixin
+
+
+class KVSinkLayer(_layer_base()):
+    """One full-attention layer of :class:`KVSinkCache` (a transformers ``CacheLayerMixin``).
+
+    Holds one ``accelerated.cache`` streaming layer, created lazily on the
+    device and in the dtype of the first key states it receives (so layers
+    spread over devices with ``device_map`` keep their cache on their own
+    device).  ``update`` appends the new tokens as *pending* and returns the
+    new key/value states unchanged (the ``"kvsink"`` attention function reads
+    the cache through :meth:`attend`, never through these tensors).
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+    supports_early_init = False
+
+    def __init__(self, config: KVSinkConfig, layer_idx: int):
+        super().__init__()
+        self.kvsink_config = config
+        self.layer_idx = layer_idx
+        self.store = None
+        self.device = None
+        self._last_new = 0          # tokens appended by the current forward step
+
+    def __repr__(self):
+        return f"KVSinkLayer(layer_idx={self.layer_idx}, seq_length={self.get_seq_length()})"
+
+    # -- transformers' layer contract
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.store = _new_store(self.kvsink_config, key_states)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, valid=None, **kwargs):
+        """Append ``(B, H, n, D)`` tokens (pending); returns the inputs unchanged."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if valid is not None:
+            valid = valid.to(self.device)
+        self.store.update(key_states, value_states, valid=valid)
+        self._last_new = key_states.shape[-2]
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return 0 if self.store is None else _store_seq_length(self.store)
+
+    def get_mask_sizes(self, query_length: int):
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.store = None
+        self.is_initialized = False
+        self._last_new = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """``crop(-n)`` drops the last ``n`` tokens; ``crop(m)`` with ``m > 0`` keeps the first ``m`` (legacy)."""
+        if self.store is None:
+            return
+        n = self.get_seq_length()
+        keep = n - abs(tokens_to_remove) if tokens_to_remove <= 0 else min(tokens_to_remove, n)
+        if keep < n:
+            self.store.crop(max(keep, 0))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.store is not None:
+            self.store.reorder(beam_idx.to(self.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.store is not None:
+            b = self.store_batch_size()
+            idx = torch.arange(b, device=self.device).repeat_interleave(repeats)
+            self.store.select_batch(idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.store is not None:
+            if isinstance(indices, torch.Tensor):
+                indices = indices.to(self.device)
+            self.store.select_batch(indices)
+
+    def offload(self):  # the packed store is not offloaded
+        return None
+
+    def prefetch(self):
+        return None
+
+    # -- kvsink
+    def store_batch_size(self) -> int:
+        b = getattr(self.store, "batch_size", None)
+        if b is None:
+            raise RuntimeError("accelerated.cache layer exposes no batch_size")
+        return int(b() if callable(b) else b)
+
+    def resolve(self, preserve: torch.Tensor) -> None:
+        self.store.resolve(preserve.to(self.device))
+
+    def flush(self) -> None:
+        if self.store is not None:
+            self.store.flush()
+
+    def attend(self, query: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+        """Attention of ``query (B, Hq, n, D)``, the step's ``n`` newest slots, over this layer's cache."""
+        n = query.shape[-2]
+        seq = self.get_seq_length()
+        b = query.shape[0]
+        positions = torch.arange(seq - n, seq, device=query.device).expand(b, n)
+        out = self.store.attend(query, positions, scale=scale)
+        return out.to(query.dtype)
+
+    def nbytes(self) -> int:
+        return 0 if self.store is None else int(self.store.nbytes())
+
+
+# ============================================================================ the per-forward step
+
+class _Step:
+    """What one forward pass of the model with a ``KVSinkCache`` shares between hooks."""
+
+    def __init__(self, mask2d: Optional[torch.Tensor]):
+        self.mask2d = mask2d
+        self.n = None            # new tokens of the step
+        self.valid = None        # bool (B, n)
+        self.flags = None        # bool (B, n): preservation status, once known
+        self.waiting: List[KVSinkLayer] = []   # layers updated before the status was known
+
+
+# ============================================================================ the cache
+
+def _cache_base():
+    return _cache_utils().Cache
+
+
+class KVSinkCache(_cache_base()):
+    """A transformers ``Cache`` holding a kvsink quantized KV cache (docs/11-transformers.md).
+
+    Parameters
+    ----------
+    model : a decoder-only transformers ``PreTrainedModel`` (``*ForCausalLM`` or
+        its base model) whose attention uses transformers' ``AttentionInterface``
+        (Llama, Qwen2, Mistral, Gemma-3 families...).  Its attention
+        implementation is set to ``"kvsink"`` and hooks are added (once per model;
+        :func:`uninstall` or :meth:`detach` removes them and restores the
+        previous implementation).  Without a ``KVSinkCache`` in a forward call,
+        the ``"kvsink"`` implementation behaves as ``"sdpa"``.
+    config : KVSinkConfig.  ``preserve`` may be ``"none"``, ``"pfn"``,
+        ``"kvsink"`` or a union; ``"oracle"`` needs attention probabilities of
+        the future and is refused.  If ``"kvsink"`` is configured and the
+        predictor fields are not all set, the predictor is calibrated here.
+    calibration_ids : optional token ids ``(N,)`` or ``(1, N)`` to calibrate on.
+    calibration_text : optional text to calibrate on (needs ``tokenizer``).
+    tokenizer : tokenizer of the model, to tokenize the calibration text; the
+        default text is the first 512 tokens of ``accelerated/data/default_corpus.txt``.
+
+    Attributes
+    ----------
+    config : the KVSinkConfig in use (predictor fields filled when calibrated).
+    predictor : ``reference.predictor.SinkPredictor`` or None when ``"kvsink"``
+        is not configured.
+    layers : one ``KVSinkLayer`` per full-attention layer, transformers'
+        ``DynamicSlidingWindowLayer`` (full precision) per sliding-window layer.
+
+    Raises
+    ------
+    ValueError at construction for what is not supported: encoder-decoder
+    models, multi-head latent attention (MLA), a config without
+    ``num_key_value_heads``, attention logit soft-capping, linear / chunked /
+    other non-standard layer types, models whose every layer is a sliding
+    window, models that do not use transformers' attention interface,
+    ``preserve`` containing ``"oracle"``, and a predictor layer out of range.
+    """
+
+    def __init__(self, model, config: KVSinkConfig, *, calibration_ids=None,
+                 calibration_text: Optional[str] = None, tokenizer=None):
+        if not isinstance(config, KVSinkConfig):
+            raise TypeError(f"config must be a KVSinkConfig, got {type(config).__name__}")
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+        text_config = _text_config(model)
+        _check_supported(model, text_config, config)
+        layer_types = _layer_types(text_config)
+        base = model.base_model
+        decoder_layers = _decoder_layers(base, text_config)
+        num_layers = len(layer_types)
+
+        cu = _cache_utils()
+        layers = []
+        for i, kind in enumerate(layer_types):
+            if kind == "full_attention":
+                layers.append(KVSinkLayer(config, i))
+            else:  # sliding_attention (checked above)
+                window = _sliding_window(text_config, i)
+                layers.append(cu.DynamicSlidingWindowLayer(sliding_window=window))
+        super().__init__(layers=layers)
+        self.num_hidden_layers = num_layers
+        self.has_full_precision_layers = any(not isinstance(l, KVSinkLayer) for l in layers)
+
+        # quantization options the streaming layer refuses surface now, not mid-generate
+        _probe_store(config)
+
+        self.predictor = None
+        if "kvsink" in config.preserve:
+            if not config.predictor_ready:
+                config = _calibrate(model, config, calibration_ids, calibration_text, tokenizer)
+            from reference.predictor import SinkPredictor
+            self.predictor = SinkPredictor.from_config(config)
+            if self.predictor.layer > num_layers:
+                raise ValueError(
+                    f"config.predictor_layer={self.predictor.layer} is out of range: the model has "
+                    f"hidden states 0..{num_layers} (0 = embeddings, l = output of decoder layer l-1)")
+            hidden_size = getattr(text_config, "hidden_size", None)
+            if hidden_size is not None and max(self.predictor.channels) >= hidden_size:
+                raise ValueError(
+                    f"config.predictor_channels={self.predictor.channels} names a channel >= the "
+                    f"model's hidden_size={hidden_size}")
+        self.config = config
+        self._model_ref = weakref.ref(model)
+        self._base_ref = weakref.ref(base)
+        self._decoder_layers = len(decoder_layers)
+        self._valid_hist: Optional[torch.Tensor] = None     # bool (B, T)
+        self._pred_hist: Optional[torch.Tensor] = None      # bool (B, T), kvsink only
+        self._flag_hist: Optional[torch.Tensor] = None      # bool (B, T): preservation status
+        self._step: Optional[_Step] = None
+        install(model)
+        if getattr(model, "training", False):
+            warnings.warn("the model is in training mode; KVSinkCache is for inference (call "
+                          "model.eval()): its attention ignores dropout", stacklevel=2)
+
+    # ------------------------------------------------------------------ transformers Cache API
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if not isinstance(layer, KVSinkLayer):
+            return layer.update(key_states, value_states)
+        step = self._step
+        if step is None:
+            raise RuntimeError(
+                "KVSinkCache.update was called outside a forward of the model the cache was built "
+                "for (its hooks bind the cache to the forward call); pass the cache to that "
+                "model's forward / generate as past_key_values")
+        model = self._model_ref()
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if impl != ATTENTION_NAME:
+            raise RuntimeError(
+                f"the model's attention implementation is {impl!r}, not {ATTENTION_NAME!r}: the "
+                "KVSinkCache only works with it (it was set at construction; did something call "
+                "model.set_attn_implementation since?)")
+        n = key_states.shape[-2]
+        self._begin_tokens(step, n, key_states.shape[0], key_states.device)
+        layer.update(key_states, value_states, valid=step.valid)
+        if step.flags is not None:
+            layer.resolve(step.flags)
+        else:
+            step.waiting.append(layer)
+        return key_states, value_states
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        self._valid_hist, self._pred_hist, self._flag_hist = (
+            None if h is None else h.index_select(0, beam_idx.to(h.device))
+            for h in (self._valid_hist, self._pred_hist, self._flag_hist))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self._valid_hist, self._pred_hist, self._flag_hist = (
+            None if h is None else h.repeat_interleave(repeats, dim=0)
+            for h in (self._valid_hist, self._pred_hist, self._flag_hist))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self._valid_hist, self._pred_hist, self._flag_hist = (
+            None if h is None else h[indices.to(h.device) if isinstance(indices, torch.Tensor) else indices]
+            for h in (self._valid_hist, self._pred_hist, self._flag_hist))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        n = 0 if self._valid_hist is None else self._valid_hist.shape[1]
+        keep = n - abs(tokens_to_remove) if tokens_to_remove <= 0 else min(tokens_to_remove, n)
+        super().crop(tokens_to_remove)
+        keep = max(keep, 0)
+        self._valid_hist, self._pred_hist, self._flag_hist = (
+            None if h is None else h[:, :keep]
+            for h in (self._valid_hist, self._pred_hist, self._flag_hist))
+
+    def reset(self):
+        super().reset()
+        self._valid_hist = self._pred_hist = self._flag_hist = None
+        self._step = None
+
+    # ------------------------------------------------------------------ kvsink API
+    def nbytes(self) -> int:
+        """Bytes actually held: the sum of :meth:`layer_nbytes` (docs/06-cache.md's formula for
+        kvsink layers; key + value tensors for full-precision sliding-window layers)."""
+        return sum(self.layer_nbytes())
+
+    def layer_nbytes(self) -> List[int]:
+        out = []
+        for layer in self.layers:
+            if isinstance(layer, KVSinkLayer):
+                out.append(layer.nbytes())
+            else:
+                out.append(sum(t.numel() * t.element_size() for t in (layer.keys, layer.values)
+                               if isinstance(t, torch.Tensor)))
+        return out
+
+    @property
+    def preserved_mask(self) -> Optional[torch.Tensor]:
+        """bool ``(B, T)``: the tokens kept at full precision (the same in every kvsink layer)."""
+        return self._flag_hist
+
+    @property
+    def predicted_sinks(self) -> Optional[torch.Tensor]:
+        """bool ``(B, T)``: the KVSink predictor's output per slot (None without ``"kvsink"``)."""
+        return self._pred_hist
+
+    @property
+    def valid_mask(self) -> Optional[torch.Tensor]:
+        """bool ``(B, T)``: False for padding slots."""
+        return self._valid_hist
+
+    def preserved_positions(self) -> List[List[int]]:
+        """Per batch row, the sorted slot positions that are preserved."""
+        if self._flag_hist is None:
+            return []
+        return [torch.nonzero(row).flatten().tolist() for row in self._flag_hist.cpu()]
+
+    def detach(self) -> None:
+        """Remove the kvsink hooks from the model and restore its previous attention implementation."""
+        model = self._model_ref()
+        if model is not None:
+            uninstall(model)
+
+    # ------------------------------------------------------------------ step machinery (hooks)
+    def _begin_step(self, mask2d) -> None:
+        if self._step is not None or any(
+                isinstance(l, KVSinkLayer) and l.store is not None and _has_pending(l.store)
+                for l in self.layers):
+            raise RuntimeError("KVSinkCache: the previous forward pass did not finish (an exception?), "
+                               "so some tokens were never resolved; call cache.reset() to start over")
+        if mask2d is not None:
+            if not isinstance(mask2d, torch.Tensor) or mask2d.dim() != 2:
+                shape = getattr(mask2d, "shape", None)
+                raise ValueError(
+                    f"KVSinkCache needs a 2-D attention_mask (batch, past + new tokens) with 1 for "
+                    f"real tokens and 0 for padding, got shape {shape}; pass the tokenizer's mask")
+            mask2d = mask2d.bool()
+        self._step = _Step(mask2d)
+
+    def _begin_tokens(self, step: _Step, n: int, batch: int, device) -> None:
+        """First sight of the step's tokens (first layer update, or the predictor hook)."""
+        if step.n is not None:
+            if step.n != n:
+                raise RuntimeError(f"KVSinkCache: a layer received {n} new tokens, another {step.n} "
+                                   "in the same forward")
+            return
+        past = 0 if self._valid_hist is None else self._valid_hist.shape[1]
+        if self._valid_hist is not None and self._valid_hist.shape[0] != batch:
+            raise ValueError(f"KVSinkCache holds a batch of {self._valid_hist.shape[0]} sequences, the "
+                             f"forward has {batch}")
+        if step.mask2d is None:
+            valid = torch.ones(batch, n, dtype=torch.bool, device=device)
+        else:
+            if step.mask2d.shape != (batch, past + n):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(step.mask2d.shape)}; with {past} cached and {n} "
+                    f"new tokens it must be ({batch}, {past + n}) (cached + new slots)")
+            valid = step.mask2d[:, past:].to(device)
+        step.n, step.valid = n, valid
+        home = device if self._valid_hist is None else self._valid_hist.device
+        self._valid_hist = _cat(self._valid_hist, valid.to(home))
+        if self.predictor is None:
+            self._set_flags(step, None)
+
+    def _set_flags(self, step: _Step, predicted: Optional[torch.Tensor]) -> None:
+        if predicted is not None:
+            self._pred_hist = _cat(self._pred_hist, predicted.to(self._valid_hist.device))
+        flags = _preserved_set(self.config, self._valid_hist, self._pred_hist)
+        if flags.shape != self._valid_hist.shape:
+            raise RuntimeError(f"preserved_set returned shape {tuple(flags.shape)}, expected "
+                               f"{tuple(self._valid_hist.shape)}")
+        n = step.n
+        step.flags = flags[:, -n:] if n else flags[:, :0]
+        prev = 0 if self._flag_hist is None else self._flag_hist.shape[1]
+        if prev + n != flags.shape[1]:
+            raise RuntimeError("KVSinkCache: preservation history out of step")
+        self._flag_hist = flags
+        for layer in step.waiting:
+            layer.resolve(step.flags)
+        step.waiting.clear()
+
+    def _on_predictor_input(self, hidden: torch.Tensor) -> None:
+        step = self._step
+        if step is None or step.flags is not None:
+            return
+        self._begin_tokens(step, hidden.shape[1], hidden.shape[0], hidden.device)
+        p = self.predictor
+        predicted = _predict_sinks(hidden, p.channels, p.threshold)
+        self._set_flags(step, predicted)
+
+    def _end_step(self, last_hidden: Optional[torch.Tensor]) -> None:
+        step = self._step
+        try:
+            if step is None or step.n is None:
+                return
+            if step.flags is None:
+                if self.predictor is not None and self.predictor.layer == self.num_hidden_layers \
+                        and last_hidden is not None:
+                    self._set_flags(step, _predict_sinks(last_hidden, self.predictor.channels,
+                                                         self.predictor.threshold))
+                else:
+                    raise RuntimeError("KVSinkCache: the forward ended before the predictor ran")
+            for layer in self.layers:
+                if isinstance(layer, KVSinkLayer):
+                    layer.flush()
+        finally:
+            self._step = None
+
+
+def _has_pending(store) -> bool:
+    p = getattr(store, "n_pending", None)
+    if p is None:
+        return False
+    return bool(p() if callable(p) else p)
+
+
+def _cat(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
+    return b.clone() if a is None else torch.cat([a, b], dim=1)
+
+
+# ============================================================================ construction checks
+
+def _text_config(model):
+    cfg = model.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ValueError(f"{type(model).__name__} is an encoder-decoder model; KVSinkCache supports "
+                         "decoder-only models (it quantizes the self-attention cache only)")
+    try:
+        return cfg.get_text_config(decoder=True)
+    except TypeError:  # pragma: no cover - older signature
+        return cfg.get_text_config()
+
+
+def _check_supported(model, text_config, config: KVSinkConfig) -> None:
+    name = type(model).__name__
+    if "oracle" in config.preserve:
+        raise ValueError(
+            "preserve='oracle' is not supported during generation: the attention oracle needs the "
+            "attention every token will receive from later queries; use 'kvsink' and/or 'pfn' "
+            "(the oracle is available in the evaluation code, accelerated/evaluate.py)")
+    if config.quantizer != "uniform":
+        raise ValueError(
+            f"quantizer={config.quantizer!r} is not supported by KVSinkCache yet: the transformers "
+            "integration implements the 'uniform' quantizer (KVQuant-style quantization needs per-layer "
+            "calibration and pre-RoPE keys, see docs/08-kvquant.md and accelerated/evaluate.py); "
+            "use quantizer='uniform'")
+    if getattr(text_config, "kv_lora_rank", None) is not None or \
+            getattr(text_config, "q_lora_rank", None) is not None:
+        raise ValueError(f"{name} uses multi-head latent attention (MLA: kv_lora_rank is set); "
+                         "KVSinkCache supports multi-head / grouped-query attention only")
+    if getattr(text_config, "num_key_value_heads", None) is None:
+        raise ValueError(f"{name}'s config has no num_key_value_heads; KVSinkCache supports "
+                         "multi-head / grouped-query attention models that declare it "
+                         "(Llama, Qwen2, Mistral, Gemma-3 families)")
+    if getattr(text_config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"{name} uses attention logit soft-capping "
+                         f"(attn_logit_softcapping={text_config.attn_logit_softcapping}); "
+                         "KVSinkCache's attention does not implement it")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(f"{name} does not route its attention through transformers' "
+                         "AttentionInterface (_supports_attention_backend is False); KVSinkCache "
+                         "needs it to attend over the quantized cache")
+    types = _layer_types(text_config)
+    bad = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
+    if bad:
+        raise ValueError(f"{name} has layer types {bad}; KVSinkCache supports 'full_attention' "
+                         "(quantized) and 'sliding_attention' (kept at full precision) layers only")
+    if "full_attention" not in types:
+        raise ValueError(
+            f"every attention layer of {name} uses a sliding window "
+            f"(sliding_window={getattr(text_config, 'sliding_window', None)}); KVSinkCache "
+            "quantizes full-attention layers only and keeps sliding-window layers at full precision "
+            "(they hold at most the window), so nothing would be quantized.  If your sequences "
+            "are never longer than the window, load the model with sliding_window=None")
+
+
+def _layer_types(text_config) -> List[str]:
+    n = int(text_config.num_hidden_layers)
+    types = getattr(text_config, "layer_types", None)
+    if types is None:
+        if getattr(text_config, "sliding_window", None) is not None and \
+                getattr(text_config, "use_sliding_window", True):
+            types = ["sliding_attention"] * n
+        elif getattr(text_config, "attention_chunk_size", None) is not None:
+            types = ["chunked_attention"] * n
+        else:
+            types = ["full_attention"] * n
+    types = list(types)[:n]
+    if len(types) != n:
+        raise ValueError(f"config.layer_types has {len(types)} entries for {n} layers")
+    return types
+
+
+def _sliding_window(text_config, i: int) -> int:
+    w = getattr(text_config, "sliding_window", None)
+    if w is None:
+        raise ValueError(f"layer {i} is a sliding-window layer but config.sliding_window is None")
+    return int(w)
+
+
+def _decoder_layers(base, text_config):
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{type(base).__name__} has no `layers` ModuleList of decoder layers; "
+                         "KVSinkCache supports models laid out as transformers' decoder-only models")
+    if len(layers) < int(text_config.num_hidden_layers):
+        raise ValueError(f"{type(base).__name__}.layers has {len(layers)} layers, config says "
+                         f"{text_config.num_hidden_layers}")
+    return layers
+
+
+def _probe_store(config: KVSinkConfig) -> None:
+    """Build a streaming layer once so that an option it does not support raises at construction."""
+    try:
+        from . import cache as _C  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"accelerated.cache is needed by KVSinkCache: {e}") from e
+    _new_store(config, torch.empty(0))
+
+
+# ============================================================================ calibration
+
+def _calibrate(model, config: KVSinkConfig, ids, text, tokenizer) -> KVSinkConfig:
+    """``config`` with the predictor fields filled from one full-precision forward pass
+    (``reference.predictor.calibrate_predictor``, docs/04-predictor.md).
+
+    Fields the config already sets win; if the layer and channels are set but not the
+    threshold, the threshold is ``sink_threshold(outlier_scores(h[layer], channels))``.
+    """
+    from reference import predictor as RP
+    if ids is None:
+        if tokenizer is None:
+            raise ValueError(
+                "preserve includes 'kvsink' but the predictor fields (predictor_layer, "
+                "predictor_channels, predictor_threshold) are not all set, so the predictor must be "
+                "calibrated: pass calibration_ids=..., or tokenizer=... (with calibration_text=... or "
+                "the built-in text), or set the fields in the KVSinkConfig")
+        if text is None:
+            text = _DEFAULT_CALIBRATION_FILE.read_text(encoding="utf-8") \
+                if _DEFAULT_CALIBRATION_FILE.exists() else _SHORT_TEXT
+            ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :CALIBRATION_TOKENS]
+        else:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    elif text is not None:
+        raise ValueError("pass calibration_ids or calibration_text, not both")
+    ids = torch.as_tensor(ids)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 2:
+        raise ValueError(f"calibration_ids must be (N,) or (1, N) token ids with N >= 2, got "
+                         f"shape {tuple(ids.shape)}")
+    device = model.get_input_embeddings().weight.device
+    with torch.no_grad():
+        out = model(input_ids=ids.to(device), output_hidden_states=True, use_cache=False)
+    hidden = [h[0].detach().float().cpu().numpy() for h in out.hidden_states]
+    layer, channels, threshold = config.predictor_layer, config.predictor_channels, \
+        config.predictor_threshold
+    if layer is not None and layer >= len(hidden):
+        raise ValueError(f"config.predictor_layer={layer} is out of range: the model has hidden "
+                         f"states 0..{len(hidden) - 1}")
+    if layer is None or not channels:
+        pred = RP.calibrate_predictor(hidden)
+        layer = pred.layer if layer is None else layer
+        channels = pred.channels if not channels else channels
+        if threshold is None and (layer, tuple(channels)) == (pred.layer, tuple(pred.channels)):
+            threshold = pred.threshold
+    if threshold is None:
+        threshold = RP.sink_threshold(RP.outlier_scores(hidden[layer], channels))
+    return config.replace(predictor_layer=int(layer), predictor_channels=tuple(int(c) for c in channels),
+                          predictor_threshold=float(threshold))
+
+
+# ============================================================================ attention function + hooks
+
+def _active_cache() -> Optional[KVSinkCache]:
+    stack = getattr(_LOCAL, "stack", None)
+    return stack[-1] if stack else None
+
+
+def kvsink_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                     scaling: Optional[float] = None, **kwargs):
+    """transformers attention function ``"kvsink"`` (see ``AttentionInterface``).
+
+    For a layer held by the active :class:`KVSinkCache` as a :class:`KVSinkLayer`:
+    ``attend`` over its cache (``key``/``value`` are then only the step's new
+    tokens, already in the cache, and ``attention_mask`` is ignored: causality is
+    by cache slot, padding by the cache's validity flags).  Otherwise: transformers'
+    ``sdpa_attention_forward``.  Returns ``(B, n, Hq, D), None``.
+    """
+    cache = _active_cache()
+    layer_idx = getattr(module, "layer_idx", None)
+    if cache is not None and layer_idx is not None and layer_idx < len(cache.layers) \
+            and isinstance(cache.layers[layer_idx], KVSinkLayer):
+        layer = cache.layers[layer_idx]
+        if dropout:
+            raise ValueError("kvsink attention is inference only (dropout > 0); call model.eval()")
+        for name in ("softcap", "s_aux", "sinks"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"kvsink attention does not support {name!r}")
+        if kwargs.get("sliding_window") is not None:
+            raise ValueError(f"layer {layer_idx} received sliding_window={kwargs['sliding_window']} "
+                             "but is a full-attention kvsink layer")
+        if layer._last_new != query.shape[-2]:
+            raise RuntimeError(f"kvsink attention: layer {layer_idx} got {query.shape[-2]} queries "
+                               f"but {layer._last_new} new tokens")
+        out = layer.attend(query, scaling)
+        return out.transpose(1, 2).contiguous(), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, **kwargs)
+
+
+def _kvsink_mask(*args, **kwargs):
+    """Mask interface ``"kvsink"``: no mask while a KVSinkCache without full-precision layers is
+    active (causality/padding live in the cache); transformers' sdpa mask otherwise."""
+    cache = _active_cache()
+    if cache is not None and not cache.has_full_precision_layers:
+        return None
+    from transformers.masking_utils import sdpa_mask
+    return sdpa_mask(*args, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(ATTENTION_NAME, kvsink_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _kvsink_mask)
+
+
+def _find_cache(kwargs) -> Optional[KVSinkCache]:
+    for key in ("cache", "past_key_values"):
+        c = kwargs.get(key)
+        if isinstance(c, KVSinkCache):
+            return c
+    return None
+
+
+def install(model) -> None:
+    """Register the ``"kvsink"`` attention, set it on ``model`` and add the hooks (idempotent)."""
+    _register()
+    if getattr(model, "_kvsink_hooks", None) is not None:
+        if model.config._attn_implementation != ATTENTION_NAME:
+            model.set_attn_implementation(ATTENTION_NAME)
+        return
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    if model.config._attn_implementation != ATTENTION_NAME:
+        raise ValueError(f"{type(model).__name__} refused attn_implementation={ATTENTION_NAME!r} "
+                         f"(it stays {model.config._attn_implementation!r}); it does not support "
+                         "setting its attention implementation through AttentionInterface")
+    base = model.base_model
+    decoder_layers = base.layers
+    sig = inspect.signature(base.forward)
+
+    def bind(args, kwargs):
+        if args:
+            try:
+                return dict(sig.bind_partial(*args, **kwargs).arguments)
+            except TypeError:
+                return kwargs
+        return kwargs
+
+    def pre_forward(module, args, kwargs):
+        params = bind(args, kwargs)
+        cache = _find_cache(params)
+        stack = _LOCAL.__dict__.setdefault("stack", [])
+        stack.append(cache)
+        if cache is not None:
+            cache._begin_step(params.get("attention_mask"))
+
+    def post_forward(module, args, kwargs, output):
+        cache = _active_cache()
+        if cache is not None:
+            last = getattr(output, "last_hidden_state", None)
+            if last is None and isinstance(output, (tuple, list)) and output:
+                last = output[0]
+            cache._end_step(last)
+
+    def cleanup(module, args, kwargs, output):
+        stack = getattr(_LOCAL, "stack", None)
+        if stack:
+            cache = stack.pop()
+            if cache is not None:
+                cache._step = None
+
+    def make_layer_hook(idx):
+        def layer_pre(module, args, kwargs):
+            cache = _active_cache()
+            if cache is not None and cache.predictor is not None and cache.predictor.layer == idx:
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                cache._on_predictor_input(hidden)
+        return layer_pre
+
+    handles = [
+        base.register_forward_pre_hook(pre_forward, with_kwargs=True),
+        base.register_forward_hook(post_forward, with_kwargs=True),
+        base.register_forward_hook(cleanup, with_kwargs=True, always_call=True),
+    ]
+    for i, layer in enumerate(decoder_layers):
+        handles.append(layer.register_forward_pre_hook(make_layer_hook(i), with_kwargs=True))
+    model._kvsink_hooks = handles
+    model._kvsink_previous_attn = previous
+
+
+def uninstall(model) -> None:
+    """Remove the kvsink hooks from ``model`` and restore its previous attention implementation."""
+    handles = getattr(model, "_kvsink_hooks", None)
+    if handles is None:
+        return
+    for h in handles:
+        h.remove()
+    previous = getattr(model, "_kvsink_previous_attn", None)
+    model._kvsink_hooks = None
+    if previous is not None and model.config._attn_implementation == ATTENTION_NAME:
+        model.set_attn_implementation(previous)
