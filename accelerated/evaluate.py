@@ -371,55 +371,8 @@ def fake_quantize_kv(keys: torch.Tensor, values: torch.Tensor, config: KVSinkCon
 
 # =========================================================================== predictor
 
-def calibrate_config(model, config: KVSinkConfig, input_ids=None, *, tokenizer=None) -> KVSinkConfig:
-    """``config`` with the KVSink predictor fields filled in (returned as is if already set).
-
-    Calibration runs one full-precision forward pass with
-    ``output_hidden_states=True`` over ``input_ids`` (``(N,)`` or ``(1, N)``;
-    default: the first 512 tokens of the packaged default corpus tokenized
-    as is with ``tokenizer`` — the same text as ``KVSinkCache``'s default
-    calibration) and applies ``accelerated.predictor.calibrate_predictor``
-    (docs/04-predictor.md).  Fields the config already sets win: if the layer
-    or the channels are given but not the threshold, the threshold is
-    ``sink_threshold(outlier_scores(hidden[layer], channels))`` over the
-    calibration tokens.  Raises ``ValueError`` (from the predictor) when the
-    model shows no stable outlier channel, e.g. a randomly initialised model.
-    """
-    _check_config(config)
-    if config.predictor_ready:
-        return config
-    from . import predictor as PR
-    if input_ids is None:
-        if tokenizer is None:
-            raise ValueError("calibrate_config needs input_ids or a tokenizer (to tokenize the "
-                             "default calibration text)")
-        text = default_corpus_path().read_text(encoding="utf-8")
-        input_ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :512]
-    ids = torch.as_tensor(input_ids).reshape(1, -1).to(_device(model))
-    with torch.no_grad():
-        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
-    hidden = [h[0].float() for h in out.hidden_states]
-    if config.predictor_layer is not None and config.predictor_layer >= len(hidden):
-        raise ValueError(f"config.predictor_layer={config.predictor_layer} but the model has "
-                         f"hidden states 0..{len(hidden) - 1}")
-    if config.predictor_layer is None or not config.predictor_channels:
-        pred = PR.calibrate_predictor(hidden)
-        layer, channels, threshold = int(pred.layer), tuple(int(c) for c in pred.channels), \
-            float(pred.threshold)
-    else:
-        layer, channels, threshold = config.predictor_layer, config.predictor_channels, None
-    if config.predictor_layer is not None:
-        layer = config.predictor_layer
-    if config.predictor_channels:
-        channels = config.predictor_channels
-    if config.predictor_threshold is not None:
-        threshold = config.predictor_threshold
-    elif threshold is None or (layer, channels) != (pred.layer, tuple(pred.channels)):
-        from reference import predictor as RPR
-        scores = PR.outlier_scores(hidden[layer], channels)
-        threshold = float(RPR.sink_threshold(scores.cpu().numpy()))
-    return config.replace(predictor_layer=int(layer), predictor_channels=tuple(channels),
-                          predictor_threshold=float(threshold))
+# calibrate_config lives in accelerated/calibration.py (shared with accelerated.hf); re-exported here.
+from .calibration import calibrate_config  # noqa: E402
 
 
 # =========================================================================== protocols

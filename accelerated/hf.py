@@ -34,6 +34,10 @@ How it plugs in (transformers >= 5.0):
   of all layers (layers ``< p`` have appended them already, layers ``>= p`` are
   resolved at their update); a forward hook on the base model flushes every
   layer when the forward ends.
+* ``quantizer="kvquant"`` (docs/11-transformers.md §11.8): the stores un-rotate keys
+  with ``model_inv_freq(model)`` and the rotary positions of the forward's
+  ``position_ids`` (bound by the base-model pre-hook); the per-layer calibration
+  is given or made by ``accelerated.calibration.calibrate_kvquant_model``.
 """
 
 from __future__ import annotations
@@ -42,7 +46,6 @@ import inspect
 import threading
 import warnings
 import weakref
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -62,25 +65,24 @@ __all__ = [
 
 #: Name of the attention function in transformers' ``AttentionInterface`` (and mask interface).
 ATTENTION_NAME = "kvsink"
-#: Tokens of the default calibration text used when calibrating the predictor.
-CALIBRATION_TOKENS = 512
-_DEFAULT_CALIBRATION_FILE = Path(__file__).with_name("data") / "default_corpus.txt"
-_SHORT_TEXT = (
-    "The history of written knowledge is in large part a history of copying. For most of the "
-    "time in which people have written things down, every book that existed had been produced "
-    "by a person who sat with a pen and reproduced a text by hand, one letter after another.")
+from .calibration import CALIBRATION_TOKENS, DEFAULT_CALIBRATION_FILE as _DEFAULT_CALIBRATION_FILE  # noqa: E402,F401
 
 _LOCAL = threading.local()
 
 
 # ============================================================================ helpers on other modules
 
-def _new_store(config: KVSinkConfig, key_states: torch.Tensor):
-    """One ``accelerated.cache`` streaming layer for tokens like ``key_states`` (its device, its dtype)."""
+def _new_store(config: KVSinkConfig, key_states: torch.Tensor, kvquant_calibration=None,
+               rope_inv_freq=None):
+    """One ``accelerated.cache`` streaming layer for tokens like ``key_states`` (its device, its dtype);
+    kvquant: with the layer's calibration and the model's rotary ``inv_freq``."""
     from . import cache as C
     cls = getattr(C, "QuantizedKVCacheLayer")
     params = inspect.signature(cls).parameters
     kwargs = {}
+    if config.quantizer == "kvquant":
+        kwargs["kvquant_calibration"] = kvquant_calibration
+        kwargs["rope_inv_freq"] = rope_inv_freq
     if "dtype" in params:
         kwargs["dtype"] = key_states.dtype
     if "device" in params:
@@ -159,10 +161,13 @@ class KVSinkLayer(_layer_base()):
     is_croppable = True
     supports_early_init = False
 
-    def __init__(self, config: KVSinkConfig, layer_idx: int):
+    def __init__(self, config: KVSinkConfig, layer_idx: int, *, kvquant_calibration=None,
+                 rope_inv_freq=None):
         super().__init__()
         self.kvsink_config = config
         self.layer_idx = layer_idx
+        self.kvquant_calibration = kvquant_calibration   # kvquant only
+        self.rope_inv_freq = rope_inv_freq               # kvquant only
         self.store = None
         self.device = None
         self._last_new = 0          # tokens appended by the current forward step
@@ -173,16 +178,24 @@ class KVSinkLayer(_layer_base()):
     # -- transformers' layer contract
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
-        self.store = _new_store(self.kvsink_config, key_states)
+        self.store = _new_store(self.kvsink_config, key_states, self.kvquant_calibration,
+                                self.rope_inv_freq)
         self.is_initialized = True
 
-    def update(self, key_states, value_states, *args, valid=None, **kwargs):
-        """Append ``(B, H, n, D)`` tokens (pending); returns the inputs unchanged."""
+    def update(self, key_states, value_states, *args, valid=None, rope_positions=None, **kwargs):
+        """Append ``(B, H, n, D)`` tokens (pending); returns the inputs unchanged.
+
+        ``rope_positions`` (kvquant only): int ``(B, n)``, the rotary positions of the
+        new tokens (the model's ``position_ids``); None = their slot positions."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if valid is not None:
             valid = valid.to(self.device)
-        self.store.update(key_states, value_states, valid=valid)
+        if rope_positions is None:
+            self.store.update(key_states, value_states, valid=valid)
+        else:
+            self.store.update(key_states, value_states, valid=valid,
+                              rope_positions=rope_positions.to(self.device))
         self._last_new = key_states.shape[-2]
         return key_states, value_states
 
@@ -263,10 +276,12 @@ class KVSinkLayer(_layer_base()):
 class _Step:
     """What one forward pass of the model with a ``KVSinkCache`` shares between hooks."""
 
-    def __init__(self, mask2d: Optional[torch.Tensor]):
+    def __init__(self, mask2d: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None):
         self.mask2d = mask2d
+        self.position_ids = position_ids   # the forward's position_ids / cache_position (kvquant)
         self.n = None            # new tokens of the step
         self.valid = None        # bool (B, n)
+        self.rope = None         # int (B, n): rotary positions of the new tokens (kvquant), or None
         self.flags = None        # bool (B, n): preservation status, once known
         self.waiting: List[KVSinkLayer] = []   # layers updated before the status was known
 
@@ -293,6 +308,14 @@ class KVSinkCache(_cache_base()):
         ``"kvsink"`` or a union; ``"oracle"`` needs attention probabilities of
         the future and is refused.  If ``"kvsink"`` is configured and the
         predictor fields are not all set, the predictor is calibrated here.
+    kvquant_calibration : ``quantizer="kvquant"`` only: None, or a list with one
+        ``KVQuantCalibration`` per decoder layer (``accelerated.kvquant.calibrate_kvquant_layers``,
+        ``accelerated.calibration.calibrate_kvquant_model``).  None: for ``kvquant_datatype="nf"``
+        with ``outlier_fraction=0`` none is needed; otherwise the layers are calibrated here on the
+        calibration ids/text (pre-RoPE keys and values captured at ``k_proj`` / ``v_proj``, the
+        calibration text's preserved tokens excluded, docs/08-kvquant.md §8.14).  The keys are
+        un-rotated with ``model_inv_freq(model)`` and each token's rotary position (the forward's
+        ``position_ids``) before quantization.
     calibration_ids : optional token ids ``(N,)`` or ``(1, N)`` to calibrate on.
     calibration_text : optional text to calibrate on (needs ``tokenizer``).
     tokenizer : tokenizer of the model, to tokenize the calibration text; the
@@ -316,7 +339,7 @@ class KVSinkCache(_cache_base()):
     ``preserve`` containing ``"oracle"``, and a predictor layer out of range.
     """
 
-    def __init__(self, model, config: KVSinkConfig, *, calibration_ids=None,
+    def __init__(self, model, config: KVSinkConfig, *, kvquant_calibration=None, calibration_ids=None,
                  calibration_text: Optional[str] = None, tokenizer=None):
         if not isinstance(config, KVSinkConfig):
             raise TypeError(f"config must be a KVSinkConfig, got {type(config).__name__}")
@@ -329,11 +352,40 @@ class KVSinkCache(_cache_base()):
         decoder_layers = _decoder_layers(base, text_config)
         num_layers = len(layer_types)
 
+        # predictor and KVQuant calibration (one full-precision pass over the calibration ids)
+        from . import calibration as CAL
+        kvq_cals, inv_freq = [None] * num_layers, None
+        if config.quantizer == "kvquant":
+            from .kvquant import model_inv_freq
+            try:
+                inv_freq = model_inv_freq(model)
+            except ValueError:
+                raise ValueError(
+                    f"quantizer='kvquant' needs the model's one rotary frequency buffer to un-rotate "
+                    f"the keys, and {type(model).__name__} has no 'rotary_emb.inv_freq' (e.g. Gemma-3's "
+                    "per-layer-type rotary embeddings); use quantizer='uniform' with this model") from None
+            if kvquant_calibration is not None:
+                kvq_cals = _check_kvquant_calibrations(kvquant_calibration, config, text_config,
+                                                       num_layers)
+            elif config.kvquant_datatype != "nf" or config.outlier_fraction != 0:
+                config, kvq_cals = CAL.calibrate_kvquant_model(
+                    model, config, calibration_ids, text=calibration_text, tokenizer=tokenizer)
+                if len(kvq_cals) != num_layers:
+                    raise ValueError(f"captured keys of {len(kvq_cals)} attention layers, the model "
+                                     f"has {num_layers}; pass kvquant_calibration=...")
+        elif kvquant_calibration is not None:
+            raise ValueError("kvquant_calibration is only used by quantizer='kvquant' (the config has "
+                             f"quantizer={config.quantizer!r}); leave it None")
+        if "kvsink" in config.preserve and not config.predictor_ready:
+            config = CAL.calibrate_config(model, config, calibration_ids, text=calibration_text,
+                                          tokenizer=tokenizer)
+
         cu = _cache_utils()
         layers = []
         for i, kind in enumerate(layer_types):
             if kind == "full_attention":
-                layers.append(KVSinkLayer(config, i))
+                layers.append(KVSinkLayer(config, i, kvquant_calibration=kvq_cals[i],
+                                          rope_inv_freq=inv_freq))
             else:  # sliding_attention (checked above)
                 window = _sliding_window(text_config, i)
                 layers.append(cu.DynamicSlidingWindowLayer(sliding_window=window))
@@ -342,12 +394,11 @@ class KVSinkCache(_cache_base()):
         self.has_full_precision_layers = any(not isinstance(l, KVSinkLayer) for l in layers)
 
         # quantization options the streaming layer refuses surface now, not mid-generate
-        _probe_store(config)
+        _probe_store(config, kvq_cals[next(i for i, k in enumerate(layer_types) if k == "full_attention")],
+                     inv_freq)
 
         self.predictor = None
         if "kvsink" in config.preserve:
-            if not config.predictor_ready:
-                config = _calibrate(model, config, calibration_ids, calibration_text, tokenizer)
             from reference.predictor import SinkPredictor
             self.predictor = SinkPredictor.from_config(config)
             if self.predictor.layer > num_layers:
@@ -392,7 +443,7 @@ class KVSinkCache(_cache_base()):
                 "model.set_attn_implementation since?)")
         n = key_states.shape[-2]
         self._begin_tokens(step, n, key_states.shape[0], key_states.device)
-        layer.update(key_states, value_states, valid=step.valid)
+        layer.update(key_states, value_states, valid=step.valid, rope_positions=step.rope)
         if step.flags is not None:
             layer.resolve(step.flags)
         else:
@@ -475,7 +526,7 @@ class KVSinkCache(_cache_base()):
             uninstall(model)
 
     # ------------------------------------------------------------------ step machinery (hooks)
-    def _begin_step(self, mask2d) -> None:
+    def _begin_step(self, mask2d, position_ids=None) -> None:
         if self._step is not None or any(
                 isinstance(l, KVSinkLayer) and l.store is not None and _has_pending(l.store)
                 for l in self.layers):
@@ -488,7 +539,9 @@ class KVSinkCache(_cache_base()):
                     f"KVSinkCache needs a 2-D attention_mask (batch, past + new tokens) with 1 for "
                     f"real tokens and 0 for padding, got shape {shape}; pass the tokenizer's mask")
             mask2d = mask2d.bool()
-        self._step = _Step(mask2d)
+        if self.config.quantizer != "kvquant":
+            position_ids = None
+        self._step = _Step(mask2d, position_ids)
 
     def _begin_tokens(self, step: _Step, n: int, batch: int, device) -> None:
         """First sight of the step's tokens (first layer update, or the predictor hook)."""
@@ -510,6 +563,8 @@ class KVSinkCache(_cache_base()):
                     f"new tokens it must be ({batch}, {past + n}) (cached + new slots)")
             valid = step.mask2d[:, past:].to(device)
         step.n, step.valid = n, valid
+        if self.config.quantizer == "kvquant":
+            step.rope = _rope_positions(step.position_ids, batch, n, device)
         home = device if self._valid_hist is None else self._valid_hist.device
         self._valid_hist = _cat(self._valid_hist, valid.to(home))
         if self.predictor is None:
@@ -560,6 +615,51 @@ class KVSinkCache(_cache_base()):
             self._step = None
 
 
+def _rope_positions(position_ids, batch: int, n: int, device) -> Optional[torch.Tensor]:
+    """int64 ``(B, n)`` rotary positions of the step's tokens from the forward's ``position_ids``
+    (``(B, n)`` or ``(1, n)``) or ``cache_position`` (``(n,)``); None = the slot positions (what the
+    model computes itself when it receives neither)."""
+    if position_ids is None:
+        return None
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point:
+        raise TypeError(f"position_ids must be an integer tensor, got {type(position_ids).__name__}")
+    p = position_ids
+    if p.dim() == 1:
+        p = p[None]
+    if p.dim() != 2 or p.shape[-1] != n or p.shape[0] not in (1, batch):
+        raise ValueError(f"KVSinkCache (quantizer='kvquant') needs position_ids of shape (B, n) = "
+                         f"({batch}, {n}) or (1, {n}) to know each token's rotary position, got "
+                         f"{tuple(position_ids.shape)} (multi-axis rotary positions are not supported)")
+    return p.to(device=device, dtype=torch.int64).expand(batch, n)
+
+
+def _check_kvquant_calibrations(cals, config: KVSinkConfig, text_config, num_layers: int) -> list:
+    """``kvquant_calibration=``: a list of one ``KVQuantCalibration`` per decoder layer (an entry of a
+    sliding-window layer may be None), each fitting the config and the model's KV heads / head dim."""
+    from reference.kvquant import KVQuantCalibration as RefCal
+    if isinstance(cals, RefCal) or not isinstance(cals, (list, tuple)):
+        raise TypeError("kvquant_calibration must be a list with one KVQuantCalibration per decoder "
+                        "layer (accelerated.kvquant.calibrate_kvquant_layers or "
+                        f"accelerated.calibration.calibrate_kvquant_model), got {type(cals).__name__}")
+    if len(cals) != num_layers:
+        raise ValueError(f"kvquant_calibration has {len(cals)} entries; the model has {num_layers} "
+                         "decoder layers (one calibration per layer)")
+    types = _layer_types(text_config)
+    h = int(text_config.num_key_value_heads)
+    d = getattr(text_config, "head_dim", None) or         int(text_config.hidden_size) // int(text_config.num_attention_heads)
+    for i, cal in enumerate(cals):
+        if types[i] != "full_attention" and cal is None:
+            continue
+        if not isinstance(cal, RefCal):
+            raise TypeError(f"kvquant_calibration[{i}] must be a KVQuantCalibration, got "
+                            f"{type(cal).__name__}")
+        try:
+            cal.check(config, h, int(d))
+        except ValueError as exc:
+            raise ValueError(f"kvquant_calibration[{i}] does not fit: {exc}") from None
+    return list(cals)
+
+
 def _has_pending(store) -> bool:
     p = getattr(store, "n_pending", None)
     if p is None:
@@ -591,12 +691,6 @@ def _check_supported(model, text_config, config: KVSinkConfig) -> None:
             "preserve='oracle' is not supported during generation: the attention oracle needs the "
             "attention every token will receive from later queries; use 'kvsink' and/or 'pfn' "
             "(the oracle is available in the evaluation code, accelerated/evaluate.py)")
-    if config.quantizer != "uniform":
-        raise ValueError(
-            f"quantizer={config.quantizer!r} is not supported by KVSinkCache yet: the transformers "
-            "integration implements the 'uniform' quantizer (KVQuant-style quantization needs per-layer "
-            "calibration and pre-RoPE keys, see docs/08-kvquant.md and accelerated/evaluate.py); "
-            "use quantizer='uniform'")
     if getattr(text_config, "kv_lora_rank", None) is not None or \
             getattr(text_config, "q_lora_rank", None) is not None:
         raise ValueError(f"{name} uses multi-head latent attention (MLA: kv_lora_rank is set); "
@@ -662,65 +756,13 @@ def _decoder_layers(base, text_config):
     return layers
 
 
-def _probe_store(config: KVSinkConfig) -> None:
+def _probe_store(config: KVSinkConfig, kvquant_calibration=None, rope_inv_freq=None) -> None:
     """Build a streaming layer once so that an option it does not support raises at construction."""
     try:
         from . import cache as _C  # noqa: F401
     except ImportError as e:
         raise ImportError(f"accelerated.cache is needed by KVSinkCache: {e}") from e
-    _new_store(config, torch.empty(0))
-
-
-# ============================================================================ calibration
-
-def _calibrate(model, config: KVSinkConfig, ids, text, tokenizer) -> KVSinkConfig:
-    """``config`` with the predictor fields filled from one full-precision forward pass
-    (``reference.predictor.calibrate_predictor``, docs/04-predictor.md).
-
-    Fields the config already sets win; if the layer and channels are set but not the
-    threshold, the threshold is ``sink_threshold(outlier_scores(h[layer], channels))``.
-    """
-    from reference import predictor as RP
-    if ids is None:
-        if tokenizer is None:
-            raise ValueError(
-                "preserve includes 'kvsink' but the predictor fields (predictor_layer, "
-                "predictor_channels, predictor_threshold) are not all set, so the predictor must be "
-                "calibrated: pass calibration_ids=..., or tokenizer=... (with calibration_text=... or "
-                "the built-in text), or set the fields in the KVSinkConfig")
-        if text is None:
-            text = _DEFAULT_CALIBRATION_FILE.read_text(encoding="utf-8") \
-                if _DEFAULT_CALIBRATION_FILE.exists() else _SHORT_TEXT
-            ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :CALIBRATION_TOKENS]
-        else:
-            ids = tokenizer(text, return_tensors="pt")["input_ids"]
-    elif text is not None:
-        raise ValueError("pass calibration_ids or calibration_text, not both")
-    ids = torch.as_tensor(ids)
-    if ids.dim() == 1:
-        ids = ids[None]
-    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 2:
-        raise ValueError(f"calibration_ids must be (N,) or (1, N) token ids with N >= 2, got "
-                         f"shape {tuple(ids.shape)}")
-    device = model.get_input_embeddings().weight.device
-    with torch.no_grad():
-        out = model(input_ids=ids.to(device), output_hidden_states=True, use_cache=False)
-    hidden = [h[0].detach().float().cpu().numpy() for h in out.hidden_states]
-    layer, channels, threshold = config.predictor_layer, config.predictor_channels, \
-        config.predictor_threshold
-    if layer is not None and layer >= len(hidden):
-        raise ValueError(f"config.predictor_layer={layer} is out of range: the model has hidden "
-                         f"states 0..{len(hidden) - 1}")
-    if layer is None or not channels:
-        pred = RP.calibrate_predictor(hidden)
-        layer = pred.layer if layer is None else layer
-        channels = pred.channels if not channels else channels
-        if threshold is None and (layer, tuple(channels)) == (pred.layer, tuple(pred.channels)):
-            threshold = pred.threshold
-    if threshold is None:
-        threshold = RP.sink_threshold(RP.outlier_scores(hidden[layer], channels))
-    return config.replace(predictor_layer=int(layer), predictor_channels=tuple(int(c) for c in channels),
-                          predictor_threshold=float(threshold))
+    _new_store(config, torch.empty(0), kvquant_calibration, rope_inv_freq)
 
 
 # ============================================================================ attention function + hooks
@@ -819,7 +861,10 @@ def install(model) -> None:
         stack = _LOCAL.__dict__.setdefault("stack", [])
         stack.append(cache)
         if cache is not None:
-            cache._begin_step(params.get("attention_mask"))
+            pos = params.get("position_ids")
+            if pos is None:
+                pos = params.get("cache_position")
+            cache._begin_step(params.get("attention_mask"), pos)
 
     def post_forward(module, args, kwargs, output):
         cache = _active_cache()
