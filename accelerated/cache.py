@@ -26,9 +26,9 @@ Semantics (docs/06-cache.md; summary)
 
 Storage (per layer, all on one device)
 --------------------------------------
-Buffers are preallocated and grown geometrically (quantized store x1.5,
-preserved store x2), so appending a token or flushing a block reallocates
-nothing in the steady state.  ``Q`` = code slots held (``blk`` per block, a
+Buffers are preallocated and grown geometrically (see "Growth policy"), so
+appending a token or flushing a block reallocates nothing in the steady state.
+``Q`` = code slots held (``blk`` per block, a
 cropped block keeps its codes), ``Qcap >= Q`` the capacity:
 
 ====================  ==========================================  ===========
@@ -54,16 +54,37 @@ residual statuses     ``(B, Rcap)`` (preserve flags)              bool
 Host-side ints and lists (no tensors) hold the block starts and slot counts,
 the residual window's offset, length and first position, and the pending count.
 
-The residual is a sliding window in its buffer: flushing advances the window's
-start (no copy); appending compacts the window to the front only when the
-buffer's end is reached (amortised two token copies per decode step), and a
-buffer left large by a long prefill is shrunk at the flush that follows it.
+Growth policy
+-------------
+``W = R + blk`` is the most the residual holds between flushes, ``S = max(64,
+W + max(16, W // 2))`` its *steady* capacity.
+
+* Residual: a sliding window in its buffer.  Flushing advances the window's
+  start (no copy); an append that reaches the buffer's end compacts the window
+  to the front of a buffer of ``S`` slots when the window then fits (at most one
+  copy of ``W`` tokens every ``max(16, W // 2)`` decode steps: amortised, two
+  token copies per step); a larger append (a prefill) gets a buffer of exactly
+  the tokens held, or x1.5 the old one when tokens keep arriving without a
+  flush (amortised).  Every flush gives back a buffer larger than ``S``, so
+  after a flush ``Rcap = S`` exactly.
+* Quantized store: grown to ``max(need, 1.25 * Qcap, 64)`` slots, rounded up
+  to a whole block, so ``Qcap < max(1.25 * Q, 64) + blk`` (a prefill's blocks
+  fit exactly; decoding reallocates once per 25 % growth).
+* Preserved store: grown to ``max(need, 1.5 * Pcap, 4)`` columns (+ the scratch
+  column).  :meth:`~QuantizedKVCacheLayer.crop` keeps the capacities.
 
 :meth:`~QuantizedKVCacheLayer.nbytes` is the spec's count (definition 6.17):
 the bytes the cache logically holds, identical to the reference's.
 :meth:`~QuantizedKVCacheLayer.allocated_bytes` is what the buffers occupy:
 ``>= nbytes()`` by the spare capacity, the int64 slot positions kept beside
 the coded flags (attention reads them directly) and the preserved counts.
+With the policy above, after a flush (between crops)
+``allocated_bytes() <= 1.5 * nbytes() + C``, ``C`` = the bytes of ``S - R``
+residual slots, 5 preserved columns and ``blk`` quantized slots, plus the
+preserved counts: a constant of the configuration, not of the sequence length
+(``tests/test_accelerated_cache.py``, 512- and 4,096-token prefills + 100 decode
+steps, SmolLM2-135M layer shapes; the 1.5 covers the int64 positions, 8 bytes
+beside each slot's >= 100 bytes of codes and statistics at these shapes).
 
 KVQuant-style quantizer (``config.quantizer == "kvquant"``, docs/06-cache.md 6.21)
 ---------------------------------------------------------------------------------
@@ -98,12 +119,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from importlib import import_module
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from reference import kvquant as _rkvq
 from reference.config import KVSinkConfig
 from reference.packing import packed_length
 
@@ -111,8 +132,6 @@ from . import attention as _att
 from . import kvquant as _kvq
 from .packing import WORD_DTYPE, pack_codes, unpack_codes
 from .quantize import PackedQuantizedTensor, dequantize, quantize_packed
-
-_rkvq = import_module("reference.kvquant")
 
 __all__ = ["QuantizedKVCacheLayer", "QuantizedKVCache", "QuantizedBlock", "KVQuantCacheBlock",
            "PackedKVQuantTensor"]
@@ -138,6 +157,13 @@ def _grow_dim(t: torch.Tensor, dim: int, new_size: int, fill=0) -> torch.Tensor:
     out = torch.full(shape, fill, dtype=t.dtype, device=t.device)
     out.narrow(dim, 0, t.shape[dim]).copy_(t)
     return out
+
+
+def _block_positions(start: int, num_slots: int, coded: torch.Tensor) -> torch.Tensor:
+    """int64 ``(B, n)``: ``start + j`` at a block's live slots (coded, ``j < num_slots``), -1 elsewhere."""
+    j = torch.arange(coded.shape[1], dtype=torch.int64, device=coded.device)
+    live = coded & (j < num_slots)
+    return torch.where(live, start + j, torch.full_like(j, -1))
 
 
 def _check_dtype(dtype) -> torch.dtype:
@@ -361,7 +387,7 @@ class QuantizedKVCacheLayer:
         if need <= self._qcap:
             return
         b, h, d = self._shape
-        cap = _round_up(max(need, self._qcap + self._qcap // 2, _MIN_CAPACITY), self.block)
+        cap = _round_up(max(need, self._qcap + self._qcap // 4, _MIN_CAPACITY), self.block)
         c = self.config
         new = {}
         for side, bits, axis, group in (("k", c.key_bits, c.key_axis, c.key_group_size),
@@ -387,15 +413,15 @@ class QuantizedKVCacheLayer:
         self._qpos, self._qcoded = pos, coded
         self._qcap = cap
 
-    def _residual_target(self, extra: int) -> int:
-        """Residual capacity for the window plus ``extra`` tokens, with room to slide.
+    def _residual_steady(self) -> int:
+        """Residual capacity while decoding: the window plus room to slide.
 
-        The window holds at most ``R + blk`` tokens between flushes; half as much
-        again (at least 16) lets it slide that many decode steps before one
-        compaction copies it back to the front: amortised, two token copies per step.
+        The window holds at most ``W = R + blk`` tokens between flushes; ``max(16,
+        W // 2)`` more let it slide that many decode steps before one compaction
+        copies it back to the front: amortised, at most two token copies per step.
         """
         window = self.config.residual_length + self.block
-        return max(_MIN_CAPACITY, window + max(16, window // 2), (3 * (self._rlen + extra)) // 2)
+        return max(_MIN_CAPACITY, window + max(16, window // 2))
 
     def _relocate_residual(self, cap: int) -> None:
         """Move the residual window to the front of a buffer of capacity ``cap``."""
@@ -418,19 +444,26 @@ class QuantizedKVCacheLayer:
         self._rcap, self._roff = cap, 0
 
     def _ensure_residual_room(self, n: int) -> None:
+        """Room for ``n`` more tokens after the window (see "Growth policy" above)."""
         if self._roff + self._rlen + n <= self._rcap:
             return
-        target = self._residual_target(n)
-        if self._rlen + n <= self._rcap and self._rcap <= 2 * target:
-            cap = self._rcap                       # compaction only
-        else:
-            cap = max(target, self._rlen + n)
+        steady, need = self._residual_steady(), self._rlen + n
+        if need <= steady:
+            cap = steady                            # compaction (or back to the steady size)
+        else:                                       # a prefill fits exactly; appends without
+            cap = max(need, self._rcap + self._rcap // 2)   # flushing grow x1.5 (amortised)
         self._relocate_residual(cap)
+
+    def _shrink_residual(self) -> None:
+        """After a flush: give back a residual buffer left larger than the steady size."""
+        steady = self._residual_steady()
+        if self._rcap > steady:
+            self._relocate_residual(steady)
 
     def _ensure_preserved_capacity(self, need: int) -> None:
         if need <= self._pcap:
             return
-        cap = max(need, 2 * self._pcap, 4)
+        cap = max(need, self._pcap + self._pcap // 2, 4)
         keep = self._pcap
         b, h, _, d = self._pk.shape
         pk = torch.zeros((b, h, cap + 1, d), dtype=self.dtype, device=self.device)
@@ -616,8 +649,7 @@ class QuantizedKVCacheLayer:
             self._roff += m
             self._rlen -= m
             self._rstart += m
-            if self._rcap > 2 * self._residual_target(0):
-                self._relocate_residual(self._residual_target(0))
+            self._shrink_residual()
             return m // blk
         q0 = self._nq
         self._ensure_quantized_capacity(q0 + m)
@@ -638,8 +670,7 @@ class QuantizedKVCacheLayer:
         self._roff += m
         self._rlen -= m
         self._rstart += m
-        if self._rcap > 2 * self._residual_target(0):
-            self._relocate_residual(self._residual_target(0))
+        self._shrink_residual()
         return m // blk
 
     def _quantize_kvquant_block(self, lo: int, coded: torch.Tensor, start: int) -> "KVQuantCacheBlock":
@@ -1174,9 +1205,7 @@ class KVQuantCacheBlock:
 
     def positions(self) -> torch.Tensor:
         """int64 ``(B, n)``: ``start + j`` at live slots, ``-1`` at the others."""
-        j = torch.arange(self.num_codes, dtype=torch.int64, device=self.coded.device)
-        live = self.coded & (j < self.num_slots)
-        return torch.where(live, self.start + j, torch.full_like(j, -1))
+        return _block_positions(self.start, self.num_slots, self.coded)
 
     def dequantize(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """float32 keys (RoPE re-applied with ``rope_positions``) and values ``(B, H, n, D)``."""
@@ -1231,9 +1260,7 @@ class QuantizedBlock:
 
     def positions(self) -> torch.Tensor:
         """int64 ``(B, n)``: ``start + j`` at live slots, ``-1`` at the others."""
-        j = torch.arange(self.num_codes, dtype=torch.int64, device=self.coded.device)
-        live = self.coded & (j < self.num_slots)
-        return torch.where(live, self.start + j, torch.full_like(j, -1))
+        return _block_positions(self.start, self.num_slots, self.coded)
 
     def __repr__(self) -> str:
         return f"QuantizedBlock(start={self.start}, num_slots={self.num_slots}, num_codes={self.num_codes})"

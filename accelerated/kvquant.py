@@ -28,18 +28,16 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from importlib import import_module
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from reference import kvquant as _ref
 from reference.config import KVSinkConfig
 from reference.packing import check_bits, packed_length
 
 from .packing import pack_codes
-
-_ref = import_module("reference.kvquant")
 
 __all__ = [
     "rope_inv_freq", "rope_angles", "rope_cos_sin", "rotate_half", "apply_rope", "unapply_rope",

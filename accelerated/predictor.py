@@ -17,13 +17,12 @@ called, so the medians are the reference's by construction.
 from __future__ import annotations
 
 import math
-from importlib import import_module
 from typing import Sequence
 
 import numpy as np
 import torch
 
-_ref = import_module("reference.predictor")
+from reference import predictor as _ref
 
 __all__ = [
     "outlier_scores",

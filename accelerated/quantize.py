@@ -42,9 +42,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from importlib import import_module
-
-_ref = import_module("reference.quantize")   # the module (reference/__init__ re-exports a function of that name)
+from reference import quantize as _ref
 from reference.packing import check_bits, packed_length
 
 from .packing import WORD_DTYPE, pack_codes, unpack_codes, words_from_reference, words_to_reference

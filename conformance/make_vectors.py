@@ -43,7 +43,6 @@ import hashlib
 import io
 import json
 import sys
-from importlib import import_module
 from pathlib import Path
 from typing import Dict, List
 
@@ -53,12 +52,11 @@ from reference import attention as ra
 from reference import packing as rpk
 from reference import predictor as rp
 from reference import preserve as rpres
+from reference import quantize as rq
 from reference.cache import QuantizedKVCacheLayer
 from reference.config import KVSinkConfig
 
 from .adapter import round_to_bfloat16
-
-rq = import_module("reference.quantize")
 
 VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
 FORMAT = "kvsink-conformance-vectors"

@@ -24,14 +24,13 @@ reference's ratio ``t = (x - z) / s`` needed by the near-tie rule.
 
 from __future__ import annotations
 
-from importlib import import_module
-
 import numpy as np
 import pytest
 from hypothesis import note, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
+from reference import quantize as rq
 from reference.attention import visible_keys
 from reference.cache import flushed_length
 
@@ -40,8 +39,6 @@ from .adapter import round_to_bfloat16
 from .impls import ReferenceCache
 from .profiles import examples
 from .strategies import cache_configs, kv_tensors, seeds
-
-rq = import_module("reference.quantize")
 
 pytestmark = pytest.mark.part("cache")
 

@@ -20,6 +20,7 @@ only (skipped, with the reason, for other ports).
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -84,13 +85,19 @@ def _config(bits, **kw):
     return KVSinkConfig(**base)
 
 
+def _cache_kw(model) -> str:
+    """The forward's cache argument: ``cache`` (transformers >= 5.2x; ``past_key_values`` deprecated)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def _streamed_logprobs(model, ids, config):
     from accelerated.hf import KVSinkCache
     cache = KVSinkCache(model, config)
+    kw = _cache_kw(model)
     out = []
     with torch.no_grad():
         for t in range(ids.shape[1]):
-            logits = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=ids[:, t:t + 1], **{kw: cache}, use_cache=True).logits
             out.append(torch.log_softmax(logits.double(), -1)[0, 0])
     return torch.stack(out)
 

@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, note, strategies as st
 
-from importlib import import_module
-
-rq = import_module("reference.quantize")  # the module (reference/__init__ exports a function of that name)
+from reference import quantize as rq
 
 from . import tolerances as tol
 from .profiles import examples

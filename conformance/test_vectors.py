@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import json
 import math
-from importlib import import_module
 
 import numpy as np
 import pytest
 
 from reference import attention as ra
+from reference import quantize as rq
 
 from . import make_vectors as mv
 from . import tolerances as tol
 from .adapter import as_bfloat16
-
-rq = import_module("reference.quantize")
 
 MANIFEST = json.loads((mv.VECTORS_DIR / "manifest.json").read_text())
 CASES = {c["name"]: c for c in MANIFEST["cases"]}

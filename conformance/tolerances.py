@@ -14,9 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from importlib import import_module
-
-rq = import_module("reference.quantize")  # the module (reference/__init__ exports a function of that name)
+from reference import quantize as rq
 
 #: float32 unit roundoff ``u = 2**-24``.
 U32 = 2.0**-24

@@ -195,6 +195,17 @@ def _check_rope_positions(rope_positions, valid: np.ndarray, first: int) -> np.n
 # Definition 6.4: one side (keys or values) of a block, stored packed
 # --------------------------------------------------------------------------
 
+def _block_positions(start: int, num_slots: int, coded: np.ndarray) -> np.ndarray:
+    """Positions of a block's code slots: int64 ``(B, n)``.
+
+    ``start + j`` at slot ``j`` if ``coded[:, j]`` and ``j < num_slots`` (a cropped
+    block keeps its codes beyond ``num_slots``), ``-1`` at the others.
+    """
+    j = np.arange(coded.shape[1], dtype=np.int64)
+    live = coded & (j < num_slots)[None, :]
+    return np.where(live, start + j[None, :], np.int64(-1))
+
+
 @dataclass(frozen=True, eq=False)
 class PackedQuantized:
     """A :class:`~reference.quantize.QuantizedTensor` in its stored form (definition 6.4).
@@ -285,9 +296,7 @@ class QuantizedBlock:
 
     def positions(self) -> np.ndarray:
         """int64 ``(B, n)``: ``start + j`` at live slots, ``-1`` at the others."""
-        j = np.arange(self.num_codes, dtype=np.int64)
-        live = self.coded & (j < self.num_slots)[None, :]
-        return np.where(live, self.start + j[None, :], np.int64(-1))
+        return _block_positions(self.start, self.num_slots, self.coded)
 
     def dequantize(self) -> Tuple[np.ndarray, np.ndarray]:
         """float32 keys and values ``(B, H, n, D)`` (every slot; mask with :meth:`positions`)."""
@@ -369,9 +378,7 @@ class KVQuantCacheBlock:
 
     def positions(self) -> np.ndarray:
         """int64 ``(B, n)``: ``start + j`` at live slots, ``-1`` at the others."""
-        j = np.arange(self.num_codes, dtype=np.int64)
-        live = self.coded & (j < self.num_slots)[None, :]
-        return np.where(live, self.start + j[None, :], np.int64(-1))
+        return _block_positions(self.start, self.num_slots, self.coded)
 
     def dequantize(self) -> Tuple[np.ndarray, np.ndarray]:
         """float32 keys (RoPE applied again with :attr:`rope_positions`) and values ``(B, H, n, D)``.

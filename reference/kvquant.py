@@ -359,6 +359,15 @@ def _check_bhtd(name: str, x) -> np.ndarray:
     return a32
 
 
+def _check_kv_pair(keys_name: str, keys, values) -> Tuple[np.ndarray, np.ndarray]:
+    """Keys and values as :func:`_check_bhtd` arrays of one shape, errors naming ``keys_name``."""
+    k = _check_bhtd(keys_name, keys)
+    v = _check_bhtd("values", values)
+    if v.shape != k.shape:
+        raise ValueError(f"values must have the shape of {keys_name} {k.shape}, got {v.shape}")
+    return k, v
+
+
 def key_outlier_thresholds(keys, fraction: float, exclude=None) -> Tuple[np.ndarray, np.ndarray]:
     """Per-channel outlier thresholds of calibration keys (definition 8.5), float32 ``(H, D)`` each.
 
@@ -792,10 +801,7 @@ def calibrate_kvquant(keys, values, config: KVSinkConfig, *, exclude=None, key_f
     value head ``h`` over its counted entries.
     """
     config = _check_kvquant_config(config)
-    k = _check_bhtd("keys", keys)
-    v = _check_bhtd("values", values)
-    if v.shape != k.shape:
-        raise ValueError(f"values must have the shape of keys {k.shape}, got {v.shape}")
+    k, v = _check_kv_pair("keys", keys, values)
     bsz, h, t, d = k.shape
     excl = _check_exclude_bt(exclude, bsz, t)
     frac = float(config.outlier_fraction)
@@ -882,10 +888,7 @@ def quantize_block_kvquant(keys_pre_rope, values, calibration: Optional[KVQuantC
     :func:`quantize_nonuniform` with the calibration's levels.
     """
     config = _check_kvquant_config(config)
-    k = _check_bhtd("keys_pre_rope", keys_pre_rope)
-    v = _check_bhtd("values", values)
-    if v.shape != k.shape:
-        raise ValueError(f"values must have the shape of keys_pre_rope {k.shape}, got {v.shape}")
+    k, v = _check_kv_pair("keys_pre_rope", keys_pre_rope, values)
     bsz, h, t, d = k.shape
     excl = _check_exclude_bt(exclude, bsz, t)
     if calibration is None:

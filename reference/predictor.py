@@ -317,7 +317,7 @@ def stable_outlier_channels(hidden_states: Sequence, ratio: float = DEFAULT_OUTL
 
 def settled_layer(hidden_states: Sequence, layer: int, channels, growth: float = DEFAULT_GROWTH,
                   ratio: float = DEFAULT_OUTLIER_RATIO, *, valid=None) -> int:
-    """The layer at which the stable outlier has settled (Definition 4.4b).
+    r"""The layer at which the stable outlier has settled (Definition 4.4b).
 
     With ``peak_l = max_{c in channels} max_t |h_l[t, c]|`` (float32, exact)
     and ``O_l`` the outlier channels of Definition 4.3, starting from

@@ -432,6 +432,56 @@ def test_nbytes_and_allocated_bytes():
     assert layer._rcap <= 2 * max(64, window + max(16, window // 2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("n", [512, 4096])
+def test_allocated_bytes_bounded_after_prefill_and_decode(n, bits, dtype):
+    """Growth policy (module docstring): after a flush ``allocated_bytes() <= 1.5 * nbytes() + C``,
+    ``C`` the residual's sliding room, the preserved store's minimum and one block of rounding;
+    a prefill is held exactly (no spare room for a multiple of ``n``), decoding reallocates
+    only by amortised geometric steps."""
+    cfg = KVSinkConfig(key_bits=bits, value_bits=bits, key_group_size=32, value_group_size=32)
+    b, h, d = 1, 3, 64                                   # one SmolLM2-135M layer
+    blk, r = cfg.token_block, cfg.residual_length
+    esize = torch.empty((), dtype=dtype).element_size()
+    window = r + blk
+    steady = max(64, window + max(16, window // 2))      # residual capacity while decoding
+    token_bytes = 2 * b * h * d * esize + 2 * b          # residual K, V, valid, status
+    column_bytes = 2 * b * h * d * esize + 8 * b         # preserved K, V, position
+    slot_bytes = 9 * b                                   # int64 position + coded flag
+    for group, axis in ((cfg.key_group_size, cfg.key_axis), (cfg.value_group_size, cfg.value_axis)):
+        stats = 2 * (d / blk if axis == "channel" else -(-d // group))
+        slot_bytes += 4 * b * h * (-(-d // (32 // bits)) + stats)
+    slack = (steady - r) * token_bytes + 5 * column_bytes + blk * slot_bytes + 8 * b
+
+    gen = torch.Generator().manual_seed(n + bits)
+    layer = QuantizedKVCacheLayer(cfg, dtype=dtype)
+    layer.update(torch.randn(b, h, n, d, generator=gen), torch.randn(b, h, n, d, generator=gen))
+    assert layer._rcap == n                              # the prefill fits exactly
+    flags = torch.zeros(b, n, dtype=torch.bool)
+    flags[:, [0, 3]] = True                              # two preserved tokens
+    layer.resolve(flags)
+    layer.flush()
+    assert layer.num_quantized == (n - r) // blk * blk and layer._pused == 2
+    assert layer._rcap == steady and layer._qcap == layer.num_quantized
+    assert layer.allocated_bytes() <= 1.5 * layer.nbytes() + slack
+
+    moves = {"residual": 0, "quantized": 0}
+    for _ in range(100):
+        rk, kw = layer._rk.data_ptr(), layer._kw.data_ptr()
+        layer.update(torch.randn(b, h, 1, d, generator=gen), torch.randn(b, h, 1, d, generator=gen))
+        layer.resolve(torch.zeros(b, 1, dtype=torch.bool))
+        layer.flush()
+        moves["residual"] += layer._rk.data_ptr() != rk
+        moves["quantized"] += layer._kw.data_ptr() != kw
+        assert layer._rcap == steady
+        assert layer._qcap < max(1.25 * layer.num_quantized, 64) + blk
+        assert layer.allocated_bytes() <= 1.5 * layer.nbytes() + slack
+    # a compaction every max(16, W // 2) steps at most; the quantized store grew x1.25 at most twice
+    assert moves["residual"] <= -(-100 // max(16, window // 2))
+    assert moves["quantized"] <= 2
+
+
 def test_preserved_store_respects_cap_and_order():
     cfg = KVSinkConfig(key_bits=2, value_bits=2, key_group_size=2, value_group_size=2,
                        residual_length=0, max_preserved=2)

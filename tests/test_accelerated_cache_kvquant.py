@@ -10,8 +10,7 @@ from reference import cache as rcache
 from reference import kvquant as rkv
 
 from test_reference_cache_kvquant import (  # tests/ is on sys.path (pytest rootdir insertion)
-    CONFIGS, D, H, INV, calibration_for, left_padded, post_rope, pre_rope_tokens, rotary_positions,
-    sink_flags,
+    CONFIGS, D, H, INV, calibration_for, pre_rope_tokens, rotated_scenario,
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -88,11 +87,7 @@ def test_matches_reference(name, device):
     config = CONFIGS[name]
     cal = calibration_for(config)
     b, t = 2, 37
-    k_pre, v = pre_rope_tokens(21, t=t)
-    valid = left_padded(b, t, [0, 4])
-    rope = rotary_positions(valid)
-    k = post_rope(k_pre, rope)
-    preserve = sink_flags(valid)
+    k, v, valid, rope, preserve = rotated_scenario(21, t, [0, 4])
     # precondition of bit-identical codes: the two sides' float32 cos/sin agree (docs/08 8.11)
     pos = np.arange(64)
     for x, y in zip(rkv.rope_cos_sin(pos, INV), akv.rope_cos_sin(torch.from_numpy(pos), torch.from_numpy(INV))):
@@ -113,11 +108,7 @@ def test_matches_reference_after_crop_reorder_select(dtype):
     config = CONFIGS["capped"]
     cal = calibration_for(config)
     b, t = 3, 40
-    k_pre, v = pre_rope_tokens(22, b=b, t=t)
-    valid = left_padded(b, t, [0, 3, 1])
-    rope = rotary_positions(valid)
-    k = post_rope(k_pre, rope)
-    preserve = sink_flags(valid)
+    k, v, valid, rope, preserve = rotated_scenario(22, t, [0, 3, 1])
     ref, acc = run_both(config, k, v, preserve, valid, rope, [12] + [1] * 18, cal=cal, dtype=dtype)
     ref.crop(17), acc.crop(17)
     assert_matches(ref, acc)
@@ -143,11 +134,7 @@ def test_token_by_token_equals_one_shot():
     config = CONFIGS["kmeans"]
     cal = calibration_for(config)
     b, t = 2, 30
-    k_pre, v = pre_rope_tokens(23, t=t)
-    valid = left_padded(b, t, [2, 0])
-    rope = rotary_positions(valid)
-    k = post_rope(k_pre, rope)
-    preserve = sink_flags(valid)
+    k, v, valid, rope, preserve = rotated_scenario(23, t, [2, 0])
     one = rcache.quantize_sequence(k, v, preserve, valid, config, kvquant_calibration=cal,
                                    rope_inv_freq=INV, rope_positions=rope)
     _, acc = run_both(config, k, v, preserve, valid, rope, [1] * t, cal=cal)

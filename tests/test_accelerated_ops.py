@@ -11,7 +11,6 @@ GPU are skipped with the reason "needs CUDA".
 from __future__ import annotations
 
 import math
-from importlib import import_module
 
 import numpy as np
 import pytest
@@ -28,8 +27,6 @@ from accelerated import packing as AP
 from accelerated import predictor as APd
 from accelerated import preserve as APs
 from accelerated import quantize as AQ
-
-RQ = import_module("reference.quantize")
 U = 2.0 ** -24
 ETA = 2.0 ** -149
 CUDA = torch.cuda.is_available()

@@ -63,6 +63,16 @@ def prefill_then_decode(n_prefill, total):
     return [n_prefill] + [1] * (total - n_prefill)
 
 
+def assert_same_full_precision(a, b):
+    """The preserved stores and the residual windows of two layers: same dtypes, identical."""
+    for x, y, name in zip(a.preserved, b.preserved, ("positions", "keys", "values")):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y, err_msg=f"preserved {name}")
+    for x, y, name in zip(a.residual, b.residual, ("keys", "values", "valid", "preserve")):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y, err_msg=f"residual {name}")
+
+
 def assert_same_contents(a: QuantizedKVCacheLayer, b: QuantizedKVCacheLayer):
     assert (a.batch_size, a.num_heads, a.head_dim) == (b.batch_size, b.num_heads, b.head_dim)
     assert a.seq_length == b.seq_length
@@ -83,12 +93,7 @@ def assert_same_contents(a: QuantizedKVCacheLayer, b: QuantizedKVCacheLayer):
                 np.testing.assert_array_equal(px.zero, py.zero, err_msg=f"block {i} {side} zero")
             assert (px.bits, px.group_size, px.axis, px.symmetric, px.shape) == \
                 (py.bits, py.group_size, py.axis, py.symmetric, py.shape)
-    for x, y, name in zip(a.preserved, b.preserved, ("positions", "keys", "values")):
-        assert x.dtype == y.dtype
-        np.testing.assert_array_equal(x, y, err_msg=f"preserved {name}")
-    for x, y, name in zip(a.residual, b.residual, ("keys", "values", "valid", "preserve")):
-        assert x.dtype == y.dtype
-        np.testing.assert_array_equal(x, y, err_msg=f"residual {name}")
+    assert_same_full_precision(a, b)
     for pa, pb in zip(a.preserved_positions(), b.preserved_positions()):
         np.testing.assert_array_equal(pa, pb)
 

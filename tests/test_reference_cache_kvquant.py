@@ -30,6 +30,8 @@ from reference.kvquant import (
 )
 from reference.packing import packed_length
 
+from test_reference_cache import assert_same_full_precision  # tests/ is on sys.path (rootdir insertion)
+
 H, D = 2, 16
 INV = rope_inv_freq(D)
 
@@ -118,12 +120,7 @@ def assert_same_contents(a, b):
         np.testing.assert_array_equal(x.block.exclude, ~x.coded)
         assert_same_kvquant_tensor(x.keys, y.keys, f"block {i} keys")
         assert_same_kvquant_tensor(x.values, y.values, f"block {i} values")
-    for x, y, name in zip(a.preserved, b.preserved, ("positions", "keys", "values")):
-        assert x.dtype == y.dtype
-        np.testing.assert_array_equal(x, y, err_msg=f"preserved {name}")
-    for x, y, name in zip(a.residual, b.residual, ("keys", "values", "valid", "preserve")):
-        assert x.dtype == y.dtype
-        np.testing.assert_array_equal(x, y, err_msg=f"residual {name}")
+    assert_same_full_precision(a, b)
     np.testing.assert_array_equal(a.residual_rope_positions, b.residual_rope_positions)
 
 
@@ -145,6 +142,19 @@ def sink_flags(valid, where=(0, 1, 9, 17, 25)):
     return preserve & valid
 
 
+def rotated_scenario(seed, t, pads, sinks=(1, 9), where=(0, 1, 9, 17, 25)):
+    """One row per entry of ``pads`` (left padding): ``(k, v, valid, rope, preserve)``.
+
+    :func:`pre_rope_tokens` keys rotated (:func:`post_rope`) at their rotary positions
+    ``rope`` (:func:`rotary_positions`), values, validity, :func:`sink_flags` at ``where``.
+    """
+    b = len(pads)
+    k_pre, v = pre_rope_tokens(seed, b=b, t=t, sinks=sinks)
+    valid = left_padded(b, t, pads)
+    rope = rotary_positions(valid)
+    return post_rope(k_pre, rope), v, valid, rope, sink_flags(valid, where)
+
+
 # --------------------------------------------------------------------------
 # Theorem 6.11 with the kvquant quantizer
 # --------------------------------------------------------------------------
@@ -155,11 +165,7 @@ def test_streaming_equals_one_shot(name, n_prefill):
     config = CONFIGS[name]
     cal = calibration_for(config)
     b, t = 2, 37
-    k_pre, v = pre_rope_tokens(3)
-    valid = left_padded(b, t, [0, 4])
-    rope = rotary_positions(valid)
-    k = post_rope(k_pre, rope)
-    preserve = sink_flags(valid)
+    k, v, valid, rope, preserve = rotated_scenario(3, t, [0, 4])
     streamed = stream(config, k, v, preserve, valid, [n_prefill] + [1] * (t - n_prefill), rope=rope,
                       cal=cal)
     one_shot = quantize_sequence(k, v, preserve, valid, config, kvquant_calibration=cal,
@@ -225,11 +231,8 @@ def test_block_is_definition_6_21_with_rotary_positions(dtype):
     config = CONFIGS["nf_p5"]
     cal = calibration_for(config)
     b, t = 2, 30
-    k_pre, v = pre_rope_tokens(5, t=t)
-    valid = left_padded(b, t, [0, 3])
-    rope = rotary_positions(valid)                 # differs from the slot positions in row 1
-    k = post_rope(k_pre, rope)
-    preserve = sink_flags(valid)
+    # the rotary positions differ from the slot positions in row 1 (left padding)
+    k, v, valid, rope, preserve = rotated_scenario(5, t, [0, 3])
     layer = stream(config, k, v, preserve, valid, [7] + [1] * 23, rope=rope, dtype=dtype, cal=cal)
     assert len(layer.blocks) >= 5
     for blk in layer.blocks:
@@ -302,11 +305,7 @@ def test_preserved_tokens_exact_and_out_of_statistics(dtype):
     config = CONFIGS["nf_p5"].replace(residual_length=0)
     cal = calibration_for(config)
     b, t = 2, 24
-    k_pre, v = pre_rope_tokens(7, t=t, sinks=(0, 9))
-    valid = left_padded(b, t, [0, 2])
-    rope = rotary_positions(valid)
-    k = post_rope(k_pre, rope)
-    preserve = sink_flags(valid, where=(0, 2, 9))
+    k, v, valid, rope, preserve = rotated_scenario(7, t, [0, 2], sinks=(0, 9), where=(0, 2, 9))
     layer = stream(config, k, v, preserve, valid, [3] + [1] * 21, rope=rope, dtype=dtype, cal=cal)
     assert layer.num_residual == 0
     (qk, qv, qpos), (pk, pv, ppos), _ = layer.segments()
@@ -339,11 +338,8 @@ def test_attend_equals_attention_over_segments():
     config = CONFIGS["kmeans"]
     cal = calibration_for(config)
     b, t = 2, 33
-    k_pre, v = pre_rope_tokens(8, t=t)
-    valid = left_padded(b, t, [0, 4])
-    rope = rotary_positions(valid)
-    layer = stream(config, post_rope(k_pre, rope), v, sink_flags(valid), valid, [9] + [1] * 24,
-                   rope=rope, cal=cal)
+    k, v, valid, rope, preserve = rotated_scenario(8, t, [0, 4])
+    layer = stream(config, k, v, preserve, valid, [9] + [1] * 24, rope=rope, cal=cal)
     rng = np.random.default_rng(0)
     q = rng.standard_normal((b, 4, 2, D)).astype(np.float32)
     qp = np.array([[31, 32], [31, 32]])
@@ -352,7 +348,7 @@ def test_attend_equals_attention_over_segments():
     # and the quantized keys are close to the true post-RoPE keys (3-bit quantization error)
     (qk, _, qpos), _, _ = layer.segments()
     live = np.broadcast_to((qpos >= 0)[:, None, :, None], qk.shape)
-    assert np.abs(qk - post_rope(k_pre, rope)[:, :, :qk.shape[2]])[live].mean() < 0.5
+    assert np.abs(qk - k[:, :, :qk.shape[2]])[live].mean() < 0.5
 
 
 # --------------------------------------------------------------------------
@@ -363,11 +359,7 @@ def test_crop_then_continue_requantizes_nothing():
     config = CONFIGS["nf_p5"]
     cal = calibration_for(config)
     b, t = 2, 40
-    k_pre, v = pre_rope_tokens(9, t=t)
-    valid = left_padded(b, t, [0, 3])
-    rope = rotary_positions(valid)
-    k = post_rope(k_pre, rope)
-    preserve = sink_flags(valid)
+    k, v, valid, rope, preserve = rotated_scenario(9, t, [0, 3])
     layer = stream(config, k, v, preserve, valid, [30], rope=rope, cal=cal)
     before = list(layer.blocks)
     layer.crop(14)                                  # inside block [12, 16)
@@ -398,11 +390,7 @@ def test_select_batch_and_reorder_equal_fresh_cache_of_rows(rows):
     config = CONFIGS["capped"]
     cal = calibration_for(config)
     b, t = 2, 31
-    k_pre, v = pre_rope_tokens(11, t=t)
-    valid = left_padded(b, t, [0, 3])
-    rope = rotary_positions(valid)
-    k = post_rope(k_pre, rope)
-    preserve = sink_flags(valid)
+    k, v, valid, rope, preserve = rotated_scenario(11, t, [0, 3])
     layer = stream(config, k, v, preserve, valid, [6] + [1] * 14, rope=rope, cal=cal)
     if len(rows) == b:
         layer.reorder(np.array(rows))
@@ -439,11 +427,8 @@ def test_nbytes_formula(name, dtype):
     config = CONFIGS[name]
     cal = calibration_for(config)
     b, t = 2, 35
-    k_pre, v = pre_rope_tokens(13, t=t)
-    valid = left_padded(b, t, [0, 2])
-    rope = rotary_positions(valid)
-    layer = stream(config, post_rope(k_pre, rope), v, sink_flags(valid), valid, [5] + [1] * 30,
-                   rope=rope, dtype=dtype, cal=cal)
+    k, v, valid, rope, preserve = rotated_scenario(13, t, [0, 2])
+    layer = stream(config, k, v, preserve, valid, [5] + [1] * 30, rope=rope, dtype=dtype, cal=cal)
     s = np.dtype(dtype).itemsize
     n = config.token_block
     want = 0
