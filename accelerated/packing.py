@@ -27,12 +27,12 @@ same wording), with ``uint32`` read as "int32 (uint32 bit pattern)".
 
 from __future__ import annotations
 
-import numbers
 
 import numpy as np
 import torch
 
 from reference.packing import WORD_BITS, check_bits, codes_per_word, packed_length
+from reference import packing as _ref_packing
 
 __all__ = [
     "check_bits",
@@ -51,12 +51,7 @@ WORD_DTYPE = torch.int32
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _check_length(n, name: str = "n") -> int:
-    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
-        raise ValueError(f"{name} must be an int >= 0, got {n!r} ({type(n).__name__})")
-    if n < 0:
-        raise ValueError(f"{name}={n} is negative; it must be the number of codes per row (>= 0)")
-    return int(n)
+_check_length = _ref_packing._check_length   # the reference's argument check
 
 
 def words_from_reference(words) -> torch.Tensor:

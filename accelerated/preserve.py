@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from reference.config import KVSinkConfig
+from reference import preserve as _ref_preserve
 
 __all__ = [
     "preserve_first_n",
@@ -41,12 +42,7 @@ def _bool_mask(name: str, x, shape=None) -> torch.Tensor:
     return x
 
 
-def _count(name: str, n) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {n!r}")
-    if n < 0:
-        raise ValueError(f"{name} must be >= 0, got {n}")
-    return int(n)
+_count = _ref_preserve._count        # the reference's argument check
 
 
 def preserve_first_n(valid: torch.Tensor, n: int) -> torch.Tensor:

@@ -34,8 +34,6 @@ Two containers:
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -224,13 +222,7 @@ def _check_x(x, check_finite: bool = True) -> torch.Tensor:
     return x32
 
 
-def _check_group_size(group_size) -> int:
-    if isinstance(group_size, (bool, np.bool_)) or not isinstance(group_size, numbers.Integral):
-        raise ValueError(f"group_size must be an int >= 1, got {group_size!r} "
-                         f"({type(group_size).__name__})")
-    if group_size < 1:
-        raise ValueError(f"group_size={group_size} is out of range; allowed: >= 1")
-    return int(group_size)
+_check_group_size = _ref._check_group_size   # the reference's argument check
 
 
 def _check_exclude(exclude, x: torch.Tensor) -> torch.Tensor:
@@ -248,10 +240,7 @@ def _check_exclude(exclude, x: torch.Tensor) -> torch.Tensor:
     return exclude.to(x.device)
 
 
-def _check_axis(axis) -> str:
-    if axis not in AXES:
-        raise ValueError(f"axis={axis!r} is not allowed; choose one of {AXES}")
-    return axis
+_check_axis = _ref._check_axis             # the reference's argument check
 
 
 def _check_symmetric(symmetric) -> bool:
