@@ -66,8 +66,10 @@ def load_model(name: str | None = None, *, dtype=None, device=None, attn_impleme
 
     Parameters
     ----------
-    name : None, "smollm2-135m", a path to a ``.gguf`` file, a local folder or a hub id.
-        None and "smollm2-135m" give the embedded default model.
+    name : None, "smollm2-135m", a path (str or Path) to a local ``.gguf`` file, a local
+        folder or a hub id.  None and "smollm2-135m" give the embedded default model; a
+        name ending in ``.gguf`` (any case) is read as a local file, model and tokenizer
+        both from it, without the network (``FileNotFoundError`` if it is not a file).
     dtype : torch dtype of the weights (default float32 on CPU).
     device : where to put the model (default: CPU; "auto" uses accelerate's device_map).
     attn_implementation : passed to transformers (e.g. "eager", "sdpa").
@@ -87,8 +89,12 @@ def load_model(name: str | None = None, *, dtype=None, device=None, attn_impleme
         folder, gguf = str(path.parent), path.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **load_kwargs)
-    elif str(name).endswith(".gguf"):
-        path = Path(name)
+    elif str(name).lower().endswith(".gguf"):
+        # a local GGUF file (read without the network): its folder and file name go to transformers
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"name {str(name)!r} ends in .gguf but is not a file; pass the path of "
+                                    f"an existing GGUF file, or None for the embedded default model")
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                      **load_kwargs)
