@@ -21,12 +21,25 @@ divisions, separate multiply and add, exact min/max and comparisons), so:
 Only here: :func:`fisher_weights` (squared gradients of the loss w.r.t. every
 layer's pre-RoPE keys and values, by autograd) and
 :func:`model_inv_freq` (the model's RoPE buffer).
+
+Triton path (docs/08-kvquant.md "Triton path"): on CUDA tensors the dense part
+of :func:`quantize_nonuniform` (normalisation, nearest level, neutral codes) and
+of :func:`dequantize_nonuniform` (``l_q * s + c``) run as one kernel each
+(``accelerated/kvquant_kernels.py``), bit-identical to the torch path; outlier
+selection, the sparse lists and input validation stay in torch.  Keyword
+``use_kernel`` (None = when possible, True = required, False = torch) on those two
+functions and on :func:`quantize_block_kvquant` / :func:`dequantize_block_kvquant`;
+the environment variable ``KVSINK_KVQUANT_KERNEL=0`` forces the torch path where
+``use_kernel`` is None (e.g. inside the cache).  CPU tensors always take the torch path
+(except under ``TRITON_INTERPRET=1``, for testing the kernels without a GPU).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -37,6 +50,7 @@ from reference import kvquant as _ref
 from reference.config import KVSinkConfig
 from reference.packing import check_bits, packed_length
 
+from . import kvquant_kernels as _kk
 from .packing import pack_codes
 
 __all__ = [
@@ -366,9 +380,41 @@ def _sparse_dtype(dtype) -> torch.dtype:
     raise ValueError(f"sparse_dtype must be float32 or float16, got {dtype}")
 
 
+#: Environment variable: "0" forces the torch path wherever ``use_kernel`` is None; "1" or unset:
+#: the Triton kernels where they can run (CUDA tensor, triton installed, see kvquant_kernels.py).
+KERNEL_ENV = "KVSINK_KVQUANT_KERNEL"
+
+
+def _use_kernel(x: torch.Tensor, group_size: int, axis: str, use_kernel) -> bool:
+    """Whether the Triton kernels run for tensor ``x`` (``use_kernel``: None, True or False)."""
+    if use_kernel is not None and not isinstance(use_kernel, (bool, np.bool_)):
+        raise TypeError(f"use_kernel must be None, True or False, got {use_kernel!r}")
+    if use_kernel is not None and not use_kernel:
+        return False
+    if use_kernel is None:
+        env = os.environ.get(KERNEL_ENV, "1")
+        if env not in ("0", "1"):
+            raise ValueError(f"environment variable {KERNEL_ENV}={env!r}: use '0' (torch path) or '1' "
+                             "(Triton kernels where possible)")
+        if env == "0":
+            return False
+    on_device = x.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and x.device.type == "cpu")
+    ok = (on_device and importlib.util.find_spec("triton") is not None
+          and _kk.kernel_supported(x.shape, group_size, axis))
+    if use_kernel and not ok:
+        raise ValueError("use_kernel=True but the Triton kvquant kernels cannot run here (they need a "
+                         "non-empty CUDA tensor, triton, and ceil(D / G) <= "
+                         f"{_kk.MAX_TOKEN_GROUPS} for axis 'token'); pass use_kernel=None")
+    return ok
+
+
 def quantize_nonuniform(x: torch.Tensor, levels: torch.Tensor, bits: int, group_size: int, axis: str,
-                        *, outliers=None, exclude=None, sparse_dtype=torch.float32) -> KVQuantTensor:
-    """Dense-and-sparse quantization (definition 8.7); see the reference for the algorithm."""
+                        *, outliers=None, exclude=None, sparse_dtype=torch.float32,
+                        use_kernel: Optional[bool] = None) -> KVQuantTensor:
+    """Dense-and-sparse quantization (definition 8.7); see the reference for the algorithm.
+
+    ``use_kernel``: None (the Triton kernel on CUDA, unless ``KVSINK_KVQUANT_KERNEL=0``),
+    True (required: ``ValueError`` if it cannot run) or False (torch).  Same numbers either way."""
     x32 = _check_bhtd("x", x)
     bits = check_bits(bits)
     lv = _check_levels(levels, bits).to(x32.device)
@@ -388,24 +434,32 @@ def quantize_nonuniform(x: torch.Tensor, levels: torch.Tensor, bits: int, group_
                 or tuple(outliers.shape) != tuple(x32.shape):
             raise ValueError(f"outliers must be a bool tensor of shape {tuple(x32.shape)}")
         out = outliers.to(x32.device)
-    return _quantize_nonuniform(x32, lv, bits, group_size, axis, out, excl, _sparse_dtype(sparse_dtype))
+    return _quantize_nonuniform(x32, lv, bits, group_size, axis, out, excl, _sparse_dtype(sparse_dtype),
+                                use_kernel)
 
 
-def _quantize_nonuniform(x32, lv, bits, group_size, axis, out, excl, sdt):
+def _quantize_nonuniform(x32, lv, bits, group_size, axis, out, excl, sdt, use_kernel=None):
     excl4 = excl[:, None, :, None].expand(x32.shape)
     out = out & ~excl4
-    counted = ~excl4 & ~out
-    gax = GROUP_AXIS[axis]
-    n_axis = x32.shape[gax]
-    lo, hi = group_min_max(split_groups(x32, group_size, gax, 0.0),
-                           split_groups(counted, group_size, gax, False), gax)
-    s, c = normalisation(lo, hi)
-    s_full = expand_groups(s, group_size, n_axis, gax)
-    c_full = expand_groups(c, group_size, n_axis, gax)
-    t_norm = normalised(torch.where(counted, x32, c_full), s_full, c_full)
     beta = (lv[..., :-1] + lv[..., 1:]) / torch.full_like(lv[..., 1:], 2.0)
-    q = (t_norm[..., None] > beta).sum(dim=-1).to(torch.uint8)
-    codes = torch.where(counted & (s_full != 0), q, torch.zeros((), dtype=torch.uint8, device=q.device))
+    if _use_kernel(x32, group_size, axis, use_kernel):
+        codes, _, s, c = _kk.quantize_dense(x32, excl, out, beta, bits, group_size, axis)
+        # normalisation's overflow check on the kernel's statistics (one synchronisation):
+        # w = hi - lo overflows <=> s = w / 2 is inf; c = lo + s overflows <=> c + s is not finite
+        if s.numel() and not bool((torch.isfinite(s) & torch.isfinite(c + s)).all()):
+            raise ValueError("x: a group's dense range max - min overflows float32; rescale x")
+    else:
+        counted = ~excl4 & ~out
+        gax = GROUP_AXIS[axis]
+        n_axis = x32.shape[gax]
+        lo, hi = group_min_max(split_groups(x32, group_size, gax, 0.0),
+                               split_groups(counted, group_size, gax, False), gax)
+        s, c = normalisation(lo, hi)
+        s_full = expand_groups(s, group_size, n_axis, gax)
+        c_full = expand_groups(c, group_size, n_axis, gax)
+        t_norm = normalised(torch.where(counted, x32, c_full), s_full, c_full)
+        q = (t_norm[..., None] > beta).sum(dim=-1).to(torch.uint8)
+        codes = torch.where(counted & (s_full != 0), q, torch.zeros((), dtype=torch.uint8, device=q.device))
     index = torch.nonzero(out.reshape(-1)).reshape(-1)
     if index.numel() and int(index[-1]) >= 2 ** 31:
         raise ValueError("x is too large for int32 outlier indices (>= 2**31 elements)")
@@ -414,15 +468,22 @@ def _quantize_nonuniform(x32, lv, bits, group_size, axis, out, excl, sdt):
                          group_size=group_size, axis=axis, shape=tuple(x32.shape))
 
 
-def dequantize_nonuniform(qt: KVQuantTensor) -> torch.Tensor:
-    """``l_q * s + c`` then the outliers written back exactly; float32 ``qt.shape``."""
+def dequantize_nonuniform(qt: KVQuantTensor, *, use_kernel: Optional[bool] = None) -> torch.Tensor:
+    """``l_q * s + c`` then the outliers written back exactly; float32 ``qt.shape``.
+
+    ``use_kernel`` as :func:`quantize_nonuniform` (the kernel computes the same two
+    roundings, no FMA: bit-identical)."""
     if not isinstance(qt, KVQuantTensor):
         raise TypeError(f"qt must be a KVQuantTensor, got {type(qt).__name__}")
-    gax = GROUP_AXIS[qt.axis]
-    n = qt.shape[gax]
-    s_full = expand_groups(qt.scale, qt.group_size, n, gax)
-    c_full = expand_groups(qt.centre, qt.group_size, n, gax)
-    xh = level_dequantize(qt.codes, qt.levels, s_full, c_full).reshape(-1).clone()
+    if _use_kernel(qt.codes, qt.group_size, qt.axis, use_kernel):
+        xh = _kk.dequantize_dense(qt.codes, qt.scale, qt.centre, qt.levels, qt.bits, qt.group_size,
+                                  qt.axis, qt.shape).reshape(-1)
+    else:
+        gax = GROUP_AXIS[qt.axis]
+        n = qt.shape[gax]
+        s_full = expand_groups(qt.scale, qt.group_size, n, gax)
+        c_full = expand_groups(qt.centre, qt.group_size, n, gax)
+        xh = level_dequantize(qt.codes, qt.levels, s_full, c_full).reshape(-1).clone()
     xh[qt.outlier_index.to(torch.int64)] = qt.outlier_value.to(_F32)
     return xh.reshape(qt.shape)
 
@@ -492,10 +553,12 @@ def kmeans_levels(points: torch.Tensor, weights: torch.Tensor, bits: int, *,
     Same algorithm as the reference (initialisation, nearest level with ties to
     the lower level, weighted means, empty clusters keep their level, stop when
     no level changes or after ``max_iter`` steps).  The cluster sums are
-    computed differently: the points of a row are sorted once, a cluster is a
-    contiguous run of the sorted points (``x`` in ``(beta_{k-1}, beta_k]``),
-    found with ``searchsorted``, and its weight and weighted sum are differences
-    of float64 prefix sums.  The result agrees with the reference up to float64
+    computed differently: the points of a row are sorted once, each point's
+    cluster (``x`` in ``(beta_{k-1}, beta_k]``) is found with ``searchsorted``,
+    and a cluster's weight and weighted sum are float64 sums over its own points
+    (``scatter_add``; not differences of prefix sums, which cancel when a
+    cluster's weight is tiny next to the row's, as Fisher weights spanning 40
+    orders of magnitude make it).  The result agrees with the reference up to float64
     rounding (docs/08-kvquant.md §8.11).  Returns float32 ``(..., 2**bits)``
     (and the objective history ``(iterations + 1, ...)`` with ``return_history``).
     """
@@ -515,21 +578,16 @@ def _kmeans_fit(p, w, bits, max_iter, return_history=False):
     wf = w.reshape(-1, m)
     ps, order = torch.sort(pf, dim=-1, stable=True)
     ws = torch.gather(wf, -1, order)
-    zero = torch.zeros(pf.shape[0], 1, dtype=_F64, device=pf.device)
-    cw = torch.cat([zero, torch.cumsum(ws, dim=-1)], dim=-1)            # (R, M + 1)
-    cx = torch.cat([zero, torch.cumsum(ws * ps, dim=-1)], dim=-1)
-    lv = _kmeans_init(pf, wf, n, (ps, cw[:, 1:]))
-    end = torch.full((pf.shape[0], 1), m, dtype=torch.int64, device=pf.device)
-    first = torch.zeros_like(end)
+    wx = ws * ps
+    cw = torch.cumsum(ws, dim=-1)                                        # for the initialisation only
+    lv = _kmeans_init(pf, wf, n, (ps, cw))
     history = [kmeans_objective(pf, wf, lv)] if return_history else []
     for _ in range(int(max_iter)):
         beta = ((lv[:, :-1] + lv[:, 1:]) / 2).contiguous()
-        cut = torch.searchsorted(ps, beta, right=True)                    # points <= beta_k
-        hi_idx = torch.cat([cut, end], dim=-1)
-        lo_idx = torch.cat([first, cut], dim=-1)
-        wsum = torch.gather(cw, -1, hi_idx) - torch.gather(cw, -1, lo_idx)
-        xsum = torch.gather(cx, -1, hi_idx) - torch.gather(cx, -1, lo_idx)
-        nonempty = (hi_idx > lo_idx) & (wsum > 0)
+        cluster = torch.searchsorted(beta, ps, right=False)               # #{k : x > beta_k}
+        wsum = torch.zeros(pf.shape[0], n, dtype=_F64, device=pf.device).scatter_add_(-1, cluster, ws)
+        xsum = torch.zeros(pf.shape[0], n, dtype=_F64, device=pf.device).scatter_add_(-1, cluster, wx)
+        nonempty = wsum > 0
         new = torch.where(nonempty, xsum / torch.where(nonempty, wsum, torch.ones_like(wsum)), lv)
         changed = bool((new != lv).any())
         lv = new
@@ -710,8 +768,11 @@ def _levels_for(lv: torch.Tensor, side: str) -> torch.Tensor:
 
 def quantize_block_kvquant(keys_pre_rope: torch.Tensor, values: torch.Tensor,
                            calibration: Optional[KVQuantCalibration], config: KVSinkConfig, *,
-                           exclude=None, sparse_dtype=torch.float32) -> KVQuantBlock:
-    """Quantize one ``(B, H, T, D)`` block KVQuant-style (definition 8.10); as the reference."""
+                           exclude=None, sparse_dtype=torch.float32,
+                           use_kernel: Optional[bool] = None) -> KVQuantBlock:
+    """Quantize one ``(B, H, T, D)`` block KVQuant-style (definition 8.10); as the reference.
+
+    ``use_kernel`` as :func:`quantize_nonuniform` (keys and values)."""
     config = _ref._check_kvquant_config(config)
     k = _check_bhtd("keys_pre_rope", keys_pre_rope)
     v = _check_bhtd("values", values)
@@ -733,17 +794,20 @@ def quantize_block_kvquant(keys_pre_rope: torch.Tensor, values: torch.Tensor,
     k_out = _key_outliers(k, calibration.key_lower, calibration.key_upper, excl)
     v_out = _value_outliers(v, float(config.outlier_fraction), excl)
     kq = _quantize_nonuniform(k, _levels_for(calibration.key_levels.to(k.device), "keys"), config.key_bits,
-                              config.key_group_size, "channel", k_out, excl, sdt)
+                              config.key_group_size, "channel", k_out, excl, sdt, use_kernel)
     vq = _quantize_nonuniform(v, _levels_for(calibration.value_levels.to(k.device), "values"),
-                              config.value_bits, config.value_group_size, "token", v_out, excl, sdt)
+                              config.value_bits, config.value_group_size, "token", v_out, excl, sdt,
+                              use_kernel)
     return KVQuantBlock(keys=kq, values=vq, exclude=excl.clone())
 
 
-def dequantize_block_kvquant(block: KVQuantBlock) -> Tuple[torch.Tensor, torch.Tensor]:
+def dequantize_block_kvquant(block: KVQuantBlock, *, use_kernel: Optional[bool] = None
+                             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(keys_pre_rope, values)`` float32 ``(B, H, T, D)``; excluded slots are placeholders."""
     if not isinstance(block, KVQuantBlock):
         raise TypeError(f"block must be a KVQuantBlock, got {type(block).__name__}")
-    return dequantize_nonuniform(block.keys), dequantize_nonuniform(block.values)
+    return (dequantize_nonuniform(block.keys, use_kernel=use_kernel),
+            dequantize_nonuniform(block.values, use_kernel=use_kernel))
 
 
 def fake_quantize_kvquant(keys_pre_rope: torch.Tensor, values: torch.Tensor, calibration, config, *,
