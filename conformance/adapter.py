@@ -165,8 +165,14 @@ class CachePort(Protocol):
 
     seq_length: int
 
-    def update(self, keys: np.ndarray, values: np.ndarray, valid: Optional[np.ndarray] = None) -> None:
-        """Append ``(B, H, n, D)`` tokens (status pending); ``valid`` bool ``(B, n)`` (False = padding)."""
+    def update(self, keys: np.ndarray, values: np.ndarray, valid: Optional[np.ndarray] = None,
+               rope_positions: Optional[np.ndarray] = None) -> None:
+        """Append ``(B, H, n, D)`` tokens (status pending); ``valid`` bool ``(B, n)`` (False = padding).
+
+        ``rope_positions`` (part "kvquant_cache" only; never passed to a uniform cache): None
+        (the slot positions) or int64 ``(B, n)``, each token's rotary position
+        (docs/06-cache.md definition 6.21); padding slots may hold anything (-1, 1).
+        """
 
     def resolve(self, preserve: np.ndarray) -> None:
         """Fix the status of all pending tokens: bool ``(B, n_pending)``, True = preserved."""
@@ -195,7 +201,8 @@ class CachePort(Protocol):
         """One sorted int array per batch row: the positions of the preserved tokens."""
 
     def quantized_blocks(self) -> List[CacheBlock]:
-        """The quantized store, one :class:`CacheBlock` per flushed block, in position order."""
+        """The quantized store, one :class:`CacheBlock` per flushed block, in position order
+        (a cache made with ``quantizer="kvquant"``: one :class:`KVQuantCacheBlock` per block)."""
 
 
 class Port(abc.ABC):
@@ -264,8 +271,18 @@ class Port(abc.ABC):
         raise NotImplementedError
 
     # cache -------------------------------------------------------------------
-    def make_cache(self, config, dtype: str = "float32") -> CachePort:
-        """A fresh one-layer cache for ``config`` (a ``reference.config.KVSinkConfig``)."""
+    def make_cache(self, config, dtype: str = "float32", *, kvquant_calibration=None,
+                   rope_inv_freq=None) -> CachePort:
+        """A fresh one-layer cache for ``config`` (a ``reference.config.KVSinkConfig``).
+
+        Part "cache": ``config.quantizer == "uniform"``, the two keywords are None.
+        Part "kvquant_cache": ``config.quantizer == "kvquant"`` with
+        ``kvquant_calibration`` a ``reference.kvquant.KVQuantCalibration`` (numpy
+        arrays) or None (only for nf with ``outlier_fraction == 0``), and
+        ``rope_inv_freq`` None (keys quantized as given) or float32 ``(D/2,)`` (keys
+        arrive post-RoPE: un-rotated before quantization, rotated back after);
+        docs/06-cache.md definition 6.21, docs/08-kvquant.md §8.14.
+        """
         raise NotImplementedError
 
 
@@ -374,10 +391,35 @@ class _KVQuantMethods:
         raise NotImplementedError
 
 
-PARTS = PARTS + ("kvquant",)
+PARTS = PARTS + ("kvquant", "kvquant_cache")
 PART_METHODS["kvquant"] = tuple(name for name in vars(_KVQuantMethods) if name.startswith("kvquant_"))
+#: part "kvquant_cache": ``make_cache`` accepts ``quantizer="kvquant"`` configs (with
+#: ``kvquant_calibration`` and ``rope_inv_freq``), its caches take ``rope_positions`` on
+#: ``update`` and report :class:`KVQuantCacheBlock` blocks (conformance/test_kvquant_cache.py).
+PART_METHODS["kvquant_cache"] = ("make_cache",)
+
+
+@dataclass(frozen=True)
+class KVQuantCacheBlock:
+    """One flushed block of a kvquant cache (``CachePort.quantized_blocks``): reference/cache.py
+    ``KVQuantCacheBlock`` (docs/06-cache.md definition 6.21), codes unpacked.
+
+    start, num_slots, coded : as :class:`CacheBlock`.
+    rope_positions : int ``(B, n)``, each slot's rotary position (0 at padding slots).
+    keys : :class:`KVQuantized` of the **pre-RoPE** keys ``(B, H, n, D)`` (axis "channel",
+        ``key_group_size = n`` tokens: one group per channel).
+    values : :class:`KVQuantized` of the values (axis "token", ``value_group_size`` channels).
+    """
+
+    start: int
+    num_slots: int
+    coded: np.ndarray
+    rope_positions: np.ndarray
+    keys: KVQuantized
+    values: KVQuantized
+
 for _name in PART_METHODS["kvquant"]:
     setattr(Port, _name, vars(_KVQuantMethods)[_name])
 del _name
-__all__ += ["KVQuantized"]
+__all__ += ["KVQuantized", "KVQuantCacheBlock"]
 # --- END kvquant part

@@ -16,7 +16,8 @@ from typing import Optional
 
 import numpy as np
 
-from .adapter import PARTS, CacheBlock, Port, Quantized, is_bfloat16, round_to_bfloat16
+from .adapter import (PARTS, CacheBlock, KVQuantCacheBlock, KVQuantized, Port, Quantized, is_bfloat16,
+                      round_to_bfloat16)
 
 __all__ = ["ReferencePort", "AcceleratedPort", "reference_port", "accelerated_port"]
 
@@ -32,20 +33,25 @@ def _np_dtype(name: str):
 class ReferenceCache:
     """``reference.cache.QuantizedKVCacheLayer`` seen through the protocol."""
 
-    def __init__(self, config, dtype: str):
+    def __init__(self, config, dtype: str, *, kvquant_calibration=None, rope_inv_freq=None):
         from reference.cache import QuantizedKVCacheLayer
-        self.layer = QuantizedKVCacheLayer(config, dtype=_np_dtype(dtype))
+        self.layer = QuantizedKVCacheLayer(config, dtype=_np_dtype(dtype),
+                                           kvquant_calibration=kvquant_calibration,
+                                           rope_inv_freq=rope_inv_freq)
         self.dtype = dtype
 
     @property
     def seq_length(self) -> int:
         return int(self.layer.seq_length)
 
-    def update(self, keys, values, valid=None):
+    def update(self, keys, values, valid=None, rope_positions=None):
         keys, values = np.asarray(keys), np.asarray(values)
         if self.dtype == "bfloat16":     # what a bfloat16 store holds, in float32 (exact)
             keys, values = round_to_bfloat16(keys), round_to_bfloat16(values)
-        self.layer.update(keys, values, valid)
+        if rope_positions is None:       # a uniform layer rejects the keyword itself
+            self.layer.update(keys, values, valid)
+        else:
+            self.layer.update(keys, values, valid, rope_positions=np.asarray(rope_positions))
 
     def resolve(self, preserve):
         self.layer.resolve(np.asarray(preserve))
@@ -86,6 +92,12 @@ class ReferenceCache:
         return [np.asarray(p) for p in self.layer.preserved_positions()]
 
     def quantized_blocks(self):
+        if self.layer.kvquant:
+            # reference/cache.py KVQuantCacheBlock (KVQuantTensor codes are held unpacked)
+            return [KVQuantCacheBlock(int(b.start), int(b.num_slots), np.asarray(b.coded),
+                                      np.asarray(b.rope_positions), _ref_kvquantized(b.keys),
+                                      _ref_kvquantized(b.values))
+                    for b in self.layer.blocks]
         # the reference's block list (reference/cache.py QuantizedBlock, codes packed)
         return [CacheBlock(int(b.start), int(b.num_slots), np.asarray(b.coded),
                            _from_ref_qt(b.keys.unpack()), _from_ref_qt(b.values.unpack()))
@@ -159,8 +171,9 @@ class ReferencePort(Port):
         from reference.attention import split_attention
         return split_attention(query, segments, query_positions=query_positions, scale=scale)
 
-    def make_cache(self, config, dtype="float32"):
-        return ReferenceCache(config, dtype)
+    def make_cache(self, config, dtype="float32", *, kvquant_calibration=None, rope_inv_freq=None):
+        return ReferenceCache(config, dtype, kvquant_calibration=kvquant_calibration,
+                              rope_inv_freq=rope_inv_freq)
 
 
 # --------------------------------------------------------------------------- accelerated
@@ -203,13 +216,17 @@ class _Torch:
 class AcceleratedCache:
     """``accelerated.cache.QuantizedKVCacheLayer`` seen through the protocol."""
 
-    def __init__(self, conv: _Torch, config, dtype: str):
+    def __init__(self, conv: _Torch, config, dtype: str, *, kvquant_calibration=None,
+                 rope_inv_freq=None):
         from accelerated.cache import QuantizedKVCacheLayer
         self.c = conv
         torch = conv.torch
         tdtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
         self.tdtype = tdtype
-        self.layer = QuantizedKVCacheLayer(config, dtype=tdtype, device=conv.device)
+        # a reference KVQuantCalibration is accepted as is (moved to the device by the layer)
+        self.layer = QuantizedKVCacheLayer(
+            config, dtype=tdtype, device=conv.device, kvquant_calibration=kvquant_calibration,
+            rope_inv_freq=None if rope_inv_freq is None else conv.any_in(rope_inv_freq, np.float32))
 
     @property
     def seq_length(self) -> int:
@@ -218,9 +235,13 @@ class AcceleratedCache:
     def _kv(self, x):
         return self.c.float_in(np.asarray(x, dtype=np.float32)).to(self.tdtype)
 
-    def update(self, keys, values, valid=None):
-        self.layer.update(self._kv(keys), self._kv(values),
-                          None if valid is None else self.c.any_in(valid, bool))
+    def update(self, keys, values, valid=None, rope_positions=None):
+        valid = None if valid is None else self.c.any_in(valid, bool)
+        if rope_positions is None:
+            self.layer.update(self._kv(keys), self._kv(values), valid)
+        else:
+            self.layer.update(self._kv(keys), self._kv(values), valid,
+                              rope_positions=self.c.any_in(rope_positions, np.int64))
 
     def resolve(self, preserve):
         self.layer.resolve(self.c.any_in(preserve, bool))
@@ -255,10 +276,22 @@ class AcceleratedCache:
         return [np.asarray(self.c.out(p)) for p in self.layer.preserved_positions()]
 
     def quantized_blocks(self):
+        if self.layer.kvquant:
+            # accelerated.cache.KVQuantCacheBlock: PackedKVQuantTensor keys/values (codes packed)
+            return [KVQuantCacheBlock(int(b.start), int(b.num_slots), np.asarray(self.c.out(b.coded)),
+                                      np.asarray(self.c.out(b.rope_positions)),
+                                      self._kvquantized(b.keys.unpack()),
+                                      self._kvquantized(b.values.unpack()))
+                    for b in self.layer.blocks]
         # accelerated.cache mirrors the reference's ``blocks`` (QuantizedBlock with packed keys/values)
         return [CacheBlock(int(b.start), int(b.num_slots), np.asarray(self.c.out(b.coded)),
                            self._qt(b.keys), self._qt(b.values))
                 for b in self.layer.blocks]
+
+    def _kvquantized(self, qt):
+        return KVQuantized(codes=self.c.out(qt.codes), scale=self.c.out(qt.scale),
+                           centre=self.c.out(qt.centre), outlier_index=self.c.out(qt.outlier_index),
+                           outlier_value=self.c.out(qt.outlier_value))
 
     def _qt(self, qt) -> Quantized:
         if hasattr(qt, "unpack"):           # PackedQuantizedTensor
@@ -347,8 +380,9 @@ class AcceleratedPort(Port):
                                           query_positions=self.c.any_in(query_positions, np.int64),
                                           scale=scale))
 
-    def make_cache(self, config, dtype="float32"):
-        return AcceleratedCache(self.c, config, dtype)
+    def make_cache(self, config, dtype="float32", *, kvquant_calibration=None, rope_inv_freq=None):
+        return AcceleratedCache(self.c, config, dtype, kvquant_calibration=kvquant_calibration,
+                                rope_inv_freq=rope_inv_freq)
 
 
 def reference_port() -> ReferencePort:
@@ -362,8 +396,6 @@ def accelerated_port(device: Optional[str] = None) -> AcceleratedPort:
 # =========================================================================== kvquant part
 # --- BEGIN kvquant part (added by the kvquant helper, issue 5; conformance/test_kvquant.py).
 # --- Appended at the end so that the rest of this file stays its owner's.
-
-from .adapter import KVQuantized  # noqa: E402
 
 
 def _ref_kvquantized(qt) -> KVQuantized:

@@ -49,6 +49,7 @@ from typing import Dict, List
 import numpy as np
 
 from reference import attention as ra
+from reference import kvquant as rkv
 from reference import packing as rpk
 from reference import predictor as rp
 from reference import preserve as rpres
@@ -300,11 +301,26 @@ CACHE_SPECS = [
 ]
 
 
-def _cache_case(name, cfg, dtype, script) -> Case:
+def _cache_case(name, cfg, dtype, script, kvquant=None) -> Case:
+    """A cache trace; ``kvquant`` (quantizer="kvquant"): ``dict(inv_freq=None | (D/2,),
+    rope=<"default" | "shifted">, calibration_seed=int)``."""
     rs = np.random.RandomState(sum(map(ord, name)))
     b, h, d = 2, 2, 8
     c = Case(name, "cache", {"config": _config_dict(cfg), "dtype": dtype, "ops": []})
-    layer = QuantizedKVCacheLayer(cfg, dtype=np.float16 if dtype == "float16" else np.float32)
+    if kvquant is None:
+        layer = QuantizedKVCacheLayer(cfg, dtype=np.float16 if dtype == "float16" else np.float32)
+        target = layer
+    else:
+        from .kvquant_checks import ReferenceKVQuantCache
+        inv = kvquant["inv_freq"]
+        cal = _kvquant_calibration(np.random.RandomState(kvquant["calibration_seed"]), cfg, h, d)
+        c.params["has_rope"] = inv is not None
+        if inv is not None:
+            c.inp("rope_inv_freq", inv)
+        _calibration_arrays(c, cal)
+        target = ReferenceKVQuantCache(cfg, dtype, kvquant_calibration=cal, rope_inv_freq=inv)
+        layer = target.layer
+        rope_rs = np.random.RandomState(kvquant["calibration_seed"] + 1)
     store = (lambda a: a.astype(np.float16).astype(np.float32)) if dtype == "float16" else (lambda a: a)
     shadow = {"keys": np.zeros((b, h, 0, d), np.float32), "values": np.zeros((b, h, 0, d), np.float32)}
     state = {"b": b, "n_ops": 0}
@@ -320,35 +336,57 @@ def _cache_case(name, cfg, dtype, script) -> Case:
         if pad:
             valid = np.arange(n)[None, :] >= np.arange(state["b"])[:, None] * 2
             c.inp(f"op{i}_valid", valid)
-        c.inp(f"op{i}_keys", k)
-        c.inp(f"op{i}_values", v)
-        layer.update(k, v, valid)
+        if kvquant is None:
+            c.inp(f"op{i}_keys", k)
+            c.inp(f"op{i}_values", v)
+            layer.update(k, v, valid)
+            rope_name = None
+        else:
+            # rotary positions: the slots (None), or left-padding style (each row's count of
+            # real tokens, -1 at padding) given explicitly; model keys rotated with them
+            slots = np.broadcast_to(layer.seq_length + np.arange(n), (state["b"], n))
+            vmask = np.ones((state["b"], n), bool) if valid is None else valid
+            rope = None
+            if kvquant["rope"] == "shifted":
+                off = rope_rs.randint(0, 3, size=(state["b"], 1))
+                rope = np.where(vmask, np.maximum(slots - off, 0), -1).astype(np.int64)
+            eff = slots if rope is None else np.where(vmask, rope, 0)
+            if inv is not None:
+                k = rkv.apply_rope(k, eff[:, None, :], inv)
+            c.inp(f"op{i}_keys", k)
+            c.inp(f"op{i}_values", v)
+            rope_name = None
+            if rope is not None:
+                rope_name = f"op{i}_rope_positions"
+                c.inp(rope_name, rope)
+            target.update(k, v, valid, rope)
         shadow["keys"] = np.concatenate([shadow["keys"], store(k)], 2)
         shadow["values"] = np.concatenate([shadow["values"], store(v)], 2)
+        extra = {} if kvquant is None else {"rope_positions": rope_name}
         op("update", keys=f"op{i}_keys", values=f"op{i}_values",
-           valid=None if valid is None else f"op{i}_valid")
+           valid=None if valid is None else f"op{i}_valid", **extra)
         pending_valid = layer.residual[2][:, layer.num_residual - layer.num_pending:]
         j = state["n_ops"]
         flags = (rs.rand(*pending_valid.shape) < 0.25) & pending_valid
         flags[:, 0] |= pending_valid[:, 0] & (j < 2)        # the first token is a sink
         c.inp(f"op{j}_preserve", flags)
-        layer.resolve(flags)
+        target.resolve(flags)
         op("resolve", preserve=f"op{j}_preserve")
-        layer.flush()
+        target.flush()
         op("flush")
 
     def take(kind, idx):
         i = state["n_ops"]
         idx = np.asarray(idx, np.int64)
         c.inp(f"op{i}_{kind}", idx)
-        getattr(layer, kind)(idx)
+        getattr(target, kind)(idx)
         for key in shadow:
             shadow[key] = shadow[key][idx]
         state["b"] = len(idx)
         op(kind, **{"beam_idx" if kind == "reorder" else "indices": f"op{i}_{kind}"})
 
     def crop(m):
-        layer.crop(m)
+        target.crop(m)
         for key in shadow:
             shadow[key] = shadow[key][:, :, :layer.seq_length]
         op("crop", max_length=m)
@@ -381,6 +419,17 @@ def _cache_case(name, cfg, dtype, script) -> Case:
     for i, blk in enumerate(layer.blocks):
         blocks.append({"start": int(blk.start), "num_slots": int(blk.num_slots)})
         c.out(f"block{i}_coded", blk.coded)
+        if kvquant is not None:
+            # the whole block as quantized (a crop keeps a cut block's codes): the stored keys
+            # (post-RoPE with RoPE), the reference's pre-RoPE keys, the stored values
+            c.out(f"block{i}_rope_positions", blk.rope_positions)
+            keys, values, pre = target.inputs[i]
+            for side, qt, x in (("keys", blk.keys, keys), ("values", blk.values, values)):
+                _kvquant_tensor_arrays(c, f"block{i}_{side}", qt)
+                c.out(f"block{i}_{side}_x", x)
+            if inv is not None:
+                c.out(f"block{i}_keys_x_pre_rope", pre)
+            continue
         for side, pq in (("keys", blk.keys), ("values", blk.values)):
             qt = pq.unpack()
             c.out(f"block{i}_{side}_codes", qt.codes)
@@ -407,9 +456,223 @@ def cache_cases() -> List[Case]:
     return [_cache_case(*spec) for spec in CACHE_SPECS]
 
 
+# --------------------------------------------------------------------------- kvquant (docs/08)
+
+def _kvquant_calibration(rs, cfg: KVSinkConfig, h: int, d: int, t: int = 24):
+    """A layer calibration (definition 8.9) from calibration text drawn with ``rs``: 2 rows of
+    ``t`` tokens, the first token of each excluded (its sink); random Fisher weights for k-means."""
+    keys, values = kv(rs, (2, h, t, d)), kv(rs, (2, h, t, d))
+    exclude = np.zeros((2, t), bool)
+    exclude[:, 0] = True
+    fisher = {}
+    if cfg.kvquant_datatype == "kmeans":
+        fisher = dict(key_fisher=rs.rand(2, h, t, d) ** 2, value_fisher=rs.rand(2, h, t, d) ** 2)
+    return rkv.calibrate_kvquant(keys, values, cfg, exclude=exclude, **fisher)
+
+
+def _calibration_arrays(c: Case, cal) -> None:
+    """A ``KVQuantCalibration`` as input arrays ``calibration_*`` (its settings are the config's)."""
+    for name in ("key_lower", "key_upper", "key_levels", "value_levels"):
+        c.inp(f"calibration_{name}", getattr(cal, name))
+
+
+def calibration_from_arrays(cfg: KVSinkConfig, a: dict):
+    """The ``reference.kvquant.KVQuantCalibration`` of a case's ``calibration_*`` arrays."""
+    return rkv.KVQuantCalibration(
+        key_lower=a["calibration_key_lower"], key_upper=a["calibration_key_upper"],
+        key_levels=a["calibration_key_levels"], value_levels=a["calibration_value_levels"],
+        datatype=cfg.kvquant_datatype, key_bits=cfg.key_bits, value_bits=cfg.value_bits,
+        outlier_fraction=float(cfg.outlier_fraction), key_group_size=cfg.key_group_size,
+        value_group_size=cfg.value_group_size)
+
+
+def _kvquant_tensor_arrays(c: Case, prefix: str, qt) -> None:
+    """Expected arrays of a ``KVQuantTensor``: ``<prefix>_codes`` (uint8, unpacked), ``_scale``,
+    ``_centre`` (float32), ``_outlier_index`` (int32), ``_outlier_value`` (float32 / float16),
+    ``_words`` (uint32, packed along D)."""
+    c.out(f"{prefix}_codes", qt.codes)
+    c.out(f"{prefix}_scale", qt.scale)
+    c.out(f"{prefix}_centre", qt.centre)
+    c.out(f"{prefix}_outlier_index", qt.outlier_index)
+    c.out(f"{prefix}_outlier_value", qt.outlier_value)
+    c.out(f"{prefix}_words", qt.packed())
+
+
+def kvquant_tensor_from_arrays(a: dict, prefix: str, levels, bits: int, group_size: int, axis: str):
+    """The reference ``KVQuantTensor`` of a case's ``<prefix>_*`` arrays."""
+    codes = a[f"{prefix}_codes"]
+    return rkv.KVQuantTensor(codes=codes, scale=a[f"{prefix}_scale"], centre=a[f"{prefix}_centre"],
+                             levels=levels, outlier_index=a[f"{prefix}_outlier_index"],
+                             outlier_value=a[f"{prefix}_outlier_value"], bits=bits,
+                             group_size=group_size, axis=axis, shape=tuple(codes.shape))
+
+
+def _cast(x32: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "float16":
+        return x32.astype(np.float16)
+    if dtype == "bfloat16":
+        return round_to_bfloat16(x32)
+    if dtype == "float64":
+        return x32.astype(np.float64) * (1 + 2.0**-30)
+    return x32
+
+
+def _nearest_level_case(name, rs, levels, t_lead):
+    beta = rkv.level_boundaries(levels)
+    flat = beta.reshape(-1, beta.shape[-1])
+    t = np.concatenate([flat, np.nextafter(flat, np.float32(2)), np.nextafter(flat, np.float32(-2)),
+                        rs.uniform(-1.2, 1.2, size=(flat.shape[0], 9)).astype(np.float32),
+                        np.broadcast_to(np.float32([-1.5, 1.5, -1, 1, 0]), (flat.shape[0], 5))],
+                       axis=-1).astype(np.float32).reshape(t_lead + (-1,))
+    c = Case(name, "kvquant_nearest_level", {"bits": int(np.log2(levels.shape[-1]))})
+    c.inp("t", t)
+    c.inp("levels", levels)
+    c.out("boundaries", beta)
+    c.out("codes", rkv.nearest_level(t, levels))
+    return c
+
+
+#: quantize_block_kvquant cases: name, datatype, key/value bits, key/value groups, p, exclude,
+#: input dtype, sparse dtype, (B, H, T, D)
+KVQUANT_BLOCK_SPECS = [
+    ("kvquant_block_nf", "nf", 4, 3, 8, 16, 0.01, "preserved", "float32", "float32", (2, 2, 8, 16)),
+    ("kvquant_block_kmeans", "kmeans", 2, 2, 4, 8, 0.05, "random", "float32", "float32", (2, 2, 12, 16)),
+    ("kvquant_block_nf_fp16", "nf", 1, 8, 5, 7, 0.0, None, "float16", "float32", (1, 3, 13, 16)),
+    ("kvquant_block_kmeans_bf16", "kmeans", 3, 4, 8, 64, 0.2, "first", "bfloat16", "float16", (2, 1, 8, 64)),
+    ("kvquant_block_nf_ties", "nf", 2, 2, 4, 4, 0.0, None, "float32", "float32", (1, 2, 8, 8)),
+]
+
+KVQUANT_CACHE_SPECS = [
+    # name, config, storage dtype, script, kvquant options
+    ("cache_kvquant_nf_rope",
+     KVSinkConfig(quantizer="kvquant", key_bits=4, value_bits=3, key_group_size=4, value_group_size=8,
+                  residual_length=3, outlier_fraction=0.05, max_preserved=2), "float16", "crop_reorder",
+     dict(inv_freq=rkv.rope_inv_freq(8, 10000.0), rope="shifted", calibration_seed=900)),
+    ("cache_kvquant_kmeans",
+     KVSinkConfig(quantizer="kvquant", key_bits=2, value_bits=2, key_group_size=3, value_group_size=4,
+                  residual_length=0, outlier_fraction=0.01, kvquant_datatype="kmeans"), "float32",
+     "padding_select", dict(inv_freq=None, rope="default", calibration_seed=901)),
+    ("cache_kvquant_nf_decode",
+     KVSinkConfig(quantizer="kvquant", key_bits=2, value_bits=4, key_group_size=2, value_group_size=3,
+                  residual_length=2, outlier_fraction=0.0), "float32", "prefill_decode",
+     dict(inv_freq=rkv.rope_inv_freq(8, 500000.0), rope="default", calibration_seed=902)),
+]
+
+
+def kvquant_cases() -> List[Case]:
+    """docs/08-kvquant.md: nf grids, nearest levels, outliers, blocks, RoPE, kvquant cache traces."""
+    cases = []
+    c = Case("kvquant_nf_levels", "kvquant_nf_levels", {"bits": list(range(1, 9))})
+    for bits in range(1, 9):
+        c.out(f"levels_b{bits}", rkv.nf_levels(bits))
+    cases.append(c)
+    # 8.3: on the boundaries, one ulp either side, beyond the ends, 0 (a boundary of the nf grid)
+    rs = np.random.RandomState(600)
+    cases.append(_nearest_level_case("kvquant_nearest_level_nf", rs, rkv.nf_levels(3), ()))
+    rows = np.sort(rs.uniform(-1, 1, size=(3, 1, 4)), axis=-1).astype(np.float32)
+    rows[0, 0, 1] = rows[0, 0, 0]                      # a repeated level (k-means: an empty cluster)
+    rows[1, 0, 0], rows[1, 0, -1] = -1.0, 1.0
+    cases.append(_nearest_level_case("kvquant_nearest_level_rows", rs, rows, (3,)))
+    # 8.5: key thresholds from calibration keys; outlier masks on them and on new keys
+    for i, (p, excl, ties) in enumerate([(0.05, "first", False), (0.2, "random", True), (0.0, None, False)]):
+        rs = np.random.RandomState(610 + i)
+        keys = kv(rs, (2, 2, 25, 8))
+        new = kv(rs, (2, 2, 6, 8))
+        if ties:                                       # repeated values: order statistics with ties
+            keys, new = np.round(keys * 2) / 2, np.round(new * 2) / 2
+        exclude = {None: None, "first": np.isin(np.arange(25), [0])[None, :].repeat(2, 0),
+                   "random": rs.rand(2, 25) < 0.3}[excl]
+        exclude_new = None if exclude is None else rs.rand(2, 6) < 0.3
+        c = Case(f"kvquant_key_outliers_{i}", "kvquant_key_outliers",
+                 {"fraction": p, "has_exclude": exclude is not None})
+        c.inp("keys", keys)
+        c.inp("keys_new", new)
+        if exclude is not None:
+            c.inp("exclude", exclude)
+            c.inp("exclude_new", exclude_new)
+        lower, upper = rkv.key_outlier_thresholds(keys, p, exclude)
+        c.out("lower", lower)
+        c.out("upper", upper)
+        c.out("mask", rkv.key_outliers(keys, lower, upper, exclude))
+        c.out("mask_new", rkv.key_outliers(new, lower, upper, exclude_new))
+        cases.append(c)
+    # 8.6: per-token value outliers, ties in |x| to the lower flat index h*D + d
+    for i, (p, ties) in enumerate([(0.05, False), (0.1, True)]):
+        rs = np.random.RandomState(620 + i)
+        values = kv(rs, (2, 2, 7, 16))
+        if ties:
+            values = (rs.randint(1, 4, size=values.shape) * rs.choice([-1.0, 1.0], size=values.shape))
+            values = values.astype(np.float32)
+        exclude = rs.rand(2, 7) < 0.3
+        c = Case(f"kvquant_value_outliers_{i}", "kvquant_value_outliers", {"fraction": p})
+        c.inp("values", values)
+        c.inp("exclude", exclude)
+        c.out("mask", rkv.value_outliers(values, p, exclude))
+        cases.append(c)
+    # 8.10: quantize_block_kvquant (and 8.7 dequantization of its result)
+    for i, (name, dt, kb, vb, kg, vg, p, excl, in_dtype, sparse, shape) in enumerate(KVQUANT_BLOCK_SPECS):
+        rs = np.random.RandomState(630 + i)
+        b, h, t, d = shape
+        cfg = KVSinkConfig(quantizer="kvquant", key_bits=kb, value_bits=vb, key_group_size=kg,
+                           value_group_size=vg, outlier_fraction=p, kvquant_datatype=dt)
+        cal = _kvquant_calibration(rs, cfg, h, d)
+        if name.endswith("_ties"):    # group ranges [0, 2]: x = 1 is t = 0 exactly, the middle boundary
+            keys = rs.randint(0, 5, size=shape).astype(np.float32) / 2
+            keys[:, :, ::kg] = 0.0
+            keys[:, :, 1::kg] = 2.0
+            values = keys.copy()
+        else:
+            keys, values = kv(rs, shape), kv(rs, shape)
+        exclude = {None: None, "preserved": np.isin(np.arange(t), [0, 5])[None, :].repeat(b, 0),
+                   "random": rs.rand(b, t) < 0.3,
+                   "first": np.isin(np.arange(t), [0])[None, :].repeat(b, 0)}[excl]
+        keys, values = _cast(keys, in_dtype), _cast(values, in_dtype)
+        c = Case(name, "kvquant_quantize_block",
+                 {"config": _config_dict(cfg), "input_dtype": in_dtype, "sparse_dtype": sparse,
+                  "has_exclude": exclude is not None})
+        c.inp("keys_pre_rope", keys)
+        c.inp("values", values)
+        if exclude is not None:
+            c.inp("exclude", exclude)
+        _calibration_arrays(c, cal)
+        blk = rkv.quantize_block_kvquant(keys, values, cal, cfg, exclude=exclude,
+                                         sparse_dtype=np.dtype(sparse))
+        for side, qt in (("keys", blk.keys), ("values", blk.values)):
+            _kvquant_tensor_arrays(c, side, qt)
+            c.out(f"{side}_dequantized", rkv.dequantize_nonuniform(qt))
+        c.out("nbytes", np.array(blk.nbytes, np.int64))
+        cases.append(c)
+    # 8.1: apply / unapply RoPE (numpy or transformers-style float32 inv_freq)
+    for i, (d, base, lead, style) in enumerate([(8, 10000.0, (6,), "reference"),
+                                                (64, 500000.0, (2, 3, 5), "transformers")]):
+        rs = np.random.RandomState(640 + i)
+        x = kv(rs, lead + (d,))
+        if style == "reference":
+            inv = rkv.rope_inv_freq(d, base)
+        else:
+            inv = (np.float32(1.0) / (np.float32(base) ** (np.arange(0, d, 2, dtype=np.float32)
+                                                            / np.float32(d)))).astype(np.float32)
+        if len(lead) == 3:
+            pos = rs.randint(0, 4096, size=(lead[0], 1, lead[2])).astype(np.int64)
+        else:
+            pos = np.array([0, 1, 7, 4095, 123457, rkv.MAX_POSITION - 1], np.int64)[:lead[0]]
+        c = Case(f"kvquant_rope_{i}", "kvquant_rope", {"inv_freq_style": style, "base": base})
+        c.inp("x", x)
+        c.inp("positions", pos)
+        c.inp("inv_freq", inv)
+        c.out("applied", rkv.apply_rope(x, pos, inv))
+        c.out("unapplied", rkv.unapply_rope(x, pos, inv))
+        cases.append(c)
+    for name, cfg, dtype, script, opts in KVQUANT_CACHE_SPECS:
+        c = _cache_case(name, cfg, dtype, script, kvquant=opts)
+        c.function = "kvquant_cache"
+        cases.append(c)
+    return cases
+
+
 def all_cases() -> List[Case]:
     return packing_cases() + quantize_cases() + predictor_cases() + preserve_cases() + \
-        attention_cases() + cache_cases()
+        attention_cases() + cache_cases() + kvquant_cases()
 
 
 def manifest(cases) -> dict:

@@ -48,7 +48,7 @@ __all__ = [
     "bits", "group_sizes", "head_dims", "input_dtypes", "seeds",
     "kv_tensors", "exclude_masks", "valid_masks", "quantize_cases", "QuantizeCase",
     "code_arrays", "hidden_states_cases", "attention_cases", "segment_lists",
-    "probs_cases", "cache_configs", "cast_input",
+    "probs_cases", "cache_configs", "kvquant_cache_configs", "cast_input",
 ]
 
 BITS = tuple(range(1, 9))
@@ -403,3 +403,23 @@ def cache_configs(draw, *, head_dim: int):
                         value_group_size=vg, key_axis=key_axis, value_axis=value_axis,
                         scheme=scheme, residual_length=residual, preserve=preserve,
                         preserve_first_n=n_first, max_preserved=max_preserved)
+
+
+#: Outlier fractions of the kvquant cache configs (docs/08-kvquant.md 8.5: 0 = none, 1 % as KVQuant).
+KVQUANT_FRACTIONS = (0.0, 0.01, 0.05, 0.2)
+
+
+@st.composite
+def kvquant_cache_configs(draw):
+    """A ``KVSinkConfig(quantizer="kvquant")`` for a cache (key groups = token blocks)."""
+    kg = draw(st.sampled_from([1, 2, 3, 4, 8]), label="key_group_size (token block)")
+    return KVSinkConfig(
+        quantizer="kvquant", key_axis="channel", value_axis="token",
+        key_bits=draw(st.integers(1, 8), label="key_bits"),
+        value_bits=draw(st.integers(1, 8), label="value_bits"),
+        key_group_size=kg,
+        value_group_size=draw(st.sampled_from([1, 2, 3, 4, 8, 16]), label="value_group_size"),
+        residual_length=draw(st.sampled_from([0, 1, 2, 4, 8]), label="residual_length"),
+        max_preserved=draw(st.sampled_from([None, None, 0, 1, 3]), label="max_preserved"),
+        outlier_fraction=draw(st.sampled_from(KVQUANT_FRACTIONS), label="outlier_fraction"),
+        kvquant_datatype=draw(st.sampled_from(["nf", "kmeans"]), label="kvquant_datatype"))

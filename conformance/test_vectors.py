@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from reference import attention as ra
+from reference import kvquant as rkv
 from reference import quantize as rq
 
+from . import kvquant_checks as kq
 from . import make_vectors as mv
 from . import tolerances as tol
 from .adapter import as_bfloat16
@@ -27,7 +29,9 @@ CASES = {c["name"]: c for c in MANIFEST["cases"]}
 PART = {"pack_codes": "packing", "quantize": "quantize", "predict_sinks": "predictor",
         "preserve_first_n": "preserve", "cap_preserved": "preserve", "attention_oracle": "preserve",
         "preserved_set": "preserve", "attention": "attention", "split_attention": "split_attention",
-        "cache": "cache"}
+        "cache": "cache", "kvquant_nf_levels": "kvquant", "kvquant_nearest_level": "kvquant",
+        "kvquant_key_outliers": "kvquant", "kvquant_value_outliers": "kvquant",
+        "kvquant_quantize_block": "kvquant", "kvquant_rope": "kvquant", "kvquant_cache": "kvquant_cache"}
 
 
 def load(name):
@@ -105,28 +109,8 @@ def _check_cache(port, case, a):
     p = case["params"]
     cfg = mv.config_from_dict(p["config"])
     cache = port.make_cache(cfg, p["dtype"])
-    for op in p["ops"]:
-        kind = op["op"]
-        if kind == "update":
-            cache.update(a[op["keys"]], a[op["values"]], None if op["valid"] is None else a[op["valid"]])
-        elif kind == "resolve":
-            cache.resolve(a[op["preserve"]])
-        elif kind == "flush":
-            cache.flush()
-        elif kind == "crop":
-            cache.crop(op["max_length"])
-        elif kind == "reorder":
-            cache.reorder(a[op["beam_idx"]])
-        elif kind == "select_batch":
-            cache.select_batch(a[op["indices"]])
-        else:
-            raise AssertionError(f"unknown op {kind!r} in the vectors")
-    got_p = cache.preserved_positions()
-    rows = sorted(k for k in a if k.startswith("preserved_positions_"))
-    assert len(got_p) == len(rows), f"{len(got_p)} rows of preserved positions, want {len(rows)}"
-    for i, key in enumerate(rows):
-        assert np.array_equal(np.asarray(got_p[i], np.int64), a[key]), \
-            f"row {i}: preserved positions {np.asarray(got_p[i]).tolist()} != {a[key].tolist()}"
+    _replay(cache, p["ops"], a)
+    _check_preserved(cache, a)
     assert cache.nbytes() == int(a["nbytes"]), f"nbytes {cache.nbytes()} != {int(a['nbytes'])}"
     blocks = cache.quantized_blocks()
     assert len(blocks) == len(p["blocks"]), f"{len(blocks)} blocks, want {len(p['blocks'])}"
@@ -161,6 +145,47 @@ def _check_cache(port, case, a):
             scales[side].append(s)
     segs = cache.segments()
     assert len(segs) == 3, f"segments() returned {len(segs)} segments, want 3"
+    _check_segments_and_attend(cache, segs, a, p["dtype"], codes, scales)
+
+
+def _replay(cache, ops, a):
+    """Replay a cache case's ``ops`` on ``cache``."""
+    for op in ops:
+        kind = op["op"]
+        if kind == "update":
+            valid = None if op["valid"] is None else a[op["valid"]]
+            if op.get("rope_positions"):
+                cache.update(a[op["keys"]], a[op["values"]], valid, rope_positions=a[op["rope_positions"]])
+            else:
+                cache.update(a[op["keys"]], a[op["values"]], valid)
+        elif kind == "resolve":
+            cache.resolve(a[op["preserve"]])
+        elif kind == "flush":
+            cache.flush()
+        elif kind == "crop":
+            cache.crop(op["max_length"])
+        elif kind == "reorder":
+            cache.reorder(a[op["beam_idx"]])
+        elif kind == "select_batch":
+            cache.select_batch(a[op["indices"]])
+        else:
+            raise AssertionError(f"unknown op {kind!r} in the vectors")
+
+
+def _check_preserved(cache, a):
+    got_p = cache.preserved_positions()
+    rows = sorted(k for k in a if k.startswith("preserved_positions_"))
+    assert len(got_p) == len(rows), f"{len(got_p)} rows of preserved positions, want {len(rows)}"
+    for i, key in enumerate(rows):
+        assert np.array_equal(np.asarray(got_p[i], np.int64), a[key]), \
+            f"row {i}: preserved positions {np.asarray(got_p[i]).tolist()} != {a[key].tolist()}"
+
+
+def _check_segments_and_attend(cache, segs, a, dtype, codes=None, scales=None, quantized_check=None):
+    """Segments (positions exact, full precision parts exact, the quantized one by
+    ``quantized_check(got_segment, want_segment)`` or the uniform rule 9.4) and one ``attend``."""
+    if quantized_check is not None:
+        quantized_check(segs[0], (a["seg0_keys"], a["seg0_values"], a["seg0_positions"]))
     for i, (gk, gv, gp) in enumerate(segs):
         tol.assert_identical(gp, a[f"seg{i}_positions"], f"segment {i} positions")
         live = (a[f"seg{i}_positions"] >= 0)[:, None, :, None]
@@ -168,6 +193,8 @@ def _check_cache(port, case, a):
             want = a[f"seg{i}_{side}"]
             got = np.where(live, np.asarray(got, np.float32), 0)
             want = np.where(live, want, 0)
+            if i == 0 and quantized_check is not None:
+                continue
             if i == 0 and codes[side]:
                 gc = np.concatenate([c[0] for c in codes[side]], 2)
                 wc = np.concatenate([c[1] for c in codes[side]], 2)
@@ -182,14 +209,113 @@ def _check_cache(port, case, a):
     # attend against the stored reference output: the attention bound plus the dequantization
     # differences the port's segments were allowed (docs/09-tolerances.md 9.3, "dequantizes on the fly")
     want = a["attend"].astype(np.float64)
-    dk = np.abs(keys - np.concatenate([a[f"seg{i}_keys"] for i in range(3)], 2)).max(initial=0)
-    dv = np.abs(values - np.concatenate([a[f"seg{i}_values"] for i in range(3)], 2)).max(initial=0)
+    live = (kp >= 0)[:, None, :, None]          # empty slots (-1) never enter attention
+    dk = np.where(live, np.abs(keys - np.concatenate([a[f"seg{i}_keys"] for i in range(3)], 2)), 0)
+    dv = np.where(live, np.abs(values - np.concatenate([a[f"seg{i}_values"] for i in range(3)], 2)), 0)
+    dk, dv = dk.max(initial=0), dv.max(initial=0)
     q = a["query"]
     n_vis = ra.visible_keys(a["query_positions"], kp).sum(-1)
     c = 1 / math.sqrt(q.shape[-1])
     extra = 2.5 * np.abs(values).max(initial=0) * c * np.abs(q).sum(-1, keepdims=True) * dk + dv
-    bound = tol.attention_bound(q, keys, values, n_vis, None, p["dtype"]) + 2.0**-24 * np.abs(want) + extra
+    bound = tol.attention_bound(q, keys, values, n_vis, None, dtype) + 2.0**-24 * np.abs(want) + extra
     tol.check_attention(got, want, bound, n_vis, "cache.attend")
+
+
+# --------------------------------------------------------------------------- kvquant
+
+def _kvquant_block(port, p, a):
+    cfg = mv.config_from_dict(p["config"])
+    cal = mv.calibration_from_arrays(cfg, a)
+    wrap = as_bfloat16 if p["input_dtype"] == "bfloat16" else (lambda x: x)
+    keys, values, exclude = wrap(a["keys_pre_rope"]), wrap(a["values"]), a.get("exclude")
+    got_k, got_v = port.kvquant_quantize_block(keys, values, cal, cfg, exclude=exclude,
+                                               sparse_dtype=p["sparse_dtype"])
+    t = keys.shape[2]
+    coded = np.ones((keys.shape[0], t), bool) if exclude is None else ~exclude
+    for side, got, levels, bits, grp, axis in (
+            ("keys", got_k, cal.key_levels_for(), cfg.key_bits, cfg.key_group_size, "channel"),
+            ("values", got_v, cal.value_levels_for(), cfg.value_bits, cfg.value_group_size, "token")):
+        want = mv.kvquant_tensor_from_arrays(a, side, levels, bits, grp, axis)
+        x32 = np.asarray(a["keys_pre_rope" if side == "keys" else "values"], np.float64).astype(np.float32)
+        tol.check_kvquant_side(got, want, x32, levels, coded, side)
+        deq = port.kvquant_dequantize(want.codes, want.scale, want.centre, want.levels,
+                                      want.outlier_index, want.outlier_value, bits=bits,
+                                      group_size=grp, axis=axis)
+        tol.check_kvquant_dequantized(np.asarray(deq), want, f"{side} dequantized")
+        tol.assert_identical(rkv.dequantize_nonuniform(want), a[f"{side}_dequantized"],
+                             f"{side} dequantized (the vectors' own consistency)")
+        if "packing" in port.parts:
+            tol.assert_identical(port.pack_codes(a[f"{side}_codes"], bits), a[f"{side}_words"],
+                                 f"{side} packed words")
+
+
+def _kvquant_cache(port, p, a):
+    cfg = mv.config_from_dict(p["config"])
+    cal = mv.calibration_from_arrays(cfg, a)
+    inv = a.get("rope_inv_freq")
+    cache = port.make_cache(cfg, p["dtype"], kvquant_calibration=cal, rope_inv_freq=inv)
+    _replay(cache, p["ops"], a)
+    _check_preserved(cache, a)
+    blocks = cache.quantized_blocks()
+    assert len(blocks) == len(p["blocks"]), f"{len(blocks)} blocks, want {len(p['blocks'])}"
+    want_blocks = []
+    for i, (g, meta) in enumerate(zip(blocks, p["blocks"])):
+        pre = f"block{i}"
+        wk = mv.kvquant_tensor_from_arrays(a, f"{pre}_keys", cal.key_levels_for(), cfg.key_bits,
+                                           cfg.key_group_size, "channel")
+        wv = mv.kvquant_tensor_from_arrays(a, f"{pre}_values", cal.value_levels_for(), cfg.value_bits,
+                                           cfg.value_group_size, "token")
+        want_blocks.append((wk, wv))
+        kq.check_kvquant_block(g, wk, wv, start=meta["start"], num_slots=meta["num_slots"],
+                               coded=a[f"{pre}_coded"], rope_positions=a[f"{pre}_rope_positions"],
+                               keys=a[f"{pre}_keys_x"], values=a[f"{pre}_values_x"],
+                               keys_pre_rope=a.get(f"{pre}_keys_x_pre_rope", a[f"{pre}_keys_x"]),
+                               calibration=cal, inv_freq=inv, what=f"block {i}")
+    want_nbytes = kq.expected_nbytes(int(a["nbytes"]), blocks, [w[0].num_outliers for w in want_blocks])
+    assert cache.nbytes() == want_nbytes, f"nbytes {cache.nbytes()} != {want_nbytes} (definition 6.22)"
+    segs = cache.segments()
+    assert len(segs) == 3, f"segments() returned {len(segs)} segments, want 3"
+    _check_segments_and_attend(
+        cache, segs, a, p["dtype"],
+        quantized_check=lambda g, w: kq.check_kvquant_quantized_segment(g, w, blocks, want_blocks, cal,
+                                                                        cfg, inv))
+
+
+def _check_kvquant(port, case, a):
+    fn, p = case["function"], case["params"]
+    if fn == "kvquant_nf_levels":
+        for bits in p["bits"]:
+            got = np.asarray(port.kvquant_nf_levels(bits))
+            assert got.dtype == np.float32, f"nf_levels({bits}) must be float32"
+            tol.assert_identical(got, a[f"levels_b{bits}"], f"nf_levels({bits})")
+    elif fn == "kvquant_nearest_level":
+        got = np.asarray(port.kvquant_nearest_level(a["t"], a["levels"]))
+        assert got.dtype == np.uint8, "nearest_level must return uint8"
+        tol.assert_identical(got, a["codes"], "nearest_level (ties to the lower level)")
+    elif fn == "kvquant_key_outliers":
+        ex, ex_new = a.get("exclude"), a.get("exclude_new")
+        lo, hi = port.kvquant_key_outlier_thresholds(a["keys"], p["fraction"], ex)
+        tol.assert_identical(lo, a["lower"], "key_outlier_thresholds lower")
+        tol.assert_identical(hi, a["upper"], "key_outlier_thresholds upper")
+        tol.assert_identical(port.kvquant_key_outliers(a["keys"], a["lower"], a["upper"], ex), a["mask"],
+                             "key_outliers (calibration keys)")
+        tol.assert_identical(port.kvquant_key_outliers(a["keys_new"], a["lower"], a["upper"], ex_new),
+                             a["mask_new"], "key_outliers (new keys)")
+    elif fn == "kvquant_value_outliers":
+        tol.assert_identical(port.kvquant_value_outliers(a["values"], p["fraction"], a["exclude"]),
+                             a["mask"], "value_outliers")
+    elif fn == "kvquant_quantize_block":
+        _kvquant_block(port, p, a)
+    elif fn == "kvquant_rope":
+        x, pos, inv = a["x"], a["positions"], a["inv_freq"]
+        tol.check_rope(port.kvquant_apply_rope(x, pos, inv), a["applied"], x, "apply_rope")
+        tol.check_rope(port.kvquant_unapply_rope(x, pos, inv), a["unapplied"], x, "unapply_rope")
+        back = np.asarray(port.kvquant_unapply_rope(port.kvquant_apply_rope(x, pos, inv), pos, inv))
+        tol.check_within(back, x, rkv.rope_roundtrip_bound(x), True, "unapply(apply(x))", "(8.1)")
+    elif fn == "kvquant_cache":
+        _kvquant_cache(port, p, a)
+    else:
+        raise AssertionError(f"no check for function {fn!r}")
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -236,5 +362,7 @@ def test_port_matches_vector(port, name):
                          p["input_dtype"])
     elif fn == "cache":
         _check_cache(port, case, a)
+    elif fn.startswith("kvquant"):
+        _check_kvquant(port, case, a)
     else:
         raise AssertionError(f"no check for function {fn!r}")
