@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.bench_kernels import copy_bandwidth, poison           # noqa: E402
 from reference import kvquant as R                              # noqa: E402
 from reference.config import KVSinkConfig                       # noqa: E402
 from accelerated import kvquant as A                            # noqa: E402
@@ -54,19 +55,6 @@ CASES = [
     ("prefill V 32K H8 D128 2b kmeans", 1, 8, 32768, 128, 2, 64, "token", "kmeans"),
     ("prefill K 32K H8 D128 4b nf", 1, 8, 32768, 128, 4, 32, "channel", "nf"),
 ]
-
-
-def poison():
-    junk = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device="cuda").fill_(0xFF)
-    del junk
-
-
-def copy_bandwidth():
-    import triton.testing as tt
-    a = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda").random_()
-    b = torch.empty_like(a)
-    ms = tt.do_bench(lambda: b.copy_(a), return_mode="median")
-    return 2 * a.numel() / (ms * 1e-3)
 
 
 def n_stats(b, h, t, d, g, axis):
