@@ -149,6 +149,20 @@ def quantized_attention_kernel(q_ptr, qpos_ptr, kpos_ptr,
 # Numerics as v2 (float32 products on CUDA cores, exact codes, q*s + z possibly one FMA, tl.exp);
 # only the summation order and the number of online-softmax rescalings differ, both covered by
 # docs/09-tolerances.md 9.3 ("any summation order", n_r <= S).
+#
+# SHIFTS (fixed after an H100 failure): the CPW axis is padded to CPW_PAD = next power of two, and
+# for b = 3, 5, 6 (CPW = 10, 6, 5 -> 16, 8, 8) the padded lanes' shift j*b reaches 33..45.  A shift
+# >= 32 is poison in LLVM: when the layout keeps a word's CPW_PAD codes in one thread (their shifts
+# are then compile-time constants, e.g. D = 1, W_PAD = 1) LLVM folds the padded lanes to poison,
+# and the poison propagates through the sum over the CPW axis into the whole score (values are
+# not summed over that axis: their padded lanes are never stored, but get the same fix): the
+# compiled sm_90 kernel for D = 1, 3-bit keys had no key arithmetic left, p = exp2(-inf) = 0,
+# and the cache attended to nothing (output 0; conformance/test_cuda.py state machine).  With
+# shifts computed at run time (larger D) ptxas' shr clamps and the results were right, which is
+# why only small D showed it.  Padded lanes now get shift 0: their dequantized value is finite (a
+# real code, finite statistics), meets a query lane loaded as 0 in the score and is never stored
+# from the values' accumulator -- as in kvquant_kernels.py and quantize_kernels.py (_pack).
+# Regression: tests/test_accelerated_cache.py::test_small_head_dim_zero_range_groups (CUDA).
 
 
 @triton.jit
@@ -214,8 +228,11 @@ def _load_side(w_ptr, s_ptr, z_ptr, w_base, s_base, t, t_ok, grp, wstride,
 
 
 @triton.jit
-def _dequant(words, s, z, BITS: tl.constexpr, CPW_PAD: tl.constexpr, SYM: tl.constexpr):
-    shifts = (tl.arange(0, CPW_PAD) * BITS)[:, None, None, None]
+def _dequant(words, s, z, BITS: tl.constexpr, CPW: tl.constexpr, CPW_PAD: tl.constexpr,
+             SYM: tl.constexpr):
+    # padded lanes (j >= CPW, b = 3, 5, 6) get shift 0, never j*b >= 32: see "SHIFTS" above
+    j = tl.arange(0, CPW_PAD)
+    shifts = tl.where(j < CPW, j * BITS, 0)[:, None, None, None]
     c = _codes(words, shifts, (1 << BITS) - 1)                            # (CPW_PAD, A, TS, W_PAD)
     if SYM:
         M: tl.constexpr = (1 << (BITS - 1)) - 1
@@ -305,7 +322,7 @@ def decode_attention_kernel(q_ptr, qpos_ptr, kpos_ptr,
             vw, vs, vz = _load_side(vw_ptr, vs_ptr, vz_ptr, vw_base, vs_base, t, t_ok, t0 // VG,
                                     wstride, VW, VW_PAD, VCPW, VCPW_PAD, D, VG, NGV, VCHAN, VSYM,
                                     VTILE, VWORD)
-        k = _dequant(kw, ks, kz, KBITS, KCPW_PAD, KSYM)                     # (KCPW, A, TS, KW)
+        k = _dequant(kw, ks, kz, KBITS, KCPW, KCPW_PAD, KSYM)               # (KCPW, A, TS, KW)
         sc = tl.sum(tl.sum(q5 * k[None], axis=1), axis=3) * scale          # (RB, A, TS)
         vis = (kpos[None] >= 0) & (kpos[None] <= qpos3) & row3
         sc = tl.where(vis, sc, float("-inf"))
@@ -314,7 +331,7 @@ def decode_attention_kernel(q_ptr, qpos_ptr, kpos_ptr,
         alpha = tl.exp(m_u - m_safe)
         p = tl.where(vis, tl.exp(sc - m_safe[:, None, :]), 0.0)            # (RB, A, TS)
         l_u = l_u * alpha + tl.sum(p, axis=1)
-        v = _dequant(vw, vs, vz, VBITS, VCPW_PAD, VSYM)                     # (VCPW, A, TS, VW)
+        v = _dequant(vw, vs, vz, VBITS, VCPW, VCPW_PAD, VSYM)               # (VCPW, A, TS, VW)
         acc_u = acc_u * alpha[:, None, :, None] + tl.sum(p[:, None, :, :, None] * v[None], axis=2)
         m_u = m_new
     # merge the TS streams (log-sum-exp)

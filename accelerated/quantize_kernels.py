@@ -26,6 +26,13 @@
 #   The codes are clamped before rounding: clip(rint(y), lo, hi) == rint(clip(y, lo, hi)) for
 #   integer lo, hi.
 #
+# SHIFTS: the CPW axis is padded to CPW_PAD (next power of two); for b = 3, 5, 6 (CPW = 10, 6, 5 ->
+#   16, 8, 8) a padded lane's shift j*b would reach 33..45.  A shift >= 32 is poison in LLVM, and
+#   poison in one lane poisons the sum that packs the word, even though the lane's code is 0.  When
+#   the shifts are compile-time constants in one thread LLVM folds them (seen miscompiled on sm_90:
+#   the kvquant kernel's words for b = 6; the attention kernel's scores for D = 1, b = 3, see
+#   attention_kernels.py SHIFTS), so _pack gives padded lanes shift 0: tl.where(j < CPW, j*b, 0).
+#
 # This module imports triton at its top: accelerated/quantize.py imports it only for a CUDA tensor
 # when triton is installed (see quantize._kernel_usable), so CPU-only installs never load it.
 
@@ -51,10 +58,11 @@ def _rint_clamped(y, lo, hi):
     return tl.where(y < 0, -r, r)
 
 @triton.jit
-def _pack(q, j, keep, BITS: tl.constexpr):
-    # q (R, W, C) float32 integer codes -> (R, W) uint32 words
+def _pack(q, j, keep, BITS: tl.constexpr, CPW: tl.constexpr):
+    # q (R, W, C) float32 integer codes -> (R, W) uint32 words.  Padded lanes (j >= CPW) hold 0
+    # and get shift 0: j*BITS >= 32 would be LLVM poison (see SHIFTS in the header)
     qi = tl.where(keep, q, 0.0).to(tl.uint32)
-    shifted = qi << (j * BITS).to(tl.uint32)
+    shifted = qi << tl.where(j < CPW, j * BITS, 0).to(tl.uint32)
     return tl.sum(shifted, axis=2)
 
 @triton.jit
@@ -124,7 +132,7 @@ def quantize_channel_kernel(x_ptr, excl_ptr, words_ptr, scale_ptr, zero_ptr, fla
         if CHECK:
             _flag(flag_ptr, x, ok, s, mn, col_ok, L, M, SYMMETRIC)
     tl.store(scale_ptr + (n * NGT + g) * D + d, s, mask=col_ok)
-    packed = _pack(q, j[None, None, :], ok, BITS)             # (G_PAD, W_BLOCK)
+    packed = _pack(q, j[None, None, :], ok, BITS, CPW)       # (G_PAD, W_BLOCK)
     tl.store(words_ptr + (n * T + t)[:, None] * W + w[None, :], packed.to(tl.int32, bitcast=True),
              mask=row_ok[:, None] & (w[None, :] < W))
 
@@ -180,7 +188,7 @@ def quantize_token_kernel(x_ptr, excl_ptr, words_ptr, scale_ptr, zero_ptr, flag_
         xe = tl.where(counted, x, z_full)
         y = tl.where(nz, tl.math.div_rn(xe - z_full, safe), 0.0)
         q = _rint_clamped(y, 0.0, L * 1.0)
-    packed = _pack(q, j[None, None, :], ok, BITS)             # (T_BLOCK, W_PAD)
+    packed = _pack(q, j[None, None, :], ok, BITS, CPW)       # (T_BLOCK, W_PAD)
     tl.store(words_ptr + (n * T + t)[:, None] * W + w[None, :], packed.to(tl.int32, bitcast=True),
              mask=row_ok[:, None] & (w[None, :] < W))
 
