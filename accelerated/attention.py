@@ -25,6 +25,7 @@ elsewhere with the torch code below.  This is what the cache calls.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional, Sequence, Tuple
@@ -168,6 +169,34 @@ def attention_scores(query, keys, *, scale=None) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- block kernel (torch)
 
+# The online-softmax bookkeeping below runs on every layer of every decode step, one small
+# kernel per torch op, so it is written with few ops; each rewrite gives the same values:
+# * ``_finite(x)`` is ``torch.isfinite(x)`` in two kernels (``|x| < inf``, NaN compares False)
+#   instead of four (eq, abs, ne, mul);
+# * ``_finite_or_zero(m)`` is ``torch.where(torch.isfinite(m), m, 0)`` in one kernel;
+# * constants are cached 0-d tensors (``torch.where(c, x, 0.0)`` would fill a new one, a kernel).
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    return x.abs() < math.inf
+
+
+def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+_CONSTANTS = {}
+
+
+def _const(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor holding ``value`` in ``like``'s dtype and device (made once)."""
+    key = (like.device, like.dtype, value)
+    c = _CONSTANTS.get(key)
+    if c is None:
+        with torch.inference_mode(False):
+            c = _CONSTANTS[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+    return c
+
+
 def _block_partial(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vis: torch.Tensor, scale: float,
                    tq: int):
     """Partial statistics of one key block.
@@ -179,11 +208,11 @@ def _block_partial(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vis: torc
     g = rows // tq
     e = torch.matmul(qg, k.transpose(-1, -2)) * scale                 # (B, H, g*Tq, S)
     vis_rows = vis[:, None, None, :, :].expand(b, 1, g, tq, vis.shape[-1]).reshape(b, 1, rows, -1)
-    e = e.masked_fill(~vis_rows, _NEG_INF)
+    e = torch.where(vis_rows, e, _const(_NEG_INF, e))
     m = e.amax(dim=-1) if e.shape[-1] else torch.full((b, h, rows), _NEG_INF, dtype=_F32, device=qg.device)
-    seen = torch.isfinite(m)
-    p = torch.exp(e - torch.where(seen, m, torch.zeros_like(m))[..., None])
-    p = torch.where(vis_rows, p, torch.zeros((), dtype=_F32, device=qg.device))
+    # an invisible key has e = -inf and the subtrahend is finite: p = exp(-inf) = 0 exactly,
+    # so no second mask is needed
+    p = torch.exp(e - _finite_or_zero(m)[..., None])
     return m, p.sum(dim=-1), torch.matmul(p, v)
 
 
@@ -192,10 +221,10 @@ def _combine(a, b_):
     m1, l1, acc1 = a
     m2, l2, acc2 = b_
     m = torch.maximum(m1, m2)
-    seen = torch.isfinite(m)
-    safe = torch.where(seen, m, torch.zeros_like(m))
-    w1 = torch.where(torch.isfinite(m1), torch.exp(m1 - safe), torch.zeros_like(m1))
-    w2 = torch.where(torch.isfinite(m2), torch.exp(m2 - safe), torch.zeros_like(m2))
+    safe = _finite_or_zero(m)
+    zero = _const(0.0, m)
+    w1 = torch.where(_finite(m1), torch.exp(m1 - safe), zero)
+    w2 = torch.where(_finite(m2), torch.exp(m2 - safe), zero)
     return m, w1 * l1 + w2 * l2, w1[..., None] * acc1 + w2[..., None] * acc2
 
 
@@ -204,23 +233,41 @@ def _rows_to_heads(t: torch.Tensor, b: int, hq: int, tq: int) -> torch.Tensor:
     return t.reshape((b, hq, tq) + tuple(t.shape[3:]))
 
 
-def _partial(q, k, v, qp, kp, key_valid, scale, block_size):
+def _visible(qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
+    """bool ``(B, Tq, S)``: key ``s`` visible to query ``t`` (``0 <= kp[b, s] <= qp[b, t]``)."""
+    return (kp[:, None, :] >= 0) & (kp[:, None, :] <= qp[:, :, None])
+
+
+def _partial(q, k, v, qp, kp, key_valid, scale, block_size, vis=None):
+    """``(m, l, acc)`` of one segment; ``vis`` (bool ``(B, Tq, S)``, optional) is its visibility
+    ``_visible(qp, kp) & key_valid`` computed by the caller (``kp`` is then not read)."""
     b, hq, tq, d = q.shape
     h, s_len = k.shape[1], k.shape[2]
     g = hq // h
     qg = q.reshape(b, h, g * tq, d)
-    state = (torch.full((b, h, g * tq), _NEG_INF, dtype=_F32, device=q.device),
-             torch.zeros((b, h, g * tq), dtype=_F32, device=q.device),
-             torch.zeros((b, h, g * tq, d), dtype=_F32, device=q.device))
+    state = None
     for s0 in range(0, s_len, block_size):
         s1 = min(s_len, s0 + block_size)
-        kpb = kp[:, s0:s1]
-        vis = (kpb[:, None, :] >= 0) & (kpb[:, None, :] <= qp[:, :, None])
-        if key_valid is not None:
-            vis = vis & key_valid[:, None, s0:s1]
-        state = _combine(state, _block_partial(qg, k[:, :, s0:s1], v[:, :, s0:s1], vis, scale, tq))
+        if vis is not None:
+            vis_b = vis[:, :, s0:s1]
+        else:
+            vis_b = _visible(qp, kp[:, s0:s1])
+            if key_valid is not None:
+                vis_b = vis_b & key_valid[:, None, s0:s1]
+        part = _block_partial(qg, k[:, :, s0:s1], v[:, :, s0:s1], vis_b, scale, tq)
+        # the first block is the state: combining it with the empty (-inf, 0, 0) is the identity
+        state = part if state is None else _combine(state, part)
+    if state is None:
+        state = _empty_state(b, h, g * tq, d, q.device)
     m, l, acc = state
     return _rows_to_heads(m, b, hq, tq), _rows_to_heads(l, b, hq, tq), _rows_to_heads(acc, b, hq, tq)
+
+
+def _empty_state(b: int, h: int, rows: int, d: int, device):
+    """The partial statistics of no key: ``(-inf, 0, 0)``."""
+    return (torch.full((b, h, rows), _NEG_INF, dtype=_F32, device=device),
+            torch.zeros((b, h, rows), dtype=_F32, device=device),
+            torch.zeros((b, h, rows, d), dtype=_F32, device=device))
 
 
 def _check_block(block_size) -> int:
@@ -253,9 +300,9 @@ def partial_attention(query, keys, values, *, query_positions, key_positions, ke
 
 
 def _normalise(m, l, acc):
-    seen = torch.isfinite(m)
-    den = torch.where(seen, l, torch.ones_like(l))
-    return torch.where(seen[..., None], acc / den[..., None], torch.zeros((), dtype=acc.dtype, device=acc.device))
+    seen = _finite(m)
+    den = torch.where(seen, l, _const(1.0, l))
+    return torch.where(seen[..., None], acc / den[..., None], _const(0.0, acc))
 
 
 def attention(query, keys, values, *, query_positions, key_positions, key_valid=None, scale=None,
@@ -270,9 +317,8 @@ def attention(query, keys, values, *, query_positions, key_positions, key_valid=
 def _merge_raw(parts):
     m_all = torch.stack([p[0] for p in parts])
     big_m = m_all.amax(dim=0)
-    seen = torch.isfinite(big_m)
-    safe = torch.where(seen, big_m, torch.zeros_like(big_m))
-    w = torch.where(torch.isfinite(m_all), torch.exp(m_all - safe), torch.zeros_like(m_all))
+    safe = _finite_or_zero(big_m)
+    w = torch.where(_finite(m_all), torch.exp(m_all - safe), _const(0.0, m_all))
     num = (w[..., None] * torch.stack([p[2] for p in parts])).sum(dim=0)
     den = (w * torch.stack([p[1] for p in parts])).sum(dim=0)
     return big_m, den, num
@@ -372,7 +418,7 @@ def _block_for(keys: PackedQuantizedTensor, values: PackedQuantizedTensor, block
 def quantized_segment_attention(query, keys: PackedQuantizedTensor, values: PackedQuantizedTensor, *,
                                 query_positions, key_positions, key_valid=None, scale=None,
                                 block_size: int = 256, use_kernel: Optional[bool] = None,
-                                precision: str = "ieee"):
+                                precision: str = "ieee", check_query: bool = True):
     """Partial attention ``(m, l, acc)`` over a quantized segment, read from its packed form.
 
     Equals ``partial_attention(query, dequantize(keys), dequantize(values), ...)``
@@ -395,6 +441,9 @@ def quantized_segment_attention(query, keys: PackedQuantizedTensor, values: Pack
     precision : the kernel's float32 dot: "ieee" (default; error row
         "float32 throughout" of §9.3) or "tf32x3" (three TF32 products,
         docs/09-tolerances.md accelerated section).  Ignored by the torch code.
+    check_query : True (default) raises ``ValueError`` if ``query`` holds NaN or Inf (one
+        device->host synchronisation); False skips that check, for a caller that has
+        validated the query itself (the cache's deferred checks, ``accelerated.cache.DeferredChecks``).
 
     Returns
     -------
@@ -404,9 +453,9 @@ def quantized_segment_attention(query, keys: PackedQuantizedTensor, values: Pack
     q = _float_tensor("query", query, 4, check_finite=False)
     # On CUDA the finiteness of the query is checked AFTER the kernel launch (same single
     # device->host sync, but the Python launch work then overlaps the GPU instead of following
-    # an idle wait); elsewhere, here as before.
-    deferred = q.is_cuda and q.numel() > 0
-    if not deferred and q.numel() and not bool(torch.isfinite(q).all()):
+    # an idle wait); elsewhere, here as before.  check_query=False: the caller checked it.
+    deferred = check_query and q.is_cuda and q.numel() > 0
+    if check_query and not deferred and q.numel() and not bool(torch.isfinite(q).all()):
         raise ValueError("query contains NaN or Inf; pass finite values")
     b, hq, tq, d = q.shape
     if not isinstance(keys, PackedQuantizedTensor):
@@ -446,9 +495,7 @@ def quantized_segment_attention(query, keys: PackedQuantizedTensor, values: Pack
 
     g = hq // h
     qg = q.reshape(b, h, g * tq, d)
-    state = (torch.full((b, h, g * tq), _NEG_INF, dtype=_F32, device=q.device),
-             torch.zeros((b, h, g * tq), dtype=_F32, device=q.device),
-             torch.zeros((b, h, g * tq, d), dtype=_F32, device=q.device))
+    state = None
     step = _block_for(keys, values, block_size)
     for t0 in range(0, t_len, step):
         t1 = min(t_len, t0 + step)
@@ -456,13 +503,22 @@ def quantized_segment_attention(query, keys: PackedQuantizedTensor, values: Pack
         vblk = _dequantize_block(values, t0, t1)
         kpb = kp[:, t0:t1]
         vis = (kpb[:, None, :] >= 0) & (kpb[:, None, :] <= qp[:, :, None])
-        state = _combine(state, _block_partial(qg, kblk, vblk, vis, sc, tq))
+        part = _block_partial(qg, kblk, vblk, vis, sc, tq)
+        state = part if state is None else _combine(state, part)      # first block: the state
+    if state is None:
+        state = _empty_state(b, h, g * tq, d, q.device)
     m, l, acc = state
     return _rows_to_heads(m, b, hq, tq), _rows_to_heads(l, b, hq, tq), _rows_to_heads(acc, b, hq, tq)
 
 
 def _attention_kernel_usable(q: torch.Tensor) -> bool:
-    import importlib.util
     if not (q.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and q.device.type == "cpu")):
         return False
+    return _triton_installed()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    """Whether triton is importable (looked up once: ``find_spec`` costs host time on every call)."""
+    import importlib.util
     return importlib.util.find_spec("triton") is not None

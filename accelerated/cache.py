@@ -101,7 +101,9 @@ merged with the preserved and residual segments as for the uniform quantizer.
 
 Hot path
 --------
-* :meth:`update`: one copy into the residual buffer (+ one finiteness check).
+* :meth:`update`: one copy into the residual buffer (+ one finiteness check: a
+  device->host sync, or, with ``checks=`` (:class:`DeferredChecks`), a device flag
+  read later together with every other layer's: one sync per model forward).
 * :meth:`flush` (every ``blk`` tokens): all due blocks quantized by one call
   of :func:`accelerated.quantize.quantize_packed` per side (the fused Triton
   kernel on CUDA), preserved tokens scattered into the preserved store
@@ -113,6 +115,10 @@ Hot path
   preserved store and the residual at full precision; the three partial
   results merged with the log-sum-exp rule.  No dequantized copy of the
   quantized store is ever built (:meth:`segments` builds one, for tests).
+  With ``checks=`` the query's finiteness is recorded (no sync); with
+  ``shared=`` the full-precision segments' visibility masks are made once per
+  forward for all layers; the packed views handed to the kernel are reused
+  between calls while the buffers stay the same.
 """
 
 from __future__ import annotations
@@ -134,9 +140,11 @@ from .packing import WORD_DTYPE, pack_codes, unpack_codes
 from .quantize import PackedQuantizedTensor, dequantize, quantize_packed
 
 __all__ = ["QuantizedKVCacheLayer", "QuantizedKVCache", "QuantizedBlock", "KVQuantCacheBlock",
-           "PackedKVQuantTensor"]
+           "PackedKVQuantTensor", "DeferredChecks"]
 
 _FLUSH_PENDING_MESSAGE = "resolve() the status of tokens before flushing"
+_NONFINITE_MESSAGE = {name: f"{name} contains NaN or Inf; the cache stores finite values only"
+                      for name in ("keys", "values")}
 
 _F32 = torch.float32
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -174,6 +182,98 @@ def _check_dtype(dtype) -> torch.dtype:
         raise TypeError(f"dtype must be one of torch.float16/bfloat16/float32/float64 (the "
                         f"full-precision storage dtype), got {dtype!r}")
     return dtype
+
+
+def _rope_message(bad: torch.Tensor, pos: torch.Tensor) -> str:
+    i = tuple(int(j) for j in bad.nonzero()[0])
+    return f"rope_positions must lie in [0, 2**24) at valid tokens; got {int(pos[i])} at (row, token) {i}"
+
+
+def _padding_message(bad: torch.Tensor, first: int) -> str:
+    row, col = (int(i) for i in bad.nonzero()[0])
+    return (f"preserve marks a padding token (row {row}, position {first + col}); padding is never "
+            "preserved: pass preserve & valid")
+
+
+class DeferredChecks:
+    """Input validation gathered as device flags and read with ONE device->host synchronisation.
+
+    Each eager check of :meth:`QuantizedKVCacheLayer.update`, ``resolve`` and ``attend``
+    (K/V and query finite, no preserve flag on padding, kvquant rotary positions in range) reads a
+    device flag on the host: one synchronisation per call, i.e. several per layer and decode step
+    inside a model.  Given ``checks=DeferredChecks()``, those methods record the flag here instead
+    (a reduction kernel, no synchronisation), and :meth:`check` reads all recorded flags at once
+    (one synchronisation per device) and raises the ``ValueError`` the eager check would have
+    raised first, with the same message.
+
+    Semantics: until :meth:`check` has run, the recorded calls have *already* changed the cache
+    (tokens appended, statuses set), so a failed check means: discard the cache (``reset()``), or
+    ``crop`` the tokens of the failed calls away.  A layer never quantizes unchecked tokens: its
+    :meth:`~QuantizedKVCacheLayer.flush` calls :meth:`check` of the checks its updates recorded to
+    first (and raises, changing nothing, if they failed).  :meth:`check` is idempotent: after the
+    first call it raises the same error again, or returns at once.
+    """
+
+    __slots__ = ("_flags", "_bad", "_messages", "_error", "_checked")
+
+    def __init__(self):
+        self._flags: List[torch.Tensor] = []     # 0-d tensors, in the order recorded
+        self._bad: List[bool] = []               # False: bad if not finite; True: bad if non-zero
+        self._messages: list = []                # str, or a callable building it (may sync)
+        self._error: Optional[str] = None
+        self._checked = False
+
+    def __len__(self) -> int:
+        return len(self._flags)
+
+    def finite(self, x: torch.Tensor, message, *, stored: Optional[torch.Tensor] = None,
+               overflow_message=None) -> None:
+        """Record "``x`` holds no NaN/Inf" (failing with ``message``) and, if ``stored`` (``x``
+        converted to another dtype) is given, "``stored`` neither" (``overflow_message``: the
+        conversion overflowed).  Messages: str, or a callable returning it, called on failure."""
+        if x.numel() == 0:
+            return
+        self._add(torch.linalg.vector_norm(x, math.inf), False, message)   # max |x|: NaN, Inf propagate
+        if stored is not None:
+            self._add(torch.linalg.vector_norm(stored, math.inf), False, overflow_message)
+
+    def none_true(self, flags: torch.Tensor, message) -> None:
+        """Record "no element of the bool tensor ``flags`` is True" (``message``: str or a
+        callable returning it, called only on failure)."""
+        if flags.numel():
+            self._add(flags.any(), True, message)
+
+    def _add(self, flag: torch.Tensor, nonzero_is_bad: bool, message) -> None:
+        if self._checked:
+            raise RuntimeError("DeferredChecks.check() has run already: use a new DeferredChecks "
+                               "for new calls")
+        self._flags.append(flag)
+        self._bad.append(nonzero_is_bad)
+        self._messages.append(message)
+
+    @property
+    def checked(self) -> bool:
+        return self._checked
+
+    def check(self) -> None:
+        """Read every recorded flag (one synchronisation per device holding some) and raise the
+        ``ValueError`` of the first failed check in recording order; idempotent."""
+        if not self._checked:
+            self._checked = True
+            by_device = {}
+            for i, f in enumerate(self._flags):
+                by_device.setdefault(f.device, []).append(i)
+            values = [0.0] * len(self._flags)
+            for idx in by_device.values():
+                for i, v in zip(idx, torch.stack([self._flags[i] for i in idx]).tolist()):
+                    values[i] = v
+            for v, nonzero_is_bad, message in zip(values, self._bad, self._messages):
+                if (v != 0) if nonzero_is_bad else not math.isfinite(v):
+                    self._error = message() if callable(message) else message
+                    break
+            self._flags = []                  # nothing to hold on to any more
+        if self._error is not None:
+            raise ValueError(self._error)
 
 
 class QuantizedKVCacheLayer:
@@ -247,6 +347,8 @@ class QuantizedKVCacheLayer:
         self._rk = self._rv = None  # (B, H, rcap, D)
         self._rvalid = None         # bool (B, rcap)
         self._rpres = None          # bool (B, rcap)
+        self._unchecked: List[DeferredChecks] = []   # deferred checks of updates not yet read
+        self._views = {}            # side -> (t1, buffers, PackedQuantizedTensor views): attend's
         # kvquant: residual rotary positions, the blocks, the calibration and inv_freq on the device
         self._rrope = None          # int32 (B, rcap)
         self._kvq_blocks: List["KVQuantCacheBlock"] = []
@@ -300,7 +402,8 @@ class QuantizedKVCacheLayer:
 
     # ------------------------------------------------------------------ validation
 
-    def _check_kv(self, keys, values) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _check_kv(self, keys, values, checks: Optional[DeferredChecks] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
         for name, x in (("keys", keys), ("values", values)):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{name} must be a torch tensor (B, H, n, D), got {type(x).__name__}")
@@ -322,15 +425,23 @@ class QuantizedKVCacheLayer:
             self.device = keys.device
         k = keys.to(device=self.device, dtype=self.dtype)
         v = values.to(device=self.device, dtype=self.dtype)
+        if checks is not None:                      # recorded, read later: no sync here
+            for name, x, stored in (("keys", keys, k), ("values", values, v)):
+                converted = stored.dtype != x.dtype
+                checks.finite(x, _NONFINITE_MESSAGE[name], stored=stored if converted else None,
+                              overflow_message=self._overflow_message(name) if converted else None)
+            return k, v
         if n and not bool(torch.isfinite(k).all() & torch.isfinite(v).all()):   # one sync
             for name, x, stored in (("keys", keys, k), ("values", values, v)):
                 if not bool(torch.isfinite(x).all()):
-                    raise ValueError(f"{name} contains NaN or Inf; the cache stores finite values only")
+                    raise ValueError(_NONFINITE_MESSAGE[name])
                 if not bool(torch.isfinite(stored).all()):
-                    raise ValueError(f"{name} has values outside the range of the storage dtype "
-                                     f"{self.dtype} (|x| > {torch.finfo(self.dtype).max}); use "
-                                     "dtype=torch.float32")
+                    raise ValueError(self._overflow_message(name))
         return k, v
+
+    def _overflow_message(self, name: str) -> str:
+        return (f"{name} has values outside the range of the storage dtype {self.dtype} "
+                f"(|x| > {torch.finfo(self.dtype).max}); use dtype=torch.float32")
 
     def _check_mask(self, name: str, x, shape) -> torch.Tensor:
         if isinstance(x, np.ndarray):
@@ -476,7 +587,8 @@ class QuantizedKVCacheLayer:
 
     # ------------------------------------------------------------------ 6.1 update
 
-    def update(self, keys, values, valid=None, rope_positions=None) -> None:
+    def update(self, keys, values, valid=None, rope_positions=None, *,
+               checks: Optional[DeferredChecks] = None) -> None:
         """Append ``n`` tokens to the residual window, status pending (definition 6.1).
 
         Parameters
@@ -489,25 +601,33 @@ class QuantizedKVCacheLayer:
         rope_positions : kvquant only: None (the slot positions) or int ``(B, n)``,
             each token's rotary position, in ``[0, 2**24)`` at valid tokens
             (stored as 0 at padding) (docs/06-cache.md 6.21).
+        checks : None (default): the value checks (keys and values finite and
+            within the storage dtype, kvquant rotary positions in range) run here,
+            each costing a device->host synchronisation, and a failed call changes
+            nothing.  A :class:`DeferredChecks`: they are recorded there and raised by
+            its ``check()`` (the tokens are appended meanwhile; :meth:`flush` runs the
+            check before quantizing).  Shapes and dtypes are always checked here.
 
         The tokens take positions ``seq_length .. seq_length + n - 1``.
         """
         if not self.kvquant and rope_positions is not None:
             raise ValueError("rope_positions is only used by quantizer='kvquant' (the config has "
                              f"quantizer={self.config.quantizer!r}); leave it None")
-        keys, values = self._check_kv(keys, values)
+        keys, values = self._check_kv(keys, values, checks)
         b, h, n, d = keys.shape
         if valid is None:
             valid = torch.ones((b, n), dtype=torch.bool, device=self.device)
         else:
             valid = self._check_mask("valid", valid, (b, n))
         if self.kvquant:
-            rope = self._check_rope_positions(rope_positions, valid)
+            rope = self._check_rope_positions(rope_positions, valid, checks)
             self._check_kvquant_dims(h, d)
         if self._shape is None:
             self._allocate(b, h, d)
         if n == 0:
             return
+        if checks is not None:
+            self._watch(checks)
         self._ensure_residual_room(n)
         lo = self._roff + self._rlen
         if self.kvquant:
@@ -519,7 +639,8 @@ class QuantizedKVCacheLayer:
         self._rlen += n
         self._npending += n
 
-    def _check_rope_positions(self, rope_positions, valid: torch.Tensor) -> torch.Tensor:
+    def _check_rope_positions(self, rope_positions, valid: torch.Tensor,
+                              checks: Optional[DeferredChecks] = None) -> torch.Tensor:
         """int32 ``(B, n)`` rotary positions of new tokens (0 at padding), as the reference."""
         b, n = valid.shape
         first = self.seq_length
@@ -539,33 +660,49 @@ class QuantizedKVCacheLayer:
                                  f"{tuple(rope_positions.shape)}")
             pos = rope_positions.to(device=self.device, dtype=torch.int64)
             bad = valid & ((pos < 0) | (pos >= _rkvq.MAX_POSITION))
-            if n and bool(bad.any()):
-                i = tuple(int(j) for j in bad.nonzero()[0])
-                raise ValueError(f"rope_positions must lie in [0, 2**24) at valid tokens; got "
-                                 f"{int(pos[i])} at (row, token) {i}")
+            if checks is not None:
+                checks.none_true(bad, lambda: _rope_message(bad, pos))
+            elif n and bool(bad.any()):
+                raise ValueError(_rope_message(bad, pos))
         return torch.where(valid, pos, torch.zeros((), dtype=torch.int64, device=self.device)).to(torch.int32)
 
     # ------------------------------------------------------------------ 6.2 resolve
 
-    def resolve(self, preserve) -> None:
+    def resolve(self, preserve, *, checks: Optional[DeferredChecks] = None) -> None:
         """Give the status of every pending token (definition 6.2).
 
         ``preserve``: bool ``(B, num_pending)`` in position order, ``True`` = keep at
-        full precision.  A ``True`` on a padding token raises ``ValueError``.
+        full precision.  A ``True`` on a padding token raises ``ValueError``; with
+        ``checks`` (a :class:`DeferredChecks`) that test is recorded there instead
+        (no device->host synchronisation) and raised by its ``check()``.
         """
         if self._shape is None:
             raise RuntimeError("resolve() before any update(): there is no pending token")
         flags = self._check_mask("preserve", preserve, (self._shape[0], self._npending))
         hi = self._roff + self._rlen
         lo = hi - self._npending
-        bad = flags & ~self._rvalid[:, lo:hi]
-        if self._npending and bool(bad.any()):
-            row, col = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"preserve marks a padding token (row {row}, position "
-                             f"{self._rstart + self._rlen - self._npending + col}); padding is never "
-                             "preserved: pass preserve & valid")
+        first = self._rstart + self._rlen - self._npending
+        if checks is not None:
+            bad = flags > self._rvalid[:, lo:hi]             # preserve & ~valid, one kernel
+            checks.none_true(bad, lambda: _padding_message(bad, first))
+            self._watch(checks)
+        elif self._npending:
+            bad = flags & ~self._rvalid[:, lo:hi]
+            if bool(bad.any()):
+                raise ValueError(_padding_message(bad, first))
         self._rpres[:, lo:hi].copy_(flags)
         self._npending = 0
+
+    def _watch(self, checks: DeferredChecks) -> None:
+        """Remember ``checks``: :meth:`flush` runs it before quantizing anything."""
+        if not any(c is checks for c in self._unchecked):
+            self._unchecked.append(checks)
+
+    def _run_checks(self) -> None:
+        """Run the deferred checks recorded by this layer's calls (raises their ValueError)."""
+        for c in self._unchecked:
+            c.check()
+        self._unchecked = []
 
     # ------------------------------------------------------------------ 6.3 flush
 
@@ -602,6 +739,8 @@ class QuantizedKVCacheLayer:
         m = self._due()
         if m == 0:
             return 0
+        if self._unchecked:                 # never quantize tokens whose deferred checks failed
+            self._run_checks()
         blk = self.block
         b, h, d = self._shape
         c = self.config
@@ -825,6 +964,18 @@ class QuantizedKVCacheLayer:
                                      group_size=group, axis=axis, symmetric=self.symmetric,
                                      shape=(b, h, t1 - t0, d))
 
+    def _attend_side(self, side: str, t1: int) -> PackedQuantizedTensor:
+        """``_side(side, 0, t1)`` for :meth:`attend`, reused while the buffers and ``t1`` stay
+        the same (on CUDA ``t1`` is the capacity, so between reallocations: building and
+        validating the views costs host time on every layer and step)."""
+        buffers = (self._kw, self._ks, self._kz) if side == "k" else (self._vw, self._vs, self._vz)
+        hit = self._views.get(side)
+        if hit is not None and hit[0] == t1 and all(a is b for a, b in zip(hit[1], buffers)):
+            return hit[2]
+        view = self._side(side, 0, t1)
+        self._views[side] = (t1, buffers, view)
+        return view
+
     def _slot_positions(self) -> torch.Tensor:
         """int64 ``(B, nq)``: position of every buffer slot of the quantized store, -1 = empty."""
         if self.kvquant:
@@ -927,7 +1078,7 @@ class QuantizedKVCacheLayer:
     def _residual_positions(self) -> torch.Tensor:
         lo, hi = self._roff, self._roff + self._rlen
         pos = torch.arange(self._rstart, self._rstart + self._rlen, dtype=torch.int64, device=self.device)
-        return torch.where(self._rvalid[:, lo:hi], pos, torch.full_like(pos, -1))
+        return torch.where(self._rvalid[:, lo:hi], pos, _att._const(-1, pos))
 
     def preserved_positions(self) -> List[torch.Tensor]:
         """Per row, the sorted int64 positions of its preserved-store tokens (CPU tensors)."""
@@ -967,7 +1118,8 @@ class QuantizedKVCacheLayer:
     # ------------------------------------------------------------------ 6.13 attention
 
     def attend(self, query, query_positions, scale=None, *, block_size: int = 256,
-               use_kernel: Optional[bool] = None) -> torch.Tensor:
+               use_kernel: Optional[bool] = None, checks: Optional[DeferredChecks] = None,
+               shared: Optional[dict] = None) -> torch.Tensor:
         """Attention of ``query`` over the cache (definition 6.13), float32 ``(B, Hq, Tq, D)``.
 
         The quantized store is read from its packed form, ``block_size`` slots at
@@ -978,6 +1130,18 @@ class QuantizedKVCacheLayer:
         reference's ``split_attention(query, segments(), ...)`` within
         docs/09-tolerances.md §9.3.  Key ``s`` is visible to query ``t`` iff its
         slot is not empty and its position is ``<= query_positions[b, t]``.
+        A query holding NaN or Inf raises ``ValueError`` (one device->host
+        synchronisation), or, with ``checks`` (a :class:`DeferredChecks`), is
+        recorded there and raised by its ``check()``.
+
+        ``shared``: None, or a dict the caller passes to the ``attend`` of several
+        layers that hold the same slots (same residual positions and validity, same
+        preserved positions: e.g. every layer of one model forward step, which all
+        received the same updates, statuses and flushes) with the same
+        ``query_positions``: the visibility masks of the preserved and residual
+        segments are then computed by the first of them and reused (keyed by device,
+        window and counts), instead of once per layer.  The caller guarantees that the
+        layers hold the same slots; a fresh dict per step.
         """
         if not isinstance(query, torch.Tensor):
             raise TypeError(f"query must be a torch tensor (B, Hq, Tq, D), got {type(query).__name__}")
@@ -991,10 +1155,13 @@ class QuantizedKVCacheLayer:
         b, h, d = self._shape
         if query.shape[0] != b or query.shape[3] != d:
             raise ValueError(f"query must have shape (B={b}, Hq, Tq, D={d}), got {tuple(query.shape)}")
-        # the finiteness of the query is checked once: by quantized_segment_attention when
-        # there is a quantized part, here otherwise (each check is a device->host sync)
+        # the finiteness of the query is checked once: recorded in `checks`, or by
+        # quantized_segment_attention when there is a quantized part, here otherwise (each
+        # eager check is a device->host sync)
+        if checks is not None:
+            checks.finite(query, "query contains NaN or Inf; pass finite values")
         q = _att._float_tensor("query", query.to(self.device), 4,
-                               check_finite=self._nq == 0 or self.kvquant)
+                               check_finite=checks is None and (self._nq == 0 or self.kvquant))
         _att._check_heads(q.shape[1], h)
         qp = _att._int_tensor("query_positions", query_positions, (b, q.shape[2]), self.device)
         sc = _att._check_scale(scale, d)
@@ -1009,22 +1176,37 @@ class QuantizedKVCacheLayer:
             kernel = use_kernel is not False and _att._attention_kernel_usable(q)
             t1 = self._qcap if kernel else self._nq
             parts.append(_att.quantized_segment_attention(
-                q, self._side("k", 0, t1), self._side("v", 0, t1), query_positions=qp,
+                q, self._attend_side("k", t1), self._attend_side("v", t1), query_positions=qp,
                 key_positions=self._qpos[:, :t1], scale=sc, block_size=block_size,
-                use_kernel=use_kernel))
+                use_kernel=use_kernel, check_query=checks is None))
         # full-precision segments: already checked finite on update; no re-check here
         if self._pused:
             ppos, pk, pv = self.preserved
-            parts.append(_att._partial(q, pk.to(_F32), pv.to(_F32), qp, ppos, None, sc, block_size))
+            vis = self._shared_visibility(shared, "preserved", qp, lambda: ppos)
+            parts.append(_att._partial(q, pk.to(_F32), pv.to(_F32), qp, ppos, None, sc, block_size,
+                                       vis=vis))
         if self._rlen:
             rk, rv, _, _ = self.residual
-            parts.append(_att._partial(q, rk.to(_F32), rv.to(_F32), qp, self._residual_positions(),
-                                       None, sc, block_size))
+            vis = self._shared_visibility(shared, "residual", qp, self._residual_positions)
+            parts.append(_att._partial(q, rk.to(_F32), rv.to(_F32), qp, None if vis is not None
+                                       else self._residual_positions(), None, sc, block_size, vis=vis))
         if not parts:
             return torch.zeros(q.shape, dtype=_F32, device=self.device)
         if len(parts) == 1:
             return _att._normalise(*parts[0])
         return _att._normalise(*_att._merge_raw(parts))
+
+    def _shared_visibility(self, shared: Optional[dict], segment: str, qp: torch.Tensor, positions):
+        """The segment's visibility (bool ``(B, Tq, S)``) from ``shared`` or made and stored there;
+        None without ``shared`` (``_partial`` then computes it block by block)."""
+        if shared is None:
+            return None
+        key = (segment, self.device, self._rstart, self._rlen, self._pused, tuple(qp.shape))
+        vis = shared.get(key)
+        if vis is None:
+            vis = _att._visible(qp, positions())
+            shared[key] = vis
+        return vis
 
     # ------------------------------------------------------------------ 6.17 bytes
 
@@ -1301,9 +1483,11 @@ class QuantizedKVCache:
             raise ValueError(f"layer_idx must be an int in [0, {len(self.layers)}), got {layer_idx!r}")
         return int(layer_idx)
 
-    def update(self, layer_idx: int, keys, values, valid=None, rope_positions=None) -> None:
+    def update(self, layer_idx: int, keys, values, valid=None, rope_positions=None, *,
+               checks: Optional[DeferredChecks] = None) -> None:
         """:meth:`QuantizedKVCacheLayer.update` of layer ``layer_idx``."""
-        self.layers[self._check_layer(layer_idx)].update(keys, values, valid, rope_positions)
+        self.layers[self._check_layer(layer_idx)].update(keys, values, valid, rope_positions,
+                                                         checks=checks)
 
     def resolve(self, preserve) -> None:
         """Resolve the pending tokens of every layer with the same ``preserve`` (B, n_pending).

@@ -32,8 +32,10 @@ How it plugs in (transformers >= 5.0):
   ``hidden_states[p]`` (the input of decoder layer ``p``, i.e. the output of
   layer ``p - 1``; ``p = 0`` is the embeddings) and resolves the pending tokens
   of all layers (layers ``< p`` have appended them already, layers ``>= p`` are
-  resolved at their update); a forward hook on the base model flushes every
-  layer when the forward ends.
+  resolved at their update); a forward hook on the base model, when the forward
+  ends, reads the step's deferred value checks (K/V/query/hidden finite: recorded
+  per layer as device flags, read once per forward; docs/11-transformers.md §11.3
+  "Validation") and flushes every layer.
 * ``quantizer="kvquant"`` (docs/11-transformers.md §11.8): the stores un-rotate keys
   with ``model_inv_freq(model)`` and the rotary positions of the forward's
   ``position_ids`` (bound by the base-model pre-hook); the per-layer calibration
@@ -42,13 +44,13 @@ How it plugs in (transformers >= 5.0):
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import warnings
 import weakref
 from typing import List, Optional, Sequence
 
-import numpy as np
 import torch
 
 from reference.config import KVSinkConfig
@@ -95,33 +97,34 @@ def _store_seq_length(store) -> int:
     return int(n() if callable(n) else n)
 
 
-def _predict_sinks(hidden: torch.Tensor, channels, threshold) -> torch.Tensor:
-    """``predict_sinks`` (docs/04-predictor.md) on a torch ``(B, n, C)``: bool ``(B, n)`` on hidden's device."""
-    try:
-        from . import predictor as P
-        fn = P.predict_sinks
-    except (ImportError, AttributeError):
-        fn = None
-    if fn is not None:
-        return torch.as_tensor(fn(hidden, channels, threshold), device=hidden.device).bool()
-    from reference import predictor as RP
-    out = RP.predict_sinks(hidden.detach().float().cpu().numpy(), channels, threshold)
-    return torch.from_numpy(np.ascontiguousarray(out)).to(hidden.device)
+def _predict_sinks(hidden: torch.Tensor, channels, threshold, checks=None) -> torch.Tensor:
+    """``predict_sinks`` (docs/04-predictor.md) on a torch ``(B, n, C)``: bool ``(B, n)`` on hidden's device.
+
+    With ``checks`` (an ``accelerated.cache.DeferredChecks``) the finiteness of ``hidden`` is
+    recorded there instead of being read at once (``accelerated.predictor.predict_sinks`` reads
+    it: one device->host synchronisation); the rest is ``predict_sinks``'s arithmetic, operation
+    by operation (``outlier_scores``: float32, ``|.|``, max over the channels; then ``>`` the
+    threshold rounded down to float32), so the answer is the same."""
+    from . import predictor as P
+    if checks is None:
+        return P.predict_sinks(hidden, channels, threshold)
+    checks.finite(hidden, "hidden contains NaN or Inf; pass finite hidden states")
+    h = hidden.to(torch.float32)
+    idx = _channel_index(tuple(P._ref._channels(channels, h.shape[-1])), h.device)
+    return h.index_select(-1, idx).abs().amax(dim=-1) > P.threshold_float32(threshold)
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_index(channels: tuple, device: torch.device) -> torch.Tensor:
+    """The predictor's channels as an int64 tensor on ``device``, made once: a host->device copy
+    on every step would synchronise (a copy from pageable host memory waits for the stream)."""
+    return torch.tensor(channels, dtype=torch.long, device=device)
 
 
 def _preserved_set(config: KVSinkConfig, valid: torch.Tensor, predicted: Optional[torch.Tensor]):
     """``preserved_set`` (docs/03-preservation.md) on torch bool ``(B, T)`` masks."""
-    try:
-        from . import preserve as P
-        fn = P.preserved_set
-    except (ImportError, AttributeError):
-        fn = None
-    if fn is not None:
-        return torch.as_tensor(fn(config, valid, predicted=predicted), device=valid.device).bool()
-    from reference import preserve as RP
-    out = RP.preserved_set(config, valid.cpu().numpy(),
-                           predicted=None if predicted is None else predicted.cpu().numpy())
-    return torch.from_numpy(np.ascontiguousarray(out)).to(valid.device)
+    from . import preserve as P
+    return P.preserved_set(config, valid, predicted=predicted)
 
 
 def dynamic_cache_nbytes(cache) -> int:
@@ -182,20 +185,23 @@ class KVSinkLayer(_layer_base()):
                                 self.rope_inv_freq)
         self.is_initialized = True
 
-    def update(self, key_states, value_states, *args, valid=None, rope_positions=None, **kwargs):
+    def update(self, key_states, value_states, *args, valid=None, rope_positions=None, checks=None,
+               **kwargs):
         """Append ``(B, H, n, D)`` tokens (pending); returns the inputs unchanged.
 
         ``rope_positions`` (kvquant only): int ``(B, n)``, the rotary positions of the
-        new tokens (the model's ``position_ids``); None = their slot positions."""
+        new tokens (the model's ``position_ids``); None = their slot positions.
+        ``checks``: an ``accelerated.cache.DeferredChecks`` recording the value checks
+        (read once at the end of the forward), or None to check here."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if valid is not None:
             valid = valid.to(self.device)
         if rope_positions is None:
-            self.store.update(key_states, value_states, valid=valid)
+            self.store.update(key_states, value_states, valid=valid, checks=checks)
         else:
             self.store.update(key_states, value_states, valid=valid,
-                              rope_positions=rope_positions.to(self.device))
+                              rope_positions=rope_positions.to(self.device), checks=checks)
         self._last_new = key_states.shape[-2]
         return key_states, value_states
 
@@ -251,21 +257,29 @@ class KVSinkLayer(_layer_base()):
             raise RuntimeError("accelerated.cache layer exposes no batch_size")
         return int(b() if callable(b) else b)
 
-    def resolve(self, preserve: torch.Tensor) -> None:
-        self.store.resolve(preserve.to(self.device))
+    def resolve(self, preserve: torch.Tensor, checks=None) -> None:
+        self.store.resolve(preserve.to(self.device), checks=checks)
 
     def flush(self) -> None:
         if self.store is not None:
             self.store.flush()
 
-    def attend(self, query: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
-        """Attention of ``query (B, Hq, n, D)``, the step's ``n`` newest slots, over this layer's cache."""
-        n = query.shape[-2]
-        seq = self.get_seq_length()
-        b = query.shape[0]
-        positions = torch.arange(seq - n, seq, device=query.device).expand(b, n)
-        out = self.store.attend(query, positions, scale=scale)
-        return out.to(query.dtype)
+    def attend(self, query: torch.Tensor, scale: Optional[float], positions=None,
+               checks=None, shared=None) -> torch.Tensor:
+        """Attention of ``query (B, Hq, n, D)``, the step's ``n`` newest slots, over this layer's cache.
+
+        ``positions``: int64 ``(B, n)``, those slots (computed here when None; the forward
+        computes them once for all layers); ``checks``: see :meth:`update`; ``shared``: the
+        step's dict of visibility masks shared by the layers (``QuantizedKVCacheLayer.attend``:
+        every kvsink layer of a forward holds the same slots).  Returns ``(B, Hq,
+        n, D)`` in the query's dtype, a transposed view of a contiguous ``(B, n, Hq, D)`` tensor
+        (the layout the attention interface returns, so that no second copy is needed)."""
+        if positions is None:
+            n = query.shape[-2]
+            seq = self.get_seq_length()
+            positions = torch.arange(seq - n, seq, device=query.device).expand(query.shape[0], n)
+        out = self.store.attend(query, positions, scale=scale, checks=checks, shared=shared)
+        return out.transpose(1, 2).to(query.dtype, memory_format=torch.contiguous_format).transpose(1, 2)
 
     def nbytes(self) -> int:
         return 0 if self.store is None else int(self.store.nbytes())
@@ -284,6 +298,10 @@ class _Step:
         self.rope = None         # int (B, n): rotary positions of the new tokens (kvquant), or None
         self.flags = None        # bool (B, n): preservation status, once known
         self.waiting: List[KVSinkLayer] = []   # layers updated before the status was known
+        self.qpos = {}           # device -> int64 (B, n): the slots of the step's tokens (queries)
+        self.shared = {}         # visibility masks of the full-precision segments, shared by layers
+        from .cache import DeferredChecks
+        self.checks = DeferredChecks()   # value checks of every layer, read once at the end
 
 
 # ============================================================================ the cache
@@ -316,6 +334,12 @@ class KVSinkCache(_cache_base()):
         calibration text's preserved tokens excluded, docs/08-kvquant.md §8.14).  The keys are
         un-rotated with ``model_inv_freq(model)`` and each token's rotary position (the forward's
         ``position_ids``) before quantization.
+    kvquant_fisher : bool, default False.  When the cache calibrates ``kvquant_datatype="kmeans"``
+        itself: True weights the k-means with ``accelerated.kvquant.fisher_weights`` of the
+        calibration ids (KVQuant's sensitivity; one extra forward and backward pass), False fits a
+        plain k-means (``calibrate_kvquant_model(..., fisher=...)``).  ``TypeError`` if not a bool;
+        ``ValueError`` for True with ``quantizer="uniform"``, with ``kvquant_datatype="nf"`` (a
+        fixed grid: nothing to weight) or with ``kvquant_calibration`` given (nothing is fitted).
     calibration_ids : optional token ids ``(N,)`` or ``(1, N)`` to calibrate on.
     calibration_text : optional text to calibrate on (needs ``tokenizer``).
     tokenizer : tokenizer of the model, to tokenize the calibration text; the
@@ -340,9 +364,12 @@ class KVSinkCache(_cache_base()):
     """
 
     def __init__(self, model, config: KVSinkConfig, *, kvquant_calibration=None, calibration_ids=None,
-                 calibration_text: Optional[str] = None, tokenizer=None):
+                 calibration_text: Optional[str] = None, tokenizer=None, kvquant_fisher: bool = False):
         if not isinstance(config, KVSinkConfig):
             raise TypeError(f"config must be a KVSinkConfig, got {type(config).__name__}")
+        from . import calibration as CAL
+        kvquant_fisher = CAL._check_kvquant_fisher(kvquant_fisher, config,
+                                                   calibration_given=kvquant_calibration is not None)
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
         text_config = _text_config(model)
@@ -353,7 +380,6 @@ class KVSinkCache(_cache_base()):
         num_layers = len(layer_types)
 
         # predictor and KVQuant calibration (one full-precision pass over the calibration ids)
-        from . import calibration as CAL
         kvq_cals, inv_freq = [None] * num_layers, None
         if config.quantizer == "kvquant":
             from .kvquant import model_inv_freq
@@ -369,7 +395,8 @@ class KVSinkCache(_cache_base()):
                                                        num_layers)
             elif config.kvquant_datatype != "nf" or config.outlier_fraction != 0:
                 config, kvq_cals = CAL.calibrate_kvquant_model(
-                    model, config, calibration_ids, text=calibration_text, tokenizer=tokenizer)
+                    model, config, calibration_ids, text=calibration_text, tokenizer=tokenizer,
+                    fisher=kvquant_fisher)
                 if len(kvq_cals) != num_layers:
                     raise ValueError(f"captured keys of {len(kvq_cals)} attention layers, the model "
                                      f"has {num_layers}; pass kvquant_calibration=...")
@@ -443,9 +470,10 @@ class KVSinkCache(_cache_base()):
                 "model.set_attn_implementation since?)")
         n = key_states.shape[-2]
         self._begin_tokens(step, n, key_states.shape[0], key_states.device)
-        layer.update(key_states, value_states, valid=step.valid, rope_positions=step.rope)
+        layer.update(key_states, value_states, valid=step.valid, rope_positions=step.rope,
+                     checks=step.checks)
         if step.flags is not None:
-            layer.resolve(step.flags)
+            layer.resolve(step.flags, step.checks)
         else:
             step.waiting.append(layer)
         return key_states, value_states
@@ -481,6 +509,7 @@ class KVSinkCache(_cache_base()):
         super().reset()
         self._valid_hist = self._pred_hist = self._flag_hist = None
         self._step = None
+        self._broken = False
 
     # ------------------------------------------------------------------ kvsink API
     def nbytes(self) -> int:
@@ -526,12 +555,17 @@ class KVSinkCache(_cache_base()):
             uninstall(model)
 
     # ------------------------------------------------------------------ step machinery (hooks)
+    #: set when a forward that appended tokens raised (or failed its deferred checks): the layers
+    #: may hold unresolved or unchecked tokens, so the next forward raises until reset()
+    _broken = False
+
     def _begin_step(self, mask2d, position_ids=None) -> None:
-        if self._step is not None or any(
+        if self._step is not None or self._broken or any(
                 isinstance(l, KVSinkLayer) and l.store is not None and _has_pending(l.store)
                 for l in self.layers):
-            raise RuntimeError("KVSinkCache: the previous forward pass did not finish (an exception?), "
-                               "so some tokens were never resolved; call cache.reset() to start over")
+            raise RuntimeError("KVSinkCache: the previous forward pass did not finish (an exception, "
+                               "e.g. NaN/Inf keys, values or queries), so some tokens were never "
+                               "resolved or checked; call cache.reset() to start over")
         if mask2d is not None:
             if not isinstance(mask2d, torch.Tensor) or mask2d.dim() != 2:
                 shape = getattr(mask2d, "shape", None)
@@ -584,8 +618,21 @@ class KVSinkCache(_cache_base()):
             raise RuntimeError("KVSinkCache: preservation history out of step")
         self._flag_hist = flags
         for layer in step.waiting:
-            layer.resolve(step.flags)
+            layer.resolve(step.flags, step.checks)
         step.waiting.clear()
+
+    def _query_positions(self, step: Optional[_Step], query: torch.Tensor) -> Optional[torch.Tensor]:
+        """int64 ``(B, n)``: the slots of the step's ``n`` tokens, the attention's query positions;
+        made once per forward (per device) and shared by every layer."""
+        if step is None or step.n is None or query.shape[-2] != step.n:
+            return None
+        pos = step.qpos.get(query.device)
+        if pos is None:
+            end = self._valid_hist.shape[1]
+            pos = torch.arange(end - step.n, end, device=query.device).expand(query.shape[0], step.n)
+            pos = pos.contiguous()        # the attention kernel reads it contiguous
+            step.qpos[query.device] = pos
+        return pos
 
     def _on_predictor_input(self, hidden: torch.Tensor) -> None:
         step = self._step
@@ -593,26 +640,44 @@ class KVSinkCache(_cache_base()):
             return
         self._begin_tokens(step, hidden.shape[1], hidden.shape[0], hidden.device)
         p = self.predictor
-        predicted = _predict_sinks(hidden, p.channels, p.threshold)
+        predicted = _predict_sinks(hidden, p.channels, p.threshold, step.checks)
         self._set_flags(step, predicted)
 
     def _end_step(self, last_hidden: Optional[torch.Tensor]) -> None:
+        """End of the forward: read the step's deferred checks (the one device->host
+        synchronisation of a step that flushes nothing), resolve what is left, flush every
+        layer.  If anything raises, the step is abandoned and the cache refuses further
+        forwards until ``reset()``."""
         step = self._step
+        done = False
         try:
             if step is None or step.n is None:
+                done = True
                 return
             if step.flags is None:
                 if self.predictor is not None and self.predictor.layer == self.num_hidden_layers \
                         and last_hidden is not None:
                     self._set_flags(step, _predict_sinks(last_hidden, self.predictor.channels,
-                                                         self.predictor.threshold))
+                                                         self.predictor.threshold, step.checks))
                 else:
                     raise RuntimeError("KVSinkCache: the forward ended before the predictor ran")
+            step.checks.check()           # ValueError naming the argument (keys, values, query, ...)
             for layer in self.layers:
                 if isinstance(layer, KVSinkLayer):
                     layer.flush()
+            done = True
         finally:
             self._step = None
+            if not done:
+                self._broken = True
+
+    def _abandon_step(self) -> None:
+        """The forward raised before its end (cleanup hook): a step that appended tokens leaves
+        the cache unusable until ``reset()``."""
+        step = self._step
+        self._step = None
+        if step is not None and step.n is not None:
+            self._broken = True
 
 
 def _rope_positions(position_ids, batch: int, n: int, device) -> Optional[torch.Tensor]:
@@ -787,6 +852,7 @@ def kvsink_attention(module, query, key, value, attention_mask, dropout: float =
     if cache is not None and layer_idx is not None and layer_idx < len(cache.layers) \
             and isinstance(cache.layers[layer_idx], KVSinkLayer):
         layer = cache.layers[layer_idx]
+        step = cache._step
         if dropout:
             raise ValueError("kvsink attention is inference only (dropout > 0); call model.eval()")
         for name in ("softcap", "s_aux", "sinks"):
@@ -798,8 +864,11 @@ def kvsink_attention(module, query, key, value, attention_mask, dropout: float =
         if layer._last_new != query.shape[-2]:
             raise RuntimeError(f"kvsink attention: layer {layer_idx} got {query.shape[-2]} queries "
                                f"but {layer._last_new} new tokens")
-        out = layer.attend(query, scaling)
-        return out.transpose(1, 2).contiguous(), None
+        positions = cache._query_positions(step, query)
+        out = layer.attend(query, scaling, positions=positions,
+                           checks=None if step is None else step.checks,
+                           shared=None if positions is None else step.shared)
+        return out.transpose(1, 2).contiguous(), None      # contiguous already: no copy
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, **kwargs)
@@ -879,7 +948,7 @@ def install(model) -> None:
         if stack:
             cache = stack.pop()
             if cache is not None:
-                cache._step = None
+                cache._abandon_step()      # no-op after _end_step; else the forward raised
 
     def make_layer_hook(idx):
         def layer_pre(module, args, kwargs):

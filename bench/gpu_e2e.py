@@ -10,7 +10,8 @@ predictor is configured by hand (channel 0, a threshold no token reaches) and PF
 3. decode speed: ms per generated token after a 4,096-token prompt, DynamicCache vs KVSinkCache;
 4. with two or more GPUs: device_map over two GPUs, each layer's cache on its layer's device.
 
-Usage: PYTHONUNBUFFERED=1 python bench/gpu_e2e.py [--out DIR]
+Usage: PYTHONUNBUFFERED=1 python bench/gpu_e2e.py [--out DIR] [--parts agreement speed device_map]
+(KVSINK_ROOT=DIR: import accelerated/ from DIR, e.g. .before made by bench/gpu_decode_session.sh, to time older code)
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if os.environ.get("KVSINK_ROOT"):                 # an older accelerated/ package shadows the repo's
+    sys.path.insert(0, os.path.abspath(os.environ["KVSINK_ROOT"]))
 
 from accelerated.hf import KVSinkCache, dynamic_cache_nbytes  # noqa: E402
 from reference.config import KVSinkConfig  # noqa: E402
@@ -76,6 +79,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=4096)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--agree", type=int, default=512, help="prompt length of the agreement check")
+    ap.add_argument("--parts", nargs="+", default=["agreement", "speed", "device_map"],
+                    choices=["agreement", "speed", "device_map"])
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda:0" if cuda else "cpu")       # CPU: a smoke run of the script only
@@ -88,9 +93,9 @@ def main():
     # 1. agreement with DynamicCache
     A = args.agree
     ids = torch.randint(1, 49152, (1, A), generator=g).to(dev)
-    ref = generate(model, ids, DynamicCache(), 64)[:, A:]
     rows = []
-    for bits in (8, 4, 2):
+    ref = generate(model, ids, DynamicCache(), 64)[:, A:] if "agreement" in args.parts else None
+    for bits in ((8, 4, 2) if "agreement" in args.parts else ()):
         out = generate(model, ids, KVSinkCache(model, kv(bits)), 64)[:, A:]
         same = int((out == ref).cumprod(1).sum())
         text = torch.cat([ids, ref], 1)
@@ -106,7 +111,7 @@ def main():
     P, N = args.prompt, args.new
     ids = torch.randint(1, 49152, (1, P), generator=g).to(dev)
     speed = []
-    for name, make in [("DynamicCache bf16", DynamicCache), ("KVSinkCache 2-bit", lambda: KVSinkCache(model, kv(2))),
+    for name, make in [] if "speed" not in args.parts else [("DynamicCache bf16", DynamicCache), ("KVSinkCache 2-bit", lambda: KVSinkCache(model, kv(2))),
                        ("KVSinkCache 4-bit", lambda: KVSinkCache(model, kv(4)))]:
         cache = make()
         if cuda:
@@ -140,7 +145,7 @@ def main():
     res["speed"] = speed
 
     # 4. device_map over two GPUs
-    if cuda and torch.cuda.device_count() >= 2:
+    if cuda and torch.cuda.device_count() >= 2 and "device_map" in args.parts:
         m2 = smollm2_shaped().cpu()
         half = m2.config.num_hidden_layers // 2
         dmap = {"model.embed_tokens": 0, "model.norm": 1, "model.rotary_emb": 0, "lm_head": 1}
@@ -156,7 +161,8 @@ def main():
         res["device_map"] = {"ok": ok, "layer_devices": devices, "tokens": int(out.shape[1])}
         print(f"device_map over 2 GPUs: every layer's cache on its layer's device: {ok}; {devices[0]} .. {devices[-1]}")
     if args.out:
-        with open(f"{args.out}/gpu_e2e.json", "w") as f:
+        tag = "_before" if os.environ.get("KVSINK_ROOT") else ""
+        with open(f"{args.out}/gpu_e2e{tag}.json", "w") as f:
             json.dump(res, f, indent=1)
 
 

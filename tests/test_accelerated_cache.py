@@ -590,3 +590,226 @@ def test_empty_cache_behaviour():
     assert out.shape == (1, 2, 1, 4) and torch.all(out == 0)
     with pytest.raises(RuntimeError, match="empty"):
         layer.preserved
+
+
+# --------------------------------------------------------------------------- deferred checks
+
+def _error(fn):
+    """The ValueError message ``fn()`` raises (None if it raises nothing)."""
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _nan_at(shape, index, value=float("nan"), device="cpu"):
+    x = torch.ones(shape, device=device)
+    x[index] = value
+    return x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deferred_checks_raise_the_eager_errors(device):
+    """With ``checks=DeferredChecks()`` update / resolve / attend record their value checks
+    instead of reading them (no sync); ``check()`` raises the ValueError the eager call raises,
+    same message; ``flush`` runs the checks first and changes nothing when they fail.  Large
+    tensors with one bad element check that the device reduction propagates NaN and Inf."""
+    from accelerated.cache import DeferredChecks
+    cfg = KVSinkConfig(key_bits=2, value_bits=2, key_group_size=4, value_group_size=4,
+                       residual_length=0)
+    shape = (2, 2, 300, 64)
+    ok = torch.ones(shape, device=device)
+    cases = {
+        "nan keys": lambda L, c: L.update(_nan_at(shape, (1, 0, 257, 3), device=device), ok, checks=c),
+        "inf values": lambda L, c: L.update(ok, _nan_at(shape, (0, 1, 5, 63), float("-inf"), device), checks=c),
+        "nan query": lambda L, c: L.attend(_nan_at((2, 4, 1, 64), (1, 3, 0, 0), device=device),
+                                           torch.full((2, 1), 299, device=device), checks=c),
+    }
+    for name, call in cases.items():
+        eager_layer = QuantizedKVCacheLayer(cfg)
+        eager_layer.update(ok, ok)
+        eager = _error(lambda: call(eager_layer, None))
+        assert eager is not None and "NaN or Inf" in eager, name
+        layer = QuantizedKVCacheLayer(cfg)
+        layer.update(ok, ok)
+        checks = DeferredChecks()
+        call(layer, checks)                     # recorded, not raised
+        assert _error(checks.check) == eager
+        assert _error(checks.check) == eager    # idempotent
+    # float16 storage overflow, and a preserve flag on padding (resolve)
+    small = QuantizedKVCacheLayer(cfg, dtype=torch.float16)
+    big = torch.full((1, 1, 1, 4), 1e6, device=device)
+    eager = _error(lambda: small.update(big, torch.ones(1, 1, 1, 4, device=device)))
+    checks = DeferredChecks()
+    small.update(big, torch.ones(1, 1, 1, 4, device=device), checks=checks)
+    assert "storage dtype" in eager and _error(checks.check) == eager
+    layer = QuantizedKVCacheLayer(cfg)
+    layer.update(torch.ones(2, 1, 5, 4, device=device), torch.ones(2, 1, 5, 4, device=device),
+                 torch.tensor([[False] + [True] * 4, [True] * 5], device=device))
+    bad = torch.tensor([[True] + [False] * 4, [False] * 5], device=device)
+    eager = _error(lambda: layer.resolve(bad))
+    checks = DeferredChecks()
+    layer.resolve(bad, checks=checks)
+    assert "padding" in eager and _error(checks.check) == eager
+    # flush refuses tokens whose deferred checks failed, and changes nothing
+    layer = QuantizedKVCacheLayer(cfg, device=device)
+    checks = DeferredChecks()
+    layer.update(ok, _nan_at(shape, (0, 0, 0, 0), device=device), checks=checks)
+    layer.resolve(torch.zeros((2, 300), dtype=torch.bool, device=device))
+    before = (layer.nbytes(), layer.num_quantized, layer.num_residual)
+    with pytest.raises(ValueError, match="values contains NaN"):
+        layer.flush()
+    assert (layer.nbytes(), layer.num_quantized, layer.num_residual) == before
+    # passing checks: flush quantizes as without them
+    layer = QuantizedKVCacheLayer(cfg, device=device)
+    checks = DeferredChecks()
+    layer.update(ok, ok, checks=checks)
+    layer.resolve(torch.zeros((2, 300), dtype=torch.bool, device=device), checks=checks)
+    assert layer.flush() == 75 and checks.checked
+
+
+class _SyncCounter:
+    """Counts the Tensor methods that read device data on the host (a device->host sync on
+    CUDA): item, tolist, bool/int/float conversions, cpu, numpy, nonzero."""
+
+    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy",
+             "nonzero")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(original))
+
+    def _counting(self, original):
+        def method(t, *args, **kwargs):
+            self.count += 1
+            return original(t, *args, **kwargs)
+        return method
+
+
+def test_deferred_checks_do_not_sync_and_shared_visibility_is_exact(monkeypatch):
+    """Layers updated, resolved and attended with one DeferredChecks and one ``shared`` dict
+    read nothing on the host until ``check()`` (exactly one read), and give bit-identical
+    attention to eager, unshared calls."""
+    from accelerated.cache import DeferredChecks
+    cfg = KVSinkConfig(key_bits=2, value_bits=2, key_group_size=4, value_group_size=4,
+                       residual_length=5, max_preserved=3)
+    g = torch.Generator().manual_seed(3)
+    pre = [torch.randn(B, H, 23, D, generator=g) for _ in range(3)]
+    valid = torch.ones(B, 23, dtype=torch.bool)
+    valid[1, :4] = False
+    flags = torch.zeros(B, 23, dtype=torch.bool)
+    flags[:, 7] = True
+    flags[0, 0] = flags[2, 13] = True
+    eager = [QuantizedKVCacheLayer(cfg) for _ in range(3)]
+    deferred = [QuantizedKVCacheLayer(cfg) for _ in range(3)]
+    for layers in (eager, deferred):
+        for layer, k in zip(layers, pre):
+            layer.update(k, -k, valid)
+            layer.resolve(flags & valid)
+            layer.flush()
+    new = [torch.randn(B, H, 1, D, generator=g) for _ in range(3)]
+    queries = [torch.randn(B, HQ, 1, D, generator=g) for _ in range(3)]
+    qp = torch.full((B, 1), 23)
+    expected = []
+    for layer, k, q in zip(eager, new, queries):
+        layer.update(k, k)
+        layer.resolve(torch.zeros(B, 1, dtype=torch.bool))
+        expected.append(layer.attend(q, qp))
+    counter = _SyncCounter(monkeypatch)
+    checks, shared, got = DeferredChecks(), {}, []
+    for layer, k, q in zip(deferred, new, queries):
+        layer.update(k, k, checks=checks)
+        layer.resolve(torch.zeros(B, 1, dtype=torch.bool), checks=checks)
+        got.append(layer.attend(q, qp, checks=checks, shared=shared))
+    assert counter.count == 0
+    assert len(shared) == 2                 # preserved and residual visibility, made once
+    checks.check()
+    assert counter.count == 1
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- small D, zero-range groups
+
+CUDA_KERNEL = pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA: the Triton decode-attention kernel (accelerated/attention_kernels.py) "
+           "runs only on a GPU; the CPU variant runs the torch path"))
+
+#: (key bits, value bits).  b = 3, 5, 6 pad a word's codes (CPW = 10, 6, 5) to 16, 8, 8 lanes whose
+#: shift j*b would reach 33..45: LLVM poison, which folded the scores of the D = 1 decode kernel away
+#: (accelerated/attention_kernels.py, "SHIFTS"); 1-bit values fill a word with 32 codes.
+SMALL_BITS = [(3, 1), (1, 1), (5, 1), (6, 1), (2, 3), (1, 6)]
+
+
+def _single_element_groups(key_bits, value_bits):
+    """Groups of ONE element on both sides (keys per channel G = 1, values per token G = 1): every
+    group has zero range, s = 0 and z = x, so each dequantized value is its input exactly."""
+    return KVSinkConfig(key_bits=key_bits, value_bits=value_bits, key_group_size=1, value_group_size=1,
+                        key_axis="channel", value_axis="token", scheme="asymmetric",
+                        quantizer="uniform", residual_length=0, preserve=(), preserve_first_n=1)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA_KERNEL])
+@pytest.mark.parametrize("d", [1, 2, 3])
+@pytest.mark.parametrize("bits", SMALL_BITS, ids=[f"k{k}v{v}" for k, v in SMALL_BITS])
+def test_small_head_dim_zero_range_groups(bits, d, device):
+    """The H100 failure of conformance/test_cuda.py::test_cuda_cache_state_machine, and neighbours.
+
+    Exactly that case first (D = 1, B = H = Hq = 1, float32, 3-bit keys, 1-bit values, one token
+    0.12573022, nothing preserved, residual 0, flushed): attention of one visible key is that key's
+    value, bit for bit (softmax weight exp(0) = 1, l = 1; the zero-range group dequantizes to z = x
+    exactly, FMA or not: q*0 + z = z); CUDA gave 0.  Then, same kernel specialisation, several
+    tokens with random values (still exact: single-element groups) and padding, attended at every
+    position and before the first (nothing visible: exactly 0), against the reference within
+    docs/09-tolerances.md 9.3.  On CUDA the kernel is required (``use_kernel=True``).
+    """
+    kb, vb = bits
+    cfg = _single_element_groups(kb, vb)
+    use_kernel = True if device == "cuda" else None
+    x = np.float32(0.12573022)
+    # 1. the failing case
+    ours = QuantizedKVCacheLayer(cfg, dtype=torch.float32, device=device)
+    tok = torch.full((1, 1, 1, d), float(x), device=device)
+    ours.update(tok, tok.clone())
+    ours.resolve(torch.zeros((1, 1), dtype=torch.bool, device=device))
+    assert ours.flush() == 1 and ours.num_quantized == 1 and ours.num_residual == 0
+    assert ours.preserved_positions()[0].numel() == 0
+    keys, values, pos = ours.segments()[0]
+    assert _np(pos).tolist() == [[0]]
+    assert np.all(_np(keys)[:, :, :1] == x) and np.all(_np(values)[:, :, :1] == x)
+    out = ours.attend(tok.clone(), torch.zeros((1, 1), dtype=torch.int64, device=device),
+                      use_kernel=use_kernel)
+    np.testing.assert_array_equal(_np(out), np.full((1, 1, 1, d), x, np.float32),
+                                  err_msg="one visible key: the output is its value exactly")
+    # 2. several tokens, random values, padding, two batch rows: still exact dequantization
+    pair = Pair(cfg, device=device, seed=1000 * kb + 10 * vb + d)
+    rng = pair.rng
+    b, n = 2, 6
+    k = rng.standard_normal((b, 1, n, d)).astype(np.float32)
+    v = rng.standard_normal((b, 1, n, d)).astype(np.float32)
+    k[:, :, 2] = v[:, :, 2] = x                       # a repeated value: zero range however grouped
+    valid = np.ones((b, n), bool)
+    valid[1, :2] = False                              # left padding of row 1
+    for lo, hi in ((0, 4), (4, 5), (5, 6)):           # a prefill, then two decode steps
+        pair.ref.update(k[:, :, lo:hi], v[:, :, lo:hi], valid[:, lo:hi])
+        pair.ours.update(pair.t(k[:, :, lo:hi]), pair.t(v[:, :, lo:hi]), pair.t(valid[:, lo:hi]))
+        none = np.zeros((b, hi - lo), bool)
+        pair.ref.resolve(none)
+        pair.ours.resolve(pair.t(none))
+        assert pair.ours.flush() == pair.ref.flush() == hi - lo
+    assert_same_state(pair.ours, pair.ref)
+    qk, qv, qpos = pair.ours.segments()[0]
+    live = _np(qpos) >= 0
+    np.testing.assert_array_equal(_np(qk)[:, 0][live], k[:, 0][live], err_msg="keys dequantize exactly")
+    np.testing.assert_array_equal(_np(qv)[:, 0][live], v[:, 0][live], err_msg="values dequantize exactly")
+    for p in range(-1, n):
+        q = rng.standard_normal((b, 1, 1, d)).astype(np.float32)
+        qp = np.full((b, 1), p, np.int64)
+        got = pair.ours.attend(pair.t(q), pair.t(qp), use_kernel=use_kernel)
+        assert_attention_close(got, pair.ref, q, qp)
+        if p == 0:                                    # row 0 sees one key: its value, exactly
+            np.testing.assert_array_equal(_np(got)[0, 0, 0], v[0, 0, 0])
