@@ -154,6 +154,34 @@ def calibrate_config(model, config: KVSinkConfig, input_ids=None, *, text: Optio
     return _predictor_fields(config, hidden)
 
 
+def _check_kvquant_fisher(fisher, config: KVSinkConfig, *, name: str = "kvquant_fisher",
+                          calibration_given: bool = False) -> bool:
+    """Validate the Fisher switch of a KVQuant calibration (``fisher=`` / ``kvquant_fisher=``).
+
+    ``fisher`` must be a bool.  ``True`` is only meaningful where k-means levels are
+    fitted here: ``ValueError`` for ``quantizer="uniform"``, for
+    ``kvquant_datatype="nf"`` (the normal-float grid is fixed; the weights would be
+    computed by an extra backward pass and thrown away) and when the calibrations
+    are given (``calibration_given=True``: nothing is fitted).
+    """
+    if not isinstance(fisher, bool):
+        raise TypeError(f"{name} must be True or False, got {type(fisher).__name__} {fisher!r}")
+    if not fisher:
+        return False
+    if config.quantizer != "kvquant":
+        raise ValueError(f"{name}=True weights the k-means of quantizer='kvquant'; the config has "
+                         f"quantizer={config.quantizer!r}: leave {name} False")
+    if config.kvquant_datatype != "kmeans":
+        raise ValueError(f"{name}=True has no effect with kvquant_datatype={config.kvquant_datatype!r} "
+                         "(the normal-float grid is fixed, nothing is fitted): use "
+                         f"kvquant_datatype='kmeans' or leave {name} False")
+    if calibration_given:
+        raise ValueError(f"{name}=True applies when the KVQuant calibration is computed here; "
+                         "kvquant_calibration=... was given (already fitted): leave it False, or "
+                         "fit the given calibrations with calibrate_kvquant_model(..., fisher=True)")
+    return True
+
+
 def calibrate_kvquant_model(model, config: KVSinkConfig, input_ids=None, *, text: Optional[str] = None,
                             tokenizer=None, fisher: bool = False) -> Tuple[KVSinkConfig, list]:
     """KVQuant calibration of every attention layer of ``model`` (docs/08-kvquant.md def. 8.9).
@@ -169,6 +197,10 @@ def calibrate_kvquant_model(model, config: KVSinkConfig, input_ids=None, *, text
     ``fisher=True`` weights the k-means by ``accelerated.kvquant.fisher_weights``
     (KVQuant's sensitivity; one extra forward and backward pass), ``fisher=False``
     (default) fits a plain k-means (every counted entry has weight 1).
+    ``fisher`` must be a bool; ``fisher=True`` with ``kvquant_datatype="nf"`` is a
+    ``ValueError`` (the grid is fixed: the weights would change nothing).
+    ``"oracle"`` in ``config.preserve`` is a ``ValueError``: the oracle set of the
+    calibration text (attention of future queries) is not computed here.
 
     Returns ``(config, calibrations)``: the config (predictor fields filled if
     calibrated) and one ``accelerated.kvquant.KVQuantCalibration`` per attention
@@ -181,6 +213,11 @@ def calibrate_kvquant_model(model, config: KVSinkConfig, input_ids=None, *, text
         raise TypeError(f"config must be a KVSinkConfig, got {type(config).__name__}")
     if config.quantizer != "kvquant":
         raise ValueError(f"calibrate_kvquant_model needs quantizer='kvquant', got {config.quantizer!r}")
+    fisher = _check_kvquant_fisher(fisher, config, name="fisher")
+    if "oracle" in config.preserve:
+        raise ValueError("KVQuant calibration excludes the calibration text's preserved tokens, and "
+                         "preserve='oracle' (attention of future queries) has no set on the "
+                         "calibration text here; use preserve 'pfn' and/or 'kvsink' with quantizer='kvquant'")
     ids = calibration_ids(input_ids, text=text, tokenizer=tokenizer,
                           what=f"calibrating KVQuant (kvquant_datatype={config.kvquant_datatype!r}, "
                                f"outlier_fraction={config.outlier_fraction})")

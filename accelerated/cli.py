@@ -17,6 +17,11 @@ from typing import List, Optional, Sequence
 SUBCOMMANDS = ("eval", "calibrate")
 METHODS = ("none", "pfn", "kvsink", "oracle")
 PROTOCOLS = ("fake", "streaming", "both")
+QUANTIZERS = ("uniform", "kvquant")
+KVQUANT_DATATYPES = ("nf", "kmeans")
+#: KVSinkConfig's default outlier fraction (used when --outlier-fraction is not given).
+DEFAULT_OUTLIER_FRACTION = 0.01
+CALIBRATION_NOTE = "the first 512 tokens of the packaged default corpus"
 
 
 # =========================================================================== argument types
@@ -89,6 +94,17 @@ def _positive_float(name):
     return parse
 
 
+def _outlier_fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--outlier-fraction must be a number, got {text!r}") from None
+    if not 0 <= value < 0.5:
+        raise argparse.ArgumentTypeError(
+            f"--outlier-fraction must be in [0, 0.5) (a share of entries, e.g. 0.01 for 1%), got {text!r}")
+    return value
+
+
 # =========================================================================== parser
 
 def _common(p: argparse.ArgumentParser):
@@ -111,6 +127,18 @@ def _common(p: argparse.ArgumentParser):
                    help="KVSink outlier channels, e.g. '507'; default: calibrated")
     p.add_argument("--predictor-threshold", type=_positive_float("--predictor-threshold"),
                    default=None, help="KVSink threshold; default: calibrated")
+    p.add_argument("--quantizer", choices=QUANTIZERS, default="uniform",
+                   help="uniform: KIVI-style min/max groups (default); kvquant: KVQuant-style "
+                        "(pre-RoPE keys, nf or k-means levels, dense-and-sparse outliers; docs/08)")
+    p.add_argument("--kvquant-datatype", choices=KVQUANT_DATATYPES, default=None,
+                   help="--quantizer kvquant: nf (fixed normal-float grid, default) or kmeans "
+                        "(levels fitted on the calibration text)")
+    p.add_argument("--outlier-fraction", type=_outlier_fraction, default=None,
+                   help=f"--quantizer kvquant: share of entries stored sparse in [0, 0.5) "
+                        f"(default {DEFAULT_OUTLIER_FRACTION})")
+    p.add_argument("--fisher", action="store_true",
+                   help="--quantizer kvquant --kvquant-datatype kmeans: weight the k-means with "
+                        "Fisher information (squared gradients; one extra backward pass)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,9 +174,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     cal = sub.add_parser("calibrate", help="print the calibrated KVSink predictor and the sinks "
-                                           "it predicts in the first window")
+                                           "it predicts in the first window (with --quantizer "
+                                           "kvquant also the KVQuant calibration)")
     _common(cal)
+    cal.add_argument("--bits", type=_positive_int("--bits"), default=4,
+                     help="--quantizer kvquant: key/value bit width of the calibration (default 4)")
+    cal.add_argument("--group-size", type=_positive_int("--group-size"), default=32,
+                     help="--quantizer kvquant: key groups (tokens) and value groups (channels) "
+                          "(default 32)")
     return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Checks across options (exit status 2 and a message naming the option)."""
+    if args.quantizer != "kvquant":
+        for opt, value in (("--kvquant-datatype", args.kvquant_datatype),
+                           ("--outlier-fraction", args.outlier_fraction), ("--fisher", args.fisher or None)):
+            if value is not None:
+                parser.error(f"{opt} applies to --quantizer kvquant only (got --quantizer {args.quantizer})")
+        return
+    if args.fisher and (args.kvquant_datatype or "nf") != "kmeans":
+        parser.error("--fisher weights the k-means: it needs --kvquant-datatype kmeans (the nf grid "
+                     "is fixed, nothing would change)")
+    if args.command != "calibrate":
+        if "oracle" in args.methods:
+            parser.error("--methods oracle cannot be used with --quantizer kvquant (the KVQuant "
+                         "calibration has no oracle set for its text); use none,pfn,kvsink")
+    elif not 1 <= args.bits <= 8:
+        parser.error(f"--bits: {args.bits} is out of range; allowed 1..8")
 
 
 # =========================================================================== helpers
@@ -200,7 +253,25 @@ def _base_config(args, bits: int = 2):
         preserve="none", preserve_first_n=getattr(args, "pfn", 1),
         predictor_layer=args.predictor_layer,
         predictor_channels=tuple(args.predictor_channels or ()),
-        predictor_threshold=args.predictor_threshold)
+        predictor_threshold=args.predictor_threshold,
+        quantizer=getattr(args, "quantizer", "uniform"),
+        kvquant_datatype=getattr(args, "kvquant_datatype", None) or "nf",
+        outlier_fraction=DEFAULT_OUTLIER_FRACTION if getattr(args, "outlier_fraction", None) is None
+        else args.outlier_fraction)
+
+
+def _quantization_note(args) -> str:
+    if args.quantizer == "kvquant":
+        cfg = _base_config(args)
+        fit = cfg.kvquant_datatype == "kmeans" or cfg.outlier_fraction > 0
+        return (f"KVQuant-style {cfg.kvquant_datatype}"
+                + (", Fisher-weighted k-means" if args.fisher else "")
+                + f", outliers {100 * cfg.outlier_fraction:g}%, keys pre-RoPE per channel in groups "
+                  f"of {args.group_size} tokens, values per token in groups of {args.group_size} "
+                  "channels"
+                + (f"; calibrated on {CALIBRATION_NOTE} (per row: its bits and preserved tokens)"
+                   if fit else "; no calibration (nf grid, no outliers)"))
+    return (f"group size {args.group_size}, asymmetric, keys per channel, values per token")
 
 
 def _calibrate(model, args, tokenizer):
@@ -217,7 +288,7 @@ def _calibrate(model, args, tokenizer):
         raise SystemExit(f"kvsink: error: KVSink predictor calibration failed: {exc}\n"
                          "  set --predictor-layer/--predictor-channels/--predictor-threshold by hand "
                          "or leave kvsink out of --methods") from None
-    return cfg, "the first 512 tokens of the packaged default corpus"
+    return cfg, CALIBRATION_NOTE
 
 
 def _fmt(x: float) -> str:
@@ -268,6 +339,10 @@ def cmd_eval(args) -> dict:
     protocols = ["fake", "streaming"] if args.protocol == "both" else [args.protocol]
     progress = not args.no_progress
     kw = dict(seq_len=args.seq_len, max_windows=windows, corpus=corpus, progress=progress)
+    if args.quantizer == "kvquant":
+        # KVQuant is calibrated inside each perplexity call (once per row and protocol) on the
+        # packaged default text, tokenized with the model's tokenizer: never the evaluated windows
+        kw.update(tokenizer=tokenizer, kvquant_fisher=args.fisher)
 
     calib_note = None
     base = _base_config(args)
@@ -279,7 +354,8 @@ def cmd_eval(args) -> dict:
 
     results = []          # (label, bits, {protocol: result})
     t0 = time.time()
-    fp = E.perplexity_full_precision(model, ids, **kw)
+    fp = E.perplexity_full_precision(model, ids, seq_len=args.seq_len, max_windows=windows,
+                                     corpus=corpus, progress=progress)
     results.append(("full precision", "16" if args.dtype != "float32" else "32", {p: fp for p in protocols}))
     labels = {"none": "no preservation", "pfn": f"PFN-{args.pfn}", "kvsink": "KVSink",
               "oracle": "attention oracle"}
@@ -312,8 +388,7 @@ def cmd_eval(args) -> dict:
     name = args.model or "SmolLM2-135M-Instruct"
     title = f"kvsink perplexity: {name}"
     caption = (f"corpus: {corpus}\n{windows} window(s) x {args.seq_len} tokens "
-               f"({fp.tokens} scored); group size {args.group_size}, asymmetric, keys per channel, "
-               f"values per token"
+               f"({fp.tokens} scored); {_quantization_note(args)}"
                + (f"; streaming: residual {args.residual_length}, chunk {args.chunk}"
                   if "streaming" in protocols else "")
                + (f"\nKVSink predictor: layer {base.predictor_layer}, channels "
@@ -326,6 +401,10 @@ def cmd_eval(args) -> dict:
     report = {
         "model": name, "corpus": corpus, "seq_len": args.seq_len, "windows": windows,
         "protocols": protocols, "group_size": args.group_size,
+        "quantizer": args.quantizer,
+        "kvquant": None if args.quantizer != "kvquant" else {
+            "datatype": base.kvquant_datatype, "outlier_fraction": base.outlier_fraction,
+            "fisher": args.fisher},
         "predictor_calibration": calib_note,
         "results": [dict(method=label, bits=bits, **{p: row[p].to_dict() for p in protocols})
                     for label, bits, row in results],
@@ -364,8 +443,39 @@ def cmd_calibrate(args) -> dict:
     for p in positions:
         tok = tokenizer.decode([int(window[0, p])])
         print(f"  position {p:5d}  score {float(scores[p]):10.4g}  token {tok!r}")
-    return {"layer": cfg.predictor_layer, "channels": list(cfg.predictor_channels),
-            "threshold": cfg.predictor_threshold, "positions": positions}
+    report = {"layer": cfg.predictor_layer, "channels": list(cfg.predictor_channels),
+              "threshold": cfg.predictor_threshold, "positions": positions}
+    if args.quantizer == "kvquant":
+        report["kvquant"] = _calibrate_kvquant(model, args, tokenizer, cfg)
+    return report
+
+
+def _calibrate_kvquant(model, args, tokenizer, predictor_config) -> List[dict]:
+    """``kvsink calibrate --quantizer kvquant``: calibrate every layer on the packaged default
+    text (preserve='kvsink' with the predictor above: its sinks are excluded) and print a summary."""
+    from . import calibration as CAL
+    cfg = _base_config(args, args.bits).replace(
+        preserve="kvsink", predictor_layer=predictor_config.predictor_layer,
+        predictor_channels=predictor_config.predictor_channels,
+        predictor_threshold=predictor_config.predictor_threshold)
+    try:
+        _, cals = CAL.calibrate_kvquant_model(model, cfg, tokenizer=tokenizer, fisher=args.fisher)
+    except ValueError as exc:
+        raise SystemExit(f"kvsink: error: KVQuant calibration failed: {exc}") from None
+    print(f"KVQuant:    {cfg.kvquant_datatype}, {cfg.key_bits}-bit keys and values, outliers "
+          f"{100 * cfg.outlier_fraction:g}%, groups of {cfg.key_group_size}"
+          + (", Fisher-weighted k-means" if args.fisher else
+             (", plain k-means" if cfg.kvquant_datatype == "kmeans" else "")))
+    print(f"            calibrated on {CALIBRATION_NOTE}, predicted sinks excluded")
+    print("  layer  key thresholds (median lower / upper)  key levels (head 0, channel 0)")
+    out = []
+    for i, cal in enumerate(cals):
+        lo, hi = float(cal.key_lower.float().median()), float(cal.key_upper.float().median())
+        lv = cal.key_levels if cal.key_levels.ndim == 1 else cal.key_levels[0, 0]
+        levels = [round(float(x), 4) for x in lv]
+        print(f"  {i:5d}  {lo:12.4g} / {hi:<12.4g}            {levels}")
+        out.append({"key_lower_median": lo, "key_upper_median": hi, "key_levels_h0_c0": levels})
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -373,7 +483,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["eval"] + argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     if args.command == "calibrate":
         cmd_calibrate(args)
     else:

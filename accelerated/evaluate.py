@@ -22,6 +22,15 @@ lines with ``"\\n\\n"`` and tokenizes once, :func:`make_windows` cuts the token
 stream into non-overlapping windows of ``seq_len`` tokens.  In each window the
 ``seq_len - 1`` next-token predictions are scored; perplexity is
 ``exp(sum of NLL / number of predicted tokens)`` over all windows.
+
+Calibration (both protocols, once per call, before the first window): the
+KVSink predictor when ``"kvsink"`` is configured without its fields, and the
+KVQuant calibration of ``quantizer="kvquant"`` (key thresholds, k-means
+levels) unless given.  The calibration text is ``calibration_ids``, else
+``calibration_text``, else (with a ``tokenizer``) the first 512 tokens of the
+packaged default text that ``KVSinkCache`` uses — never the evaluation
+windows for KVQuant; only the predictor, with none of these given, falls back
+to the first evaluation window.  ``PerplexityResult.calibration`` says what was used.
 """
 
 from __future__ import annotations
@@ -81,6 +90,16 @@ class PerplexityResult:
         kept at full precision.
     preserved_count : total number of preserved tokens over all windows.
     chunk : tokens fed per step (streaming protocol only).
+    calibration : what was calibrated on what (empty for ``"fp"``), a JSON-able dict:
+        ``text``: the calibration text (``"calibration_ids"``, ``"calibration_text"``,
+        ``"default text"`` = the first 512 tokens of the packaged default corpus,
+        ``"first window"`` = the first evaluation window, or None when nothing was
+        calibrated); ``tokens``: its length (None when nothing was calibrated);
+        ``predictor``: None (``"kvsink"`` not configured), ``"config"`` (fields given)
+        or ``"calibrated"``; ``kvquant``: None (uniform quantizer), ``"given"``
+        (``kvquant_calibration=``), ``"calibrated"`` or ``"not needed"`` (nf grid with
+        ``outlier_fraction=0``); ``kvquant_fisher``: whether the k-means was
+        Fisher-weighted.
     """
 
     ppl: float
@@ -94,6 +113,7 @@ class PerplexityResult:
     preserved_positions: List[List[int]] = field(default_factory=list)
     preserved_count: int = 0
     chunk: Optional[int] = None
+    calibration: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict (the config as a dict of its fields)."""
@@ -312,7 +332,10 @@ def _fake_quant_attention(module, query, key, value, attention_mask, scaling=Non
         valid = torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
         state["oracle_scores"].append(P.oracle_scores(probs, valid).to(torch.float64))
     elif state["mode"] == "quant":
-        key, value = fake_quantize_kv(key, value, state["config"], state["preserved"])
+        if state["config"].quantizer == "kvquant":
+            key, value = _fake_quantize_kvquant_post_rope(module, key, value, state)
+        else:
+            key, value = fake_quantize_kv(key, value, state["config"], state["preserved"])
     if state["inner"] == "eager":
         return _eager(module, query, key, value, attention_mask, scaling, **kwargs)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -369,6 +392,34 @@ def fake_quantize_kv(keys: torch.Tensor, values: torch.Tensor, config: KVSinkCon
     return out[0], out[1]
 
 
+def _fake_quantize_kvquant_post_rope(module, key: torch.Tensor, value: torch.Tensor, state):
+    """KVQuant-style fake quantization of one layer's post-RoPE keys and values ``(B, H, T, D)``.
+
+    The protocol of bench/kvquant_table.py (docs/08-kvquant.md §8.12): the keys
+    are un-rotated with the model's ``inv_freq`` at rotary positions ``0..T-1``
+    (each window is an independent sequence), quantized and dequantized with
+    ``quantize_block_kvquant`` / ``dequantize_block_kvquant`` under the layer's
+    calibration (``module.layer_idx``; None: the nf grid with
+    ``outlier_fraction=0``), rotated back; the preserved tokens keep their
+    original keys and values exactly and are excluded from every statistic.
+    """
+    from . import kvquant as KQ
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        raise ValueError(f"{type(module).__name__} has no layer_idx: the per-layer KVQuant "
+                         "calibration cannot be looked up")
+    cal = state["kvquant_calibration"][layer]
+    inv_freq = state["inv_freq"].to(key.device)
+    pos = torch.arange(key.shape[2], device=key.device)[None, None, :]
+    preserved = state["preserved"].to(key.device)
+    block = KQ.quantize_block_kvquant(KQ.unapply_rope(key, pos, inv_freq), value, cal, state["config"],
+                                      exclude=preserved)
+    kh, vh = KQ.dequantize_block_kvquant(block)
+    kh = KQ.apply_rope(kh, pos, inv_freq)
+    keep = preserved[:, None, :, None]
+    return torch.where(keep, key, kh.to(key.dtype)), torch.where(keep, value, vh.to(value.dtype))
+
+
 # =========================================================================== predictor
 
 # calibrate_config lives in accelerated/calibration.py (shared with accelerated.hf); re-exported here.
@@ -379,6 +430,62 @@ from .calibration import calibrate_config  # noqa: E402
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def _calibrate(model, config: KVSinkConfig, windows: torch.Tensor, *, kvquant_calibration,
+               calibration_ids, calibration_text, tokenizer, kvquant_fisher):
+    """Calibrate once before the windows: ``(config, kvquant calibrations or None, record)``.
+
+    The calibration text is ``calibration_ids``, else ``calibration_text``
+    (tokenized with ``tokenizer``), else, with a ``tokenizer``, the first 512
+    tokens of the packaged default text (``accelerated.calibration.calibration_ids``,
+    the default of ``KVSinkCache``).  ``quantizer="kvquant"`` needing a calibration
+    (k-means, or ``outlier_fraction > 0``) and not given one: one
+    ``calibrate_kvquant_model`` pass over that text, which also fills the
+    predictor fields when needed (same pass); without calibration text this is
+    a ``ValueError`` (the evaluation windows are never used for it).  Otherwise
+    a missing predictor is calibrated with ``calibrate_config`` on the
+    calibration text, or — none given — on the first evaluation window.
+    """
+    from . import calibration as CAL
+    fisher = CAL._check_kvquant_fisher(kvquant_fisher, config,
+                                       calibration_given=kvquant_calibration is not None)
+    kvquant = config.quantizer == "kvquant"
+    if kvquant_calibration is not None and not kvquant:
+        raise ValueError("kvquant_calibration is only used by quantizer='kvquant' (the config has "
+                         f"quantizer={config.quantizer!r}); leave it None")
+    need_pred = "kvsink" in config.preserve and not config.predictor_ready
+    need_kvq = kvquant and kvquant_calibration is None and (
+        config.kvquant_datatype != "nf" or config.outlier_fraction != 0)
+    record = {"text": None, "tokens": None,
+              "predictor": None if "kvsink" not in config.preserve else
+              ("calibrated" if need_pred else "config"),
+              "kvquant": None if not kvquant else ("given" if kvquant_calibration is not None else
+                                                   "calibrated" if need_kvq else "not needed"),
+              "kvquant_fisher": fisher}
+    ids = None
+    if (need_pred or need_kvq) and (calibration_ids is not None or calibration_text is not None
+                                    or tokenizer is not None):
+        ids = CAL.calibration_ids(calibration_ids, text=calibration_text, tokenizer=tokenizer)
+        record["text"] = ("calibration_ids" if calibration_ids is not None else
+                          "calibration_text" if calibration_text is not None else "default text")
+        record["tokens"] = int(ids.shape[1])
+    cals = kvquant_calibration
+    if need_kvq:
+        if ids is None:
+            raise ValueError(
+                f"quantizer='kvquant' with kvquant_datatype={config.kvquant_datatype!r}, "
+                f"outlier_fraction={config.outlier_fraction} needs a KVQuant calibration, computed on "
+                "held-out text, never on the evaluation windows: pass tokenizer=... (the packaged "
+                "default text), calibration_ids=... or calibration_text=... (with tokenizer), or "
+                "kvquant_calibration=[one per layer] (accelerated.calibration.calibrate_kvquant_model)")
+        config, cals = CAL.calibrate_kvquant_model(model, config, ids, fisher=fisher)
+    elif need_pred:
+        if ids is None:
+            ids = windows[:1]
+            record["text"], record["tokens"] = "first window", int(ids.shape[1])
+        config = calibrate_config(model, config, ids)
+    return config, cals, record
 
 
 def _check_config(config):
@@ -447,7 +554,9 @@ def _preserved_for_window(model, ids: torch.Tensor, config: KVSinkConfig) -> tor
 
 def perplexity_fake_quant(model, input_ids, config: KVSinkConfig, *, seq_len: int = 512,
                           max_windows: Optional[int] = None, corpus: str = "",
-                          progress: bool = False) -> PerplexityResult:
+                          progress: bool = False, kvquant_calibration=None, calibration_ids=None,
+                          calibration_text: Optional[str] = None, tokenizer=None,
+                          kvquant_fisher: bool = False) -> PerplexityResult:
     """Perplexity under the papers' fake-quantization protocol (docs/12-evaluation.md §1).
 
     For each window of ``seq_len`` tokens:
@@ -464,38 +573,86 @@ def perplexity_fake_quant(model, input_ids, config: KVSinkConfig, *, seq_len: in
        keys ``(B, H, T, D)`` and values with :func:`fake_quantize_kv` (``P``
        excluded from the statistics and kept exact), then runs causal attention
        (sdpa, or eager when the model was loaded with ``attn_implementation="eager"``);
-       there is no residual window;
+       there is no residual window.  ``quantizer="kvquant"``: the protocol of
+       bench/kvquant_table.py (docs/08-kvquant.md §8.12) instead — keys
+       un-rotated with the model's ``inv_freq`` at positions ``0..T-1``,
+       quantized pre-RoPE per channel and values per token with
+       ``quantize_block_kvquant`` under the layer's calibration (``P``
+       excluded), dequantized, keys rotated back, ``P`` kept exact;
     3. the NLL of tokens ``1 .. T-1`` given the logits at ``0 .. T-2``.
 
-    If ``"kvsink"`` is configured and the predictor is not specified, the
-    config is calibrated once with :func:`calibrate_config` on the first window
-    (pass a calibrated config to calibrate on held-out text instead).
+    Calibration, once before the first window (module docstring): a missing
+    KVSink predictor on ``calibration_ids`` / ``calibration_text`` / the
+    packaged default text (with ``tokenizer``), else on the first window; the
+    KVQuant calibration (``quantizer="kvquant"``, unless ``kvquant_calibration``
+    — one ``KVQuantCalibration`` per decoder layer — is given, or the nf grid
+    with ``outlier_fraction=0`` needs none) with
+    ``accelerated.calibration.calibrate_kvquant_model(..., fisher=kvquant_fisher)``
+    on the calibration text, whose preserved tokens (the config's policy) are
+    excluded; without ``calibration_ids`` / ``calibration_text`` / ``tokenizer``
+    that is a ``ValueError``: the evaluation windows are never used for it.
+    ``kvquant_fisher=True`` (k-means only) weights the k-means with
+    ``fisher_weights``.  ``result.calibration`` records the choices.
     ``input_ids`` is the token stream ``(N,)`` or ``(1, N)`` (see
     :func:`make_windows`).
     """
     _check_config(config)
     windows = make_windows(input_ids, seq_len, max_windows)
     dev = _device(model)
-    if "kvsink" in config.preserve and not config.predictor_ready:
-        config = calibrate_config(model, config, windows[:1])
+    inv_freq = None
+    if config.quantizer == "kvquant":
+        if "oracle" in config.preserve:
+            raise ValueError("preserve='oracle' with quantizer='kvquant': the KVQuant calibration "
+                             "excludes the calibration text's preserved tokens and has no oracle set "
+                             "for it; use preserve 'pfn' and/or 'kvsink'")
+        inv_freq = _model_inv_freq(model)
+    config, cals, record = _calibrate(model, config, windows, kvquant_calibration=kvquant_calibration,
+                                      calibration_ids=calibration_ids, calibration_text=calibration_text,
+                                      tokenizer=tokenizer, kvquant_fisher=kvquant_fisher)
+    if config.quantizer == "kvquant":
+        cals = _check_layer_calibrations(model, config, cals)
     nll, count, preserved_positions = 0.0, 0, []
     with torch.no_grad():
         for w in _progress(windows, progress, f"fake {config.key_bits}/{config.value_bits}-bit"):
             ids = w[None].to(dev)
             preserved = _preserved_for_window(model, ids, config)
             preserved_positions.append(torch.nonzero(preserved[0]).flatten().tolist())
-            state = {"mode": "quant", "config": config, "preserved": preserved}
+            state = {"mode": "quant", "config": config, "preserved": preserved,
+                     "kvquant_calibration": cals, "inv_freq": inv_freq}
             with _attention_state(model, state):
                 logits = model(input_ids=ids, use_cache=False).logits[0]
             nll += _window_nll(logits[:-1], ids[0, 1:])
             count += seq_len - 1
     return _finish(nll, count, protocol="fake", config=config, corpus=corpus, seq_len=seq_len,
-                   windows=len(windows), preserved_positions=preserved_positions)
+                   windows=len(windows), preserved_positions=preserved_positions, calibration=record)
+
+
+def _model_inv_freq(model) -> torch.Tensor:
+    from .kvquant import model_inv_freq
+    try:
+        return model_inv_freq(model)
+    except ValueError:
+        raise ValueError(
+            f"quantizer='kvquant' needs the model's one rotary frequency buffer to un-rotate the keys, "
+            f"and {type(model).__name__} has no 'rotary_emb.inv_freq' (e.g. Gemma-3's per-layer-type "
+            "rotary embeddings); use quantizer='uniform' with this model") from None
+
+
+def _check_layer_calibrations(model, config: KVSinkConfig, cals) -> list:
+    """One KVQuant calibration per decoder layer (None entries: the nf grid, no outliers)."""
+    from . import hf
+    text_config = hf._text_config(model)
+    num_layers = len(hf._layer_types(text_config))
+    if cals is None:
+        return [None] * num_layers
+    return hf._check_kvquant_calibrations(cals, config, text_config, num_layers)
 
 
 def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int = 1,
                          seq_len: int = 512, max_windows: Optional[int] = None, corpus: str = "",
-                         progress: bool = False) -> PerplexityResult:
+                         progress: bool = False, kvquant_calibration=None, calibration_ids=None,
+                         calibration_text: Optional[str] = None, tokenizer=None,
+                         kvquant_fisher: bool = False) -> PerplexityResult:
     """Perplexity with the text streamed through ``KVSinkCache`` (docs/12-evaluation.md §2).
 
     For each window a fresh :class:`accelerated.hf.KVSinkCache` is built and
@@ -507,9 +664,16 @@ def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int =
     ``chunk > 1`` the tokens of one chunk also see each other at full precision
     (as in a prefill).
 
-    If ``"kvsink"`` is configured and the predictor is not specified, the
-    config is calibrated once with :func:`calibrate_config` on the first window
-    before the loop (not once per window, and not by the cache).
+    Calibration happens once, before the loop, never per window nor by the
+    caches (module docstring; arguments as :func:`perplexity_fake_quant`): a
+    missing KVSink predictor on ``calibration_ids`` / ``calibration_text`` /
+    the packaged default text (with ``tokenizer``), else on the first window;
+    for ``quantizer="kvquant"`` the per-layer calibrations
+    (``kvquant_calibration``, or ``calibrate_kvquant_model(...,
+    fisher=kvquant_fisher)`` on the calibration text — a ``ValueError`` when
+    none is given, the evaluation windows are never used for it) are passed to
+    every window's cache as ``KVSinkCache(model, config,
+    kvquant_calibration=...)``.  ``result.calibration`` records the choices.
     """
     _check_config(config)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -520,8 +684,9 @@ def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int =
     from . import hf
     windows = make_windows(input_ids, seq_len, max_windows)
     dev = _device(model)
-    if "kvsink" in config.preserve and not config.predictor_ready:
-        config = calibrate_config(model, config, windows[:1])
+    config, cals, record = _calibrate(model, config, windows, kvquant_calibration=kvquant_calibration,
+                                      calibration_ids=calibration_ids, calibration_text=calibration_text,
+                                      tokenizer=tokenizer, kvquant_fisher=kvquant_fisher)
     was_installed = getattr(model, "_kvsink_hooks", None) is not None
     # transformers >= 5.? names the argument ``cache`` (``past_key_values`` is deprecated)
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -532,7 +697,7 @@ def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int =
         with torch.no_grad():
             for w in windows:
                 ids = w[None].to(dev)
-                cache = hf.KVSinkCache(model, config)
+                cache = hf.KVSinkCache(model, config, kvquant_calibration=cals)
                 for start in range(0, seq_len, chunk):
                     stop = min(start + chunk, seq_len)
                     out = model(input_ids=ids[:, start:stop], use_cache=True, **{cache_kw: cache})
@@ -553,4 +718,4 @@ def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int =
             hf.uninstall(model)     # leave the model's attention implementation as it was
     return _finish(nll, count, protocol="streaming", config=config, corpus=corpus,
                    seq_len=seq_len, windows=len(windows), preserved_positions=preserved_positions,
-                   chunk=chunk)
+                   chunk=chunk, calibration=record)

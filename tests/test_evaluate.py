@@ -352,6 +352,159 @@ def test_streaming_bad_arguments(tiny):
         E.perplexity_streaming(model, ids, KVSinkConfig(preserve="oracle"), seq_len=SEQ)
 
 
+# =========================================================================== KVQuant-style quantizer
+
+def _kvq(bits=4, **kw):
+    base = dict(quantizer="kvquant", key_bits=bits, value_bits=bits, key_group_size=8,
+                value_group_size=8, residual_length=16, preserve="pfn", kvquant_datatype="kmeans",
+                outlier_fraction=0.01)
+    base.update(kw)
+    return KVSinkConfig(**base)
+
+
+def _spy_calibration(monkeypatch):
+    """Record every accelerated.calibration.calibrate_kvquant_model call: (args, kwargs, result)."""
+    from accelerated import calibration as CAL
+    calls, real = [], CAL.calibrate_kvquant_model
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append((args, kwargs, out))
+        return out
+    monkeypatch.setattr(CAL, "calibrate_kvquant_model", spy)
+    return calls, real
+
+
+def _assert_same_calibrations(got, expected):
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        for name in ("key_lower", "key_upper", "key_levels", "value_levels"):
+            torch.testing.assert_close(getattr(g, name).cpu(), getattr(e, name).cpu(), rtol=0, atol=0)
+
+
+@needs_cache
+def test_streaming_kvquant_calibrates_once_on_the_default_text(tiny, monkeypatch):
+    """One calibrate_kvquant_model call per perplexity_streaming call, on the packaged default
+    text (not the evaluation windows); every window's cache gets those calibrations and does not
+    calibrate again; they equal a direct calibrate_kvquant_model on the same ids."""
+    from accelerated import calibration as CAL
+    from accelerated import hf
+    model, tok, ids, _ = tiny
+    calls, real = _spy_calibration(monkeypatch)
+    given, init = [], hf.KVSinkCache.__init__
+
+    def recording_init(self, *args, **kwargs):
+        given.append(kwargs.get("kvquant_calibration"))
+        init(self, *args, **kwargs)
+    monkeypatch.setattr(hf.KVSinkCache, "__init__", recording_init)
+    cfg = _kvq()
+    r = E.perplexity_streaming(model, ids, cfg, chunk=16, seq_len=SEQ, max_windows=WINDOWS,
+                               tokenizer=tok)
+    assert len(calls) == 1                           # not once per window, not in the caches
+    args, kwargs, (_, cals) = calls[0]
+    default_ids = CAL.calibration_ids(tokenizer=tok)
+    assert default_ids.shape == (1, 512) and torch.equal(args[2], default_ids)
+    assert kwargs == {"fisher": False}
+    assert len(given) == WINDOWS and all(g is cals for g in given)
+    _, direct = real(model, cfg, default_ids)
+    _assert_same_calibrations(cals, direct)
+    assert r.calibration == {"text": "default text", "tokens": 512, "predictor": None,
+                             "kvquant": "calibrated", "kvquant_fisher": False}
+    assert r.config.quantizer == "kvquant" and r.preserved_positions == [[0]] * WINDOWS
+    assert json.loads(json.dumps(r.to_dict()))["calibration"] == r.calibration
+
+
+@needs_cache
+def test_streaming_kvquant_fisher_and_calibration_text(tiny, monkeypatch):
+    model, tok, ids, _ = tiny
+    calls, _ = _spy_calibration(monkeypatch)
+    text = "Held-out calibration text, not a word of which is evaluated. " * 6
+    r = E.perplexity_streaming(model, ids, _kvq(), chunk=SEQ, seq_len=SEQ, max_windows=1,
+                               calibration_text=text, tokenizer=tok, kvquant_fisher=True)
+    assert len(calls) == 1 and calls[0][1] == {"fisher": True}
+    assert torch.equal(calls[0][0][2], tok(text, return_tensors="pt")["input_ids"])
+    assert r.calibration["text"] == "calibration_text" and r.calibration["kvquant_fisher"] is True
+    assert r.calibration["tokens"] == len(text)      # byte-level tokenizer
+
+
+def test_fake_quant_kvquant_equals_the_bench_protocol(tiny, fp, monkeypatch):
+    """perplexity_fake_quant with quantizer='kvquant' computes what bench/kvquant_table.py's
+    attention function (registered as its ATTN_NAME, reading its _STATE) computes (docs/08 §8.12)
+    with the same calibration and preserved set."""
+    from accelerated import calibration as CAL
+    from accelerated import kvquant as KQ
+    from bench import kvquant_table as B
+    model, _, ids, _ = tiny
+    held_out = ids[:, -300:]                         # after the evaluated windows
+    cfg = _kvq(3, outlier_fraction=0.02)
+    calls, real = _spy_calibration(monkeypatch)
+    r = E.perplexity_fake_quant(model, ids, cfg, seq_len=SEQ, max_windows=WINDOWS,
+                                calibration_ids=held_out)
+    assert len(calls) == 1 and torch.equal(calls[0][0][2], held_out)
+    assert r.calibration == {"text": "calibration_ids", "tokens": 300, "predictor": None,
+                             "kvquant": "calibrated", "kvquant_fisher": False}
+    _, cals = real(model, cfg, held_out)
+    B.register()
+    previous = model.config._attn_implementation
+    nll = 0.0
+    try:
+        model.config._attn_implementation = B.ATTN_NAME
+        B._STATE.update(mode="quant", config=cfg, calibrations=cals, inv_freq=KQ.model_inv_freq(model),
+                        outliers=0, elements=0, bytes=0)
+        with torch.no_grad():
+            for w in E.make_windows(ids, SEQ, WINDOWS):
+                B._STATE["preserved"] = torch.zeros(1, SEQ, dtype=torch.bool)
+                B._STATE["preserved"][0, 0] = True   # PFN-1
+                logits = model(input_ids=w[None], use_cache=False).logits[0]
+                nll += E._window_nll(logits[:-1], w[1:])
+        assert B._STATE["outliers"] > 0               # the sparse part is exercised
+    finally:
+        model.config._attn_implementation = previous
+        B._STATE.clear()
+    assert r.nll_sum == pytest.approx(nll, rel=1e-12, abs=0)
+    assert r.nll_sum != fp.nll_sum and r.preserved_positions == [[0]] * WINDOWS
+    # given calibrations are used as they are: no calibration, same result
+    again = E.perplexity_fake_quant(model, ids, cfg, seq_len=SEQ, max_windows=WINDOWS,
+                                    kvquant_calibration=cals)
+    assert len(calls) == 1 and again.calibration["kvquant"] == "given" and again.calibration["text"] is None
+    assert again.nll_sum == r.nll_sum
+
+
+def test_fake_quant_kvquant_8bit_and_preserve_everything(tiny, fp):
+    model, _, ids, _ = tiny
+    nf = dict(kvquant_datatype="nf", outlier_fraction=0.0)        # no calibration needed
+
+    def run(cfg):
+        return E.perplexity_fake_quant(model, ids, cfg, seq_len=SEQ, max_windows=WINDOWS)
+    r8 = run(_kvq(8, **nf))
+    assert r8.calibration["kvquant"] == "not needed" and r8.calibration["text"] is None
+    # 8-bit nf: steps <= 1/64 of a group's half-range, the same bound as the uniform 8-bit test
+    assert r8.nll_sum != fp.nll_sum and abs(math.log(r8.ppl / fp.ppl)) < 0.01
+    r2 = run(_kvq(2, **nf))
+    assert r2.ppl > r8.ppl * 1.01
+    every = run(_kvq(2, preserve_first_n=SEQ, **nf))
+    assert every.nll_sum == pytest.approx(fp.nll_sum, rel=1e-12, abs=0)
+
+
+@needs_cache
+def test_kvquant_calibration_arguments_are_checked(tiny):
+    model, tok, ids, _ = tiny
+    kw = dict(seq_len=SEQ, max_windows=1)
+    for fn in (E.perplexity_fake_quant, E.perplexity_streaming):
+        with pytest.raises(ValueError, match="never on the evaluation windows"):
+            fn(model, ids, _kvq(), **kw)                           # nothing to calibrate on
+        with pytest.raises(ValueError, match="kvquant_fisher=True has no effect with kvquant_datatype='nf'"):
+            fn(model, ids, _kvq(kvquant_datatype="nf"), tokenizer=tok, kvquant_fisher=True, **kw)
+        with pytest.raises(TypeError, match="kvquant_fisher must be True or False"):
+            fn(model, ids, _kvq(), tokenizer=tok, kvquant_fisher="yes", **kw)
+        with pytest.raises(ValueError, match="only used by quantizer='kvquant'"):
+            fn(model, ids, KVSinkConfig(preserve="pfn"), kvquant_calibration=[None, None], **kw)
+        with pytest.raises(ValueError, match="2 decoder layers"):
+            fn(model, ids, _kvq(kvquant_datatype="nf"), kvquant_calibration=[None], **kw)
+    with pytest.raises(ValueError, match="oracle"):
+        E.perplexity_fake_quant(model, ids, _kvq(preserve="oracle"), tokenizer=tok, **kw)
+
+
 # =========================================================================== command line
 
 def _cli_args(folder, *extra):
@@ -411,6 +564,17 @@ def test_cli_both_protocols(tiny, capsys):
     (["--methods", "pfn,sinks"], "unknown method"),
     (["--protocol", "fast"], "invalid choice"),
     (["--predictor-threshold", "-1"], "finite number > 0"),
+    (["--quantizer", "kivi"], "invalid choice"),
+    (["--quantizer", "kvquant", "--kvquant-datatype", "int4"], "invalid choice"),
+    (["--quantizer", "kvquant", "--outlier-fraction", "0.5"], "--outlier-fraction must be in [0, 0.5)"),
+    (["--quantizer", "kvquant", "--outlier-fraction", "-0.01"], "--outlier-fraction must be in [0, 0.5)"),
+    (["--quantizer", "kvquant", "--outlier-fraction", "1%"], "--outlier-fraction must be a number"),
+    (["--fisher"], "--fisher applies to --quantizer kvquant only"),
+    (["--outlier-fraction", "0.01"], "--outlier-fraction applies to --quantizer kvquant only"),
+    (["--kvquant-datatype", "kmeans"], "--kvquant-datatype applies to --quantizer kvquant only"),
+    (["--quantizer", "kvquant", "--fisher"], "--fisher weights the k-means: it needs --kvquant-datatype kmeans"),
+    (["--quantizer", "kvquant", "--kvquant-datatype", "nf", "--fisher"], "needs --kvquant-datatype kmeans"),
+    (["--quantizer", "kvquant", "--methods", "pfn,oracle"], "--methods oracle cannot be used with --quantizer kvquant"),
 ])
 def test_cli_bad_arguments(bad, message, capsys):
     from accelerated.cli import main
@@ -418,6 +582,74 @@ def test_cli_bad_arguments(bad, message, capsys):
         main(["eval", *bad])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--fisher"], "--fisher applies to --quantizer kvquant only"),
+    (["--quantizer", "kvquant", "--fisher"], "needs --kvquant-datatype kmeans"),
+    (["--quantizer", "kvquant", "--bits", "9"], "--bits: 9 is out of range"),
+])
+def test_cli_calibrate_bad_arguments(bad, message, capsys):
+    from accelerated.cli import main
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", *bad])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@needs_cache
+def test_cli_eval_kvquant_fisher(tiny, tmp_path, capsys):
+    """--quantizer kvquant --kvquant-datatype kmeans --outlier-fraction --fisher reach both
+    protocols; each row is calibrated on the packaged default text with Fisher weights and equals
+    the direct call."""
+    from accelerated.cli import main
+    model, tok, ids, folder = tiny
+    out_json = tmp_path / "kvq.json"
+    assert main(_cli_args(folder, "--bits", "4", "--methods", "pfn", "--quantizer", "kvquant",
+                          "--kvquant-datatype", "kmeans", "--outlier-fraction", "0.02", "--fisher",
+                          "--group-size", "8", "--protocol", "both", "--chunk", "32",
+                          "--residual-length", "16", "--json", str(out_json))) == 0
+    out = capsys.readouterr().out.replace("\n", "")
+    assert "KVQuant-style kmeans, Fisher-weighted k-means, outliers 2%" in out
+    report = json.loads(out_json.read_text())
+    assert report["quantizer"] == "kvquant"
+    assert report["kvquant"] == {"datatype": "kmeans", "outlier_fraction": 0.02, "fisher": True}
+    row = report["results"][1]
+    assert row["method"] == "PFN-1"
+    for proto in ("fake", "streaming"):
+        assert row[proto]["config"]["quantizer"] == "kvquant"
+        assert row[proto]["config"]["kvquant_datatype"] == "kmeans"
+        assert row[proto]["calibration"] == {"text": "default text", "tokens": 512, "predictor": None,
+                                             "kvquant": "calibrated", "kvquant_fisher": True}
+    cfg = _kvq(4, outlier_fraction=0.02, residual_length=16)
+    direct = E.perplexity_fake_quant(model, ids, cfg, seq_len=SEQ, max_windows=1, tokenizer=tok,
+                                     kvquant_fisher=True)
+    assert row["fake"]["ppl"] == pytest.approx(direct.ppl, rel=1e-9)
+    plain = E.perplexity_fake_quant(model, ids, cfg, seq_len=SEQ, max_windows=1, tokenizer=tok)
+    assert plain.nll_sum != direct.nll_sum       # the switch changed the calibration
+
+
+def test_cli_calibrate_kvquant(tiny, capsys):
+    """kvsink calibrate --quantizer kvquant prints the per-layer KVQuant calibration, Fisher-weighted
+    k-means on the default text with the predicted sinks excluded, as calibrate_kvquant_model."""
+    from accelerated import calibration as CAL
+    from accelerated.cli import build_parser, cmd_calibrate
+    model, tok, _, folder = tiny
+    args = build_parser().parse_args([
+        "calibrate", "--model", str(folder), "--data", str(E.default_corpus_path()),
+        "--seq-len", str(SEQ), "--device", "cpu", "--predictor-layer", "1", "--predictor-channels", "3",
+        "--predictor-threshold", "0.5", "--quantizer", "kvquant", "--kvquant-datatype", "kmeans",
+        "--fisher", "--bits", "2", "--group-size", "8"])
+    report = cmd_calibrate(args)
+    out = capsys.readouterr().out
+    assert "KVQuant:    kmeans, 2-bit keys and values, outliers 1%, groups of 8, Fisher-weighted" in out
+    cfg = _kvq(2, key_group_size=8, preserve="kvsink", predictor_layer=1, predictor_channels=(3,),
+               predictor_threshold=0.5, residual_length=128)
+    _, cals = CAL.calibrate_kvquant_model(model, cfg, tokenizer=tok, fisher=True)
+    assert len(report["kvquant"]) == len(cals) == 2
+    for got, cal in zip(report["kvquant"], cals):
+        assert got["key_levels_h0_c0"] == pytest.approx(cal.key_levels[0, 0].tolist(), abs=1e-4)
+        assert got["key_upper_median"] == pytest.approx(float(cal.key_upper.median()), rel=1e-6)
 
 
 def test_cli_missing_data_file(tiny, tmp_path):

@@ -99,6 +99,82 @@ def test_calibration_excludes_the_preserved_tokens(llama):
     torch.testing.assert_close(none[0].key_lower.cpu(), lo_all, rtol=0, atol=0)
 
 
+# ---------------------------------------------------------------------------- Fisher switch
+
+def test_kvquant_fisher_switch_passes_through_and_changes_the_kmeans(llama):
+    """KVSinkCache(kvquant_fisher=True) fits the k-means with fisher_weights of the calibration ids:
+    its calibrations equal calibrate_kvquant_layers with those weights computed directly, and differ
+    from the plain (unweighted) k-means of kvquant_fisher=False.  The squared gradients of a model
+    vary by orders of magnitude across tokens and channels, so weighting moves the centroids; at 2
+    bits (4 levels per channel) that must show in the levels."""
+    ids = calib_ids(n=96, seed=8)
+    cfg = kvq_config(2, kvquant_datatype="kmeans", outlier_fraction=0.01)
+    weighted = [l.kvquant_calibration
+                for l in KVSinkCache(llama, cfg, calibration_ids=ids, kvquant_fisher=True).layers]
+    plain = [l.kvquant_calibration for l in KVSinkCache(llama, cfg, calibration_ids=ids).layers]
+    # the same thing computed by hand: pre-RoPE keys / values at k_proj / v_proj, PFN token excluded
+    keys, values = [], []
+    hooks = []
+    for m in llama.model.layers:
+        hooks.append(m.self_attn.k_proj.register_forward_hook(
+            lambda mod, i, o: keys.append(o.detach().reshape(1, 96, 2, 16).transpose(1, 2))))
+        hooks.append(m.self_attn.v_proj.register_forward_hook(
+            lambda mod, i, o: values.append(o.detach().reshape(1, 96, 2, 16).transpose(1, 2))))
+    with torch.no_grad():
+        llama(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    excl = torch.zeros(1, 96, dtype=torch.bool)
+    excl[0, 0] = True
+    direct = KQ.calibrate_kvquant_layers(keys, values, cfg, exclude=excl,
+                                         fisher=KQ.fisher_weights(llama, ids))
+    differs = 0.0
+    for w, d, p in zip(weighted, direct, plain):
+        torch.testing.assert_close(w.key_levels.cpu(), d.key_levels.cpu(), rtol=0, atol=0)
+        torch.testing.assert_close(w.value_levels.cpu(), d.value_levels.cpu(), rtol=0, atol=0)
+        # Fisher weights change the levels, not the outlier thresholds
+        torch.testing.assert_close(w.key_upper.cpu(), p.key_upper.cpu(), rtol=0, atol=0)
+        differs = max(differs, float((w.key_levels - p.key_levels).abs().max()),
+                      float((w.value_levels - p.value_levels).abs().max()))
+    assert differs > 0.1           # levels live in [-1, 1]; measured 1.16
+
+
+def test_kmeans_levels_with_weights_spanning_45_orders_match_the_reference():
+    """Fisher weights span tens of orders of magnitude (1e-46 .. 0.4 measured on a tiny model).
+    The torch k-means must still take each cluster's own sums: differences of prefix sums over
+    the row cancelled and gave levels up to 0.42 off the reference, some unsorted (which
+    quantize_block_kvquant refuses).  With direct sums the float64 means agree to rounding, so
+    the float32 levels to one ulp of 1 (docs/08 §8.11)."""
+    from reference import kvquant as RK
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 300, generator=g, dtype=torch.float64) * 2 - 1
+    w = 10.0 ** (-45 * torch.rand(8, 300, generator=g, dtype=torch.float64))
+    got = KQ.kmeans_levels(x, w, 4)
+    ref = torch.from_numpy(RK.kmeans_levels(x.numpy(), w.numpy(), 4))
+    assert bool((got[:, 1:] >= got[:, :-1]).all())
+    torch.testing.assert_close(got, ref, rtol=0, atol=2.0 ** -23)
+
+
+def test_kvquant_fisher_switch_validation(llama):
+    kmeans = kvq_config(4, kvquant_datatype="kmeans")
+    with pytest.raises(TypeError, match="kvquant_fisher must be True or False"):
+        KVSinkCache(llama, kmeans, calibration_ids=calib_ids(64), kvquant_fisher=1)
+    with pytest.raises(ValueError, match="kvquant_fisher=True has no effect with kvquant_datatype='nf'"):
+        KVSinkCache(llama, kvq_config(4), calibration_ids=calib_ids(64), kvquant_fisher=True)
+    with pytest.raises(ValueError, match="quantizer='uniform'"):
+        KVSinkCache(llama, KVSinkConfig(preserve="pfn"), kvquant_fisher=True)
+    _, cals = calibrate_kvquant_model(llama, kmeans, calib_ids(64))
+    with pytest.raises(ValueError, match="kvquant_calibration=... was given"):
+        KVSinkCache(llama, kmeans, kvquant_calibration=cals, kvquant_fisher=True)
+    # calibrate_kvquant_model checks its own switch the same way, and refuses the oracle
+    with pytest.raises(ValueError, match="fisher=True has no effect"):
+        calibrate_kvquant_model(llama, kvq_config(4), calib_ids(64), fisher=True)
+    with pytest.raises(TypeError, match="fisher must be True or False"):
+        calibrate_kvquant_model(llama, kmeans, calib_ids(64), fisher="yes")
+    with pytest.raises(ValueError, match="oracle"):
+        calibrate_kvquant_model(llama, kvq_config(4, preserve="pfn+oracle"), calib_ids(64))
+
+
 # ---------------------------------------------------------------------------- left padding, rotary positions
 
 def test_left_padded_batch_passes_each_rows_rotary_positions(llama):
