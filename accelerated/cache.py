@@ -130,6 +130,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from reference import cache as _rcache
 from reference import kvquant as _rkvq
 from reference.config import KVSinkConfig
 from reference.packing import packed_length
@@ -1448,40 +1449,21 @@ class QuantizedBlock:
         return f"QuantizedBlock(start={self.start}, num_slots={self.num_slots}, num_codes={self.num_codes})"
 
 
-class QuantizedKVCache:
+class QuantizedKVCache(_rcache.QuantizedKVCache):
     """One :class:`QuantizedKVCacheLayer` per decoder layer, operated together (definition 6.18).
 
     ``update`` is per layer; ``resolve``, ``flush``, ``crop``, ``reorder``,
     ``select_batch`` and ``reset`` apply to every layer; ``nbytes`` is the sum.
+    The per-layer loops are the reference's (``reference.cache.QuantizedKVCache``);
+    this class builds torch layers and adds the torch-side arguments.
     """
 
     def __init__(self, config: KVSinkConfig, num_layers: int, *, dtype=torch.float32, device=None,
                  kvquant_calibration=None, rope_inv_freq=None):
-        if isinstance(num_layers, (bool, np.bool_)) or not isinstance(num_layers, numbers.Integral) \
-                or num_layers < 1:
-            raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
         self.config = config
-        if kvquant_calibration is None:
-            cals = [None] * int(num_layers)
-        else:
-            cals = list(kvquant_calibration)
-            if len(cals) != num_layers:
-                raise ValueError(f"kvquant_calibration must hold one KVQuantCalibration per layer "
-                                 f"({num_layers}), got {len(cals)}")
         self.layers = [QuantizedKVCacheLayer(config, dtype=dtype, device=device, kvquant_calibration=cal,
-                                             rope_inv_freq=rope_inv_freq) for cal in cals]
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __getitem__(self, layer_idx: int) -> QuantizedKVCacheLayer:
-        return self.layers[self._check_layer(layer_idx)]
-
-    def _check_layer(self, layer_idx) -> int:
-        if isinstance(layer_idx, (bool, np.bool_)) or not isinstance(layer_idx, numbers.Integral) \
-                or not 0 <= layer_idx < len(self.layers):
-            raise ValueError(f"layer_idx must be an int in [0, {len(self.layers)}), got {layer_idx!r}")
-        return int(layer_idx)
+                                             rope_inv_freq=rope_inv_freq)
+                       for cal in _rcache.layer_calibrations(kvquant_calibration, num_layers)]
 
     def update(self, layer_idx: int, keys, values, valid=None, rope_positions=None, *,
                checks: Optional[DeferredChecks] = None) -> None:
@@ -1516,38 +1498,8 @@ class QuantizedKVCache:
                 layer._check_flushable()
         return sum(layer.flush() for layer in self.layers)
 
-    def segments(self, layer_idx: int):
-        return self.layers[self._check_layer(layer_idx)].segments()
-
     def attend(self, layer_idx: int, query, query_positions, scale=None, **kwargs) -> torch.Tensor:
         return self.layers[self._check_layer(layer_idx)].attend(query, query_positions, scale, **kwargs)
 
-    def crop(self, max_length: int) -> None:
-        for layer in self.layers:
-            layer.crop(max_length)
-
-    def reorder(self, beam_idx) -> None:
-        for layer in self.layers:
-            layer.reorder(beam_idx)
-
-    def select_batch(self, indices) -> None:
-        for layer in self.layers:
-            layer.select_batch(indices)
-
-    def reset(self) -> None:
-        for layer in self.layers:
-            layer.reset()
-
-    def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
-
     def allocated_bytes(self) -> int:
         return sum(layer.allocated_bytes() for layer in self.layers)
-
-    @property
-    def seq_length(self) -> int:
-        """Slots of layer 0 (all layers agree between forward passes)."""
-        return self.layers[0].seq_length
-
-    def preserved_positions(self, layer_idx: int = 0) -> List[torch.Tensor]:
-        return self.layers[self._check_layer(layer_idx)].preserved_positions()

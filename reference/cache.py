@@ -1064,6 +1064,23 @@ def quantize_sequence(keys, values, preserve, valid, config: KVSinkConfig, *,
 # Definition 6.18: all layers of a model
 # --------------------------------------------------------------------------
 
+def layer_calibrations(kvquant_calibration, num_layers: int) -> list:
+    """The per-layer KVQuant calibrations of a ``num_layers``-layer cache (6.18).
+
+    ``kvquant_calibration`` is None (every layer gets None) or a sequence of
+    exactly ``num_layers`` calibrations; ``num_layers`` an int >= 1.
+    """
+    if not _is_int(num_layers) or num_layers < 1:
+        raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+    if kvquant_calibration is None:
+        return [None] * int(num_layers)
+    cals = list(kvquant_calibration)
+    if len(cals) != num_layers:
+        raise ValueError(f"kvquant_calibration must hold one KVQuantCalibration per layer "
+                         f"({num_layers}), got {len(cals)}")
+    return cals
+
+
 class QuantizedKVCache:
     """One :class:`QuantizedKVCacheLayer` per decoder layer, operated together (6.18).
 
@@ -1076,18 +1093,10 @@ class QuantizedKVCache:
 
     def __init__(self, config: KVSinkConfig, num_layers: int, *, dtype=np.float32,
                  kvquant_calibration=None, rope_inv_freq=None):
-        if not _is_int(num_layers) or num_layers < 1:
-            raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
         self.config = config
-        if kvquant_calibration is None:
-            cals = [None] * int(num_layers)
-        else:
-            cals = list(kvquant_calibration)
-            if len(cals) != num_layers:
-                raise ValueError(f"kvquant_calibration must hold one KVQuantCalibration per layer "
-                                 f"({num_layers}), got {len(cals)}")
         self.layers = [QuantizedKVCacheLayer(config, dtype=dtype, kvquant_calibration=cal,
-                                             rope_inv_freq=rope_inv_freq) for cal in cals]
+                                             rope_inv_freq=rope_inv_freq)
+                       for cal in layer_calibrations(kvquant_calibration, num_layers)]
 
     def __len__(self) -> int:
         return len(self.layers)
