@@ -49,7 +49,7 @@ import inspect
 import threading
 import warnings
 import weakref
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 

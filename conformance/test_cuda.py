@@ -18,7 +18,6 @@ from . import test_attention as _attention_rules
 from . import test_cache as _cache_rules
 from . import test_kvquant as _kvquant_rules
 from . import test_quantize as _quantize_rules
-from . import tolerances as tol
 from .profiles import examples
 from .strategies import attention_cases, quantize_cases
 

@@ -8,7 +8,7 @@ values allowed.  The spec of each field is docs/07-config.md.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 #: Names of the quantizer kinds (docs/02-quantization.md and, for "kvquant", docs/08-kvquant.md).

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -431,7 +430,6 @@ def test_fake_quant_kvquant_equals_the_bench_protocol(tiny, fp, monkeypatch):
     """perplexity_fake_quant with quantizer='kvquant' computes what bench/kvquant_table.py's
     attention function (registered as its ATTN_NAME, reading its _STATE) computes (docs/08 §8.12)
     with the same calibration and preserved set."""
-    from accelerated import calibration as CAL
     from accelerated import kvquant as KQ
     from bench import kvquant_table as B
     model, _, ids, _ = tiny
