@@ -605,7 +605,8 @@ def perplexity_fake_quant(model, input_ids, config: KVSinkConfig, *, seq_len: in
             raise ValueError("preserve='oracle' with quantizer='kvquant': the KVQuant calibration "
                              "excludes the calibration text's preserved tokens and has no oracle set "
                              "for it; use preserve 'pfn' and/or 'kvsink'")
-        inv_freq = _model_inv_freq(model)
+        from . import hf
+        inv_freq = hf._kvquant_inv_freq(model)
     config, cals, record = _calibrate(model, config, windows, kvquant_calibration=kvquant_calibration,
                                       calibration_ids=calibration_ids, calibration_text=calibration_text,
                                       tokenizer=tokenizer, kvquant_fisher=kvquant_fisher)
@@ -625,17 +626,6 @@ def perplexity_fake_quant(model, input_ids, config: KVSinkConfig, *, seq_len: in
             count += seq_len - 1
     return _finish(nll, count, protocol="fake", config=config, corpus=corpus, seq_len=seq_len,
                    windows=len(windows), preserved_positions=preserved_positions, calibration=record)
-
-
-def _model_inv_freq(model) -> torch.Tensor:
-    from .kvquant import model_inv_freq
-    try:
-        return model_inv_freq(model)
-    except ValueError:
-        raise ValueError(
-            f"quantizer='kvquant' needs the model's one rotary frequency buffer to un-rotate the keys, "
-            f"and {type(model).__name__} has no 'rotary_emb.inv_freq' (e.g. Gemma-3's per-layer-type "
-            "rotary embeddings); use quantizer='uniform' with this model") from None
 
 
 def _check_layer_calibrations(model, config: KVSinkConfig, cals) -> list:

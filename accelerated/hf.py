@@ -382,14 +382,7 @@ class KVSinkCache(_cache_base()):
         # predictor and KVQuant calibration (one full-precision pass over the calibration ids)
         kvq_cals, inv_freq = [None] * num_layers, None
         if config.quantizer == "kvquant":
-            from .kvquant import model_inv_freq
-            try:
-                inv_freq = model_inv_freq(model)
-            except ValueError:
-                raise ValueError(
-                    f"quantizer='kvquant' needs the model's one rotary frequency buffer to un-rotate "
-                    f"the keys, and {type(model).__name__} has no 'rotary_emb.inv_freq' (e.g. Gemma-3's "
-                    "per-layer-type rotary embeddings); use quantizer='uniform' with this model") from None
+            inv_freq = _kvquant_inv_freq(model)
             if kvquant_calibration is not None:
                 kvq_cals = _check_kvquant_calibrations(kvquant_calibration, config, text_config,
                                                        num_layers)
@@ -698,6 +691,18 @@ def _rope_positions(position_ids, batch: int, n: int, device) -> Optional[torch.
     return p.to(device=device, dtype=torch.int64).expand(batch, n)
 
 
+def _kvquant_inv_freq(model) -> torch.Tensor:
+    """The model's one rotary ``inv_freq`` buffer, which quantizer='kvquant' un-rotates the keys with."""
+    from .kvquant import model_inv_freq
+    try:
+        return model_inv_freq(model)
+    except ValueError:
+        raise ValueError(
+            f"quantizer='kvquant' needs the model's one rotary frequency buffer to un-rotate the keys, "
+            f"and {type(model).__name__} has no 'rotary_emb.inv_freq' (e.g. Gemma-3's per-layer-type "
+            "rotary embeddings); use quantizer='uniform' with this model") from None
+
+
 def _check_kvquant_calibrations(cals, config: KVSinkConfig, text_config, num_layers: int) -> list:
     """``kvquant_calibration=``: a list of one ``KVQuantCalibration`` per decoder layer (an entry of a
     sliding-window layer may be None), each fitting the config and the model's KV heads / head dim."""
@@ -711,7 +716,8 @@ def _check_kvquant_calibrations(cals, config: KVSinkConfig, text_config, num_lay
                          "decoder layers (one calibration per layer)")
     types = _layer_types(text_config)
     h = int(text_config.num_key_value_heads)
-    d = getattr(text_config, "head_dim", None) or         int(text_config.hidden_size) // int(text_config.num_attention_heads)
+    d = (getattr(text_config, "head_dim", None)
+         or int(text_config.hidden_size) // int(text_config.num_attention_heads))
     for i, cal in enumerate(cals):
         if types[i] != "full_attention" and cal is None:
             continue

@@ -241,9 +241,15 @@ def normalisation(lo: torch.Tensor, hi: torch.Tensor) -> Tuple[torch.Tensor, tor
     width = hi - lo
     s = width / torch.full_like(width, 2.0)
     c = lo + s
-    if width.numel() and (not bool(torch.isfinite(width).all()) or not bool(torch.isfinite(c + s).all())):
-        raise ValueError("x: a group's dense range max - min overflows float32; rescale x")
+    _check_range(s, c)
     return s, c
+
+
+def _check_range(s: torch.Tensor, c: torch.Tensor) -> None:
+    """``ValueError`` if a group's range overflowed: ``hi - lo`` overflows <=> ``s`` is inf (halving a
+    finite width stays finite); ``lo + s`` overflows <=> ``c + s`` is not finite.  One synchronisation."""
+    if s.numel() and not bool((torch.isfinite(s) & torch.isfinite(c + s)).all()):
+        raise ValueError("x: a group's dense range max - min overflows float32; rescale x")
 
 
 def normalised(x: torch.Tensor, s: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -444,10 +450,7 @@ def _quantize_nonuniform(x32, lv, bits, group_size, axis, out, excl, sdt, use_ke
     beta = (lv[..., :-1] + lv[..., 1:]) / torch.full_like(lv[..., 1:], 2.0)
     if _use_kernel(x32, group_size, axis, use_kernel):
         codes, _, s, c = _kk.quantize_dense(x32, excl, out, beta, bits, group_size, axis)
-        # normalisation's overflow check on the kernel's statistics (one synchronisation):
-        # w = hi - lo overflows <=> s = w / 2 is inf; c = lo + s overflows <=> c + s is not finite
-        if s.numel() and not bool((torch.isfinite(s) & torch.isfinite(c + s)).all()):
-            raise ValueError("x: a group's dense range max - min overflows float32; rescale x")
+        _check_range(s, c)                 # normalisation's overflow check, on the kernel's s and c
     else:
         counted = ~excl4 & ~out
         gax = GROUP_AXIS[axis]
