@@ -44,7 +44,6 @@ How it plugs in (transformers >= 5.0):
 
 from __future__ import annotations
 
-import functools
 import inspect
 import threading
 import warnings
@@ -98,27 +97,11 @@ def _store_seq_length(store) -> int:
 
 
 def _predict_sinks(hidden: torch.Tensor, channels, threshold, checks=None) -> torch.Tensor:
-    """``predict_sinks`` (docs/04-predictor.md) on a torch ``(B, n, C)``: bool ``(B, n)`` on hidden's device.
-
-    With ``checks`` (an ``accelerated.cache.DeferredChecks``) the finiteness of ``hidden`` is
-    recorded there instead of being read at once (``accelerated.predictor.predict_sinks`` reads
-    it: one device->host synchronisation); the rest is ``predict_sinks``'s arithmetic, operation
-    by operation (``outlier_scores``: float32, ``|.|``, max over the channels; then ``>`` the
-    threshold rounded down to float32), so the answer is the same."""
+    """``predict_sinks`` (docs/04-predictor.md) on a torch ``(B, n, C)``: bool ``(B, n)`` on hidden's
+    device; with ``checks`` (an ``accelerated.cache.DeferredChecks``) the finiteness of ``hidden``
+    is recorded there instead of being read at once."""
     from . import predictor as P
-    if checks is None:
-        return P.predict_sinks(hidden, channels, threshold)
-    checks.finite(hidden, "hidden contains NaN or Inf; pass finite hidden states")
-    h = hidden.to(torch.float32)
-    idx = _channel_index(tuple(P._ref._channels(channels, h.shape[-1])), h.device)
-    return h.index_select(-1, idx).abs().amax(dim=-1) > P.threshold_float32(threshold)
-
-
-@functools.lru_cache(maxsize=16)
-def _channel_index(channels: tuple, device: torch.device) -> torch.Tensor:
-    """The predictor's channels as an int64 tensor on ``device``, made once: a host->device copy
-    on every step would synchronise (a copy from pageable host memory waits for the stream)."""
-    return torch.tensor(channels, dtype=torch.long, device=device)
+    return P.predict_sinks(hidden, channels, threshold, checks=checks)
 
 
 def _preserved_set(config: KVSinkConfig, valid: torch.Tensor, predicted: Optional[torch.Tensor]):

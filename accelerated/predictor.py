@@ -16,7 +16,7 @@ called, so the medians are the reference's by construction.
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -44,7 +44,7 @@ DEFAULT_GROWTH = _ref.DEFAULT_GROWTH
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _hidden(name: str, x) -> torch.Tensor:
+def _hidden(name: str, x, checks=None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch tensor (float16/bfloat16/float32/float64), "
                         f"got {type(x).__name__}")
@@ -52,7 +52,9 @@ def _hidden(name: str, x) -> torch.Tensor:
         raise TypeError(f"{name} must be a floating-point array (float16/32/64), got dtype {x.dtype}")
     if x.dim() < 2:
         raise ValueError(f"{name} must have shape (..., T, C) with at least 2 dims, got {tuple(x.shape)}")
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    if checks is not None:        # recorded, read later (accelerated.cache.DeferredChecks): no sync
+        checks.finite(x, f"{name} contains NaN or Inf; pass finite hidden states")
+    elif x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf; pass finite hidden states")
     return x.to(torch.float32)
 
@@ -66,19 +68,29 @@ def threshold_float32(threshold) -> float:
     return float(t32)
 
 
-def outlier_scores(hidden: torch.Tensor, channels) -> torch.Tensor:
-    """``s_t = max_{c in channels} |h[..., t, c]|``, float32 ``(..., T)`` (Definition 4.1)."""
-    h = _hidden("hidden", hidden)
-    ch = _ref._channels(channels, h.shape[-1])
-    idx = torch.tensor(ch, dtype=torch.long, device=h.device)
+@functools.lru_cache(maxsize=16)
+def _channel_index(channels: tuple, device: torch.device) -> torch.Tensor:
+    """The channels as an int64 tensor on ``device``, made once: a host->device copy on every
+    decode step would synchronise (a copy from pageable host memory waits for the stream)."""
+    return torch.tensor(channels, dtype=torch.long, device=device)
+
+
+def outlier_scores(hidden: torch.Tensor, channels, *, checks=None) -> torch.Tensor:
+    """``s_t = max_{c in channels} |h[..., t, c]|``, float32 ``(..., T)`` (Definition 4.1).
+
+    ``checks``: None (a NaN/Inf in ``hidden`` raises ``ValueError`` here, one device->host
+    synchronisation) or an ``accelerated.cache.DeferredChecks`` that records the test instead."""
+    h = _hidden("hidden", hidden, checks)
+    idx = _channel_index(tuple(_ref._channels(channels, h.shape[-1])), h.device)
     return h.index_select(-1, idx).abs().amax(dim=-1)
 
 
-def predict_sinks(hidden: torch.Tensor, channels, threshold) -> torch.Tensor:
-    """bool ``(..., T)``: ``outlier_scores(hidden, channels) > threshold`` (Definition 4.2)."""
-    t32 = threshold_float32(threshold)
-    scores = outlier_scores(hidden, channels)
-    return scores > torch.tensor(t32, dtype=torch.float32, device=scores.device)
+def predict_sinks(hidden: torch.Tensor, channels, threshold, *, checks=None) -> torch.Tensor:
+    """bool ``(..., T)``: ``outlier_scores(hidden, channels) > threshold`` (Definition 4.2).
+
+    The comparison is with the float32 threshold (:func:`threshold_float32`, exact in float32);
+    ``checks`` as :func:`outlier_scores`."""
+    return outlier_scores(hidden, channels, checks=checks) > threshold_float32(threshold)
 
 
 class SinkPredictor(_ref.SinkPredictor):
