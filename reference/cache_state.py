@@ -10,9 +10,10 @@
   (definition 6.7): what one flush step moves out of the window.
 
 Both records are frozen: an operation returns a new record holding exactly
-the tokens kept (arrays are concatenated on append and sliced on removal), so
-the bytes held follow the tokens held, never a configured maximum such as
-``residual_length``.  Shapes: ``B`` rows, ``H`` KV heads, ``D`` head
+the tokens kept (arrays are concatenated on append, copied on removal: a
+view would keep the removed tokens' buffer alive), so the memory held is
+exactly what ``nbytes`` counts and follows the tokens held, never a
+configured maximum such as ``residual_length``.  Shapes: ``B`` rows, ``H`` KV heads, ``D`` head
 dimension, ``r`` residual tokens, ``P`` the largest preserved count of a row.
 """
 
@@ -112,11 +113,18 @@ class ResidualWindow:
         """``r``: tokens in the window."""
         return int(self.keys.shape[2])
 
-    def _tokens(self, sl: slice, **changes) -> "ResidualWindow":
-        """The window restricted to tokens ``sl`` (every per-token array), with ``changes``."""
+    def _tokens(self, sl: slice, *, copy: bool, **changes) -> "ResidualWindow":
+        """The window restricted to tokens ``sl`` (every per-token array), with ``changes``.
+
+        ``copy``: new arrays holding only those tokens (what the window keeps: a view would
+        keep the whole old buffer alive); else views (a short-lived part, as a flushed block).
+        """
+        def cut(a, axis):
+            part = a[(slice(None),) * axis + (sl,)]
+            return part.copy() if copy else part
         return dataclasses.replace(
-            self, keys=self.keys[:, :, sl], values=self.values[:, :, sl], valid=self.valid[:, sl],
-            preserve=self.preserve[:, sl], rope=None if self.rope is None else self.rope[:, sl],
+            self, keys=cut(self.keys, 2), values=cut(self.values, 2), valid=cut(self.valid, 1),
+            preserve=cut(self.preserve, 1), rope=None if self.rope is None else cut(self.rope, 1),
             **changes)
 
     def appended(self, keys: np.ndarray, values: np.ndarray, valid: np.ndarray,
@@ -151,18 +159,18 @@ class ResidualWindow:
 
     def head(self, n: int) -> "ResidualWindow":
         """The oldest ``n`` tokens (views), as a window with nothing pending."""
-        return self._tokens(slice(0, n), pending=0)
+        return self._tokens(slice(0, n), copy=False, pending=0)
 
     def drop_head(self, n: int) -> "ResidualWindow":
         """The window without its oldest ``n`` tokens (flushed); it starts ``n`` later."""
-        return self._tokens(slice(n, None), start=self.start + n)
+        return self._tokens(slice(n, None), copy=True, start=self.start + n)
 
     def cropped(self, max_length: int) -> "ResidualWindow":
         """Only the slots at positions ``< max_length`` (definition 6.14); the pending count
         loses the dropped tokens; an emptied window starts at ``min(start, max_length)``."""
         keep = max(0, max_length - self.start)
         dropped = self.length - keep
-        return self._tokens(slice(0, keep), pending=max(0, self.pending - dropped),
+        return self._tokens(slice(0, keep), copy=True, pending=max(0, self.pending - dropped),
                             start=min(self.start, max_length))
 
     def take_rows(self, rows: np.ndarray) -> "ResidualWindow":
@@ -255,10 +263,11 @@ class PreservedStore:
                               values=self.values[rows]).trimmed()
 
     def trimmed(self) -> "PreservedStore":
-        """Without the columns beyond ``P`` = the largest row count (after removals)."""
+        """Without the columns beyond ``P`` = the largest row count (after removals); new
+        arrays, so that the removed columns' memory is released."""
         p = int(np.max(self.counts(), initial=0))
-        return PreservedStore(positions=self.positions[:, :p], keys=self.keys[:, :, :p],
-                              values=self.values[:, :, :p])
+        return PreservedStore(positions=self.positions[:, :p].copy(),
+                              keys=self.keys[:, :, :p].copy(), values=self.values[:, :, :p].copy())
 
     def segment(self):
         """``(keys, values, positions)``: the preserved segment of definition 6.12 (copies)."""
