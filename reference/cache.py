@@ -42,7 +42,8 @@ Layout
   :class:`KVQuantCacheBlock`).
 * ``reference.cache_checks``: the argument checks.
 
-Every public name of those modules is importable from here too.
+Their classes and cache functions are importable from here too (the
+argument checks and small helpers stay in their modules).
 
 Shapes: ``B`` batch rows, ``H`` KV heads, ``D`` head dimension, all fixed by
 the first :meth:`~QuantizedKVCacheLayer.update`; ``n`` tokens of one update;
