@@ -39,7 +39,7 @@ def flushed_length(num_tokens: int, config: KVSinkConfig) -> int:
 
     ``F(T) = blk * floor((T - R) / blk)`` if ``T >= R + blk``, else 0: the
     largest multiple of ``blk`` that leaves at least ``R`` tokens in the
-    residual.  After :meth:`QuantizedKVCacheLayer.flush` the residual holds
+    residual.  After ``QuantizedKVCacheLayer.flush`` the residual holds
     ``T - F(T)`` tokens, ``R <= T - F(T) < R + blk`` (or ``T`` if ``T < R``).
     """
     blk, r = config.token_block, config.residual_length

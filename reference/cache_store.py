@@ -1,19 +1,20 @@
 """The quantized store of one cache layer: the base class and the uniform quantizer (docs/06-cache.md).
 
-A layer (:class:`reference.cache.QuantizedKVCacheLayer`) keeps its flushed
+A layer (:class:`reference.cache_layer.QuantizedKVCacheLayer`) keeps its flushed
 blocks in a :class:`QuantizedStore`.  The base class holds what every
 quantizer shares -- the list of blocks, contiguous from position 0, and the
 operations on it (append, crop, batch rows, the dequantized segment, bytes)
 -- and calls a small interface implemented once per quantizer:
 
-=====================================  ======================================================
-``check_rope_positions(rp, valid, n0)``  per-token rotary positions of an update, or None
-``check_dims(H, D)``                     can the store hold heads of this shape? (before any change)
-``bind(H, D)``                           the first update fixed ``H``, ``D``
-``_quantize(start, k, v, coded, rope)``  one token block -> this quantizer's block record
-=====================================  ======================================================
+* ``check_rope_positions(rope_positions, valid, first)``: the per-token rotary
+  positions of an update (int32 ``(B, n)``), or None for a quantizer without them;
+* ``check_dims(H, D)``: can the store hold heads of this shape? (before any change);
+* ``bind(H, D)``: the first update fixed ``H`` and ``D``;
+* ``_quantize(start, keys, values, coded, rope)``: one token block -> this
+  quantizer's block record;
+* ``token_rope`` (class attribute): the residual window keeps rotary positions.
 
-(the block record's ``dequantize()`` is the other half of the pair, as
+The other half of the pair is each block record's ``dequantize()`` (as
 transformers' ``QuantizedLayer._quantize`` / ``_dequantize``).
 
 * :class:`UniformStore` (this module): KIVI-style asymmetric / symmetric
@@ -21,7 +22,7 @@ transformers' ``QuantizedLayer._quantize`` / ``_dequantize``).
   (definitions 6.4, 6.5, 6.9; :func:`quantize_block`).
 * :class:`reference.cache_kvquant.KVQuantStore`: KVQuant-style (definition 6.21).
 
-``reference.cache.make_store`` picks one from ``config.quantizer``.
+``reference.cache_layer.make_store`` picks one from ``config.quantizer``.
 Shapes: ``B`` rows, ``H`` KV heads, ``D`` head dimension, ``n`` code slots of
 a block (``n = config.token_block``).
 """
@@ -122,7 +123,7 @@ class QuantizedBlock:
     start : int, position of the block's first slot.
     num_slots : int ``k``, slots of the block still in the cache: ``n`` (the
         codes held, ``n = blk``) when flushed, fewer after
-        :meth:`QuantizedKVCacheLayer.crop` cut the block (definition 6.14).
+        ``QuantizedKVCacheLayer.crop`` cut the block (definition 6.14).
     coded : bool ``(B, n)``: ``True`` where the slot holds a quantized token,
         i.e. the token is valid and was not admitted to the preserved store.
         ``~coded`` is exactly the ``exclude`` mask the block was quantized
@@ -205,7 +206,7 @@ class QuantizedStore:
     Holds what every quantizer shares; a subclass implements the interface
     of the module docstring (:meth:`check_rope_positions`, :meth:`_quantize`,
     and where needed :meth:`check_dims`, :meth:`bind`, :meth:`reset`,
-    :meth:`nbytes`).  Made by ``reference.cache.make_store``.
+    :meth:`nbytes`).  Made by ``reference.cache_layer.make_store``.
 
     Attributes
     ----------
