@@ -159,3 +159,17 @@ def test_plugin_is_selected_only_for_the_suite(pytestconfig):
     assert plugin.suite_selected(Config([str(ROOT / "tests")], impl="reference"))
     assert not plugin.suite_selected(Config([str(ROOT / "tests")]))
     assert not plugin.suite_selected(Config(["conformance_other"], pyargs=True))
+
+
+def test_suite_runs_from_any_directory(tmp_path):
+    """``python -m conformance`` (= ``pytest --pyargs conformance``) outside the checkout: the
+    plugin's options, the report header naming the port, the port's results."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-m", "conformance", "--impl",
+                          "conformance.examples.minimal_port:factory", "-k", "packing_b1 or preserve_first_n",
+                          "-rs"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "kvsink conformance: impl='conformance.examples.minimal_port:factory' (minimal numpy port" in run.stdout
+    assert "does not implement part 'preserve'" in run.stdout
+    summary = run.stdout.strip().splitlines()[-1]
+    assert " passed, " in summary and " skipped, " in summary and "failed" not in summary, summary
