@@ -65,11 +65,14 @@ def pytest_addoption(parser):
 
 
 def _within(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents or path in root.parents
+    # not an ancestor of the suite: a project whose virtual environment lives inside it would
+    # otherwise load a port for every test run (its collection never enters site-packages)
+    return path == root or root in path.parents
 
 
 def suite_selected(config) -> bool:
-    """Whether this run collects the conformance suite (or names ``--impl`` / ``--profile``)."""
+    """Whether this run names the conformance suite: an argument inside the package (not an
+    ancestor), ``--pyargs conformance[.module]``, or ``--impl`` / ``--profile``."""
     if config.getoption("--impl") or config.getoption("--profile"):
         return True
     for arg in config.args:

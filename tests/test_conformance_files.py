@@ -154,7 +154,8 @@ def test_plugin_is_selected_only_for_the_suite(pytestconfig):
     suite = str(ROOT / "conformance")
     assert plugin.suite_selected(Config([suite]))
     assert plugin.suite_selected(Config([suite + "/test_packing.py::test_x"]))
-    assert plugin.suite_selected(Config([str(ROOT)]))
+    assert not plugin.suite_selected(Config([str(ROOT)]))          # an ancestor (a project holding
+    assert not plugin.suite_selected(Config(["/"]))                   # its venv) is not the suite
     assert plugin.suite_selected(Config(["conformance"], pyargs=True))
     assert plugin.suite_selected(Config([str(ROOT / "tests")], impl="reference"))
     assert not plugin.suite_selected(Config([str(ROOT / "tests")]))
