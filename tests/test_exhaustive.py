@@ -11,7 +11,8 @@
   through accelerated ``quantize`` and ``quantize_packed`` against the
   reference, every bit width, both axes, both schemes, the patterns in sorted
   order (neighbouring magnitudes share groups) and in a fixed shuffle (wide
-  groups).
+  groups); and, sorted, through the KVQuant quantizer on the nf grid of every
+  width (docs/08-kvquant.md definition 8.7; ``s``, ``c`` and codes bit-identical, §9.5).
 * **KVQuant decision boundaries** (docs/08-kvquant.md definition 8.3,
   ``q = #{k : t > beta_k}``, a ``t`` on a boundary goes to the lower level): for
   the nf grid of every bit width, every boundary ``beta_k`` and its float32
@@ -136,6 +137,26 @@ def test_every_finite_float16_through_the_quantizer(arrangement, symmetric, devi
             np.testing.assert_array_equal(aq.dequantize(packed).cpu().numpy().view(np.uint32),
                                           rq.dequantize(want).view(np.uint32),
                                           err_msg=f"dequantized, {what}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_finite_float16_through_the_kvquant_quantizer(device):
+    """Definition 8.7 on the nf grid of every width (no outliers), the values sorted (token
+    groups of neighbouring values): ``s``, ``c`` and codes of accelerated/
+    bit-identical to the reference (docs/09-tolerances.md §9.5, KVQuant).  The axes alternate
+    with the width (accelerated's CPU path takes about a second per call)."""
+    x = ARRANGEMENTS["sorted"].reshape(1, 2, 496, 64)
+    xt = to_torch(x, device)
+    for bits in BITS:
+        group_size, axis = (16, "token") if bits % 2 else (8, "channel")
+        what = f"bits={bits} G={group_size} axis={axis}"
+        levels = rkv.nf_levels(bits)
+        want = rkv.quantize_nonuniform(x, levels, bits, group_size, axis)
+        got = akv.quantize_nonuniform(xt, to_torch(levels, device), bits, group_size, axis)
+        for field in ("scale", "centre"):
+            np.testing.assert_array_equal(getattr(got, field).cpu().numpy().view(np.uint32),
+                                          getattr(want, field).view(np.uint32), err_msg=f"{field}, {what}")
+        np.testing.assert_array_equal(got.codes.cpu().numpy(), want.codes, err_msg=f"codes, {what}")
 
 
 def test_symmetric_one_bit_is_refused_alike():
