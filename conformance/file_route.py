@@ -35,7 +35,7 @@ from . import test_vectors as _vectors
 from .adapter import CacheBlock, KVQuantCacheBlock, KVQuantized, Quantized
 
 __all__ = ["FORMAT", "VERSION", "DEFINITIONS", "PART", "OutputError", "output_specs", "load_case_arrays",
-           "read_output", "ReplayPort"]
+           "read_output", "read_port_json", "ReplayPort", "ReplayCache"]
 
 FORMAT = "kvsink-conformance-files"
 VERSION = 1
@@ -126,28 +126,9 @@ def _cache_outputs(case: dict) -> Dict[str, dict]:
     return outs
 
 
-def output_specs(case: dict) -> Dict[str, dict]:
-    """The outputs a port writes for ``case`` (a manifest entry of conformance/vectors):
-    ``{name: {shape (None: 1-d, any length), dtype, computed_by, judged_against}}``."""
+def _kvquant_outputs(case: dict) -> Dict[str, dict]:
+    """The outputs of the stateless kvquant cases (docs/08-kvquant.md)."""
     fn, a = case["function"], case["arrays"]
-    if fn == "pack_codes":
-        return {"words": _out("words", "pack_codes(codes, bits)", like=a["words"]),
-                "unpacked": _out("codes", "unpack_codes(words, bits, n) of the expected words", like=a["codes"])}
-    if fn == "quantize":
-        outs = _same_as_expected(a, ("codes", "scale", "zero"),
-                                 "quantize(x, bits, group_size, axis, symmetric, exclude)")
-        outs["dequantized"] = _out("dequantized", "dequantize of the expected codes, scale, zero",
-                                   like=a["dequantized"])
-        return outs
-    if fn == "predict_sinks":
-        return {"scores": _out("scores", "outlier_scores(hidden, channels)", like=a["scores"]),
-                "sinks": _out("sinks", "predict_sinks(hidden, channels, threshold)", like=a["sinks"])}
-    if fn in ("preserve_first_n", "cap_preserved", "attention_oracle", "preserved_set"):
-        return {"mask": _out("mask", f"{fn} of the inputs and params", like=a["mask"])}
-    if fn in ("attention", "split_attention"):
-        return {"output": _out("output", f"{fn} of the inputs (scale None: 1/sqrt(D))", like=a["output"])}
-    if fn in ("cache", "kvquant_cache"):
-        return _cache_outputs(case)
     if fn == "kvquant_nf_levels":
         return _same_as_expected(a, [f"levels_b{b}" for b in case["params"]["bits"]], "nf_levels(bits)")
     if fn == "kvquant_nearest_level":
@@ -178,6 +159,33 @@ def output_specs(case: dict) -> Dict[str, dict]:
                 "unapplied": _out("unapplied", "unapply_rope(x, positions, inv_freq)", like=a["unapplied"]),
                 "roundtrip": _out("x", "unapply_rope(the port's own applied, positions, inv_freq)",
                                   like=a["x"], dtype="<f4")}
+    raise ValueError(f"no file-route outputs are defined for function {fn!r}")
+
+
+def output_specs(case: dict) -> Dict[str, dict]:
+    """The outputs a port writes for ``case`` (a manifest entry of conformance/vectors):
+    ``{name: {shape (None: 1-d, any length), dtype, computed_by, judged_against}}``."""
+    fn, a = case["function"], case["arrays"]
+    if fn == "pack_codes":
+        return {"words": _out("words", "pack_codes(codes, bits)", like=a["words"]),
+                "unpacked": _out("codes", "unpack_codes(words, bits, n) of the expected words", like=a["codes"])}
+    if fn == "quantize":
+        outs = _same_as_expected(a, ("codes", "scale", "zero"),
+                                 "quantize(x, bits, group_size, axis, symmetric, exclude)")
+        outs["dequantized"] = _out("dequantized", "dequantize of the expected codes, scale, zero",
+                                   like=a["dequantized"])
+        return outs
+    if fn == "predict_sinks":
+        return {"scores": _out("scores", "outlier_scores(hidden, channels)", like=a["scores"]),
+                "sinks": _out("sinks", "predict_sinks(hidden, channels, threshold)", like=a["sinks"])}
+    if fn in ("preserve_first_n", "cap_preserved", "attention_oracle", "preserved_set"):
+        return {"mask": _out("mask", f"{fn} of the inputs and params", like=a["mask"])}
+    if fn in ("attention", "split_attention"):
+        return {"output": _out("output", f"{fn} of the inputs (scale None: 1/sqrt(D))", like=a["output"])}
+    if fn in ("cache", "kvquant_cache"):
+        return _cache_outputs(case)
+    if fn.startswith("kvquant_"):
+        return _kvquant_outputs(case)
     raise ValueError(f"no file-route outputs are defined for function {fn!r}")
 
 
