@@ -174,3 +174,11 @@ def test_suite_runs_from_any_directory(tmp_path):
     assert "does not implement part 'preserve'" in run.stdout
     summary = run.stdout.strip().splitlines()[-1]
     assert " passed, " in summary and " skipped, " in summary and "failed" not in summary, summary
+
+
+def test_write_outputs_reports_a_bad_impl_without_traceback(vectors, tmp_path, capsys):
+    assert wo.main([str(vectors), str(tmp_path / "out"), "--impl", "no_such_module:factory"]) == 2
+    err = capsys.readouterr().err
+    assert "could not load --impl 'no_such_module:factory'" in err and "Traceback" not in err
+    assert wo.main([str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert "conformance.export" in capsys.readouterr().err

@@ -205,8 +205,17 @@ def main(argv=None) -> int:
         print(f"write_outputs: {args.vectors}/manifest.json not found; run `python -m conformance.export "
               f"{args.vectors}` first", file=sys.stderr)
         return 2
-    port = load_port(args.impl)
-    n = write_outputs(args.vectors, args.outputs, port)
+    try:
+        port = load_port(args.impl)
+    except Exception as exc:    # a bad --impl is the user's mistake: a message, not a traceback
+        print(f"write_outputs: could not load --impl {args.impl!r}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 2
+    try:
+        n = write_outputs(args.vectors, args.outputs, port)
+    except (OSError, ValueError, TypeError) as exc:   # unreadable vectors, unwritable outputs, bad dtypes
+        print(f"write_outputs: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     print(f"{port.name}: wrote the outputs of {n} cases to {args.outputs}")
     return 0
 
