@@ -29,5 +29,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     argv = list(sys.argv[1:] if argv is None else argv)
     # a fresh interpreter: pytest must import (and assertion-rewrite) the conformance package itself
-    cmd = [sys.executable, "-m", "pytest", "--pyargs", "conformance", "-p", "no:cacheprovider", *argv]
-    return subprocess.call(cmd)
+    cmd = [sys.executable, "-m", "pytest", "--pyargs", "conformance", "-p", "no:cacheprovider"]
+    if not _entry_point_installed():    # a checkout on PYTHONPATH: load the plugin by its module
+        cmd += ["-p", "conformance.plugin"]
+    return subprocess.call(cmd + argv)
+
+
+def _entry_point_installed() -> bool:
+    """Whether pytest will load the plugin itself (the ``pytest11`` entry point of an installation)."""
+    from importlib.metadata import entry_points
+
+    from .plugin import PLUGIN_NAME
+    return any(ep.name == PLUGIN_NAME for ep in entry_points(group="pytest11"))
