@@ -1,11 +1,10 @@
-"""pytest plumbing of the conformance suite: ``--impl``, ``--profile``, parts and skips.
+"""pytest plumbing of the conformance suite: parts, skips and the ``port`` fixture.
 
-Options (also read from the environment, the option wins):
-
-``--impl reference | accelerated | package.module:factory`` (``KVSINK_CONFORMANCE_IMPL``)
-    the implementation under test; default ``accelerated``.
-``--profile ci | thorough`` (``KVSINK_CONFORMANCE_PROFILE``)
-    the Hypothesis profile (conformance/profiles.py); default ``ci``.
+The options ``--impl`` and ``--profile`` and the report header belong to the
+suite's pytest plugin, conformance/plugin.py (entry point ``pytest11`` of the
+installed package).  From a checkout where kvsink is not installed, this file
+registers the plugin itself, so ``pytest conformance`` and ``pytest --pyargs
+conformance`` behave alike, with one definition of the options.
 
 Tests are marked ``@pytest.mark.part("name")``; a test of a part that the
 port does not declare is skipped with the reason (never counted as passed).
@@ -13,59 +12,23 @@ port does not declare is skipped with the reason (never counted as passed).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from . import profiles
-
-ENV_IMPL = "KVSINK_CONFORMANCE_IMPL"
-
-_PORT = None
+from . import plugin
 
 
-def pytest_addoption(parser):
-    group = parser.getgroup("kvsink conformance")
-    group.addoption("--impl", default=None,
-                    help="implementation under test: 'reference', 'accelerated' (default) or "
-                         "'package.module:factory' returning a conformance.adapter.Port "
-                         f"(env {ENV_IMPL})")
-    group.addoption("--profile", default=None, choices=profiles.PROFILES,
-                    help=f"Hypothesis profile of the conformance suite (env {profiles.ENV_PROFILE}); "
-                         "'ci' (default, derandomized, small) or 'thorough' (>= 10,000 examples "
-                         "per property)")
+def pytest_addoption(parser, pluginmanager):
+    # the plugin's own pytest_addoption is historic: registering it here still adds the options
+    plugin.ensure_registered(pluginmanager)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "part(name): the contract part a conformance test checks")
-    config.addinivalue_line("markers", "cuda: needs a CUDA device (the Triton path of accelerated/)")
-    profile = config.getoption("--profile") or os.environ.get(profiles.ENV_PROFILE, "ci")
-    profiles.set_active(profile)
-
-
-def _spec(config) -> str:
-    return config.getoption("--impl") or os.environ.get(ENV_IMPL, "accelerated")
+#: the ``--impl`` spec of a run (test_cuda.py and test_models.py import this name)
+_spec = plugin.impl_spec
 
 
 def get_port(config=None):
-    """The port under test (loaded once per session)."""
-    global _PORT
-    if _PORT is None:
-        from .adapter import load_port
-        spec = _spec(config) if config is not None else os.environ.get(ENV_IMPL, "accelerated")
-        try:
-            _PORT = load_port(spec)
-        except Exception as exc:  # make a broken --impl a usage error, not 500 failures
-            raise pytest.UsageError(f"conformance: could not load --impl {spec!r}: "
-                                    f"{type(exc).__name__}: {exc}") from exc
-    return _PORT
-
-
-def pytest_report_header(config):
-    port = get_port(config)
-    parts = ", ".join(sorted(port.parts)) or "none"
-    return [f"kvsink conformance: impl={_spec(config)!r} ({port.name}, device={port.device}); "
-            f"profile={profiles.active()}; parts: {parts}"]
+    """The port under test (loaded once per session; conformance.plugin.get_port)."""
+    return plugin.get_port(config)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -20,9 +20,9 @@ import os
 
 from hypothesis import HealthCheck, Phase, settings
 
-PROFILES = ("ci", "thorough")
+from .plugin import ENV_PROFILE, PROFILES  # noqa: F401  (the option's names are the plugin's)
+
 THOROUGH_EXAMPLES = 10_000
-ENV_PROFILE = "KVSINK_CONFORMANCE_PROFILE"
 
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example,
              HealthCheck.filter_too_much]
@@ -40,7 +40,7 @@ _active = os.environ.get(ENV_PROFILE, "ci")
 
 
 def set_active(name: str) -> None:
-    """Select the profile (called by conftest.py from ``--profile``)."""
+    """Select the profile (called by the plugin, conformance/plugin.py, from ``--profile``)."""
     global _active
     if name not in PROFILES:
         raise ValueError(f"profile {name!r} is unknown; choose one of {PROFILES}")
