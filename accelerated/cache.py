@@ -57,7 +57,9 @@ the residual window's offset, length and first position, and the pending count.
 Growth policy
 -------------
 ``W = R + blk`` is the most the residual holds between flushes, ``S = max(64,
-W + max(16, W // 2))`` its *steady* capacity.
+W + max(16, W // 2))`` its *steady* capacity.  Buffers follow the tokens held,
+never the configured ``R``: a short sequence with a large ``R`` holds
+``max(64, 1.5 * tokens)`` residual slots, not ``S``.
 
 * Residual: a sliding window in its buffer.  Flushing advances the window's
   start (no copy); an append that reaches the buffer's end compacts the window
@@ -65,7 +67,8 @@ W + max(16, W // 2))`` its *steady* capacity.
   copy of ``W`` tokens every ``max(16, W // 2)`` decode steps: amortised, two
   token copies per step); a larger append (a prefill) gets a buffer of exactly
   the tokens held, or x1.5 the old one when tokens keep arriving without a
-  flush (amortised).  Every flush gives back a buffer larger than ``S``, so
+  flush (amortised); a buffer smaller than ``S`` (a short sequence) grows x1.5
+  towards ``S``, never beyond the tokens it must hold x1.5 (or 64).  Every flush gives back a buffer larger than ``S``, so
   after a flush ``Rcap = S`` exactly.
 * Quantized store: grown to ``max(need, 1.25 * Qcap, 64)`` slots, rounded up
   to a whole block, so ``Qcap < max(1.25 * Q, 64) + blk`` (a prefill's blocks
@@ -560,10 +563,12 @@ class QuantizedKVCacheLayer:
         if self._roff + self._rlen + n <= self._rcap:
             return
         steady, need = self._residual_steady(), self._rlen + n
-        if need <= steady:
-            cap = steady                            # compaction (or back to the steady size)
-        else:                                       # a prefill fits exactly; appends without
+        if need > steady:                           # a prefill fits exactly; appends without
             cap = max(need, self._rcap + self._rcap // 2)   # flushing grow x1.5 (amortised)
+        elif self._rcap >= steady:
+            cap = steady                            # compaction (or back to the steady size)
+        else:                                       # the tokens held, x1.5 (amortised), up to steady
+            cap = min(steady, max(need + need // 2, self._rcap + self._rcap // 2, _MIN_CAPACITY))
         self._relocate_residual(cap)
 
     def _shrink_residual(self) -> None:

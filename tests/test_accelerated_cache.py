@@ -482,6 +482,32 @@ def test_allocated_bytes_bounded_after_prefill_and_decode(n, bits, dtype):
     assert moves["quantized"] <= 2
 
 
+@pytest.mark.parametrize("residual_length", [100000, 1000])
+def test_buffers_follow_the_tokens_held_not_the_configured_residual_length(residual_length):
+    """Issue 13: a 14-token sequence with ``residual_length=100000`` held ~77 MB per SmolLM2 layer
+    (a residual buffer of ``S = 1.5 (R + blk)`` slots) while ``nbytes()`` said 6.7 KB.  Before any
+    flush the residual holds ``max(64, 1.5 * tokens)`` slots at most, growing x1.5 (amortised)."""
+    cfg = KVSinkConfig(key_bits=4, value_bits=4, residual_length=residual_length)
+    b, h, d = 1, 3, 64                                   # one SmolLM2-135M layer
+    dtype = torch.float16
+    token_bytes = 2 * b * h * d * 2 + 2 * b              # residual K, V, valid, status
+    fixed = 2 * b * h * d * 2 + 8 * b + 8 * b            # preserved scratch column + counts
+    gen = torch.Generator().manual_seed(13)
+    layer = QuantizedKVCacheLayer(cfg, dtype=dtype)
+    layer.update(torch.randn(b, h, 14, d, generator=gen), torch.randn(b, h, 14, d, generator=gen))
+    assert layer.num_residual == 14
+    assert layer.allocated_bytes() <= 64 * token_bytes + fixed
+    assert layer.allocated_bytes() < 5 * layer.nbytes()
+    moves = 0
+    for t in range(15, 801):                             # decode: no flush is ever due
+        before = layer.residual[0].data_ptr()
+        layer.update(torch.randn(b, h, 1, d, generator=gen), torch.randn(b, h, 1, d, generator=gen))
+        moves += layer.residual[0].data_ptr() != before
+        assert layer.num_residual == t
+        assert layer.allocated_bytes() <= max(64, 1.5 * t + 1) * token_bytes + fixed
+    assert moves <= 12                                   # x1.5 steps from 64 to 800: amortised
+
+
 def test_preserved_store_respects_cap_and_order():
     cfg = KVSinkConfig(key_bits=2, value_bits=2, key_group_size=2, value_group_size=2,
                        residual_length=0, max_preserved=2)
