@@ -1084,7 +1084,7 @@ class QuantizedKVCacheLayer:
     def _residual_positions(self) -> torch.Tensor:
         lo, hi = self._roff, self._roff + self._rlen
         pos = torch.arange(self._rstart, self._rstart + self._rlen, dtype=torch.int64, device=self.device)
-        return torch.where(self._rvalid[:, lo:hi], pos, _att._const(-1, pos))
+        return torch.where(self._rvalid[:, lo:hi], pos, _att.const_like(-1, pos))
 
     def preserved_positions(self) -> List[torch.Tensor]:
         """Per row, the sorted int64 positions of its preserved-store tokens (CPU tensors)."""
@@ -1155,8 +1155,8 @@ class QuantizedKVCacheLayer:
             raise ValueError(f"query must have shape (B, Hq, Tq, D), got {tuple(query.shape)}")
         if self._shape is None:
             b, hq, tq, d = query.shape
-            _att._int_tensor("query_positions", query_positions, (b, tq), query.device)
-            _att._check_scale(scale, d)
+            _att.int_tensor("query_positions", query_positions, (b, tq), query.device)
+            _att.check_scale(scale, d)
             return torch.zeros(query.shape, dtype=_F32, device=query.device)
         b, h, d = self._shape
         if query.shape[0] != b or query.shape[3] != d:
@@ -1166,20 +1166,20 @@ class QuantizedKVCacheLayer:
         # eager check is a device->host sync)
         if checks is not None:
             checks.finite(query, "query contains NaN or Inf; pass finite values")
-        q = _att._float_tensor("query", query.to(self.device), 4,
+        q = _att.float_tensor("query", query.to(self.device), 4,
                                check_finite=checks is None and (self._nq == 0 or self.kvquant))
-        _att._check_heads(q.shape[1], h)
-        qp = _att._int_tensor("query_positions", query_positions, (b, q.shape[2]), self.device)
-        sc = _att._check_scale(scale, d)
+        _att.check_heads(q.shape[1], h)
+        qp = _att.int_tensor("query_positions", query_positions, (b, q.shape[2]), self.device)
+        sc = _att.check_scale(scale, d)
         parts = []
         if self._nq and self.kvquant:
             kq, vq = self._dequantized_kvquant()
-            parts.append(_att._partial(q, kq, vq, qp, self._slot_positions(), None, sc, block_size))
+            parts.append(_att.segment_partial(q, kq, vq, qp, self._slot_positions(), None, sc, block_size))
         elif self._nq:
             # The Triton kernel reads contiguous (B, H, T, W) words: hand it the whole buffers
             # (contiguous; slots beyond the used ones have position -1 and are masked) rather
             # than the used prefix, a strided view it would copy on every call.
-            kernel = use_kernel is not False and _att._attention_kernel_usable(q)
+            kernel = use_kernel is not False and _att.attention_kernel_usable(q)
             t1 = self._qcap if kernel else self._nq
             parts.append(_att.quantized_segment_attention(
                 q, self._attend_side("k", t1), self._attend_side("v", t1), query_positions=qp,
@@ -1189,18 +1189,18 @@ class QuantizedKVCacheLayer:
         if self._pused:
             ppos, pk, pv = self.preserved
             vis = self._shared_visibility(shared, "preserved", qp, lambda: ppos)
-            parts.append(_att._partial(q, pk.to(_F32), pv.to(_F32), qp, ppos, None, sc, block_size,
+            parts.append(_att.segment_partial(q, pk.to(_F32), pv.to(_F32), qp, ppos, None, sc, block_size,
                                        vis=vis))
         if self._rlen:
             rk, rv, _, _ = self.residual
             vis = self._shared_visibility(shared, "residual", qp, self._residual_positions)
-            parts.append(_att._partial(q, rk.to(_F32), rv.to(_F32), qp, None if vis is not None
+            parts.append(_att.segment_partial(q, rk.to(_F32), rv.to(_F32), qp, None if vis is not None
                                        else self._residual_positions(), None, sc, block_size, vis=vis))
         if not parts:
             return torch.zeros(q.shape, dtype=_F32, device=self.device)
         if len(parts) == 1:
-            return _att._normalise(*parts[0])
-        return _att._normalise(*_att._merge_raw(parts))
+            return _att.normalise(*parts[0])
+        return _att.normalise(*_att.merge_raw(parts))
 
     def _shared_visibility(self, shared: Optional[dict], segment: str, qp: torch.Tensor, positions):
         """The segment's visibility (bool ``(B, Tq, S)``) from ``shared`` or made and stored there;
@@ -1210,7 +1210,7 @@ class QuantizedKVCacheLayer:
         key = (segment, self.device, self._rstart, self._rlen, self._pused, tuple(qp.shape))
         vis = shared.get(key)
         if vis is None:
-            vis = _att._visible(qp, positions())
+            vis = _att.visibility(qp, positions())
             shared[key] = vis
         return vis
 
