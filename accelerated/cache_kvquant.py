@@ -244,7 +244,7 @@ class KVQuantStore(QuantizedStore):
     rotary = True
 
     def __init__(self, config: KVSinkConfig, *, kvquant_calibration=None, rope_inv_freq=None):
-        _rkvq._check_kvquant_config(config)
+        _kvq.check_kvquant_config(config)
         super().__init__(config)
         self._calibration_arg = check_kvquant_calibration(kvquant_calibration, config)
         self._inv_freq_arg = check_rope_inv_freq(rope_inv_freq)
@@ -302,4 +302,6 @@ class KVQuantStore(QuantizedStore):
             out += [cal.key_lower, cal.key_upper]
             if cal.datatype == "kmeans":
                 out += [cal.key_levels, cal.value_levels]
+        if self.rope_inv_freq is not None:
+            out.append(self.rope_inv_freq)
         return out
