@@ -241,7 +241,7 @@ class KVQuantStore(QuantizedStore):
     given) and rotary frequencies (``rope_inv_freq``)."""
 
     quantizer = "kvquant"
-    rotary = True
+    token_rope = True
 
     def __init__(self, config: KVSinkConfig, *, kvquant_calibration=None, rope_inv_freq=None):
         _kvq.check_kvquant_config(config)

@@ -192,7 +192,8 @@ class QuantizedKVCacheLayer:
     def _allocate(self, b: int, h: int, d: int) -> None:
         self._dims = (b, h, d)
         self.quantized.bind(b, h, d, self.device)
-        self._residual = ResidualWindow.empty(b, h, d, self.dtype, self.device, rope=self.quantized.rotary,
+        self._residual = ResidualWindow.empty(b, h, d, self.dtype, self.device,
+                                              rope=self.quantized.token_rope,
                                               steady=steady_capacity(self.config))
         self._preserved = PreservedStore.empty(b, h, d, self.dtype, self.device)
 

@@ -82,8 +82,8 @@ class QuantizedStore:
     """
 
     quantizer = ""
-    #: True when tokens carry rotary positions (the residual keeps them for :meth:`_quantize`).
-    rotary = False
+    #: True when tokens carry rotary positions (the residual window keeps them for :meth:`_quantize`).
+    token_rope = False
     calibration = None
     rope_inv_freq = None
     #: True when :meth:`partial` validates the query itself (the layer then does not).
