@@ -444,10 +444,10 @@ def test_nbytes_and_allocated_bytes():
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("n", [512, 4096])
 def test_allocated_bytes_bounded_after_prefill_and_decode(n, bits, dtype):
-    """Growth policy (module docstring): after a flush ``allocated_bytes() <= 1.5 * nbytes() + C``,
-    ``C`` the residual's sliding room, the preserved store's minimum and one block of rounding;
-    a prefill is held exactly (no spare room for a multiple of ``n``), decoding reallocates
-    only by amortised geometric steps."""
+    """Growth policy (docs/06-cache.md "Accelerated layout"): after a flush
+    ``allocated_bytes() <= 1.5 * nbytes() + C``, ``C`` the residual's sliding room, the preserved
+    store's minimum and one block of rounding; a prefill is held exactly (no spare room for a
+    multiple of ``n``), decoding reallocates only by amortised geometric steps."""
     cfg = KVSinkConfig(key_bits=bits, value_bits=bits, key_group_size=32, value_group_size=32)
     b, h, d = 1, 3, 64                                   # one SmolLM2-135M layer
     blk, r = cfg.token_block, cfg.residual_length
