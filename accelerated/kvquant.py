@@ -34,16 +34,17 @@ from .kvquant_levels import (check_levels, check_range, level_boundaries, level_
 from .kvquant_rope import (ETA32, MAX_POSITION, U32, apply_rope, check_float, model_inv_freq, rope_angles,
                            rope_cos_sin, rope_inv_freq, rope_roundtrip_bound, rotate_half, unapply_rope)
 from .kvquant_tensor import (GROUP_AXIS, KERNEL_ENV, KVQuantTensor, check_bhtd, check_exclude_bt,
-                             check_outlier_fraction, check_sparse_dtype, dequantize_nonuniform, kernel_path,
-                             key_outlier_mask, key_outlier_thresholds, key_outliers, outlier_count,
-                             quantize_checked, quantize_nonuniform, value_outlier_mask, value_outliers)
+                             check_kv_pair, check_outlier_fraction, check_sparse_dtype,
+                             dequantize_nonuniform, kernel_path, key_outlier_mask, key_outlier_thresholds,
+                             key_outliers, outlier_count, quantize_checked, quantize_nonuniform,
+                             value_outlier_mask, value_outliers)
 
 __all__ = [
     "rope_inv_freq", "rope_angles", "rope_cos_sin", "rotate_half", "apply_rope", "unapply_rope",
     "rope_roundtrip_bound",
     "nf_levels", "check_levels", "level_boundaries", "nearest_level",
     "normalisation", "normalised", "level_dequantize",
-    "check_outlier_fraction", "check_exclude_bt", "check_bhtd",
+    "check_outlier_fraction", "check_exclude_bt", "check_bhtd", "check_kv_pair",
     "outlier_count", "key_outlier_thresholds", "key_outliers", "value_outliers",
     "KVQuantTensor", "quantize_nonuniform", "dequantize_nonuniform",
     "kmeans_init", "kmeans_assign", "kmeans_objective", "kmeans_levels",
@@ -88,11 +89,7 @@ def quantize_block_kvquant(keys_pre_rope: torch.Tensor, values: torch.Tensor,
 
     ``use_kernel`` as :func:`quantize_nonuniform` (keys and values)."""
     config = check_kvquant_config(config)
-    k = check_bhtd("keys_pre_rope", keys_pre_rope)
-    v = check_bhtd("values", values)
-    if v.shape != k.shape:
-        raise ValueError(f"values must have the shape of keys_pre_rope {tuple(k.shape)}, got "
-                         f"{tuple(v.shape)}")
+    k, v = check_kv_pair("keys_pre_rope", keys_pre_rope, values)
     bsz, h, t, d = k.shape
     excl = check_exclude_bt(exclude, bsz, t, k.device)
     if calibration is None:

@@ -22,7 +22,7 @@ from reference.config import KVSinkConfig
 from reference.packing import check_bits
 
 from .kvquant_levels import nf_levels, normalisation, normalised
-from .kvquant_tensor import (GROUP_AXIS, check_bhtd, check_exclude_bt, key_outlier_mask,
+from .kvquant_tensor import (GROUP_AXIS, check_exclude_bt, check_kv_pair, key_outlier_mask,
                              key_outlier_thresholds, value_outlier_mask)
 from .quantize import expand_groups, group_min_max, split_groups
 
@@ -219,10 +219,7 @@ def _check_fisher(name, fisher, shape, device):
 
 def _calibration_data(keys, values, config, exclude, key_fisher, value_fisher):
     """Checked inputs of one layer -> thresholds and (for kmeans) the k-means points and weights."""
-    k = check_bhtd("keys", keys)
-    v = check_bhtd("values", values)
-    if v.shape != k.shape:
-        raise ValueError(f"values must have the shape of keys {tuple(k.shape)}, got {tuple(v.shape)}")
+    k, v = check_kv_pair("keys", keys, values)
     bsz, h, t, d = k.shape
     excl = check_exclude_bt(exclude, bsz, t, k.device)
     frac = float(config.outlier_fraction)

@@ -37,7 +37,7 @@ from .kvquant_rope import check_float
 from .packing import pack_codes
 from .quantize import expand_groups, group_min_max, split_groups
 
-__all__ = ["check_outlier_fraction", "check_exclude_bt", "check_bhtd", "outlier_count",
+__all__ = ["check_outlier_fraction", "check_exclude_bt", "check_bhtd", "check_kv_pair", "outlier_count",
            "key_outlier_thresholds", "key_outliers", "value_outliers", "KVQuantTensor",
            "quantize_nonuniform", "dequantize_nonuniform",
            # accelerated only: the unchecked steps other modules call, the kernel switch
@@ -56,6 +56,16 @@ def check_bhtd(name: str, x) -> torch.Tensor:
     if x32.ndim != 4:
         raise ValueError(f"{name} must have shape (B, H, T, D), got {tuple(x32.shape)}")
     return x32
+
+
+def check_kv_pair(keys_name: str, keys, values) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values as :func:`check_bhtd` tensors of one shape, errors naming ``keys_name``."""
+    k = check_bhtd(keys_name, keys)
+    v = check_bhtd("values", values)
+    if v.shape != k.shape:
+        raise ValueError(f"values must have the shape of {keys_name} {tuple(k.shape)}, got "
+                         f"{tuple(v.shape)}")
+    return k, v
 
 
 def check_exclude_bt(exclude, b: int, t: int, device) -> torch.Tensor:
