@@ -47,6 +47,9 @@ __all__ = [
     "split_attention",
     "quantized_segment_attention",
     "DEFAULT_BLOCK",
+    # package-internal API (accelerated/cache*.py): checks, the partial-statistics steps
+    "float_tensor", "int_tensor", "check_scale", "check_heads", "const_like", "visibility",
+    "segment_partial", "normalise", "merge_raw", "attention_kernel_usable",
 ]
 
 #: Keys per block of the blocked CPU/torch computation.
@@ -59,7 +62,9 @@ _NEG_INF = float("-inf")
 
 # --------------------------------------------------------------------------- validation
 
-def _float_tensor(name: str, x, ndim: int, check_finite: bool = True) -> torch.Tensor:
+def float_tensor(name: str, x, ndim: int, check_finite: bool = True) -> torch.Tensor:
+    """``x`` as float32 after checking it is a floating torch tensor of ``ndim`` dimensions
+    (and finite unless ``check_finite=False``); errors name the argument ``name``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch tensor (float16/bfloat16/float32/float64), "
                         f"got {type(x).__name__}")
@@ -72,7 +77,8 @@ def _float_tensor(name: str, x, ndim: int, check_finite: bool = True) -> torch.T
     return x.to(_F32)
 
 
-def _int_tensor(name: str, x, shape, device) -> torch.Tensor:
+def int_tensor(name: str, x, shape, device) -> torch.Tensor:
+    """``x`` as int64 on ``device`` after checking it is an integer torch tensor of ``shape``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be an integer torch tensor, got {type(x).__name__}")
     if x.dtype not in _INT_DTYPES:
@@ -82,10 +88,12 @@ def _int_tensor(name: str, x, shape, device) -> torch.Tensor:
     return x.to(device=device, dtype=torch.int64)
 
 
-_check_scale = _ref_attention._check_scale   # the reference's argument check
+#: The scale argument's check: ``scale`` or ``1/sqrt(d)`` (the reference's, shared).
+check_scale = _ref_attention._check_scale
 
 
-def _check_heads(hq: int, h: int) -> int:
+def check_heads(hq: int, h: int) -> int:
+    """``g = hq / h`` query heads per key head (grouped-query attention); ValueError otherwise."""
     if h == 0 or hq % h != 0:
         raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number "
                          f"of keys heads ({h}) for grouped-query attention")
@@ -93,16 +101,16 @@ def _check_heads(hq: int, h: int) -> int:
 
 
 def _check_qkv(query, keys, values):
-    q = _float_tensor("query", query, 4)
-    k = _float_tensor("keys", keys, 4)
-    v = _float_tensor("values", values, 4)
+    q = float_tensor("query", query, 4)
+    k = float_tensor("keys", keys, 4)
+    v = float_tensor("values", values, 4)
     if k.shape != v.shape:
         raise ValueError(f"keys and values must have the same shape (B, H, S, D), "
                          f"got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"query and keys must have the same batch size, "
                          f"got {q.shape[0]} and {k.shape[0]}")
-    _check_heads(q.shape[1], k.shape[1])
+    check_heads(q.shape[1], k.shape[1])
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"query and keys must have the same head dimension D, "
                          f"got {q.shape[3]} and {k.shape[3]}")
@@ -135,11 +143,11 @@ def visible_keys(query_positions, key_positions, key_valid=None) -> torch.Tensor
     if not isinstance(query_positions, torch.Tensor) or query_positions.dim() != 2:
         raise ValueError(f"query_positions must have shape (B, Tq), got "
                          f"{tuple(getattr(query_positions, 'shape', ()))}")
-    qp = _int_tensor("query_positions", query_positions, query_positions.shape, query_positions.device)
+    qp = int_tensor("query_positions", query_positions, query_positions.shape, query_positions.device)
     if not isinstance(key_positions, torch.Tensor) or key_positions.dim() != 2:
         raise ValueError(f"key_positions must have shape (B, S), got "
                          f"{tuple(getattr(key_positions, 'shape', ()))}")
-    kp = _int_tensor("key_positions", key_positions, key_positions.shape, qp.device)
+    kp = int_tensor("key_positions", key_positions, key_positions.shape, qp.device)
     if kp.shape[0] != qp.shape[0]:
         raise ValueError(f"key_positions and query_positions must have the same batch size, "
                          f"got {kp.shape[0]} and {qp.shape[0]}")
@@ -152,15 +160,15 @@ def visible_keys(query_positions, key_positions, key_valid=None) -> torch.Tensor
 
 def attention_scores(query, keys, *, scale=None) -> torch.Tensor:
     """Scaled dot products float32 ``(B, Hq, Tq, S)``, no masking."""
-    q = _float_tensor("query", query, 4)
-    k = _float_tensor("keys", keys, 4).to(q.device)
+    q = float_tensor("query", query, 4)
+    k = float_tensor("keys", keys, 4).to(q.device)
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"query and keys must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"query and keys must have the same head dimension D, "
                          f"got {q.shape[3]} and {k.shape[3]}")
-    g = _check_heads(q.shape[1], k.shape[1])
-    s = _check_scale(scale, q.shape[3])
+    g = check_heads(q.shape[1], k.shape[1])
+    s = check_scale(scale, q.shape[3])
     b, hq, tq, d = q.shape
     qg = q.reshape(b, k.shape[1], g * tq, d)
     e = torch.matmul(qg, k.transpose(-1, -2)) * s
@@ -187,7 +195,7 @@ def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
 _CONSTANTS = {}
 
 
-def _const(value: float, like: torch.Tensor) -> torch.Tensor:
+def const_like(value: float, like: torch.Tensor) -> torch.Tensor:
     """A 0-d tensor holding ``value`` in ``like``'s dtype and device (made once)."""
     key = (like.device, like.dtype, value)
     c = _CONSTANTS.get(key)
@@ -208,7 +216,7 @@ def _block_partial(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vis: torc
     g = rows // tq
     e = torch.matmul(qg, k.transpose(-1, -2)) * scale                 # (B, H, g*Tq, S)
     vis_rows = vis[:, None, None, :, :].expand(b, 1, g, tq, vis.shape[-1]).reshape(b, 1, rows, -1)
-    e = torch.where(vis_rows, e, _const(_NEG_INF, e))
+    e = torch.where(vis_rows, e, const_like(_NEG_INF, e))
     m = e.amax(dim=-1) if e.shape[-1] else torch.full((b, h, rows), _NEG_INF, dtype=_F32, device=qg.device)
     # an invisible key has e = -inf and the subtrahend is finite: p = exp(-inf) = 0 exactly,
     # so no second mask is needed
@@ -222,7 +230,7 @@ def _combine(a, b_):
     m2, l2, acc2 = b_
     m = torch.maximum(m1, m2)
     safe = _finite_or_zero(m)
-    zero = _const(0.0, m)
+    zero = const_like(0.0, m)
     w1 = torch.where(_finite(m1), torch.exp(m1 - safe), zero)
     w2 = torch.where(_finite(m2), torch.exp(m2 - safe), zero)
     return m, w1 * l1 + w2 * l2, w1[..., None] * acc1 + w2[..., None] * acc2
@@ -233,14 +241,14 @@ def _rows_to_heads(t: torch.Tensor, b: int, hq: int, tq: int) -> torch.Tensor:
     return t.reshape((b, hq, tq) + tuple(t.shape[3:]))
 
 
-def _visible(qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
+def visibility(qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
     """bool ``(B, Tq, S)``: key ``s`` visible to query ``t`` (``0 <= kp[b, s] <= qp[b, t]``)."""
     return (kp[:, None, :] >= 0) & (kp[:, None, :] <= qp[:, :, None])
 
 
-def _partial(q, k, v, qp, kp, key_valid, scale, block_size, vis=None):
+def segment_partial(q, k, v, qp, kp, key_valid, scale, block_size, vis=None):
     """``(m, l, acc)`` of one segment; ``vis`` (bool ``(B, Tq, S)``, optional) is its visibility
-    ``_visible(qp, kp) & key_valid`` computed by the caller (``kp`` is then not read)."""
+    ``visibility(qp, kp) & key_valid`` computed by the caller (``kp`` is then not read)."""
     b, hq, tq, d = q.shape
     h, s_len = k.shape[1], k.shape[2]
     g = hq // h
@@ -251,7 +259,7 @@ def _partial(q, k, v, qp, kp, key_valid, scale, block_size, vis=None):
         if vis is not None:
             vis_b = vis[:, :, s0:s1]
         else:
-            vis_b = _visible(qp, kp[:, s0:s1])
+            vis_b = visibility(qp, kp[:, s0:s1])
             if key_valid is not None:
                 vis_b = vis_b & key_valid[:, None, s0:s1]
         part = _block_partial(qg, k[:, :, s0:s1], v[:, :, s0:s1], vis_b, scale, tq)
@@ -279,10 +287,10 @@ def _check_block(block_size) -> int:
 def _prepare(query, keys, values, query_positions, key_positions, key_valid, scale):
     q, k, v = _check_qkv(query, keys, values)
     b, hq, tq, d = q.shape
-    qp = _int_tensor("query_positions", query_positions, (b, tq), q.device)
-    kp = _int_tensor("key_positions", key_positions, (b, k.shape[2]), q.device)
+    qp = int_tensor("query_positions", query_positions, (b, tq), q.device)
+    kp = int_tensor("key_positions", key_positions, (b, k.shape[2]), q.device)
     kv = _check_key_valid(key_valid, (b, k.shape[2]), q.device)
-    return q, k, v, qp, kp, kv, _check_scale(scale, d)
+    return q, k, v, qp, kp, kv, check_scale(scale, d)
 
 
 # --------------------------------------------------------------------------- Definitions 5.3 - 5.6
@@ -296,13 +304,14 @@ def partial_attention(query, keys, values, *, query_positions, key_positions, ke
     """
     block_size = _check_block(block_size)
     q, k, v, qp, kp, kv, s = _prepare(query, keys, values, query_positions, key_positions, key_valid, scale)
-    return _partial(q, k, v, qp, kp, kv, s, block_size)
+    return segment_partial(q, k, v, qp, kp, kv, s, block_size)
 
 
-def _normalise(m, l, acc):
+def normalise(m, l, acc):
+    """``acc / l`` of a partial triple (Definition 5.5's last step), 0 for a query seeing no key."""
     seen = _finite(m)
-    den = torch.where(seen, l, _const(1.0, l))
-    return torch.where(seen[..., None], acc / den[..., None], _const(0.0, acc))
+    den = torch.where(seen, l, const_like(1.0, l))
+    return torch.where(seen[..., None], acc / den[..., None], const_like(0.0, acc))
 
 
 def attention(query, keys, values, *, query_positions, key_positions, key_valid=None, scale=None,
@@ -311,14 +320,15 @@ def attention(query, keys, values, *, query_positions, key_positions, key_valid=
     m, l, acc = partial_attention(query, keys, values, query_positions=query_positions,
                                   key_positions=key_positions, key_valid=key_valid, scale=scale,
                                   block_size=block_size)
-    return _normalise(m, l, acc)
+    return normalise(m, l, acc)
 
 
-def _merge_raw(parts):
+def merge_raw(parts):
+    """The log-sum-exp merge (Definition 5.5) of partial triples, left unnormalised: ``(M, L, ACC)``."""
     m_all = torch.stack([p[0] for p in parts])
     big_m = m_all.amax(dim=0)
     safe = _finite_or_zero(big_m)
-    w = torch.where(_finite(m_all), torch.exp(m_all - safe), _const(0.0, m_all))
+    w = torch.where(_finite(m_all), torch.exp(m_all - safe), const_like(0.0, m_all))
     num = (w[..., None] * torch.stack([p[2] for p in parts])).sum(dim=0)
     den = (w * torch.stack([p[1] for p in parts])).sum(dim=0)
     return big_m, den, num
@@ -349,13 +359,13 @@ def merge_partials(parts: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tenso
         dtype = torch.float64 if m.dtype == torch.float64 else _F32
         dev = checked[0][0].device if checked else m.device
         checked.append((m.to(dev, dtype), l.to(dev, dtype), acc.to(dev, dtype)))
-    return _normalise(*_merge_raw(checked))
+    return normalise(*merge_raw(checked))
 
 
 def split_attention(query, segments, *, query_positions, scale=None,
                     block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
     """Attention over a list of ``(keys, values, key_positions)`` segments (Definition 5.6), float32."""
-    q = _float_tensor("query", query, 4)
+    q = float_tensor("query", query, 4)
     parts = []
     for i, seg in enumerate(segments):
         if len(seg) != 3:
@@ -366,10 +376,10 @@ def split_attention(query, segments, *, query_positions, scale=None,
                                        scale=scale, block_size=block_size))
     if not parts:
         b, hq, tq, d = q.shape
-        _int_tensor("query_positions", query_positions, (b, tq), q.device)
-        _check_scale(scale, d)
+        int_tensor("query_positions", query_positions, (b, tq), q.device)
+        check_scale(scale, d)
         return torch.zeros((b, hq, tq, d), dtype=_F32, device=q.device)
-    return _normalise(*_merge_raw(parts))
+    return normalise(*merge_raw(parts))
 
 
 # --------------------------------------------------------------------------- quantized segment
@@ -450,7 +460,7 @@ def quantized_segment_attention(query, keys: PackedQuantizedTensor, values: Pack
     (m, l, acc) float32: ``(B, Hq, Tq)``, ``(B, Hq, Tq)``, ``(B, Hq, Tq, D)``.
     """
     block_size = _check_block(block_size)
-    q = _float_tensor("query", query, 4, check_finite=False)
+    q = float_tensor("query", query, 4, check_finite=False)
     # On CUDA the finiteness of the query is checked AFTER the kernel launch (same single
     # device->host sync, but the Python launch work then overlaps the GPU instead of following
     # an idle wait); elsewhere, here as before.  check_query=False: the caller checked it.
@@ -465,12 +475,12 @@ def quantized_segment_attention(query, keys: PackedQuantizedTensor, values: Pack
     values = _check_packed("values", values, b, h, d)
     if values.shape != keys.shape:
         raise ValueError(f"keys and values must have the same shape, got {keys.shape} and {values.shape}")
-    _check_heads(hq, h)
+    check_heads(hq, h)
     t_len = keys.shape[2]
-    qp = _int_tensor("query_positions", query_positions, (b, tq), q.device)
-    kp = _int_tensor("key_positions", key_positions, (b, t_len), q.device)
+    qp = int_tensor("query_positions", query_positions, (b, tq), q.device)
+    kp = int_tensor("key_positions", key_positions, (b, t_len), q.device)
     kv = _check_key_valid(key_valid, (b, t_len), q.device)
-    sc = _check_scale(scale, d)
+    sc = check_scale(scale, d)
     if precision not in ("ieee", "tf32x3"):
         raise ValueError(f"precision={precision!r} is not allowed; choose 'ieee' or 'tf32x3'")
     if kv is not None:
@@ -479,7 +489,7 @@ def quantized_segment_attention(query, keys: PackedQuantizedTensor, values: Pack
         if p.words.device != q.device:
             raise ValueError(f"{name} lives on {p.words.device}, query on {q.device}; move them to one device")
 
-    usable = _attention_kernel_usable(q)
+    usable = attention_kernel_usable(q)
     if use_kernel and not usable:
         raise ValueError("use_kernel=True but the Triton attention kernel cannot run here "
                          "(needs CUDA tensors and triton); pass use_kernel=None")
@@ -511,7 +521,9 @@ def quantized_segment_attention(query, keys: PackedQuantizedTensor, values: Pack
     return _rows_to_heads(m, b, hq, tq), _rows_to_heads(l, b, hq, tq), _rows_to_heads(acc, b, hq, tq)
 
 
-def _attention_kernel_usable(q: torch.Tensor) -> bool:
+def attention_kernel_usable(q: torch.Tensor) -> bool:
+    """Whether the Triton decode-attention kernel can run for ``q`` (CUDA, or CPU under
+    ``TRITON_INTERPRET=1``, with triton installed)."""
     if not (q.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and q.device.type == "cpu")):
         return False
     return _triton_installed()

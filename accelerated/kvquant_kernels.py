@@ -1,4 +1,4 @@
-# Fused KVQuant dense quantization and dequantization (Triton), called by accelerated/kvquant.py
+# Fused KVQuant dense quantization and dequantization (Triton), called by accelerated/kvquant_tensor.py
 # (docs/08-kvquant.md "Triton path").  The outlier selection (key thresholds, per-token value top-k)
 # and the sparse (index, value) lists stay in torch; the kernels do the dense part of definition 8.7.
 #
@@ -46,7 +46,7 @@
 #   torch, tested on CPU against the reference).
 #
 # Triton is imported lazily (_build): CPU-only installs import this module and use the launch
-# helpers; accelerated/kvquant.py calls the kernels only for CUDA tensors when triton is installed.
+# helpers; accelerated/kvquant_tensor.py calls the kernels only for CUDA tensors when triton is installed.
 
 from __future__ import annotations
 
@@ -367,7 +367,7 @@ def quantize_dense(x32: torch.Tensor, excl: torch.Tensor, outliers: torch.Tensor
     Returns ``(codes uint8 (B, H, T, D) or None, words int32 (B, H, T, W) or None,
     scale, centre)`` in the reference's shapes.  No host synchronisation; a group
     whose range overflows float32 gives a non-finite ``scale`` or ``centre + scale``,
-    which the caller checks (accelerated/kvquant.py raises the torch path's error).
+    which the caller checks (accelerated/kvquant_tensor.py raises the torch path's error).
     """
     if not (codes or words):
         raise ValueError("quantize_dense: ask for codes, words or both")

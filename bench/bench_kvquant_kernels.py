@@ -108,8 +108,8 @@ def check(rows):
     for name, b, h, t, d, bits, g, axis, lvkind in CASES:
         x, excl, lv, out = make_case(b, h, t, d, bits, g, axis, lvkind, seed=1)
         poison()
-        got = A._quantize_nonuniform(x, lv, bits, g, axis, out, excl, torch.float32, use_kernel=True)
-        want = A._quantize_nonuniform(x, lv, bits, g, axis, out, excl, torch.float32, use_kernel=False)
+        got = A.quantize_checked(x, lv, bits, g, axis, out, excl, torch.float32, use_kernel=True)
+        want = A.quantize_checked(x, lv, bits, g, axis, out, excl, torch.float32, use_kernel=False)
         poison()
         _, words, _, _ = K.quantize_dense(x, excl, out, beta_of(lv), bits, g, axis, codes=False, words=True)
         poison()
@@ -171,13 +171,13 @@ def bench(rows, quick):
         x, excl, lv, out = make_case(b, h, t, d, bits, g, axis, lvkind)
         beta = beta_of(lv)
         out_clean = out & ~excl[:, None, :, None]
-        qt = A._quantize_nonuniform(x, lv, bits, g, axis, out, excl, torch.float32, use_kernel=True)
+        qt = A.quantize_checked(x, lv, bits, g, axis, out, excl, torch.float32, use_kernel=True)
         _, words, s, c = K.quantize_dense(x, excl, out_clean, beta, bits, g, axis, codes=False, words=True)
         tm = {}
         tm["quantize_nonuniform torch"] = timeit(
-            lambda: A._quantize_nonuniform(x, lv, bits, g, axis, out, excl, torch.float32, use_kernel=False))
+            lambda: A.quantize_checked(x, lv, bits, g, axis, out, excl, torch.float32, use_kernel=False))
         tm["quantize_nonuniform kernel"] = timeit(
-            lambda: A._quantize_nonuniform(x, lv, bits, g, axis, out, excl, torch.float32, use_kernel=True))
+            lambda: A.quantize_checked(x, lv, bits, g, axis, out, excl, torch.float32, use_kernel=True))
         tm["kernel codes"] = timeit(lambda: K.quantize_dense(x, excl, out_clean, beta, bits, g, axis))
         tm["kernel words"] = timeit(lambda: K.quantize_dense(x, excl, out_clean, beta, bits, g, axis,
                                                              codes=False, words=True))

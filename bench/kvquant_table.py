@@ -144,7 +144,7 @@ def window_nlls(model, ids):
 
 def probe(model, ids, capture_kv=False):
     """Full-precision pass over ``ids`` (B, T): hidden states, and (optionally) every layer's pre-RoPE K and V."""
-    mods = KQ._attention_modules(model)
+    mods = KQ.attention_modules(model)
     kv = [[None, None] for _ in mods]
     hooks = []
     if capture_kv:

@@ -129,8 +129,8 @@ def assert_same_state(ours: QuantizedKVCacheLayer, ref: ref_cache.QuantizedKVCac
         assert ours.blocks == [] and ours.preserved_positions() == []
         return
     # buffer slots beyond the used ones are empty (attend may read the whole buffer)
-    if ours._qpos is not None:
-        assert bool(torch.all(ours._qpos[:, ours._nq:] == -1))
+    if ours.quantized.slot_pos is not None:
+        assert bool(torch.all(ours.quantized.slot_pos[:, ours.quantized.num_codes:] == -1))
     # quantized store, block by block: bit-identical words, codes, statistics
     assert len(ours.blocks) == len(ref.blocks)
     for j, (ob, rb) in enumerate(zip(ours.blocks, ref.blocks)):
@@ -361,7 +361,15 @@ def _all_tensors(obj):
             stack.extend(x)
         elif isinstance(x, dict):
             stack.extend(x.values())
+        elif type(x).__module__.startswith("accelerated.cache"):   # the layer's records and stores
+            stack.extend(_fields(x))
     return found
+
+
+def _fields(obj) -> list:
+    """The attribute values of a record (``__dict__`` and ``__slots__``)."""
+    names = [n for cls in type(obj).__mro__ for n in getattr(cls, "__slots__", ())]
+    return list(getattr(obj, "__dict__", {}).values()) + [getattr(obj, n, None) for n in names]
 
 
 def _long_run(dtype, cfg, steps=300):
@@ -391,21 +399,21 @@ def test_no_full_precision_copy_of_quantized_tokens(dtype):
     b, h, d = 2, H, D
     tensors = _all_tensors(layer)
     # float32 statistics (scale / zero) of the quantized store: one per group, not per element
-    stats = {id(layer._ks), id(layer._kz), id(layer._vs), id(layer._vz)}
+    stats = {id(layer.quantized.keys.scale), id(layer.quantized.keys.zero), id(layer.quantized.values.scale), id(layer.quantized.values.zero)}
     assert all(t.dtype == torch.float32 for t in tensors if id(t) in stats)
     # the other tensors of the model dtype are exactly the residual and preserved buffers
     model_dtype = [t for t in tensors if t.dtype == dtype and id(t) not in stats]
-    expected = {id(layer._rk), id(layer._rv), id(layer._pk), id(layer._pv)}
+    expected = {id(layer._residual.keys), id(layer._residual.values), id(layer._preserved.keys), id(layer._preserved.values)}
     assert {id(t) for t in model_dtype} == expected
     fp_elements = sum(t.numel() for t in model_dtype)
-    assert fp_elements == 2 * b * h * d * (layer._rcap + layer._pcap + 1)
+    assert fp_elements == 2 * b * h * d * (layer._residual.capacity + layer._preserved.capacity + 1)
     # ... whose capacity is far below one full-precision copy of the quantized tokens
     assert fp_elements < 2 * b * h * d * layer.num_quantized / 4
     # no other floating tensor at all
     assert all(id(t) in stats or id(t) in expected for t in tensors if t.is_floating_point())
     # the codes are int32 words: 2 bits per element
     words = [t for t in tensors if t.dtype == torch.int32]
-    assert {id(t) for t in words} == {id(layer._kw), id(layer._vw)}
+    assert {id(t) for t in words} == {id(layer.quantized.keys.words), id(layer.quantized.values.words)}
 
 
 def test_nbytes_and_allocated_bytes():
@@ -427,19 +435,19 @@ def test_nbytes_and_allocated_bytes():
     assert alloc >= layer.nbytes()
     # geometric growth: the quantized buffers hold at most twice the slots in use,
     # and the residual buffer left by the 200-token prefill was given back
-    assert layer._qcap <= 2 * layer._nq
+    assert layer.quantized.capacity <= 2 * layer.quantized.num_codes
     window = cfg.residual_length + cfg.token_block
-    assert layer._rcap <= 2 * max(64, window + max(16, window // 2))
+    assert layer._residual.capacity <= 2 * max(64, window + max(16, window // 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("n", [512, 4096])
 def test_allocated_bytes_bounded_after_prefill_and_decode(n, bits, dtype):
-    """Growth policy (module docstring): after a flush ``allocated_bytes() <= 1.5 * nbytes() + C``,
-    ``C`` the residual's sliding room, the preserved store's minimum and one block of rounding;
-    a prefill is held exactly (no spare room for a multiple of ``n``), decoding reallocates
-    only by amortised geometric steps."""
+    """Growth policy (docs/06-cache.md "Accelerated layout"): after a flush
+    ``allocated_bytes() <= 1.5 * nbytes() + C``, ``C`` the residual's sliding room, the preserved
+    store's minimum and one block of rounding; a prefill is held exactly (no spare room for a
+    multiple of ``n``), decoding reallocates only by amortised geometric steps."""
     cfg = KVSinkConfig(key_bits=bits, value_bits=bits, key_group_size=32, value_group_size=32)
     b, h, d = 1, 3, 64                                   # one SmolLM2-135M layer
     blk, r = cfg.token_block, cfg.residual_length
@@ -457,29 +465,55 @@ def test_allocated_bytes_bounded_after_prefill_and_decode(n, bits, dtype):
     gen = torch.Generator().manual_seed(n + bits)
     layer = QuantizedKVCacheLayer(cfg, dtype=dtype)
     layer.update(torch.randn(b, h, n, d, generator=gen), torch.randn(b, h, n, d, generator=gen))
-    assert layer._rcap == n                              # the prefill fits exactly
+    assert layer._residual.capacity == n                              # the prefill fits exactly
     flags = torch.zeros(b, n, dtype=torch.bool)
     flags[:, [0, 3]] = True                              # two preserved tokens
     layer.resolve(flags)
     layer.flush()
-    assert layer.num_quantized == (n - r) // blk * blk and layer._pused == 2
-    assert layer._rcap == steady and layer._qcap == layer.num_quantized
+    assert layer.num_quantized == (n - r) // blk * blk and layer._preserved.used == 2
+    assert layer._residual.capacity == steady and layer.quantized.capacity == layer.num_quantized
     assert layer.allocated_bytes() <= 1.5 * layer.nbytes() + slack
 
     moves = {"residual": 0, "quantized": 0}
     for _ in range(100):
-        rk, kw = layer._rk.data_ptr(), layer._kw.data_ptr()
+        rk, kw = layer._residual.keys.data_ptr(), layer.quantized.keys.words.data_ptr()
         layer.update(torch.randn(b, h, 1, d, generator=gen), torch.randn(b, h, 1, d, generator=gen))
         layer.resolve(torch.zeros(b, 1, dtype=torch.bool))
         layer.flush()
-        moves["residual"] += layer._rk.data_ptr() != rk
-        moves["quantized"] += layer._kw.data_ptr() != kw
-        assert layer._rcap == steady
-        assert layer._qcap < max(1.25 * layer.num_quantized, 64) + blk
+        moves["residual"] += layer._residual.keys.data_ptr() != rk
+        moves["quantized"] += layer.quantized.keys.words.data_ptr() != kw
+        assert layer._residual.capacity == steady
+        assert layer.quantized.capacity < max(1.25 * layer.num_quantized, 64) + blk
         assert layer.allocated_bytes() <= 1.5 * layer.nbytes() + slack
     # a compaction every max(16, W // 2) steps at most; the quantized store grew x1.25 at most twice
     assert moves["residual"] <= -(-100 // max(16, window // 2))
     assert moves["quantized"] <= 2
+
+
+@pytest.mark.parametrize("residual_length", [100000, 1000])
+def test_buffers_follow_the_tokens_held_not_the_configured_residual_length(residual_length):
+    """Issue 13: a 14-token sequence with ``residual_length=100000`` held ~77 MB per SmolLM2 layer
+    (a residual buffer of ``S = 1.5 (R + blk)`` slots) while ``nbytes()`` said 6.7 KB.  Before any
+    flush the residual holds ``max(64, 1.5 * tokens)`` slots at most, growing x1.5 (amortised)."""
+    cfg = KVSinkConfig(key_bits=4, value_bits=4, residual_length=residual_length)
+    b, h, d = 1, 3, 64                                   # one SmolLM2-135M layer
+    dtype = torch.float16
+    token_bytes = 2 * b * h * d * 2 + 2 * b              # residual K, V, valid, status
+    fixed = 2 * b * h * d * 2 + 8 * b + 8 * b            # preserved scratch column + counts
+    gen = torch.Generator().manual_seed(13)
+    layer = QuantizedKVCacheLayer(cfg, dtype=dtype)
+    layer.update(torch.randn(b, h, 14, d, generator=gen), torch.randn(b, h, 14, d, generator=gen))
+    assert layer.num_residual == 14
+    assert layer.allocated_bytes() <= 64 * token_bytes + fixed
+    assert layer.allocated_bytes() < 5 * layer.nbytes()
+    moves = 0
+    for t in range(15, 801):                             # decode: no flush is ever due
+        before = layer.residual[0].data_ptr()
+        layer.update(torch.randn(b, h, 1, d, generator=gen), torch.randn(b, h, 1, d, generator=gen))
+        moves += layer.residual[0].data_ptr() != before
+        assert layer.num_residual == t
+        assert layer.allocated_bytes() <= max(64, 1.5 * t + 1) * token_bytes + fixed
+    assert moves <= 12                                   # x1.5 steps from 64 to 800: amortised
 
 
 def test_preserved_store_respects_cap_and_order():

@@ -188,7 +188,7 @@ def test_dispatch_on_cpu(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv(A.KERNEL_ENV, raising=False)
     x = torch.randn(1, 2, 8, 8)
-    assert not A._use_kernel(x, 4, "channel", None)                        # CPU tensor: torch path
+    assert not A.kernel_path(x, 4, "channel", None)                        # CPU tensor: torch path
     with pytest.raises(ValueError, match="use_kernel=True"):
         A.quantize_nonuniform(x, A.nf_levels(2), 2, 4, "channel", use_kernel=True)
     with pytest.raises(TypeError, match="use_kernel"):
@@ -199,7 +199,7 @@ def test_dispatch_on_cpu(monkeypatch):
     with pytest.raises(ValueError, match=A.KERNEL_ENV):
         A.quantize_nonuniform(x, A.nf_levels(2), 2, 4, "channel")
     monkeypatch.setenv(A.KERNEL_ENV, "0")
-    assert not A._use_kernel(x, 4, "channel", None)
+    assert not A.kernel_path(x, 4, "channel", None)
     # the torch path is unchanged: still the reference's numbers
     qt = A.quantize_nonuniform(x, A.nf_levels(2), 2, 4, "channel", use_kernel=False)
     ref = R.quantize_nonuniform(x.numpy(), R.nf_levels(2), 2, 4, "channel")
