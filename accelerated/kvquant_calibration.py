@@ -35,7 +35,7 @@ _F32 = torch.float32
 _F64 = torch.float64
 KMEANS_MAX_ITER = _ref.KMEANS_MAX_ITER
 DATATYPES = _ref.DATATYPES
-check_kvquant_config = _ref._check_kvquant_config   # the reference's check (public there after the split)
+check_kvquant_config = _ref.check_kvquant_config   # the reference's check
 
 
 # =========================================================================== 8.8 k-means

@@ -82,11 +82,6 @@ _F32 = np.float32
 from .packing import pack_codes  # noqa: E402,F401
 from .quantize import GROUP_AXIS, expand_groups, group_min_max, split_groups  # noqa: E402,F401
 
-# Temporary private aliases, only until accelerated/kvquant.py (cache-acc's branch) calls the public
-# names (/work/brief/cache-design.md §5); remove them when it does.
-from .quantize import _check_group_size  # noqa: E402,F401  (owner: reference/quantize.py)
-_check_fraction = check_outlier_fraction
-_check_kvquant_config = check_kvquant_config
 
 
 # =========================================================================== 8.10 block API
