@@ -48,6 +48,7 @@ __all__ = [
     "channel_profile",
     "attention_received",
     "predictor_vs_oracle",
+    "token_quantization_error",
     "quantization_effect",
     "analyze",
     "analyze_main",
@@ -433,11 +434,13 @@ def analyze_main(argv: Optional[Sequence[str]] = None) -> int:
         F.require_matplotlib()
     except (ValueError, ImportError) as exc:
         return _fail(str(exc))
+    print(f"loading {args.model or 'smollm2-135m'} (eager attention)", file=sys.stderr, flush=True)
     try:
         model, tokenizer = _load_eager(args.model)
     except (OSError, ValueError, KeyError) as exc:
         return _fail(f"cannot load --model {args.model!r}: {exc}")
     bos = {"auto": None, "yes": True, "no": False}[args.bos]
+    print(f"analyzing up to {args.tokens} tokens into {args.out}", file=sys.stderr, flush=True)
     try:
         summary = analyze(model, tokenizer, text, args.out, tokens=args.tokens, bos=bos,
                           model_name=args.model or "smollm2-135m")
@@ -458,10 +461,15 @@ def _report(s: dict, out) -> str:
              f"{s['decoder_layers']} decoder layers",
              f"oracle sinks (all layers, ratio {s['oracle_ratio']:g}): {s['oracle_sinks'][:12]}", pred]
     if p:
-        lines.append(f"against the pooled oracle: precision {pooled['precision']}, recall {pooled['recall']}")
+        lines.append(f"against the pooled oracle: precision {pooled['hits']}/{pooled['predicted']}, "
+                     f"recall {pooled['hits']}/{pooled['oracle']}")
     for b in q["bits"]:
         lines.append(f"{b}-bit K/V of one token, attention-output error sink / ordinary: "
                      f"x{q['ratio'][str(b)]:.3g}" if q["ratio"][str(b)] else
                      f"{b}-bit: no sink or no ordinary token to compare")
     lines.append(f"figures and summary.json in {out}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(analyze_main())

@@ -32,6 +32,10 @@ def require_matplotlib():
 
 
 def _save(fig, out: Path, name: str) -> str:
+    from matplotlib.ticker import MaxNLocator
+    for ax in fig.axes:
+        if ax.get_label() != "<colorbar>":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(out / name, dpi=_DPI)
     require_matplotlib().close(fig)
