@@ -30,17 +30,20 @@ __all__ = [
     "SinkPredictor",
     "threshold_float32",
     "layer_outlier_channels",
+    "sink_channels",
     "stable_outlier_channels",
     "sink_threshold",
     "calibrate_predictor",
     "DEFAULT_OUTLIER_RATIO",
     "DEFAULT_WINDOW",
     "DEFAULT_GROWTH",
+    "DEFAULT_MAX_FRACTION",
 ]
 
 DEFAULT_OUTLIER_RATIO = _ref.DEFAULT_OUTLIER_RATIO
 DEFAULT_WINDOW = _ref.DEFAULT_WINDOW
 DEFAULT_GROWTH = _ref.DEFAULT_GROWTH
+DEFAULT_MAX_FRACTION = _ref.DEFAULT_MAX_FRACTION
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -119,11 +122,18 @@ def layer_outlier_channels(hidden, ratio: float = DEFAULT_OUTLIER_RATIO, *, vali
     return _ref.layer_outlier_channels(_np(hidden), ratio, valid=_np(valid))
 
 
+def sink_channels(hidden, ratio: float = DEFAULT_OUTLIER_RATIO,
+                  max_fraction: float = DEFAULT_MAX_FRACTION, *, valid=None) -> np.ndarray:
+    """Reference Definition 4.3b on a torch (or numpy) input; sorted int64 numpy array."""
+    return _ref.sink_channels(_np(hidden), ratio, max_fraction, valid=_np(valid))
+
+
 def stable_outlier_channels(hidden_states: Sequence, ratio: float = DEFAULT_OUTLIER_RATIO, *,
-                            window: int = DEFAULT_WINDOW, valid=None):
+                            window: int = DEFAULT_WINDOW, valid=None,
+                            max_fraction: float = DEFAULT_MAX_FRACTION):
     """Reference Definition 4.4 on torch (or numpy) hidden states."""
     return _ref.stable_outlier_channels([_np(h) for h in hidden_states], ratio, window=window,
-                                        valid=_np(valid))
+                                        valid=_np(valid), max_fraction=max_fraction)
 
 
 def sink_threshold(hidden, ratio: float = DEFAULT_OUTLIER_RATIO, *, valid=None) -> float:
@@ -133,7 +143,7 @@ def sink_threshold(hidden, ratio: float = DEFAULT_OUTLIER_RATIO, *, valid=None) 
 
 def calibrate_predictor(hidden_states: Sequence, *, ratio: float = DEFAULT_OUTLIER_RATIO,
                         window: int = DEFAULT_WINDOW, growth: float = DEFAULT_GROWTH,
-                        valid=None) -> SinkPredictor:
+                        valid=None, max_fraction: float = DEFAULT_MAX_FRACTION) -> SinkPredictor:
     """Reference Definition 4.6 on torch (or numpy) hidden states; returns a torch-aware predictor."""
     try:
         states = [_np(h) for h in hidden_states]
@@ -141,5 +151,5 @@ def calibrate_predictor(hidden_states: Sequence, *, ratio: float = DEFAULT_OUTLI
         raise TypeError("hidden_states must be a sequence of (T, C) or (B, T, C) arrays, "
                         "index 0 = embeddings") from None
     p = _ref.calibrate_predictor(states, ratio=ratio, window=window, growth=growth,
-                                 valid=_np(valid))
+                                 valid=_np(valid), max_fraction=max_fraction)
     return SinkPredictor.from_reference(p)

@@ -33,6 +33,7 @@ __all__ = [
     "predict_sinks",
     "SinkPredictor",
     "layer_outlier_channels",
+    "sink_channels",
     "stable_outlier_channels",
     "settled_layer",
     "sink_threshold",
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_OUTLIER_RATIO",
     "DEFAULT_WINDOW",
     "DEFAULT_GROWTH",
+    "DEFAULT_MAX_FRACTION",
 ]
 
 #: Default of ``ratio`` in calibration: a channel is an outlier at a layer when
@@ -52,6 +54,11 @@ DEFAULT_WINDOW = 4
 #: Default of ``growth``: the prediction layer moves on while the stable channels'
 #: peak still grows by more than this factor at the next layer (Definition 4.4b).
 DEFAULT_GROWTH = 2.0
+#: Default of ``max_fraction``: a sink channel's outlier entries sit on at most this
+#: fraction of the tokens (Definition 4.3b).  Sinks are rare: SmolLM2-135M's channel
+#: 507 marks <= 2 % of the tokens; the dense early channels of Gemma-3-270M (400 at
+#: layers 1-6, 163 at layers 4 and 6-11) mark >= 14 % (docs/04-predictor.md §4.10).
+DEFAULT_MAX_FRACTION = 0.05
 
 
 # --------------------------------------------------------------------------
@@ -252,6 +259,46 @@ def _outliers_of(a: np.ndarray, r: float) -> np.ndarray:
     return np.nonzero(peak > r * med)[0].astype(np.int64)
 
 
+def _max_fraction(max_fraction) -> float:
+    if isinstance(max_fraction, bool) or not isinstance(max_fraction, (int, float, np.integer, np.floating)) \
+            or not 0 < float(max_fraction) <= 1:
+        raise ValueError(f"max_fraction must be a float in (0, 1], got {max_fraction!r}")
+    return float(max_fraction)
+
+
+def sink_channels(hidden, ratio: float = DEFAULT_OUTLIER_RATIO,
+                  max_fraction: float = DEFAULT_MAX_FRACTION, *, valid=None) -> np.ndarray:
+    """Sink channels of one layer (Definition 4.3b), sorted int64 array.
+
+    .. math::  O^*_\\ell = \\{ c \\in O_\\ell : \\#\\{t : |h_{t,c}| > ratio \\cdot \\mu_\\ell\\}
+               \\le \\max(1, \\lfloor max\\_fraction \\cdot N \\rfloor) \\}
+
+    the outlier channels of Definition 4.3 whose outlier entries sit on *few*
+    tokens: the tokens the predictor would mark with this channel at this
+    layer (``|h| > ratio * median``, Definition 4.5's threshold) are at most
+    ``max_fraction`` of the ``N`` (valid) tokens (at least one token is always
+    allowed).  A channel that is large on most tokens (a dense, bias-like
+    channel) is an outlier by 4.3 but marks no sink.
+
+    Parameters
+    ----------
+    hidden : float ``(T, C)`` or ``(B, T, C)``.
+    ratio : float > 1.
+    max_fraction : float in (0, 1]; 1 gives Definition 4.3 unchanged.
+    valid : None or bool ``(T,)`` / ``(B, T)``.
+    """
+    r, f = _ratio(ratio), _max_fraction(max_fraction)
+    return _sink_channels_of(_tokens_by_channels(hidden, valid, "hidden"), r, f)
+
+
+def _sink_channels_of(a: np.ndarray, r: float, f: float) -> np.ndarray:
+    """Definition 4.3b on ``a = |h|`` given as ``(N, C)``."""
+    med = float(np.median(a.astype(np.float64)))
+    counts = (a.astype(np.float64) > r * med).sum(axis=0)
+    allowed = max(1, math.floor(f * a.shape[0]))
+    return np.nonzero((counts >= 1) & (counts <= allowed))[0].astype(np.int64)
+
+
 def _num_layers(hidden_states) -> int:
     try:
         n = len(hidden_states)
@@ -265,18 +312,18 @@ def _num_layers(hidden_states) -> int:
 
 
 def stable_outlier_channels(hidden_states: Sequence, ratio: float = DEFAULT_OUTLIER_RATIO, *,
-                            window: int = DEFAULT_WINDOW, valid=None) -> Tuple[int, Tuple[int, ...]]:
+                            window: int = DEFAULT_WINDOW, valid=None,
+                            max_fraction: float = DEFAULT_MAX_FRACTION) -> Tuple[int, Tuple[int, ...]]:
     """Prediction layer and stable outlier channels (Definition 4.4).
 
-    With ``O_l = layer_outlier_channels(hidden_states[l], ratio)``,
-    ``L = len(hidden_states) - 1`` decoder layers and ``mid = L // 2``,
-    the prediction layer is the smallest ``l`` in ``0 .. mid`` with
+    With ``O*_l = sink_channels(hidden_states[l], ratio, max_fraction)``
+    (Definition 4.3b) and ``L = len(hidden_states) - 1`` decoder layers, the
+    prediction layer is the smallest ``l`` with ``l + window - 1 <= L`` and
 
-    .. math::  S_l = O_l \\cap O_{l+1} \\cap \\dots \\cap O_{l + window - 1} \\ne \\emptyset
+    .. math::  S_l = O^*_l \\cap O^*_{l+1} \\cap \\dots \\cap O^*_{l + window - 1} \\ne \\emptyset
 
-    (a channel that is an outlier for ``window`` consecutive layers starting
-    at ``l``); the stable channels are ``S_l``.  Layers past ``L`` do not
-    exist: the window must fit (``l + window - 1 <= L``).
+    (a channel that marks few tokens with a massive activation for ``window``
+    consecutive layers starting at ``l``); the stable channels are ``S_l``.
 
     Returns
     -------
@@ -284,17 +331,16 @@ def stable_outlier_channels(hidden_states: Sequence, ratio: float = DEFAULT_OUTL
 
     Raises
     ------
-    ValueError when no layer up to ``mid`` qualifies (the model shows no
-    stable outlier at this ``ratio``: lower it, or configure the predictor
-    by hand).
+    ValueError when no layer qualifies (the model shows no stable, sparse
+    outlier at this ``ratio``: lower it, raise ``max_fraction`` or configure
+    the predictor by hand).
     """
     num_layers = _num_layers(hidden_states)
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
         raise ValueError(f"window must be an int >= 1, got {window!r}")
     if window > num_layers + 1:
         raise ValueError(f"window={window} is longer than the {num_layers + 1} hidden states")
-    r = _ratio(ratio)
-    mid = num_layers // 2
+    r, f = _ratio(ratio), _max_fraction(max_fraction)
     outliers = []
     for l in range(num_layers + 1):
         a = _tokens_by_channels(hidden_states[l], valid, f"hidden_states[{l}]")
@@ -302,21 +348,20 @@ def stable_outlier_channels(hidden_states: Sequence, ratio: float = DEFAULT_OUTL
             raise ValueError(f"hidden_states[{l}] has {a.shape[1]} channels, hidden_states[0] "
                              f"has {c_prev}; all layers must have the same C")
         c_prev = a.shape[1]
-        outliers.append(set(_outliers_of(a, r).tolist()))
-    for l in range(0, mid + 1):
-        if l + window - 1 > num_layers:
-            break
+        outliers.append(set(_sink_channels_of(a, r, f).tolist()))
+    for l in range(0, num_layers - window + 2):
         common = set.intersection(*outliers[l:l + window])
         if common:
             return l, tuple(sorted(common))
-    raise ValueError(f"no channel is an outlier (peak > ratio={ratio} x the layer median) for "
-                     f"window={window} consecutive layers starting at or before the middle layer "
-                     f"{mid}; lower ratio or window, or set the predictor fields by hand")
-
+    raise ValueError(f"no channel is a sparse outlier (peak > ratio={ratio} x the layer median, on "
+                     f"at most max_fraction={max_fraction} of the tokens) for window={window} "
+                     f"consecutive layers; lower ratio or window, raise max_fraction, or set the "
+                     f"predictor fields by hand")
 
 
 def settled_layer(hidden_states: Sequence, layer: int, channels, growth: float = DEFAULT_GROWTH,
-                  ratio: float = DEFAULT_OUTLIER_RATIO, *, valid=None) -> int:
+                  ratio: float = DEFAULT_OUTLIER_RATIO, *, valid=None,
+                  max_fraction: float = DEFAULT_MAX_FRACTION) -> int:
     r"""The layer at which the stable outlier has settled (Definition 4.4b).
 
     With ``peak_l = max_{c in channels} max_t |h_l[t, c]|`` (float32, exact)
@@ -340,6 +385,7 @@ def settled_layer(hidden_states: Sequence, layer: int, channels, growth: float =
     growth : float > 1, or ``math.inf`` to keep ``layer`` unchanged.
     ratio : the outlier ratio of Definition 4.3.
     valid : None or bool ``(T,)`` / ``(B, T)``.
+    max_fraction : of Definition 4.3b.
 
     Returns
     -------
@@ -347,7 +393,7 @@ def settled_layer(hidden_states: Sequence, layer: int, channels, growth: float =
     """
     if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not growth > 1:
         raise ValueError(f"growth must be a float > 1 (or math.inf), got {growth!r}")
-    r = _ratio(ratio)
+    r, f = _ratio(ratio), _max_fraction(max_fraction)
     num_layers = _num_layers(hidden_states)
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) \
             or not 0 <= layer <= num_layers:
@@ -362,7 +408,7 @@ def settled_layer(hidden_states: Sequence, layer: int, channels, growth: float =
     while l < num_layers:
         a = abs_layer(l + 1)
         nxt = float(a[:, cols].max())
-        if not (set(cols) <= set(_outliers_of(a, r).tolist()) and nxt > growth * peak):
+        if not (set(cols) <= set(_sink_channels_of(a, r, f).tolist()) and nxt > growth * peak):
             break
         l, peak = l + 1, nxt
     return l
@@ -394,11 +440,12 @@ def sink_threshold(hidden, ratio: float = DEFAULT_OUTLIER_RATIO, *, valid=None) 
 
 def calibrate_predictor(hidden_states: Sequence, *, ratio: float = DEFAULT_OUTLIER_RATIO,
                         window: int = DEFAULT_WINDOW, growth: float = DEFAULT_GROWTH,
-                        valid=None) -> SinkPredictor:
+                        valid=None, max_fraction: float = DEFAULT_MAX_FRACTION) -> SinkPredictor:
     """Calibrate the KVSink predictor on one forward pass (Definition 4.6).
 
-    1. ``layer, channels = stable_outlier_channels(hidden_states, ratio, window=window)``;
-    2. ``layer = settled_layer(hidden_states, layer, channels, growth, ratio)``;
+    1. ``layer, channels = stable_outlier_channels(hidden_states, ratio, window=window,
+       max_fraction=max_fraction)``;
+    2. ``layer = settled_layer(hidden_states, layer, channels, growth, ratio, max_fraction=...)``;
     3. ``threshold = sink_threshold(hidden_states[layer], ratio)``.
 
     By construction the stable channels' peak exceeds the threshold at the
@@ -412,11 +459,14 @@ def calibrate_predictor(hidden_states: Sequence, *, ratio: float = DEFAULT_OUTLI
     window : int >= 1, consecutive outlier layers required.
     growth : float > 1 of :func:`settled_layer` (``math.inf``: keep the earliest layer).
     valid : None or bool ``(T,)`` / ``(B, T)``; padding tokens are left out.
+    max_fraction : float in (0, 1] of :func:`sink_channels` (1: no sparsity condition).
 
     Returns
     -------
     SinkPredictor.
     """
-    layer, channels = stable_outlier_channels(hidden_states, ratio, window=window, valid=valid)
-    layer = settled_layer(hidden_states, layer, channels, growth, ratio, valid=valid)
+    layer, channels = stable_outlier_channels(hidden_states, ratio, window=window, valid=valid,
+                                              max_fraction=max_fraction)
+    layer = settled_layer(hidden_states, layer, channels, growth, ratio, valid=valid,
+                          max_fraction=max_fraction)
     return SinkPredictor(layer, channels, sink_threshold(hidden_states[layer], ratio, valid=valid))

@@ -16,6 +16,7 @@ from reference.predictor import (
     outlier_scores,
     predict_sinks,
     sink_threshold,
+    sink_channels,
     stable_outlier_channels,
     settled_layer,
 )
@@ -218,11 +219,55 @@ def test_calibration_fails_without_stable_outlier():
     states = [rng.standard_normal((64, 16)).astype(np.float32) for _ in range(9)]
     with pytest.raises(ValueError, match="ratio"):
         calibrate_predictor(states)
-    # outliers that only appear after the middle layer (8 // 2 = 4) do not count
-    for l in range(6, 9):
+    # an outlier run shorter than the window does not count; a late one that fits does
+    for l in range(7, 9):
         states[l][0, 3] = 1e5
-    with pytest.raises(ValueError, match="middle"):
-        calibrate_predictor(states, window=2)
+    with pytest.raises(ValueError, match="window=3"):
+        calibrate_predictor(states, window=3)
+    assert stable_outlier_channels(states, 300.0, window=2) == (7, (3,))
+
+
+def test_sink_channels_leave_out_dense_channels():
+    rng = np.random.default_rng(3)
+    h = rng.standard_normal((100, 16)).astype(np.float32)
+    med = float(np.median(np.abs(h).astype(np.float64)))
+    h[:20, 2] = 1000.0 * med          # 20 % of the tokens: dense
+    h[[0, 9, 50], 7] = 1000.0 * med   # 3 %: sparse
+    np.testing.assert_array_equal(layer_outlier_channels(h, 300.0), [2, 7])
+    np.testing.assert_array_equal(sink_channels(h, 300.0), [7])
+    np.testing.assert_array_equal(sink_channels(h, 300.0, 1.0), [2, 7])
+    np.testing.assert_array_equal(sink_channels(h, 300.0, 0.02), [])
+    # one token is always allowed, however short the text
+    np.testing.assert_array_equal(sink_channels(h[:5], 300.0, 0.05), [7])     # 1 of 5 tokens
+    for bad in (0.0, 1.5, True, "x"):
+        with pytest.raises(ValueError, match="max_fraction"):
+            sink_channels(h, 300.0, bad)
+
+
+def gemma_like_hidden_states(t=200, c=32, seed=4):
+    """Gemma-3-270M's pattern (docs/04-predictor.md §4.10), 12 decoder layers: channel 3 is an
+    outlier at layers 1-5 on 30 % of the tokens (dense); channel 11 carries |h| = 5000 on the
+    sinks 0 and 120 only from layer 8 on, past the middle layer."""
+    rng = np.random.default_rng(seed)
+    states = []
+    for l in range(13):
+        h = rng.standard_normal((t, c)).astype(np.float32)
+        if 1 <= l <= 5:
+            h[::3, 3] = 2000.0
+        if l >= 8:
+            h[[0, 120], 11] = 5000.0
+        states.append(h)
+    return states
+
+
+def test_calibration_skips_a_dense_early_outlier_channel():
+    states = gemma_like_hidden_states()
+    # Definition 4.4 without the sparsity condition takes the dense channel at layer 1
+    assert stable_outlier_channels(states, 300.0, max_fraction=1.0) == (1, (3,))
+    p = calibrate_predictor(states)
+    assert (p.layer, p.channels) == (8, (11,))
+    np.testing.assert_array_equal(np.flatnonzero(p.predict(states[8])), [0, 120])
+    assert calibrate_predictor(states, max_fraction=1.0).predict(states[1]).sum() == 67
 
 
 def test_sink_threshold_rule_and_errors():
