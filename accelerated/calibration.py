@@ -123,7 +123,7 @@ def _predictor_fields(config: KVSinkConfig, hidden) -> KVSinkConfig:
         if threshold is None and (layer, tuple(channels)) == (pred.layer, tuple(pred.channels)):
             threshold = pred.threshold
     if threshold is None:
-        threshold = RP.sink_threshold(RP.outlier_scores(hidden[layer], channels))
+        threshold = RP.sink_threshold(hidden[layer])            # Definition 4.5: ratio x the layer's median
     return config.replace(predictor_layer=int(layer), predictor_channels=tuple(int(c) for c in channels),
                           predictor_threshold=float(threshold))
 
