@@ -101,14 +101,18 @@ needs_cache = pytest.mark.skipif(not _cache_available(),
 
 # =========================================================================== corpus and windows
 
-def test_corpus_falls_back_to_default_and_names_it(monkeypatch, tmp_path):
+def test_corpus_default_is_pydoc_topics_and_named(monkeypatch):
+    from pydoc_data import topics
     monkeypatch.delenv("KVSINK_WIKITEXT", raising=False)
-    monkeypatch.setattr(E, "_repo_wikitext", lambda: tmp_path / "missing" / "wiki.test.raw")
     text, name = E.load_corpus()
-    assert name == E.DEFAULT_CORPUS_NAME
-    assert "default_corpus.txt" in name
-    assert text == E.default_corpus_path().read_text(encoding="utf-8")
-    assert 1500 <= len(text.split()) <= 3000
+    assert name == E.DEFAULT_CORPUS_NAME and "pydoc_data.topics" in name
+    # every topic page, in sorted key order, and nothing else
+    for key in (min(topics.topics), max(topics.topics)):
+        assert topics.topics[key].strip("\n") in text
+    assert text.index(topics.topics[min(topics.topics)].strip("\n")) == 0
+    assert len(text) > 300_000          # ~465k characters on CPython 3.11-3.13
+    # the packaged essay (the calibration text) is named as such when evaluated
+    assert E.load_corpus(E.default_corpus_path())[1] == "kvsink default corpus (accelerated/data/default_corpus.txt)"
 
 
 def test_corpus_explicit_or_env_path(monkeypatch, tmp_path):
@@ -520,7 +524,7 @@ def test_cli_eval_prints_table_and_json(tiny, tmp_path, capsys):
     out = capsys.readouterr()
     for label in ("full precision", "no preservation", "PFN-2", "KVSink", "ppl (fake)"):
         assert label in out.out
-    assert "default_corpus.txt" in out.out.replace("\n", "")
+    assert "default_corpus.txt" in out.out.replace("\n", "")      # the corpus is named
     report = json.loads(out_json.read_text())
     rows = report["results"]
     assert [(r["method"], r["bits"]) for r in rows] == [
