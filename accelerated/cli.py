@@ -206,12 +206,13 @@ def _generate_parser(sub) -> None:
     gen.add_argument("--prompt", required=True, help="the text to continue")
     gen.add_argument("--bits", type=int, choices=(2, 4), default=4,
                      help="key/value bit width (default 4)")
-    gen.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=48,
-                     help="tokens to generate at most (default 48; greedy)")
+    gen.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=96,
+                     help="tokens to generate at most (default 96; greedy)")
     gen.add_argument("--group-size", type=_positive_int("--group-size"), default=32,
                      help="quantization group size of keys and values (default 32)")
-    gen.add_argument("--residual-length", type=_positive_int("--residual-length", 0), default=32,
-                     help="most recent tokens kept at full precision (default 32)")
+    gen.add_argument("--residual-length", type=_positive_int("--residual-length", 0), default=16,
+                     help="most recent tokens kept at full precision (default 16: blocks of "
+                          "--group-size tokens are quantized once residual + a block have arrived)")
     gen.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     gen.add_argument("--predictor-layer", type=_positive_int("--predictor-layer", 0), default=None)

@@ -53,7 +53,7 @@ class GenerationReport:
 
 
 def generate_with_kvsink(model, tokenizer, prompt: str, config: KVSinkConfig, *,
-                         max_new_tokens: int = 48, stream: bool = True) -> GenerationReport:
+                         max_new_tokens: int = 96, stream: bool = True) -> GenerationReport:
     """Greedy generation of at most ``max_new_tokens`` tokens after ``prompt`` with a fresh
     ``KVSinkCache(model, config, tokenizer=tokenizer)``; with ``stream`` the text is printed as it
     is generated (``transformers.TextStreamer``, prompt included)."""
@@ -97,10 +97,11 @@ def format_report(rep: GenerationReport) -> str:
     cached = rep.prompt_tokens + rep.new_tokens - 1
     c = rep.config
     lines = [
-        f"KV cache: {rep.cache_nbytes:,} bytes for {cached} tokens at {c.key_bits}-bit keys/values "
-        f"({rep.full_precision_nbytes:,} at full precision: {rep.full_precision_nbytes / max(rep.cache_nbytes, 1):.2f}x "
-        f"smaller); the last {rep.residual} tokens are still in the full-precision residual window "
-        f"(--residual-length {c.residual_length}, blocks of {c.token_block})",
+        f"KV cache: {rep.cache_nbytes:,} bytes for {cached} tokens at {c.key_bits}-bit keys/values, "
+        f"{rep.cache_nbytes / max(rep.full_precision_nbytes, 1):.3f} of the {rep.full_precision_nbytes:,} "
+        f"a full-precision cache holds; the last {rep.residual} tokens are still in the "
+        f"full-precision residual window (residual length {c.residual_length}, blocks of "
+        f"{c.token_block})",
         f"speed: {rep.new_tokens} new tokens in {rep.seconds:.2f} s = {rep.tokens_per_s:.1f} tokens/s "
         f"(prompt {rep.prompt_tokens} tokens, prefill included)",
         f"kept at full precision by KVSink (layer {c.predictor_layer}, channels "

@@ -274,6 +274,7 @@ def test_generate_streams_and_reports(tiny, capsys):
     out = capsys.readouterr().out
     assert out.startswith("Hello world, ")                        # streamed, prompt first
     assert "bytes for 117 tokens at 2-bit keys/values" in out     # 78 + 40 - 1 cached
+    assert "of the 59,904 a full-precision cache holds" in out    # 2 * 2 * 2 * 16 * 4 * 117
     assert "tokens/s" in out and "kept at full precision by KVSink (layer 1, channels [3]" in out
     cfg = KVSinkConfig(key_bits=2, value_bits=2, residual_length=16, preserve="kvsink",
                        predictor_layer=1, predictor_channels=(3,), predictor_threshold=0.5)
@@ -281,6 +282,8 @@ def test_generate_streams_and_reports(tiny, capsys):
     assert rep.new_tokens == 40 and rep.prompt_tokens == 78        # one byte, one token
     assert rep.full_precision_nbytes == 2 * 2 * 2 * 16 * 4 * 117
     assert f"{rep.cache_nbytes:,} bytes for 117 tokens" in out     # the same greedy run
+    # 117 cached, residual 16, blocks of 32: 96 quantized, 21 still in the residual
+    assert rep.residual == 21 and "the last 21 tokens are still in the" in out
     assert rep.cache_nbytes < rep.full_precision_nbytes
     assert rep.text in out
     for pos, text in rep.preserved:
