@@ -693,13 +693,14 @@ def test_cli_calibrate_with_given_predictor(tiny, capsys):
 
 @pytest.mark.model
 def test_smollm2_kvsink_beats_no_preservation_at_2bit():
-    """SmolLM2-135M-Instruct, one window of 512 tokens of WikiText-2's test split when
-    ../shared/data/wikitext-2-raw is present (else the default corpus), fake-quant protocol;
-    predictor calibrated on the default corpus (as the CLI does)."""
+    """SmolLM2-135M-Instruct, the first window of 512 tokens of the default text (or of
+    $KVSINK_WIKITEXT), tokenized as the CLI does, fake-quant protocol; predictor calibrated on
+    the packaged essay (as the CLI does).  Measured (README): window 0 NLL 1461.8 full precision,
+    1710.3 KVSink, 1872.8 no preservation."""
     from accelerated.models import load_model
     model, tokenizer = load_model()
     text, name = E.load_corpus()
-    ids = E.tokenize_corpus(text, tokenizer)
+    ids = E.tokenize_corpus(text, tokenizer, wikitext_rows=name.startswith("wikitext-2"))
     kw = dict(seq_len=512, max_windows=1, corpus=name)
     fp = E.perplexity_full_precision(model, ids, **kw)
     assert math.isfinite(fp.ppl) and 3.0 < fp.ppl < 100.0, (name, fp.ppl)
