@@ -290,3 +290,22 @@ def test_generate_streams_and_reports(tiny, capsys):
         assert f"position {pos:5d}  token {text!r}" in out
     with pytest.raises(ValueError, match="prompt is empty"):
         generate_with_kvsink(model, tok, "  ", cfg)
+
+
+def test_preserved_positions_argument(tiny):
+    """perplexity_fake_quant(preserved_positions=): one list per window, in range, kept exactly
+    (the same NLL as the policy that preserves those positions)."""
+    from accelerated import evaluate as E
+    model = tiny[0]
+    ids = torch.arange(128) % 256
+    cfg = KVSinkConfig(key_bits=2, value_bits=2, key_group_size=16, value_group_size=16, preserve="none")
+    with pytest.raises(ValueError, match="one per window is needed"):
+        E.perplexity_fake_quant(model, ids, cfg, seq_len=64, preserved_positions=[[0]])
+    with pytest.raises(ValueError, match=r"preserved_positions\[1\] must hold distinct positions in \[0, 64\)"):
+        E.perplexity_fake_quant(model, ids, cfg, seq_len=64, preserved_positions=[[0], [64]])
+    given = E.perplexity_fake_quant(model, ids, cfg, seq_len=64, preserved_positions=[[0, 1, 2], []])
+    assert given.preserved_positions == [[0, 1, 2], []]
+    pfn3 = E.perplexity_fake_quant(model, ids[:64], cfg.replace(preserve="pfn", preserve_first_n=3),
+                                   seq_len=64)
+    none = E.perplexity_fake_quant(model, ids[64:], cfg, seq_len=64)
+    assert given.window_nll == [pfn3.window_nll[0], none.window_nll[0]]
