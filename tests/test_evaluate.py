@@ -45,7 +45,7 @@ def tiny(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
     tokenizer = _byte_tokenizer()
     text = E.default_corpus_path().read_text(encoding="utf-8")
-    ids = E.tokenize_corpus(text, tokenizer)
+    ids = E.tokenize_corpus(text, tokenizer, wikitext_rows=False)      # as the CLI reads --data
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -101,14 +101,18 @@ needs_cache = pytest.mark.skipif(not _cache_available(),
 
 # =========================================================================== corpus and windows
 
-def test_corpus_falls_back_to_default_and_names_it(monkeypatch, tmp_path):
+def test_corpus_default_is_pydoc_topics_and_named(monkeypatch):
+    from pydoc_data import topics
     monkeypatch.delenv("KVSINK_WIKITEXT", raising=False)
-    monkeypatch.setattr(E, "_repo_wikitext", lambda: tmp_path / "missing" / "wiki.test.raw")
     text, name = E.load_corpus()
-    assert name == E.DEFAULT_CORPUS_NAME
-    assert "default_corpus.txt" in name
-    assert text == E.default_corpus_path().read_text(encoding="utf-8")
-    assert 1500 <= len(text.split()) <= 3000
+    assert name == E.DEFAULT_CORPUS_NAME and "pydoc_data.topics" in name
+    # every topic page, in sorted key order, and nothing else
+    for key in (min(topics.topics), max(topics.topics)):
+        assert topics.topics[key].strip("\n") in text
+    assert text.index(topics.topics[min(topics.topics)].strip("\n")) == 0
+    assert len(text) > 300_000          # ~465k characters on CPython 3.11-3.13
+    # the packaged essay (the calibration text) is named as such when evaluated
+    assert E.load_corpus(E.default_corpus_path())[1] == "kvsink default corpus (accelerated/data/default_corpus.txt)"
 
 
 def test_corpus_explicit_or_env_path(monkeypatch, tmp_path):
@@ -518,21 +522,37 @@ def test_cli_eval_prints_table_and_json(tiny, tmp_path, capsys):
                           "--pfn", "2", "--predictor-layer", "1", "--predictor-channels", "3,17",
                           "--predictor-threshold", "1.5", "--json", str(out_json))) == 0
     out = capsys.readouterr()
-    for label in ("full precision", "no preservation", "PFN-2", "KVSink", "ppl (fake)"):
+    for label in ("full precision", "no preservation", "PFN-2", "PFN-k", "KVSink", "perplexity",
+                  "KV bytes/token", "within noise when |difference| < 2 SE"):
         assert label in out.out
-    assert "default_corpus.txt" in out.out.replace("\n", "")
+    assert "default_corpus.txt" in out.out.replace("\n", "")      # the corpus is named
     report = json.loads(out_json.read_text())
     rows = report["results"]
-    assert [(r["method"], r["bits"]) for r in rows] == [
-        ("full precision", "32"), ("no preservation", "2"), ("PFN-2", "2"), ("KVSink", "2"),
-        ("no preservation", "8"), ("PFN-2", "8"), ("KVSink", "8")]
+    assert [(r["method"], r["bits"], r["compared_to"]) for r in rows] == [
+        ("full precision", "32", None), ("no preservation", "2", "full precision"),
+        ("PFN-2", "2", "no preservation"), ("PFN-k", "2", "PFN-2"), ("KVSink", "2", "PFN-k"),
+        ("no preservation", "8", "full precision"), ("PFN-2", "8", "no preservation"),
+        ("PFN-k", "8", "PFN-2"), ("KVSink", "8", "PFN-k")]
     direct = E.perplexity_full_precision(model, ids, seq_len=SEQ, max_windows=1)
     assert rows[0]["fake"]["ppl"] == pytest.approx(direct.ppl, rel=1e-12)
     pfn = E.perplexity_fake_quant(model, ids, KVSinkConfig(preserve="pfn", preserve_first_n=2),
                                   seq_len=SEQ, max_windows=1)
     assert rows[2]["fake"]["ppl"] == pytest.approx(pfn.ppl, rel=1e-12)
     assert rows[2]["fake"]["preserved_positions"] == [[0, 1]]
-    assert rows[3]["fake"]["config"]["predictor_channels"] == [3, 17]
+    assert rows[4]["fake"]["config"]["predictor_channels"] == [3, 17]
+    # PFN-k keeps, in each window, as many first tokens as KVSink keeps there
+    kv_counts = [len(p) for p in rows[4]["fake"]["preserved_positions"]]
+    assert [len(p) for p in rows[3]["fake"]["preserved_positions"]] == kv_counts
+    assert rows[3]["fake"]["preserved_positions"] == [list(range(k)) for k in kv_counts]
+    # the KVSink row equals the direct call (its sets from the full-precision pass)
+    kv = E.perplexity_fake_quant(model, ids, KVSinkConfig(preserve="kvsink", predictor_layer=1,
+                                                          predictor_channels=(3, 17),
+                                                          predictor_threshold=1.5),
+                                 seq_len=SEQ, max_windows=1)
+    assert rows[4]["fake"]["ppl"] == pytest.approx(kv.ppl, rel=1e-12)
+    assert rows[4]["fake"]["preserved_positions"] == kv.preserved_positions
+    assert report["full_precision_kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4   # 2 layers, 2 heads, D 16, fp32
+    assert rows[1]["fake"]["compression_ratio"] > rows[5]["fake"]["compression_ratio"] > 1
 
 
 def test_cli_default_subcommand_is_eval(tiny, capsys):
@@ -551,7 +571,7 @@ def test_cli_both_protocols(tiny, capsys):
     assert main(_cli_args(folder, "--bits", "4", "--methods", "none", "--protocol", "both",
                           "--chunk", "16", "--residual-length", "32")) == 0
     out = capsys.readouterr().out
-    assert "ppl (fake)" in out and "ppl (streaming)" in out
+    assert "(fake protocol)" in out and "(streaming protocol)" in out
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -613,7 +633,7 @@ def test_cli_eval_kvquant_fisher(tiny, tmp_path, capsys):
     assert report["quantizer"] == "kvquant"
     assert report["kvquant"] == {"datatype": "kmeans", "outlier_fraction": 0.02, "fisher": True}
     row = report["results"][1]
-    assert row["method"] == "PFN-1"
+    assert row["method"] == "PFN-1" and row["streaming"]["kv_bytes_per_token"] > 0
     for proto in ("fake", "streaming"):
         assert row[proto]["config"]["quantizer"] == "kvquant"
         assert row[proto]["config"]["kvquant_datatype"] == "kmeans"
@@ -650,17 +670,13 @@ def test_cli_calibrate_kvquant(tiny, capsys):
         assert got["key_upper_median"] == pytest.approx(float(cal.key_upper.median()), rel=1e-6)
 
 
-def test_cli_missing_data_file(tiny, tmp_path):
+def test_cli_kvsink_calibration_failure_is_explained(tiny, capsys):
     from accelerated.cli import main
-    args = ["eval", "--model", str(tiny[3]), "--data", str(tmp_path / "none.raw"), "--device", "cpu"]
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(args)
-
-
-def test_cli_kvsink_calibration_failure_is_explained(tiny):
-    from accelerated.cli import main
-    with pytest.raises(SystemExit, match="--predictor-layer"):
+    with pytest.raises(SystemExit) as exc:
         main(_cli_args(tiny[3], "--bits", "2", "--methods", "kvsink"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("kvsink: error: KVSink predictor calibration failed") and "--predictor-layer" in err
 
 
 def test_cli_calibrate_with_given_predictor(tiny, capsys):
@@ -677,13 +693,14 @@ def test_cli_calibrate_with_given_predictor(tiny, capsys):
 
 @pytest.mark.model
 def test_smollm2_kvsink_beats_no_preservation_at_2bit():
-    """SmolLM2-135M-Instruct, one window of 512 tokens of WikiText-2's test split when
-    ../shared/data/wikitext-2-raw is present (else the default corpus), fake-quant protocol;
-    predictor calibrated on the default corpus (as the CLI does)."""
+    """SmolLM2-135M-Instruct, the first window of 512 tokens of the default text (or of
+    $KVSINK_WIKITEXT), tokenized as the CLI does, fake-quant protocol; predictor calibrated on
+    the packaged essay (as the CLI does).  Measured (README): window 0 NLL 1461.8 full precision,
+    1710.3 KVSink, 1872.8 no preservation."""
     from accelerated.models import load_model
     model, tokenizer = load_model()
     text, name = E.load_corpus()
-    ids = E.tokenize_corpus(text, tokenizer)
+    ids = E.tokenize_corpus(text, tokenizer, wikitext_rows=name.startswith("wikitext-2"))
     kw = dict(seq_len=512, max_windows=1, corpus=name)
     fp = E.perplexity_full_precision(model, ids, **kw)
     assert math.isfinite(fp.ppl) and 3.0 < fp.ppl < 100.0, (name, fp.ppl)

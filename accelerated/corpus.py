@@ -1,0 +1,146 @@
+"""Evaluation text, tokenization and windows (docs/12-evaluation.md §12.1).
+
+:func:`load_corpus` returns the evaluation text and its name: a file given by
+path (or ``$KVSINK_WIKITEXT``), else the offline default text, CPython's
+bundled ``pydoc_data.topics`` (the Python language reference's topic pages,
+~465,000 characters of English prose, ~113,000 SmolLM2 tokens; installed with
+every CPython, so no download).  :func:`tokenize_corpus` tokenizes it once
+(WikiText-2 files with their rows joined by ``"\\n\\n"``, the common practice),
+:func:`make_windows` cuts the token stream into non-overlapping windows.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "DEFAULT_CORPUS_NAME",
+    "PACKAGED_TEXT_NAME",
+    "default_corpus_text",
+    "default_corpus_path",
+    "load_corpus",
+    "is_wikitext",
+    "corpus_documents",
+    "tokenize_corpus",
+    "make_windows",
+]
+
+#: Name reported for the default evaluation text.
+DEFAULT_CORPUS_NAME = "pydoc_data.topics (CPython's bundled language-reference topics)"
+#: Name reported for the packaged calibration essay when it is evaluated.
+PACKAGED_TEXT_NAME = "kvsink default corpus (accelerated/data/default_corpus.txt)"
+_WIKITEXT_ENV = "KVSINK_WIKITEXT"
+
+
+def default_corpus_text() -> str:
+    """The default evaluation text: ``pydoc_data.topics.topics``' pages in sorted key order,
+    separated by a blank line (the same string on every CPython of one version)."""
+    from pydoc_data import topics
+    return "\n\n".join(topics.topics[k].strip("\n") for k in sorted(topics.topics)) + "\n"
+
+
+def default_corpus_path() -> Path:
+    """Path of the packaged essay (original prose, ~2,300 words): the default *calibration*
+    text (``accelerated.calibration``), held out from the default evaluation text."""
+    return Path(__file__).resolve().parent / "data" / "default_corpus.txt"
+
+
+def is_wikitext(name: str) -> bool:
+    """Whether a corpus name (of :func:`load_corpus`) is a WikiText-2 raw file."""
+    return name.startswith("wikitext-2")
+
+
+def load_corpus(path=None) -> Tuple[str, str]:
+    """Return ``(text, name)`` of the evaluation corpus.
+
+    1. ``path`` if given (a WikiText-2 ``wiki.test.raw`` or any UTF-8 text file);
+       a missing file raises ``FileNotFoundError`` — an explicit path is never
+       silently replaced;
+    2. else the file named by ``$KVSINK_WIKITEXT`` (missing: ``FileNotFoundError``);
+    3. else the default text, :func:`default_corpus_text`.
+
+    ``name`` says which was used: ``"wikitext-2 test (<path>)"`` for a file named
+    ``wiki.test.raw``, :data:`PACKAGED_TEXT_NAME` for the packaged essay,
+    ``"<path>"`` for another file, :data:`DEFAULT_CORPUS_NAME` for the default.
+    An empty file is a ``ValueError``.
+    """
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"--data file {p} does not exist; pass the path of a text file "
+                                    "(e.g. WikiText-2's wiki.test.raw), or omit it to use the default "
+                                    "text")
+        return _named(p)
+    env = os.environ.get(_WIKITEXT_ENV)
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"${_WIKITEXT_ENV}={env} does not exist; fix or unset it")
+        return _named(p)
+    return default_corpus_text(), DEFAULT_CORPUS_NAME
+
+
+def _named(p: Path) -> Tuple[str, str]:
+    text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"corpus file {p} is empty")
+    if p.name == "wiki.test.raw":
+        return text, f"wikitext-2 test ({p})"
+    if p.resolve() == default_corpus_path():
+        return text, PACKAGED_TEXT_NAME
+    return text, str(p)
+
+
+def corpus_documents(text: str) -> List[str]:
+    """Rows of a raw text file as the Hugging Face ``wikitext`` dataset gives them.
+
+    One row per line; a non-blank line keeps its trailing ``"\\n"``, a blank
+    line becomes ``""`` (the ``wikitext-2-raw-v1`` loading script).
+    """
+    return [line if line.strip() else "" for line in text.splitlines(keepends=True)]
+
+
+def tokenize_corpus(text: str, tokenizer, *, wikitext_rows: bool = True) -> torch.Tensor:
+    """Token ids ``(1, N)`` of the whole corpus, tokenized once.
+
+    ``wikitext_rows=True``: the rows of :func:`corpus_documents` are joined with
+    ``"\\n\\n"`` (the common practice for WikiText raw in GPTQ / KIVI / lm-eval
+    style perplexity scripts); False: the text as it is.  Tokenized with the
+    tokenizer's defaults (a BOS token only at the very start, and only if the
+    tokenizer adds one).
+    """
+    joined = "\n\n".join(corpus_documents(text)) if wikitext_rows else text
+    enc = tokenizer(joined, return_tensors="pt", verbose=False)
+    return enc["input_ids"].to(torch.long)
+
+
+def make_windows(input_ids, seq_len: int, max_windows: Optional[int] = None) -> torch.Tensor:
+    """Non-overlapping windows ``(W, seq_len)`` of a token stream.
+
+    ``input_ids`` is ``(N,)`` or ``(1, N)``.  Window ``w`` holds tokens
+    ``[w * seq_len, (w + 1) * seq_len)``; a trailing partial window is dropped;
+    the first ``max_windows`` are kept (``None``: all).
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an int >= 2 (one prediction needs two tokens), got {seq_len!r}")
+    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)
+                                    or max_windows < 1):
+        raise ValueError(f"max_windows must be None or an int >= 1, got {max_windows!r}")
+    ids = torch.as_tensor(input_ids)
+    if ids.ndim == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.ndim != 1:
+        raise ValueError(f"input_ids must have shape (N,) or (1, N), got {tuple(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor, got {ids.dtype}")
+    n = ids.shape[0] // seq_len
+    if n == 0:
+        raise ValueError(f"the corpus has {ids.shape[0]} tokens, fewer than seq_len={seq_len}; "
+                         "use a smaller seq_len or a longer corpus")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seq_len].reshape(n, seq_len).to(torch.long)
