@@ -448,8 +448,8 @@ def _calibrate(model, config: KVSinkConfig, windows: torch.Tensor, *, kvquant_ca
     calibration text, or — none given — on the first evaluation window.
     """
     from . import calibration as CAL
-    fisher = CAL._check_kvquant_fisher(kvquant_fisher, config,
-                                       calibration_given=kvquant_calibration is not None)
+    fisher = CAL.check_kvquant_fisher(kvquant_fisher, config,
+                                      calibration_given=kvquant_calibration is not None)
     kvquant = config.quantizer == "kvquant"
     if kvquant_calibration is not None and not kvquant:
         raise ValueError("kvquant_calibration is only used by quantizer='kvquant' (the config has "
@@ -605,8 +605,8 @@ def perplexity_fake_quant(model, input_ids, config: KVSinkConfig, *, seq_len: in
             raise ValueError("preserve='oracle' with quantizer='kvquant': the KVQuant calibration "
                              "excludes the calibration text's preserved tokens and has no oracle set "
                              "for it; use preserve 'pfn' and/or 'kvsink'")
-        from . import hf
-        inv_freq = hf._kvquant_inv_freq(model)
+        from .hf.support import kvquant_inv_freq
+        inv_freq = kvquant_inv_freq(model)
     config, cals, record = _calibrate(model, config, windows, kvquant_calibration=kvquant_calibration,
                                       calibration_ids=calibration_ids, calibration_text=calibration_text,
                                       tokenizer=tokenizer, kvquant_fisher=kvquant_fisher)
@@ -630,12 +630,12 @@ def perplexity_fake_quant(model, input_ids, config: KVSinkConfig, *, seq_len: in
 
 def _check_layer_calibrations(model, config: KVSinkConfig, cals) -> list:
     """One KVQuant calibration per decoder layer (None entries: the nf grid, no outliers)."""
-    from . import hf
-    text_config = hf._text_config(model)
-    num_layers = len(hf._layer_types(text_config))
+    from .hf import support
+    text_config = support.text_config(model)
+    num_layers = len(support.layer_types(text_config))
     if cals is None:
         return [None] * num_layers
-    return hf._check_kvquant_calibrations(cals, config, text_config, num_layers)
+    return support.check_kvquant_calibrations(cals, config, text_config, num_layers)
 
 
 def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int = 1,
