@@ -11,12 +11,15 @@
 #   K scale / zero float32: axis "channel" (B, H, ceil(T/G), D); axis "token" (B, H, T, ceil(D/G));
 #            zero absent (symmetric scheme).  V likewise.
 #   out: m, l float32 (B*H, n_split, R); acc float32 (B*H, n_split, R, D); merged over the splits
-#        by merge_splits_kernel (one launch; v2 used ~13 small torch ops) into (B, Hq, Tq[, D]).
+#        by merge_splits_kernel (one launch) into (B, Hq, Tq[, D]).
 #   Grid (B*H, n_split): a program owns one KV head (all g*Tq query rows of its group, so the
 #   packed K/V are read ONCE) and a contiguous token range, BLOCK_T tokens per step; the codes are
 #   unpacked and dequantized in registers (x = q*s + z), never written back.
-#   This is the v2 kernel (quantized_attention_kernel), still used for many rows (tl.dot) and
-#   "tf32x3"; decode (<= 8 rows, "ieee") uses the v3 kernel further down (decode_attention_kernel).
+#   Two kernels: quantized_attention_kernel (many rows: tl.dot, or "tf32x3") and, for decode
+#   (<= 8 rows per KV head, "ieee"), decode_attention_kernel further down (grid (B*H*NRG, n_split)).
+#   Their launch settings are DotLaunch / DecodeLaunch, chosen by dot_launch / decode_launch from the
+#   device's SM count (accelerated/attention_launch.py); earlier versions (the v2 kernel with its torch
+#   merge) live in bench/versions/ for the before/after timings.
 #
 # BYTES MOVED PER CALL (the floor: every packed word and statistic read once)
 #   K, V words: 2 * 4*B*H*T*ceil(D/cpw);  stats: 4*B*H*(n_stat_k*(2 or 1) + n_stat_v*(2 or 1));
@@ -38,15 +41,15 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-import triton
-import triton.language as tl
 
-_TARGET_PROGRAMS = 528     # ~4 waves of 132 SMs
+from .attention_launch import DecodeLaunch, decode_launch, dot_launch, merge_launch
+from .triton_support import tl, triton
 
-
-def _p2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+__all__ = ["quantized_attention_kernel", "decode_attention_kernel", "merge_splits_kernel",
+           "quantized_partial_attention", "decode_partial_attention"]
 
 
 @triton.jit
@@ -385,6 +388,8 @@ def merge_splits_kernel(m_s_ptr, l_s_ptr, acc_s_ptr, m_ptr, l_ptr, acc_ptr, n_sp
     tl.store(acc_ptr + pid * D + dd, tl.sum(acc, axis=0), mask=d_ok)
 
 
+# --------------------------------------------------------------------------- entry points
+
 def _stat_count(p) -> int:
     """Runtime NG of a packed tensor: groups along T (channel) or along D (token)."""
     return p.scale.shape[-2] if p.axis == "channel" else p.scale.shape[-1]
@@ -398,150 +403,102 @@ def _bh_strides(x: torch.Tensor, name: str):  # noqa: ARG001
     return x, x.stride(0), x.stride(1)
 
 
+def _strided_parts(p):
+    """words, scale, zero of a packed side and their (batch, head) strides (zero = scale if absent)."""
+    wds, wsb, wsh = _bh_strides(p.words, "words")
+    s, ssb, ssh = _bh_strides(p.scale, "scale")
+    z = s
+    if p.zero is not None:
+        z = p.zero
+        if z.stride() != s.stride():
+            s, z = s.contiguous(), z.contiguous()
+            ssb, ssh = s.stride(0), s.stride(1)
+    return wds, wsb, wsh, s, z, ssb, ssh
+
+
+def _partials(bh: int, n_split: int, r: int, d: int, device):
+    m_s = torch.empty((bh, n_split, r), dtype=torch.float32, device=device)
+    acc_s = torch.empty((bh, n_split, r, d), dtype=torch.float32, device=device)
+    return m_s, torch.empty_like(m_s), acc_s
+
+
 def _merge(m_s, l_s, acc_s, b, hq, tq, d):
     bh, n_split, r = m_s.shape
     dev = m_s.device
     m = torch.empty((b, hq, tq), dtype=torch.float32, device=dev)
     l = torch.empty_like(m)
     acc = torch.empty((b, hq, tq, d), dtype=torch.float32, device=dev)
-    merge_splits_kernel[(bh * r,)](m_s, l_s, acc_s, m, l, acc, n_split, R=r, D=d, D_PAD=_p2(d),
-                                   NS_BLOCK=min(32, _p2(n_split)), num_warps=4)
+    ml = merge_launch(n_split, d)
+    merge_splits_kernel[(bh * r,)](m_s_ptr=m_s, l_s_ptr=l_s, acc_s_ptr=acc_s, m_ptr=m, l_ptr=l,
+                                   acc_ptr=acc, n_split=n_split, R=r, D=d, D_PAD=ml.d_pad,
+                                   NS_BLOCK=ml.ns_block, num_warps=ml.num_warps)
     return m, l, acc
 
 
 def decode_partial_attention(q: torch.Tensor, keys, values, qp: torch.Tensor, kp: torch.Tensor,
-                             scale: float, a: int = None, num_warps: int = 4, n_split: int = None,
-                             prefetch: bool = None, target_programs: int = None, rb: int = 4):
-    """v3 (decode: g*Tq <= 8 rows per KV head, float32 "ieee"): see the header above."""
+                             scale: float, launch: Optional[DecodeLaunch] = None, **choices):
+    """Decode (g*Tq <= 8 rows per KV head, float32 "ieee"): see the header above.  ``launch``:
+    None = :func:`decode_launch` for this shape and device (``choices`` are its keywords)."""
     b, hq, tq, d = q.shape
     h, t_len = keys.shape[1], keys.shape[2]
-    r = (hq // h) * tq
-    rb = min(rb, _p2(r))
-    nrg = -(-r // rb)
+    if launch is None:
+        launch = decode_launch(q.shape, keys, values, q.device, **choices)
+    r = launch.rows
     qg = q.reshape(b, h, r, d).contiguous()
-
-    def spec(p):
-        cpw = 32 // p.bits
-        w = -(-d // cpw)
-        w_pad = _p2(w)
-        return cpw, _p2(cpw), w, w_pad
-
-    kcpw, kcpw_pad, kw_n, kw_pad = spec(keys)
-    vcpw, vcpw_pad, vw_n, vw_pad = spec(values)
-    lanes_t = max(1, 32 // max(kw_pad, vw_pad))
-    ts = lanes_t * num_warps
-    if a is None:
-        a = 2
-    bt = a * ts
-    n_tiles = -(-t_len // bt)
-    if n_split is None:
-        if target_programs is None:
-            target_programs = 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count
-                                   if q.is_cuda else 16)
-        target = target_programs
-        # floor, not ceil: programs <= target, a whole number of waves (v3 at 4 warps and ~255
-        # registers keeps 2 programs per SM resident; 4 per SM = 2 full waves, no 3rd partial wave)
-        n_split = max(1, min(n_tiles, target // (b * h * nrg)))
-    tiles_per_split = -(-n_tiles // n_split)
-    n_split = -(-n_tiles // tiles_per_split)
-    dev = q.device
-    m_s = torch.empty((b * h, n_split, r), dtype=torch.float32, device=dev)
-    l_s = torch.empty_like(m_s)
-    acc_s = torch.empty((b * h, n_split, r, d), dtype=torch.float32, device=dev)
-
-    def parts(p):
-        wds, wsb, wsh = _bh_strides(p.words, "words")
-        s, ssb, ssh = _bh_strides(p.scale, "scale")
-        z = s
-        if p.zero is not None:
-            z = p.zero
-            if z.stride() != s.stride():
-                s, z = s.contiguous(), z.contiguous()
-                ssb, ssh = s.stride(0), s.stride(1)
-        return wds, wsb, wsh, s, z, ssb, ssh
-
-    kw, kw_sb, kw_sh, ks, kz, ks_sb, ks_sh = parts(keys)
-    vw, vw_sb, vw_sh, vs, vz, vs_sb, vs_sh = parts(values)
+    m_s, l_s, acc_s = _partials(b * h, launch.n_split, r, d, q.device)
+    kw, kw_sb, kw_sh, ks, kz, ks_sb, ks_sh = _strided_parts(keys)
+    vw, vw_sb, vw_sh, vs, vz, vs_sb, vs_sh = _strided_parts(values)
     if kp.stride(-1) != 1:
         kp = kp.contiguous()
-    ktile = keys.axis == "channel" and keys.group_size % bt == 0
-    if prefetch is None:        # prefetch only when the per-channel statistics are one row per tile
-        prefetch = keys.axis != "channel" or ktile      # (else the prefetched gather spills: bench)
-    vtile = values.axis == "channel" and values.group_size % bt == 0
-    kword = keys.axis == "token" and keys.group_size % kcpw == 0
-    vword = values.axis == "token" and values.group_size % vcpw == 0
-    grid = (b * h * nrg, n_split)
+    grid = (b * h * launch.nrg, launch.n_split)
     decode_attention_kernel[grid](
-        qg, qp.contiguous(), kp, kw, ks, kz, vw, vs, vz, m_s, l_s, acc_s,
-        h, t_len, tq, _stat_count(keys), _stat_count(values), tiles_per_split, n_split, float(scale), 1,
-        kp.stride(0), kw_sb, kw_sh, ks_sb, ks_sh, vw_sb, vw_sh, vs_sb, vs_sh,
-        R=r, RB=rb, NRG=nrg, D=d, A=a, TS=ts,
-        KW=kw_n, KW_PAD=kw_pad, KBITS=keys.bits, KCPW=kcpw, KCPW_PAD=kcpw_pad, KG=keys.group_size,
-        KCHAN=keys.axis == "channel", KSYM=keys.symmetric, KTILE=ktile, KWORD=kword,
-        VW=vw_n, VW_PAD=vw_pad, VBITS=values.bits, VCPW=vcpw, VCPW_PAD=vcpw_pad, VG=values.group_size,
-        VCHAN=values.axis == "channel", VSYM=values.symmetric, VTILE=vtile, VWORD=vword,
-        PREFETCH=prefetch, num_warps=num_warps, num_stages=1)
+        q_ptr=qg, qpos_ptr=qp.contiguous(), kpos_ptr=kp, kw_ptr=kw, ks_ptr=ks, kz_ptr=kz,
+        vw_ptr=vw, vs_ptr=vs, vz_ptr=vz, m_ptr=m_s, l_ptr=l_s, acc_ptr=acc_s,
+        H=h, T=t_len, TQ=tq, NGK=_stat_count(keys), NGV=_stat_count(values),
+        tiles_per_split=launch.tiles_per_split, n_split=launch.n_split, scale=float(scale), wstride=1,
+        kpos_sb=kp.stride(0), kw_sb=kw_sb, kw_sh=kw_sh, ks_sb=ks_sb, ks_sh=ks_sh,
+        vw_sb=vw_sb, vw_sh=vw_sh, vs_sb=vs_sb, vs_sh=vs_sh,
+        R=r, RB=launch.rb, NRG=launch.nrg, D=d, A=launch.a, TS=launch.ts,
+        **launch.keys.constexprs("K"), **launch.values.constexprs("V"),
+        PREFETCH=launch.prefetch, num_warps=launch.num_warps, num_stages=launch.num_stages)
     return _merge(m_s, l_s, acc_s, b, hq, tq, d)
 
 
 def quantized_partial_attention(q: torch.Tensor, keys, values, qp: torch.Tensor, kp: torch.Tensor,
                                 scale: float, precision: str = "ieee", block_t: int = None,
                                 n_split: int = None, num_stages: int = 1, num_warps: int = 4,
-                                use_dot: bool = None, version: int = 3, **v3_options):
+                                use_dot: bool = None, **decode_choices):
     """(m, l, acc) of the quantized segment; arguments validated by accelerated/attention.py.
 
     ``q`` float32 (B, Hq, Tq, D); ``keys``/``values`` PackedQuantizedTensor (B, H, T, D);
     ``qp`` int64 (B, Tq); ``kp`` int64 (B, T) with invalid keys at -1.
-    Decode (g*Tq <= 8 rows per KV head, precision "ieee"): the v3 kernel; otherwise (or
-    ``version=2``) the v2 kernel below (``tl.dot`` for many rows or "tf32x3").
+    Decode (g*Tq <= 8 rows per KV head, precision "ieee"): :func:`decode_partial_attention`;
+    otherwise :func:`quantized_attention_kernel` (``tl.dot`` for many rows or "tf32x3").
     """
     b, hq, tq, d = q.shape
     h, t_len = keys.shape[1], keys.shape[2]
-    g = hq // h
-    r = g * tq
-    if use_dot is None:                 # few rows (decode): CUDA-core products; many rows: tl.dot
-        use_dot = precision == "tf32x3" or r > 8
-    if version == 3 and not use_dot:
+    launch = dot_launch(q.shape, keys, q.device, precision, block_t=block_t, n_split=n_split,
+                        num_warps=num_warps, num_stages=num_stages, use_dot=use_dot)
+    if not launch.use_dot:
         return decode_partial_attention(q, keys, values, qp, kp, scale, n_split=n_split,
-                                        num_warps=num_warps, **v3_options)
-    m_pad = max(16, _p2(r)) if use_dot else _p2(r)
-    if block_t is None:
-        block_t = 64 if use_dot else max(1, 64 // m_pad)
-        block_t = max(block_t, 1)
+                                        num_warps=num_warps, **decode_choices)
+    r = launch.rows
     qg = q.reshape(b, h, r, d).contiguous()
-    n_tiles = -(-t_len // block_t)
-    if n_split is None:
-        n_split = max(1, min(n_tiles, -(-_TARGET_PROGRAMS // (b * h))))
-    tiles_per_split = -(-n_tiles // n_split)
-    n_split = -(-n_tiles // tiles_per_split)
-    dev = q.device
-    m_s = torch.empty((b * h, n_split, r), dtype=torch.float32, device=dev)
-    l_s = torch.empty_like(m_s)
-    acc_s = torch.empty((b * h, n_split, r, d), dtype=torch.float32, device=dev)
-
-    def parts(p):
-        s = p.scale.contiguous()
-        z = s if p.zero is None else p.zero.contiguous()
-        return p.words.contiguous(), s, z
-
-    kw, ks, kz = parts(keys)
-    vw, vs, vz = parts(values)
-    grid = (b * h, n_split)
-    quantized_attention_kernel[grid](
-        qg, qp.contiguous(), kp.contiguous(), kw, ks, kz, vw, vs, vz, m_s, l_s, acc_s,
-        h, t_len, tq, _stat_count(keys), _stat_count(values), tiles_per_split, n_split, float(scale),
-        R=r, M_PAD=m_pad, D=d, D_PAD=max(16, _p2(d)), BLOCK_T=block_t,
+    m_s, l_s, acc_s = _partials(b * h, launch.n_split, r, d, q.device)
+    kw, ks = keys.words.contiguous(), keys.scale.contiguous()
+    kz = ks if keys.zero is None else keys.zero.contiguous()
+    vw, vs = values.words.contiguous(), values.scale.contiguous()
+    vz = vs if values.zero is None else values.zero.contiguous()
+    quantized_attention_kernel[(b * h, launch.n_split)](
+        q_ptr=qg, qpos_ptr=qp.contiguous(), kpos_ptr=kp.contiguous(), kw_ptr=kw, ks_ptr=ks,
+        kz_ptr=kz, vw_ptr=vw, vs_ptr=vs, vz_ptr=vz, m_ptr=m_s, l_ptr=l_s, acc_ptr=acc_s,
+        H=h, T=t_len, TQ=tq, NGK=_stat_count(keys), NGV=_stat_count(values),
+        tiles_per_split=launch.tiles_per_split, n_split=launch.n_split, scale=float(scale),
+        R=r, M_PAD=launch.m_pad, D=d, D_PAD=launch.d_pad, BLOCK_T=launch.block_t,
         KW=kw.shape[-1], KBITS=keys.bits, KCPW=32 // keys.bits, KG=keys.group_size,
         KCHAN=keys.axis == "channel", KSYM=keys.symmetric,
         VW=vw.shape[-1], VBITS=values.bits, VCPW=32 // values.bits, VG=values.group_size,
         VCHAN=values.axis == "channel", VSYM=values.symmetric,
-        PREC=precision, USE_DOT=use_dot, num_warps=num_warps,
-        num_stages=num_stages)
-    if version == 2:                    # v2's merge (torch ops), kept for the before/after bench
-        big_m = m_s.amax(dim=1)
-        safe = torch.where(torch.isfinite(big_m), big_m, torch.zeros_like(big_m))
-        w = torch.where(torch.isfinite(m_s), torch.exp(m_s - safe[:, None]), torch.zeros_like(m_s))
-        l = (w * l_s).sum(dim=1)
-        acc = (w[..., None] * acc_s).sum(dim=1)
-        return (big_m.reshape(b, hq, tq), l.reshape(b, hq, tq), acc.reshape(b, hq, tq, d))
+        PREC=precision, USE_DOT=launch.use_dot, num_warps=launch.num_warps,
+        num_stages=launch.num_stages)
     return _merge(m_s, l_s, acc_s, b, hq, tq, d)

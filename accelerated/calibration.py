@@ -23,7 +23,8 @@ import torch
 
 from reference.config import KVSinkConfig
 
-__all__ = ["CALIBRATION_TOKENS", "calibration_ids", "calibrate_config", "calibrate_kvquant_model"]
+__all__ = ["CALIBRATION_TOKENS", "DEFAULT_CALIBRATION_FILE", "calibration_ids", "calibrate_config",
+           "calibrate_kvquant_model", "check_kvquant_fisher"]
 
 #: Tokens of the default calibration text.
 CALIBRATION_TOKENS = 512
@@ -154,7 +155,7 @@ def calibrate_config(model, config: KVSinkConfig, input_ids=None, *, text: Optio
     return _predictor_fields(config, hidden)
 
 
-def _check_kvquant_fisher(fisher, config: KVSinkConfig, *, name: str = "kvquant_fisher",
+def check_kvquant_fisher(fisher, config: KVSinkConfig, *, name: str = "kvquant_fisher",
                           calibration_given: bool = False) -> bool:
     """Validate the Fisher switch of a KVQuant calibration (``fisher=`` / ``kvquant_fisher=``).
 
@@ -213,7 +214,7 @@ def calibrate_kvquant_model(model, config: KVSinkConfig, input_ids=None, *, text
         raise TypeError(f"config must be a KVSinkConfig, got {type(config).__name__}")
     if config.quantizer != "kvquant":
         raise ValueError(f"calibrate_kvquant_model needs quantizer='kvquant', got {config.quantizer!r}")
-    fisher = _check_kvquant_fisher(fisher, config, name="fisher")
+    fisher = check_kvquant_fisher(fisher, config, name="fisher")
     if "oracle" in config.preserve:
         raise ValueError("KVQuant calibration excludes the calibration text's preserved tokens, and "
                          "preserve='oracle' (attention of future queries) has no set on the "

@@ -156,8 +156,8 @@ def _calibrate(model, config: KVSinkConfig, windows: torch.Tensor, *, kvquant_ca
     calibration text, or — none given — on the first evaluation window.
     """
     from . import calibration as CAL
-    fisher = CAL._check_kvquant_fisher(kvquant_fisher, config,
-                                       calibration_given=kvquant_calibration is not None)
+    fisher = CAL.check_kvquant_fisher(kvquant_fisher, config,
+                                      calibration_given=kvquant_calibration is not None)
     kvquant = config.quantizer == "kvquant"
     if kvquant_calibration is not None and not kvquant:
         raise ValueError("kvquant_calibration is only used by quantizer='kvquant' (the config has "
@@ -361,8 +361,8 @@ def perplexity_fake_quant(model, input_ids, config: KVSinkConfig, *, seq_len: in
             raise ValueError("preserve='oracle' with quantizer='kvquant': the KVQuant calibration "
                              "excludes the calibration text's preserved tokens and has no oracle set "
                              "for it; use preserve 'pfn' and/or 'kvsink'")
-        from .kvquant import model_inv_freq
-        inv_freq = model_inv_freq(model)
+        from .hf.support import kvquant_inv_freq
+        inv_freq = kvquant_inv_freq(model)
     config, cals, record = _calibrate(model, config, windows, kvquant_calibration=kvquant_calibration,
                                       calibration_ids=calibration_ids, calibration_text=calibration_text,
                                       tokenizer=tokenizer, kvquant_fisher=kvquant_fisher)
@@ -406,22 +406,12 @@ def _check_positions(positions, n_windows: int, seq_len: int) -> Optional[List[L
 
 def _check_layer_calibrations(model, config: KVSinkConfig, cals) -> list:
     """One KVQuant calibration per decoder layer (None entries: the nf grid, no outliers)."""
-    text_config = model.config.get_text_config(decoder=True)
-    num_layers = int(text_config.num_hidden_layers)
+    from .hf import support
+    text_config = support.text_config(model)
+    num_layers = len(support.layer_types(text_config))
     if cals is None:
         return [None] * num_layers
-    if not isinstance(cals, (list, tuple)) or len(cals) != num_layers:
-        raise ValueError(f"kvquant_calibration must be a list with one KVQuantCalibration per decoder "
-                         f"layer: the model has {num_layers} decoder layers, got "
-                         f"{len(cals) if isinstance(cals, (list, tuple)) else type(cals).__name__}")
-    h = int(text_config.num_key_value_heads)
-    d = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    for i, cal in enumerate(cals):
-        try:
-            cal.check(config, h, int(d))
-        except ValueError as exc:
-            raise ValueError(f"kvquant_calibration[{i}] does not fit: {exc}") from None
-    return list(cals)
+    return support.check_kvquant_calibrations(cals, config, text_config, num_layers)
 
 
 def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int = 1,

@@ -45,30 +45,32 @@
 #   ties (t == beta_k) to the lower level included (nearest_level_search below is the same loop in
 #   torch, tested on CPU against the reference).
 #
-# Triton is imported lazily (_build): CPU-only installs import this module and use the launch
-# helpers; accelerated/kvquant_tensor.py calls the kernels only for CUDA tensors when triton is installed.
+# LAUNCH: one program per tile, the grid follows the shape; the quantize tiles are quantize_kernels'
+# ChannelLaunch / TokenLaunch under this module's MAX_TILE (quantize_launch), the dequantize tile is
+# DequantizeLaunch (dequantize_launch).  Without triton this module imports
+# (accelerated/triton_support.py: CPU-only installs use the launch helpers and nearest_level_search);
+# accelerated/kvquant_tensor.py calls the kernels only for CUDA tensors when triton is installed (or under
+# TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass
 from typing import Tuple
 
 import torch
+
+from .quantize_kernels import ChannelLaunch, TokenLaunch, channel_launch, token_launch
+from .triton_support import floor_pow2, next_pow2, tl, triton
+
+__all__ = ["MAX_TILE", "MAX_TOKEN_GROUPS", "DEQ_TILE", "kernel_supported", "quantize_launch",
+           "DequantizeLaunch", "dequantize_launch", "broadcast_strides", "nearest_level_search",
+           "quantize_channel_kernel", "quantize_token_kernel", "dequantize_kernel", "quantize_dense",
+           "dequantize_dense"]
 
 MAX_TILE = 2048           # elements of one quantize program's register tile (sm_90: <= ~200 registers,
                           # no spills; the boundary search keeps 64-bit addresses per element)
 MAX_TOKEN_GROUPS = 16     # axis "token": groups per row are unrolled; more than this -> torch path
 DEQ_TILE = 4096           # elements of one dequantize program's tile
-
-
-def _p2(n: int) -> int:
-    """Smallest power of two >= n (1 for n <= 1)."""
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _floor_p2(n: int) -> int:
-    """Largest power of two <= max(n, 1)."""
-    return 1 << (max(1, int(n)).bit_length() - 1)
 
 
 # --------------------------------------------------------------------------- launch helpers (no triton)
@@ -84,46 +86,45 @@ def kernel_supported(shape, group_size: int, axis: str) -> bool:
     return not (axis == "token" and -(-d // int(group_size)) > MAX_TOKEN_GROUPS)
 
 
-def quantize_launch(shape, bits: int, group_size: int, axis: str) -> dict:
-    """Tile sizes and grid of the quantize kernel for a ``(B, H, T, D)`` tensor.
-
-    Returns a dict with ``grid`` (number of programs), ``cpw``, ``W`` (words
-    per row), ``CPW_PAD`` and, for axis "channel", ``NGT`` (token groups),
-    ``G_PAD`` (rows of a tile), ``W_BLOCK`` (words per tile), ``n_blocks``
-    (word blocks per group); for axis "token", ``NGD`` (channel groups),
-    ``T_BLOCK`` (tokens per tile), ``W_PAD``, ``n_blocks`` (token blocks per row).
-    Every tile has at most :data:`MAX_TILE` elements (one row of words may
-    exceed it when ``W_PAD * CPW_PAD > MAX_TILE``: D > 8192 channels).
+def quantize_launch(shape, bits: int, group_size: int, axis: str):
+    """The tiling of the quantize kernel for a ``(B, H, T, D)`` tensor: a
+    :class:`~accelerated.quantize_kernels.ChannelLaunch` (axis "channel": ``NGT`` token groups,
+    ``G_PAD`` rows and ``W_BLOCK`` words per tile, ``n_blocks`` word blocks per group) or
+    :class:`~accelerated.quantize_kernels.TokenLaunch` (axis "token": ``NGD`` channel groups,
+    ``T_BLOCK`` tokens per tile, ``W_PAD``, ``n_blocks`` token blocks per row), with ``grid``,
+    ``cpw``, ``W``, ``CPW_PAD``; fields also read by name (``launch["W"]``).  Every tile has at most
+    :data:`MAX_TILE` elements (one row of words may exceed it when ``W_PAD * CPW_PAD > MAX_TILE``:
+    D > 8192 channels).
     """
-    b, h, t, d = (int(n) for n in shape)
-    cpw = 32 // int(bits)
-    w = -(-d // cpw)
-    cpw_pad = _p2(cpw)
-    out = dict(cpw=cpw, W=w, CPW_PAD=cpw_pad)
     if axis == "channel":
-        ngt = -(-t // group_size)
-        g_pad = _p2(min(group_size, t))
-        w_block = _floor_p2(min(_p2(w), MAX_TILE // (g_pad * cpw_pad)))
-        n_wb = -(-w // w_block)
-        out.update(NGT=ngt, G_PAD=g_pad, W_BLOCK=w_block, n_blocks=n_wb, grid=b * h * ngt * n_wb)
-    elif axis == "token":
-        ngd = -(-d // group_size)
-        w_pad = _p2(w)
-        t_block = _floor_p2(min(64, MAX_TILE // (w_pad * cpw_pad)))
-        n_tb = -(-t // t_block)
-        out.update(NGD=ngd, W_PAD=w_pad, T_BLOCK=t_block, n_blocks=n_tb, grid=b * h * n_tb)
-    else:
-        raise ValueError(f"axis={axis!r} is not allowed; choose 'token' or 'channel'")
-    return out
+        return channel_launch(shape, bits, group_size, max_tile=MAX_TILE)
+    if axis == "token":
+        return token_launch(shape, bits, group_size, max_tile=MAX_TILE)
+    raise ValueError(f"axis={axis!r} is not allowed; choose 'token' or 'channel'")
 
 
-def dequantize_launch(shape) -> dict:
-    """Tile and grid of the dequantize kernel: ``D_PAD`` channels by ``T_BLOCK`` tokens per program."""
+@dataclass(frozen=True)
+class DequantizeLaunch:
+    """Tiling of :func:`dequantize_kernel`: a program is one row n, ``T_BLOCK`` tokens by ``D_PAD``
+    channels (field names are the kernel's parameters; also read by name, ``launch["D_PAD"]``)."""
+
+    D_PAD: int
+    T_BLOCK: int
+    n_blocks: int          # token blocks per row
+    grid: int
+    num_warps: int = 4
+
+    def __getitem__(self, name: str):
+        return getattr(self, name)
+
+
+def dequantize_launch(shape) -> DequantizeLaunch:
+    """The :class:`DequantizeLaunch` of a ``(B, H, T, D)`` tensor: under :data:`DEQ_TILE` elements."""
     b, h, t, d = (int(n) for n in shape)
-    d_pad = _p2(d)
-    t_block = _floor_p2(min(_p2(t), max(1, DEQ_TILE // d_pad)))
+    d_pad = next_pow2(d)
+    t_block = floor_pow2(min(next_pow2(t), max(1, DEQ_TILE // d_pad)))
     n_tb = -(-t // t_block)
-    return dict(D_PAD=d_pad, T_BLOCK=t_block, n_blocks=n_tb, grid=b * h * n_tb)
+    return DequantizeLaunch(D_PAD=d_pad, T_BLOCK=t_block, n_blocks=n_tb, grid=b * h * n_tb)
 
 
 def broadcast_strides(table: torch.Tensor, shape) -> Tuple[torch.Tensor, Tuple[int, int, int, int]]:
@@ -175,186 +176,184 @@ def nearest_level_search(t: torch.Tensor, beta: torch.Tensor, bits: int) -> torc
 _NO_SPECIALIZE = ["H", "T", "NGT", "NGD", "n_wblocks", "n_tblocks", "sxb", "sxh", "sxt", "sb", "sh", "st",
                   "sd", "G", "NSTAT"]
 
-@functools.lru_cache(maxsize=None)
-def _build():
-    """Define the Triton kernels (imports triton on first use).
+@triton.jit
+def _search(t, beta_ptr, base, ok, BITS: tl.constexpr):
+    # binary search over the sorted boundaries: q = #{k : t > beta_k}
+    q = tl.zeros(t.shape, dtype=tl.int32)
+    for i in tl.static_range(BITS):
+        step = 1 << (BITS - 1 - i)
+        bk = tl.load(beta_ptr + base + (q + (step - 1)), mask=ok, other=0.0)
+        q = tl.where(t > bk, q + step, q)
+    return q
 
-    The kernels and their helpers are bound as module globals (Triton resolves the
-    names a kernel calls in its ``__globals__``, the interpreter as well)."""
-    global triton, tl, _search, _codes_out
-    import triton
-    import triton.language as tl
+@triton.jit
+def _codes_out(codes_ptr, words_ptr, code, ok, row_off, d, w, j, row_ok, w_ok, D, W,
+               BITS: tl.constexpr, CPW: tl.constexpr, WRITE_CODES: tl.constexpr,
+               WRITE_WORDS: tl.constexpr):
+    # code (R, W_BLOCK, CPW_PAD) int32; row_off (R,) int64 = row index n*T + t; d (1, W_BLOCK,
+    # CPW_PAD) channel, j (1, 1, CPW_PAD) position in the word
+    if WRITE_CODES:
+        tl.store(codes_ptr + row_off[:, None, None] * D + d, code.to(tl.uint8), mask=ok)
+    if WRITE_WORDS:
+        qi = tl.where(ok, code, 0).to(tl.uint32)
+        # padded lanes (j >= CPW) hold 0 and get shift 0: a shift >= 32 would be LLVM poison
+        # (seen miscompiled on sm_90 for b = 6), even though its lane is zero
+        shifted = qi << tl.where(j < CPW, j * BITS, 0).to(tl.uint32)
+        packed = tl.sum(shifted, axis=2)                          # disjoint fields: sum == or
+        tl.store(words_ptr + row_off[:, None] * W + w[None, :], packed.to(tl.int32, bitcast=True),
+                 mask=row_ok[:, None] & w_ok[None, :])
 
-    @triton.jit
-    def _search(t, beta_ptr, base, ok, BITS: tl.constexpr):
-        # binary search over the sorted boundaries: q = #{k : t > beta_k}
-        q = tl.zeros(t.shape, dtype=tl.int32)
-        for i in tl.static_range(BITS):
-            step = 1 << (BITS - 1 - i)
-            bk = tl.load(beta_ptr + base + (q + (step - 1)), mask=ok, other=0.0)
-            q = tl.where(t > bk, q + step, q)
-        return q
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def quantize_channel_kernel(x_ptr, excl_ptr, outl_ptr, beta_ptr, codes_ptr, words_ptr, scale_ptr,
+                            centre_ptr, H, T, NGT, n_wblocks, sxb, sxh, sxt, sxd, sb, sh, st, sd,
+                            D, W, G, BITS: tl.constexpr, CPW: tl.constexpr,
+                            G_PAD: tl.constexpr, W_BLOCK: tl.constexpr,
+                            CPW_PAD: tl.constexpr, WRITE_CODES: tl.constexpr,
+                            WRITE_WORDS: tl.constexpr):
+    # one program: rows n, token group g, words [wb*W_BLOCK, ...); s, c per channel (reduce axis 0)
+    pid = tl.program_id(0)
+    wb = pid % n_wblocks
+    rest = pid // n_wblocks
+    g = rest % NGT
+    n = (rest // NGT).to(tl.int64)
+    bi = n // H
+    hi_ = n % H
+    r = tl.arange(0, G_PAD)
+    w = wb * W_BLOCK + tl.arange(0, W_BLOCK)
+    j = tl.arange(0, CPW_PAD)
+    t = g * G + r
+    row_ok = (r < G) & (t < T)
+    d = w[:, None] * CPW + j[None, :]                             # (W_BLOCK, CPW_PAD)
+    col_ok = (j[None, :] < CPW) & (d < D)
+    ok = row_ok[:, None, None] & col_ok[None, :, :]
+    t64 = t.to(tl.int64)
+    d64 = d.to(tl.int64)
+    x = tl.load(x_ptr + bi * sxb + hi_ * sxh + t64[:, None, None] * sxt + d64[None, :, :] * sxd,
+                mask=ok, other=0.0)
+    row_off = n * T + t64
+    ex = tl.load(excl_ptr + bi * T + t64, mask=row_ok, other=1)
+    ol = tl.load(outl_ptr + row_off[:, None, None] * D + d64[None, :, :], mask=ok, other=1)
+    counted = ok & (ex == 0)[:, None, None] & (ol == 0)
+    n_counted = tl.sum(counted.to(tl.int32), axis=0)              # (W_BLOCK, CPW_PAD)
+    empty = n_counted == 0
+    lo = tl.min(tl.where(counted, x, float("inf")), axis=0)
+    hi = tl.max(tl.where(counted, x, float("-inf")), axis=0)
+    lo = tl.where(empty, 0.0, lo)
+    hi = tl.where(empty, 0.0, hi)
+    s = tl.math.div_rn(hi - lo, tl.zeros_like(lo) + 2.0)
+    c = lo + s
+    stat = (n * NGT + g) * D + d64
+    tl.store(scale_ptr + stat, s, mask=col_ok)
+    tl.store(centre_ptr + stat, c, mask=col_ok)
+    nz = s != 0
+    safe = tl.where(nz, s, 1.0)
+    xe = tl.where(counted, x, c[None])
+    tn = tl.where(nz[None], tl.math.div_rn(xe - c[None], safe[None]), 0.0)
+    base = bi * sb + hi_ * sh + t64[:, None, None] * st + d64[None, :, :] * sd
+    q = _search(tn, beta_ptr, base, ok, BITS)
+    code = tl.where(counted & nz[None], q, 0)
+    _codes_out(codes_ptr, words_ptr, code, ok, row_off, d64[None, :, :], w, j[None, None, :], row_ok,
+               w < W, D, W, BITS, CPW, WRITE_CODES, WRITE_WORDS)
 
-    @triton.jit
-    def _codes_out(codes_ptr, words_ptr, code, ok, row_off, d, w, j, row_ok, w_ok, D, W,
-                   BITS: tl.constexpr, CPW: tl.constexpr, WRITE_CODES: tl.constexpr,
-                   WRITE_WORDS: tl.constexpr):
-        # code (R, W_BLOCK, CPW_PAD) int32; row_off (R,) int64 = row index n*T + t; d (1, W_BLOCK,
-        # CPW_PAD) channel, j (1, 1, CPW_PAD) position in the word
-        if WRITE_CODES:
-            tl.store(codes_ptr + row_off[:, None, None] * D + d, code.to(tl.uint8), mask=ok)
-        if WRITE_WORDS:
-            qi = tl.where(ok, code, 0).to(tl.uint32)
-            # padded lanes (j >= CPW) hold 0 and get shift 0: a shift >= 32 would be LLVM poison
-            # (seen miscompiled on sm_90 for b = 6), even though its lane is zero
-            shifted = qi << tl.where(j < CPW, j * BITS, 0).to(tl.uint32)
-            packed = tl.sum(shifted, axis=2)                          # disjoint fields: sum == or
-            tl.store(words_ptr + row_off[:, None] * W + w[None, :], packed.to(tl.int32, bitcast=True),
-                     mask=row_ok[:, None] & w_ok[None, :])
-
-    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-    def quantize_channel_kernel(x_ptr, excl_ptr, outl_ptr, beta_ptr, codes_ptr, words_ptr, scale_ptr,
-                                centre_ptr, H, T, NGT, n_wblocks, sxb, sxh, sxt, sxd, sb, sh, st, sd,
-                                D, W, G, BITS: tl.constexpr, CPW: tl.constexpr,
-                                G_PAD: tl.constexpr, W_BLOCK: tl.constexpr,
-                                CPW_PAD: tl.constexpr, WRITE_CODES: tl.constexpr,
-                                WRITE_WORDS: tl.constexpr):
-        # one program: rows n, token group g, words [wb*W_BLOCK, ...); s, c per channel (reduce axis 0)
-        pid = tl.program_id(0)
-        wb = pid % n_wblocks
-        rest = pid // n_wblocks
-        g = rest % NGT
-        n = (rest // NGT).to(tl.int64)
-        bi = n // H
-        hi_ = n % H
-        r = tl.arange(0, G_PAD)
-        w = wb * W_BLOCK + tl.arange(0, W_BLOCK)
-        j = tl.arange(0, CPW_PAD)
-        t = g * G + r
-        row_ok = (r < G) & (t < T)
-        d = w[:, None] * CPW + j[None, :]                             # (W_BLOCK, CPW_PAD)
-        col_ok = (j[None, :] < CPW) & (d < D)
-        ok = row_ok[:, None, None] & col_ok[None, :, :]
-        t64 = t.to(tl.int64)
-        d64 = d.to(tl.int64)
-        x = tl.load(x_ptr + bi * sxb + hi_ * sxh + t64[:, None, None] * sxt + d64[None, :, :] * sxd,
-                    mask=ok, other=0.0)
-        row_off = n * T + t64
-        ex = tl.load(excl_ptr + bi * T + t64, mask=row_ok, other=1)
-        ol = tl.load(outl_ptr + row_off[:, None, None] * D + d64[None, :, :], mask=ok, other=1)
-        counted = ok & (ex == 0)[:, None, None] & (ol == 0)
-        n_counted = tl.sum(counted.to(tl.int32), axis=0)              # (W_BLOCK, CPW_PAD)
-        empty = n_counted == 0
-        lo = tl.min(tl.where(counted, x, float("inf")), axis=0)
-        hi = tl.max(tl.where(counted, x, float("-inf")), axis=0)
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def quantize_token_kernel(x_ptr, excl_ptr, outl_ptr, beta_ptr, codes_ptr, words_ptr, scale_ptr,
+                          centre_ptr, H, T, NGD, n_tblocks, sxb, sxh, sxt, sxd, sb, sh, st, sd,
+                          D, W, G, BITS: tl.constexpr, CPW: tl.constexpr,
+                          NG: tl.constexpr, T_BLOCK: tl.constexpr,
+                          W_PAD: tl.constexpr, CPW_PAD: tl.constexpr, WRITE_CODES: tl.constexpr,
+                          WRITE_WORDS: tl.constexpr):
+    # one program: row n, tokens [tb*T_BLOCK, ...), all D channels; groups of G channels unrolled
+    pid = tl.program_id(0)
+    tb = pid % n_tblocks
+    n = (pid // n_tblocks).to(tl.int64)
+    bi = n // H
+    hi_ = n % H
+    t = tb * T_BLOCK + tl.arange(0, T_BLOCK)
+    w = tl.arange(0, W_PAD)
+    j = tl.arange(0, CPW_PAD)
+    row_ok = t < T
+    d = w[:, None] * CPW + j[None, :]
+    col_ok = (j[None, :] < CPW) & (d < D)
+    ok = row_ok[:, None, None] & col_ok[None, :, :]
+    t64 = t.to(tl.int64)
+    d64 = d.to(tl.int64)
+    x = tl.load(x_ptr + bi * sxb + hi_ * sxh + t64[:, None, None] * sxt + d64[None, :, :] * sxd,
+                mask=ok, other=0.0)
+    row_off = n * T + t64
+    ex = tl.load(excl_ptr + bi * T + t64, mask=row_ok, other=1)
+    ol = tl.load(outl_ptr + row_off[:, None, None] * D + d64[None, :, :], mask=ok, other=1)
+    counted = ok & (ex == 0)[:, None, None] & (ol == 0)
+    grp = (d // G)[None, :, :]                                    # (1, W_PAD, CPW_PAD)
+    s_full = tl.zeros_like(x)
+    c_full = tl.zeros_like(x)
+    for gi in tl.static_range(NG):
+        in_g = counted & (grp == gi)
+        cnt = tl.sum(tl.sum(in_g.to(tl.int32), axis=2), axis=1)  # (T_BLOCK,)
+        empty = cnt == 0
+        lo = tl.min(tl.min(tl.where(in_g, x, float("inf")), axis=2), axis=1)
+        hi = tl.max(tl.max(tl.where(in_g, x, float("-inf")), axis=2), axis=1)
         lo = tl.where(empty, 0.0, lo)
         hi = tl.where(empty, 0.0, hi)
-        s = tl.math.div_rn(hi - lo, tl.zeros_like(lo) + 2.0)
-        c = lo + s
-        stat = (n * NGT + g) * D + d64
-        tl.store(scale_ptr + stat, s, mask=col_ok)
-        tl.store(centre_ptr + stat, c, mask=col_ok)
-        nz = s != 0
-        safe = tl.where(nz, s, 1.0)
-        xe = tl.where(counted, x, c[None])
-        tn = tl.where(nz[None], tl.math.div_rn(xe - c[None], safe[None]), 0.0)
-        base = bi * sb + hi_ * sh + t64[:, None, None] * st + d64[None, :, :] * sd
-        q = _search(tn, beta_ptr, base, ok, BITS)
-        code = tl.where(counted & nz[None], q, 0)
-        _codes_out(codes_ptr, words_ptr, code, ok, row_off, d64[None, :, :], w, j[None, None, :], row_ok,
-                   w < W, D, W, BITS, CPW, WRITE_CODES, WRITE_WORDS)
+        s_g = tl.math.div_rn(hi - lo, tl.zeros_like(lo) + 2.0)
+        c_g = lo + s_g
+        s_full = tl.where(grp == gi, s_g[:, None, None], s_full)
+        c_full = tl.where(grp == gi, c_g[:, None, None], c_full)
+        tl.store(scale_ptr + row_off * NGD + gi, s_g, mask=row_ok & (gi < NGD))
+        tl.store(centre_ptr + row_off * NGD + gi, c_g, mask=row_ok & (gi < NGD))
+    nz = s_full != 0
+    safe = tl.where(nz, s_full, 1.0)
+    xe = tl.where(counted, x, c_full)
+    tn = tl.where(nz, tl.math.div_rn(xe - c_full, safe), 0.0)
+    base = bi * sb + hi_ * sh + t64[:, None, None] * st + d64[None, :, :] * sd
+    q = _search(tn, beta_ptr, base, ok, BITS)
+    code = tl.where(counted & nz, q, 0)
+    _codes_out(codes_ptr, words_ptr, code, ok, row_off, d64[None, :, :], w, j[None, None, :], row_ok,
+               w < W, D, W, BITS, CPW, WRITE_CODES, WRITE_WORDS)
 
-    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-    def quantize_token_kernel(x_ptr, excl_ptr, outl_ptr, beta_ptr, codes_ptr, words_ptr, scale_ptr,
-                              centre_ptr, H, T, NGD, n_tblocks, sxb, sxh, sxt, sxd, sb, sh, st, sd,
-                              D, W, G, BITS: tl.constexpr, CPW: tl.constexpr,
-                              NG: tl.constexpr, T_BLOCK: tl.constexpr,
-                              W_PAD: tl.constexpr, CPW_PAD: tl.constexpr, WRITE_CODES: tl.constexpr,
-                              WRITE_WORDS: tl.constexpr):
-        # one program: row n, tokens [tb*T_BLOCK, ...), all D channels; groups of G channels unrolled
-        pid = tl.program_id(0)
-        tb = pid % n_tblocks
-        n = (pid // n_tblocks).to(tl.int64)
-        bi = n // H
-        hi_ = n % H
-        t = tb * T_BLOCK + tl.arange(0, T_BLOCK)
-        w = tl.arange(0, W_PAD)
-        j = tl.arange(0, CPW_PAD)
-        row_ok = t < T
-        d = w[:, None] * CPW + j[None, :]
-        col_ok = (j[None, :] < CPW) & (d < D)
-        ok = row_ok[:, None, None] & col_ok[None, :, :]
-        t64 = t.to(tl.int64)
-        d64 = d.to(tl.int64)
-        x = tl.load(x_ptr + bi * sxb + hi_ * sxh + t64[:, None, None] * sxt + d64[None, :, :] * sxd,
-                    mask=ok, other=0.0)
-        row_off = n * T + t64
-        ex = tl.load(excl_ptr + bi * T + t64, mask=row_ok, other=1)
-        ol = tl.load(outl_ptr + row_off[:, None, None] * D + d64[None, :, :], mask=ok, other=1)
-        counted = ok & (ex == 0)[:, None, None] & (ol == 0)
-        grp = (d // G)[None, :, :]                                    # (1, W_PAD, CPW_PAD)
-        s_full = tl.zeros_like(x)
-        c_full = tl.zeros_like(x)
-        for gi in tl.static_range(NG):
-            in_g = counted & (grp == gi)
-            cnt = tl.sum(tl.sum(in_g.to(tl.int32), axis=2), axis=1)  # (T_BLOCK,)
-            empty = cnt == 0
-            lo = tl.min(tl.min(tl.where(in_g, x, float("inf")), axis=2), axis=1)
-            hi = tl.max(tl.max(tl.where(in_g, x, float("-inf")), axis=2), axis=1)
-            lo = tl.where(empty, 0.0, lo)
-            hi = tl.where(empty, 0.0, hi)
-            s_g = tl.math.div_rn(hi - lo, tl.zeros_like(lo) + 2.0)
-            c_g = lo + s_g
-            s_full = tl.where(grp == gi, s_g[:, None, None], s_full)
-            c_full = tl.where(grp == gi, c_g[:, None, None], c_full)
-            tl.store(scale_ptr + row_off * NGD + gi, s_g, mask=row_ok & (gi < NGD))
-            tl.store(centre_ptr + row_off * NGD + gi, c_g, mask=row_ok & (gi < NGD))
-        nz = s_full != 0
-        safe = tl.where(nz, s_full, 1.0)
-        xe = tl.where(counted, x, c_full)
-        tn = tl.where(nz, tl.math.div_rn(xe - c_full, safe), 0.0)
-        base = bi * sb + hi_ * sh + t64[:, None, None] * st + d64[None, :, :] * sd
-        q = _search(tn, beta_ptr, base, ok, BITS)
-        code = tl.where(counted & nz, q, 0)
-        _codes_out(codes_ptr, words_ptr, code, ok, row_off, d64[None, :, :], w, j[None, None, :], row_ok,
-                   w < W, D, W, BITS, CPW, WRITE_CODES, WRITE_WORDS)
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def dequantize_kernel(src_ptr, scale_ptr, centre_ptr, lv_ptr, out_ptr, H, T, n_tblocks,
+                      sb, sh, st, sd, NSTAT, D, W, G, BITS: tl.constexpr,
+                      CPW: tl.constexpr, NLEV: tl.constexpr,
+                      CHANNEL: tl.constexpr, PACKED: tl.constexpr, T_BLOCK: tl.constexpr,
+                      D_PAD: tl.constexpr):
+    # one program: row n, tokens [tb*T_BLOCK, ...); x^ = l_q * s + c, two roundings (no FMA:
+    # launched with enable_fp_fusion=False).  An invalid unpacked code (outside [0, 2**b)) gives NaN.
+    pid = tl.program_id(0)
+    tb = pid % n_tblocks
+    n = (pid // n_tblocks).to(tl.int64)
+    bi = n // H
+    hi_ = n % H
+    t = (tb * T_BLOCK + tl.arange(0, T_BLOCK)).to(tl.int64)
+    d = tl.arange(0, D_PAD).to(tl.int64)
+    ok = (t < T)[:, None] & (d < D)[None, :]
+    row_off = n * T + t
+    if PACKED:
+        word = tl.load(src_ptr + row_off[:, None] * W + (d // CPW)[None, :], mask=ok, other=0)
+        shift = ((d % CPW) * BITS).to(tl.uint32)
+        q = ((word.to(tl.uint32, bitcast=True) >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.int32)
+    else:
+        q = tl.load(src_ptr + row_off[:, None] * D + d[None, :], mask=ok, other=0).to(tl.int32)
+    valid = ok & (q >= 0) & (q < NLEV)
+    base = bi * sb + hi_ * sh + t[:, None] * st + d[None, :] * sd
+    lq = tl.load(lv_ptr + base + q, mask=valid, other=float("nan"))
+    if CHANNEL:
+        stat = (n * NSTAT + t[:, None] // G) * D + d[None, :]
+    else:
+        stat = row_off[:, None] * NSTAT + d[None, :] // G
+    s = tl.load(scale_ptr + stat, mask=ok, other=0.0)
+    c = tl.load(centre_ptr + stat, mask=ok, other=0.0)
+    prod = lq * s
+    tl.store(out_ptr + row_off[:, None] * D + d[None, :], prod + c, mask=ok)
 
-    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-    def dequantize_kernel(src_ptr, scale_ptr, centre_ptr, lv_ptr, out_ptr, H, T, n_tblocks,
-                          sb, sh, st, sd, NSTAT, D, W, G, BITS: tl.constexpr,
-                          CPW: tl.constexpr, NLEV: tl.constexpr,
-                          CHANNEL: tl.constexpr, PACKED: tl.constexpr, T_BLOCK: tl.constexpr,
-                          D_PAD: tl.constexpr):
-        # one program: row n, tokens [tb*T_BLOCK, ...); x^ = l_q * s + c, two roundings (no FMA:
-        # launched with enable_fp_fusion=False).  An invalid unpacked code (outside [0, 2**b)) gives NaN.
-        pid = tl.program_id(0)
-        tb = pid % n_tblocks
-        n = (pid // n_tblocks).to(tl.int64)
-        bi = n // H
-        hi_ = n % H
-        t = (tb * T_BLOCK + tl.arange(0, T_BLOCK)).to(tl.int64)
-        d = tl.arange(0, D_PAD).to(tl.int64)
-        ok = (t < T)[:, None] & (d < D)[None, :]
-        row_off = n * T + t
-        if PACKED:
-            word = tl.load(src_ptr + row_off[:, None] * W + (d // CPW)[None, :], mask=ok, other=0)
-            shift = ((d % CPW) * BITS).to(tl.uint32)
-            q = ((word.to(tl.uint32, bitcast=True) >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.int32)
-        else:
-            q = tl.load(src_ptr + row_off[:, None] * D + d[None, :], mask=ok, other=0).to(tl.int32)
-        valid = ok & (q >= 0) & (q < NLEV)
-        base = bi * sb + hi_ * sh + t[:, None] * st + d[None, :] * sd
-        lq = tl.load(lv_ptr + base + q, mask=valid, other=float("nan"))
-        if CHANNEL:
-            stat = (n * NSTAT + t[:, None] // G) * D + d[None, :]
-        else:
-            stat = row_off[:, None] * NSTAT + d[None, :] // G
-        s = tl.load(scale_ptr + stat, mask=ok, other=0.0)
-        c = tl.load(centre_ptr + stat, mask=ok, other=0.0)
-        prod = lq * s
-        tl.store(out_ptr + row_off[:, None] * D + d[None, :], prod + c, mask=ok)
 
-    return dict(channel=quantize_channel_kernel, token=quantize_token_kernel, dequantize=dequantize_kernel)
+def _quantize_outputs(shape, lp, axis: str, codes: bool, words: bool, dev):
+    """Empty codes / words (None where not asked for) and scale, centre in the reference's shapes."""
+    bsz, h, t, d = shape
+    codes_t = torch.empty((bsz, h, t, d), dtype=torch.uint8, device=dev) if codes else None
+    words_t = torch.empty((bsz, h, t, lp.W), dtype=torch.int32, device=dev) if words else None
+    stat_shape = (bsz, h, lp.NGT, d) if axis == "channel" else (bsz, h, t, lp.NGD)
+    scale = torch.empty(stat_shape, dtype=torch.float32, device=dev)
+    return codes_t, words_t, scale, torch.empty_like(scale)
 
 
 def quantize_dense(x32: torch.Tensor, excl: torch.Tensor, outliers: torch.Tensor, beta: torch.Tensor,
@@ -371,34 +370,26 @@ def quantize_dense(x32: torch.Tensor, excl: torch.Tensor, outliers: torch.Tensor
     """
     if not (codes or words):
         raise ValueError("quantize_dense: ask for codes, words or both")
-    k = _build()
-    bsz, h, t, d = (int(n) for n in x32.shape)
-    lp = quantize_launch(x32.shape, bits, group_size, axis)
+    shape = tuple(int(n) for n in x32.shape)
+    lp = quantize_launch(shape, bits, group_size, axis)
     dev = x32.device
-    ex = excl.contiguous().view(torch.uint8)
-    ol = outliers.contiguous().view(torch.uint8)
-    beta_c, (sb, sh, st, sd) = broadcast_strides(beta.to(device=dev, dtype=torch.float32), x32.shape)
-    codes_t = torch.empty((bsz, h, t, d), dtype=torch.uint8, device=dev) if codes else None
-    words_t = torch.empty((bsz, h, t, lp["W"]), dtype=torch.int32, device=dev) if words else None
-    if axis == "channel":
-        stat_shape = (bsz, h, lp["NGT"], d)
-    else:
-        stat_shape = (bsz, h, t, lp["NGD"])
-    scale = torch.empty(stat_shape, dtype=torch.float32, device=dev)
-    centre = torch.empty_like(scale)
-    cp = codes_t if codes else scale                    # unused pointer when not written
-    wp = words_t if words else scale
+    beta_c, (sb, sh, st, sd) = broadcast_strides(beta.to(device=dev, dtype=torch.float32), shape)
+    codes_t, words_t, scale, centre = _quantize_outputs(shape, lp, axis, codes, words, dev)
     sx = x32.stride()
-    common = dict(D=d, W=lp["W"], G=int(group_size), BITS=int(bits), CPW=lp["cpw"], CPW_PAD=lp["CPW_PAD"],
-                  WRITE_CODES=bool(codes), WRITE_WORDS=bool(words), num_warps=4, enable_fp_fusion=False)
+    args = dict(x_ptr=x32, excl_ptr=excl.contiguous().view(torch.uint8),
+                outl_ptr=outliers.contiguous().view(torch.uint8), beta_ptr=beta_c,
+                codes_ptr=codes_t if codes else scale,           # unused pointer when not written
+                words_ptr=words_t if words else scale, scale_ptr=scale, centre_ptr=centre,
+                H=shape[1], T=shape[2], sxb=sx[0], sxh=sx[1], sxt=sx[2], sxd=sx[3],
+                sb=sb, sh=sh, st=st, sd=sd, D=shape[3], W=lp.W, G=int(group_size), BITS=int(bits),
+                CPW=lp.cpw, CPW_PAD=lp.CPW_PAD, WRITE_CODES=bool(codes), WRITE_WORDS=bool(words),
+                num_warps=lp.num_warps, enable_fp_fusion=False)
     if axis == "channel":
-        k["channel"][(lp["grid"],)](x32, ex, ol, beta_c, cp, wp, scale, centre, h, t, lp["NGT"],
-                                    lp["n_blocks"], sx[0], sx[1], sx[2], sx[3], sb, sh, st, sd,
-                                    G_PAD=lp["G_PAD"], W_BLOCK=lp["W_BLOCK"], **common)
+        quantize_channel_kernel[(lp.grid,)](NGT=lp.NGT, n_wblocks=lp.n_blocks, G_PAD=lp.G_PAD,
+                                            W_BLOCK=lp.W_BLOCK, **args)
     else:
-        k["token"][(lp["grid"],)](x32, ex, ol, beta_c, cp, wp, scale, centre, h, t, lp["NGD"],
-                                  lp["n_blocks"], sx[0], sx[1], sx[2], sx[3], sb, sh, st, sd,
-                                  NG=lp["NGD"], T_BLOCK=lp["T_BLOCK"], W_PAD=lp["W_PAD"], **common)
+        quantize_token_kernel[(lp.grid,)](NGD=lp.NGD, n_tblocks=lp.n_blocks, NG=lp.NGD,
+                                          T_BLOCK=lp.T_BLOCK, W_PAD=lp.W_PAD, **args)
     return codes_t, words_t, scale, centre
 
 
@@ -412,18 +403,17 @@ def dequantize_dense(src: torch.Tensor, scale: torch.Tensor, centre: torch.Tenso
     reference's shapes; ``levels`` ``(..., 2**b)`` broadcasting against
     ``shape + (2**b,)``.  Outliers are not written (the caller does, in torch).
     """
-    k = _build()
     bsz, h, t, d = (int(n) for n in shape)
     lp = dequantize_launch(shape)
     dev = src.device
-    n_lev = 1 << int(bits)
     lv_c, (sb, sh, st, sd) = broadcast_strides(levels.to(device=dev, dtype=torch.float32), shape)
     out = torch.empty((bsz, h, t, d), dtype=torch.float32, device=dev)
     cpw = 32 // int(bits)
     nstat = scale.shape[-2] if axis == "channel" else scale.shape[-1]
-    k["dequantize"][(lp["grid"],)](src.contiguous(), scale.contiguous(), centre.contiguous(), lv_c, out,
-                                   h, t, lp["n_blocks"], sb, sh, st, sd, nstat, D=d, W=-(-d // cpw),
-                                   G=int(group_size), BITS=int(bits), CPW=cpw, NLEV=n_lev,
-                                   CHANNEL=axis == "channel", PACKED=bool(packed), T_BLOCK=lp["T_BLOCK"],
-                                   D_PAD=lp["D_PAD"], num_warps=4, enable_fp_fusion=False)
+    dequantize_kernel[(lp.grid,)](
+        src_ptr=src.contiguous(), scale_ptr=scale.contiguous(), centre_ptr=centre.contiguous(),
+        lv_ptr=lv_c, out_ptr=out, H=h, T=t, n_tblocks=lp.n_blocks, sb=sb, sh=sh, st=st, sd=sd,
+        NSTAT=nstat, D=d, W=-(-d // cpw), G=int(group_size), BITS=int(bits), CPW=cpw,
+        NLEV=1 << int(bits), CHANNEL=axis == "channel", PACKED=bool(packed), T_BLOCK=lp.T_BLOCK,
+        D_PAD=lp.D_PAD, num_warps=lp.num_warps, enable_fp_fusion=False)
     return out

@@ -31,11 +31,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from reference.packing import WORD_BITS, check_bits, codes_per_word, packed_length
-from reference import packing as _ref_packing
+from reference.packing import WORD_BITS, check_bits, check_length, codes_per_word, packed_length
 
 __all__ = [
     "check_bits",
+    "check_length",
     "codes_per_word",
     "packed_length",
     "pack_codes",
@@ -51,7 +51,6 @@ WORD_DTYPE = torch.int32
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-_check_length = _ref_packing._check_length   # the reference's argument check
 
 
 def words_from_reference(words) -> torch.Tensor:
@@ -133,7 +132,7 @@ def unpack_codes(words: torch.Tensor, bits: int, n: int, *, validate: bool = Tru
     sync) for words this package wrote itself.
     """
     bits = check_bits(bits)
-    n = _check_length(n)
+    n = check_length(n)
     if not isinstance(words, torch.Tensor):
         raise TypeError(f"words must be a torch.int32 tensor (uint32 bit pattern), "
                         f"got {type(words).__name__}")

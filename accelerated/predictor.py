@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from reference import predictor as _ref
+from reference.predictor import check_channels, check_threshold
 
 __all__ = [
     "outlier_scores",
@@ -33,6 +34,8 @@ __all__ = [
     "sink_channels",
     "stable_outlier_channels",
     "sink_threshold",
+    "check_channels",
+    "check_threshold",
     "calibrate_predictor",
     "DEFAULT_OUTLIER_RATIO",
     "DEFAULT_WINDOW",
@@ -64,7 +67,7 @@ def _hidden(name: str, x, checks=None) -> torch.Tensor:
 
 def threshold_float32(threshold) -> float:
     """The largest float32 number ``<= threshold`` (as a Python float), for exact float32 comparison."""
-    thr = _ref._threshold(threshold)
+    thr = check_threshold(threshold)
     t32 = np.float32(thr)
     if float(t32) > thr:
         t32 = np.nextafter(t32, np.float32(-np.inf))
@@ -84,7 +87,7 @@ def outlier_scores(hidden: torch.Tensor, channels, *, checks=None) -> torch.Tens
     ``checks``: None (a NaN/Inf in ``hidden`` raises ``ValueError`` here, one device->host
     synchronisation) or an ``accelerated.cache.DeferredChecks`` that records the test instead."""
     h = _hidden("hidden", hidden, checks)
-    idx = _channel_index(tuple(_ref._channels(channels, h.shape[-1])), h.device)
+    idx = _channel_index(tuple(check_channels(channels, h.shape[-1])), h.device)
     return h.index_select(-1, idx).abs().amax(dim=-1)
 
 

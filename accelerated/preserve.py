@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from reference.config import KVSinkConfig
-from reference import preserve as _ref_preserve
+from reference.preserve import check_count
 
 __all__ = [
     "preserve_first_n",
@@ -24,6 +24,7 @@ __all__ = [
     "union",
     "cap_preserved",
     "preserved_set",
+    "check_count",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -42,13 +43,12 @@ def _bool_mask(name: str, x, shape=None) -> torch.Tensor:
     return x
 
 
-_count = _ref_preserve._count        # the reference's argument check
 
 
 def preserve_first_n(valid: torch.Tensor, n: int) -> torch.Tensor:
     """The first ``n`` valid tokens of each row (Definition 3.1), bool ``(B, T)``."""
     valid = _bool_mask("valid", valid)
-    n = _count("n", n)
+    n = check_count("n", n)
     rank = torch.cumsum(valid.to(torch.int64), dim=1)
     return valid & (rank <= n)
 
@@ -135,7 +135,7 @@ def cap_preserved(flags: torch.Tensor, max_count: Optional[int]) -> torch.Tensor
     flags = _bool_mask("flags", flags)
     if max_count is None:
         return flags.clone()
-    max_count = _count("max_count", max_count)
+    max_count = check_count("max_count", max_count)
     return flags & (torch.cumsum(flags.to(torch.int64), dim=1) <= max_count)
 
 

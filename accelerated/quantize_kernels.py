@@ -33,21 +33,26 @@
 #   the kvquant kernel's words for b = 6; the attention kernel's scores for D = 1, b = 3, see
 #   attention_kernels.py SHIFTS), so _pack gives padded lanes shift 0: tl.where(j < CPW, j*b, 0).
 #
-# This module imports triton at its top: accelerated/quantize.py imports it only for a CUDA tensor
-# when triton is installed (see quantize._kernel_usable), so CPU-only installs never load it.
+# LAUNCH: one program per tile (no split over the sequence: the grid follows the shape); the tile
+# is ChannelLaunch / TokenLaunch, chosen by channel_launch / token_launch under the register budget
+# MAX_TILE.  accelerated/quantize.py runs the kernels only for a CUDA tensor when triton is
+# installed (quantize._kernel_usable); without triton this module still imports
+# (accelerated/triton_support.py) and a launch raises.  The first version of these kernels is kept in
+# bench/versions/quantize_kernels_v1.py for the before/after timings.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import triton
-import triton.language as tl
 
-_MAX_TILE = 8192          # elements of one program's register tile
+from .triton_support import floor_pow2, next_pow2, tl, triton
+
+__all__ = ["MAX_TILE", "MAX_TOKEN_GROUPS", "ChannelLaunch", "TokenLaunch", "channel_launch",
+           "token_launch", "quantize_channel_kernel", "quantize_token_kernel", "quantize_pack"]
+
+MAX_TILE = 8192           # elements of one program's register tile (sm_90, no spills)
 MAX_TOKEN_GROUPS = 16     # axis "token": groups per row are unrolled; more than this -> torch path
-
-
-def _p2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 @triton.jit
 def _rint_clamped(y, lo, hi):
@@ -193,6 +198,109 @@ def quantize_token_kernel(x_ptr, excl_ptr, words_ptr, scale_ptr, zero_ptr, flag_
              mask=row_ok[:, None] & (w[None, :] < W))
 
 
+class _ByName:
+    """A launch's fields read by name too (``launch["W_BLOCK"]``), as the kernels' parameters are."""
+
+    def __getitem__(self, name: str):
+        return getattr(self, name)
+
+
+def _rows(shape) -> tuple:
+    """``(N, T, D)`` of a ``(..., T, D)`` shape, N = the product of the leading dims."""
+    *lead, t, d = (int(v) for v in shape)
+    n = 1
+    for v in lead:
+        n *= v
+    return n, t, d
+
+
+@dataclass(frozen=True)
+class ChannelLaunch(_ByName):
+    """Tiling of :func:`quantize_channel_kernel` (and of kvquant_kernels' channel kernel): a program
+    is one row n, one token group, a block of words; field names are the kernel's parameters."""
+
+    cpw: int               # codes per word
+    W: int                 # words per token
+    CPW_PAD: int
+    NGT: int               # token groups
+    G_PAD: int             # rows of a tile (the group, padded)
+    W_BLOCK: int           # words of a tile
+    n_blocks: int          # word blocks per group
+    grid: int
+    num_warps: int = 4
+
+
+def channel_launch(shape, bits: int, group_size: int, max_tile: int = MAX_TILE) -> ChannelLaunch:
+    """The :class:`ChannelLaunch` for ``(..., T, D)`` under ``max_tile`` elements per tile."""
+    n, t, d = _rows(shape)
+    cpw = 32 // bits
+    w = -(-d // cpw)
+    cpw_pad = next_pow2(cpw)
+    ngt = -(-t // group_size)
+    g_pad = next_pow2(min(group_size, t))
+    w_block = floor_pow2(max(1, min(next_pow2(w), max_tile // (g_pad * cpw_pad))))
+    n_wb = -(-w // w_block)
+    return ChannelLaunch(cpw=cpw, W=w, CPW_PAD=cpw_pad, NGT=ngt, G_PAD=g_pad, W_BLOCK=w_block,
+                         n_blocks=n_wb, grid=n * ngt * n_wb)
+
+
+@dataclass(frozen=True)
+class TokenLaunch(_ByName):
+    """Tiling of :func:`quantize_token_kernel` (and of kvquant_kernels' token kernel): a program is
+    one row n, a block of tokens with all their words; field names are the kernel's parameters."""
+
+    cpw: int
+    W: int
+    CPW_PAD: int
+    NGD: int               # channel groups per token (unrolled: <= MAX_TOKEN_GROUPS)
+    W_PAD: int
+    T_BLOCK: int           # tokens of a tile
+    n_blocks: int          # token blocks per row
+    grid: int
+    num_warps: int = 4
+
+
+def token_launch(shape, bits: int, group_size: int, max_tile: int = MAX_TILE) -> TokenLaunch:
+    """The :class:`TokenLaunch` for ``(..., T, D)``: up to 64 tokens, under ``max_tile`` elements."""
+    n, t, d = _rows(shape)
+    cpw = 32 // bits
+    w = -(-d // cpw)
+    cpw_pad = next_pow2(cpw)
+    w_pad = next_pow2(w)
+    t_block = floor_pow2(max(1, min(64, max_tile // (w_pad * cpw_pad))))
+    n_tb = -(-t // t_block)
+    return TokenLaunch(cpw=cpw, W=w, CPW_PAD=cpw_pad, NGD=-(-d // group_size), W_PAD=w_pad,
+                       T_BLOCK=t_block, n_blocks=n_tb, grid=n * n_tb)
+
+
+def _launch_channel(x, ex, words, flag, bits, group_size, symmetric):
+    lp = channel_launch(x.shape, bits, group_size)
+    n, t, d = x.shape
+    scale = torch.empty((n, lp.NGT, d), dtype=torch.float32, device=x.device)
+    zero = None if symmetric else torch.empty_like(scale)
+    quantize_channel_kernel[(lp.grid,)](
+        x_ptr=x, excl_ptr=ex, words_ptr=words, scale_ptr=scale,
+        zero_ptr=scale if zero is None else zero, flag_ptr=words if flag is None else flag,
+        T=t, NGT=lp.NGT, n_wblocks=lp.n_blocks, D=d, W=lp.W, BITS=bits, CPW=lp.cpw, G=group_size,
+        G_PAD=lp.G_PAD, W_BLOCK=lp.W_BLOCK, CPW_PAD=lp.CPW_PAD, SYMMETRIC=symmetric,
+        L=(1 << bits) - 1, M=(1 << (bits - 1)) - 1, CHECK=flag is not None, num_warps=lp.num_warps)
+    return scale, zero, (lp.NGT, d)
+
+
+def _launch_token(x, ex, words, flag, bits, group_size, symmetric):
+    lp = token_launch(x.shape, bits, group_size)
+    n, t, d = x.shape
+    scale = torch.empty((n, t, lp.NGD), dtype=torch.float32, device=x.device)
+    zero = None if symmetric else torch.empty_like(scale)
+    quantize_token_kernel[(lp.grid,)](
+        x_ptr=x, excl_ptr=ex, words_ptr=words, scale_ptr=scale,
+        zero_ptr=scale if zero is None else zero, flag_ptr=words if flag is None else flag,
+        T=t, NGD=lp.NGD, n_tblocks=lp.n_blocks, D=d, W=lp.W, BITS=bits, CPW=lp.cpw, G=group_size,
+        NG=lp.NGD, T_BLOCK=lp.T_BLOCK, W_PAD=lp.W_PAD, CPW_PAD=lp.CPW_PAD, SYMMETRIC=symmetric,
+        L=(1 << bits) - 1, M=(1 << (bits - 1)) - 1, CHECK=flag is not None, num_warps=lp.num_warps)
+    return scale, zero, (t, lp.NGD)
+
+
 def quantize_pack(x32: torch.Tensor, excl: torch.Tensor, bits: int, group_size: int, axis: str,
                   symmetric: bool, flag: torch.Tensor = None):
     """Run the kernel: ``x32`` float32 ``(..., T, D)``, ``excl`` bool ``(..., T)``.
@@ -206,44 +314,13 @@ def quantize_pack(x32: torch.Tensor, excl: torch.Tensor, bits: int, group_size: 
     N = 1
     for n in lead:
         N *= n
-    cpw = 32 // bits
-    W = -(-D // cpw)
+    W = -(-D // (32 // bits))
     x = x32.reshape(N, T, D).contiguous()
     ex = excl.reshape(N, T).contiguous().view(torch.uint8)
     words = torch.empty((N, T, W), dtype=torch.int32, device=x.device)
-    cpw_pad = _p2(cpw)
-    if axis == "channel":
-        ngt = -(-T // group_size)
-        g_pad = _p2(min(group_size, T))
-        w_block = max(1, min(_p2(W), _MAX_TILE // (g_pad * cpw_pad)))
-        w_block = 1 << (w_block.bit_length() - 1)                 # power of two
-        n_wb = -(-W // w_block)
-        scale = torch.empty((N, ngt, D), dtype=torch.float32, device=x.device)
-        zero = None if symmetric else torch.empty_like(scale)
-        grid = (N * ngt * n_wb,)
-        quantize_channel_kernel[grid](x, ex, words, scale, scale if zero is None else zero,
-                             words if flag is None else flag, T, ngt, n_wb, D=D, W=W,
-                             BITS=bits, CPW=cpw, G=group_size, G_PAD=g_pad, W_BLOCK=w_block,
-                             CPW_PAD=cpw_pad, SYMMETRIC=symmetric,
-                             L=(1 << bits) - 1, M=(1 << (bits - 1)) - 1, CHECK=flag is not None,
-                             num_warps=4)
-        stat_shape = tuple(lead) + (ngt, D)
-    else:
-        ngd = -(-D // group_size)
-        w_pad = _p2(W)
-        t_block = max(1, min(64, _MAX_TILE // (w_pad * cpw_pad)))
-        t_block = 1 << (t_block.bit_length() - 1)
-        n_tb = -(-T // t_block)
-        scale = torch.empty((N, T, ngd), dtype=torch.float32, device=x.device)
-        zero = None if symmetric else torch.empty_like(scale)
-        grid = (N * n_tb,)
-        quantize_token_kernel[grid](x, ex, words, scale, scale if zero is None else zero,
-                           words if flag is None else flag, T, ngd, n_tb, D=D, W=W,
-                           BITS=bits, CPW=cpw, G=group_size, NG=ngd, T_BLOCK=t_block, W_PAD=w_pad,
-                           CPW_PAD=cpw_pad, SYMMETRIC=symmetric,
-                           L=(1 << bits) - 1, M=(1 << (bits - 1)) - 1, CHECK=flag is not None,
-                           num_warps=4)
-        stat_shape = tuple(lead) + (T, ngd)
+    launch = _launch_channel if axis == "channel" else _launch_token
+    scale, zero, stat_tail = launch(x, ex, words, flag, bits, group_size, symmetric)
+    stat_shape = tuple(lead) + stat_tail
     words = words.reshape(tuple(lead) + (T, W))
     scale = scale.reshape(stat_shape)
     zero = None if zero is None else zero.reshape(stat_shape)

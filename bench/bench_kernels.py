@@ -36,7 +36,7 @@ from accelerated import attention_kernels as AK                 # noqa: E402
 from accelerated.packing import words_to_reference              # noqa: E402
 
 
-def _load_version(name):
+def load_version(name):
     """A kept copy of an earlier kernel module (bench/versions/), for before/after timings."""
     import importlib.util
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "versions", name + ".py")
@@ -186,7 +186,7 @@ def bench(rows, quick):
         x = torch.randn((b, h, t_len, d), device="cuda")
         excl = torch.zeros((b, h, t_len), dtype=torch.bool, device="cuda")
         nbytes = quant_bytes(b * h, t_len, d, bits, g, axis, sym)
-        QK1 = _load_version("quantize_kernels_v1")
+        QK1 = load_version("quantize_kernels_v1")
 
         def api_v1():                                       # the v1 API: 3 syncs around the v1 kernel
             x32 = AQ._check_x(x)
@@ -236,7 +236,14 @@ def bench(rows, quick):
             it["i"] += 1
             return AK.quantized_partial_attention(q, pk, pv, qp, kp, 1 / math.sqrt(d), prec, **kw)
 
-        times["v2 fma bt16 (+torch merge)"] = timeit(lambda: kern("ieee", block_t=16, use_dot=False, version=2))
+        AK2 = load_version("attention_kernels_v2")     # the v2 kernel and its torch merge (history)
+
+        def kern_v2(**kw):
+            pk, pv = sets[it["i"] % 2]
+            it["i"] += 1
+            return AK2.quantized_partial_attention(q, pk, pv, qp, kp, 1 / math.sqrt(d), "ieee", **kw)
+
+        times["v2 fma bt16 (+torch merge)"] = timeit(lambda: kern_v2(block_t=16, use_dot=False))
         times["v2 dot tf32x3 (+merge kernel)"] = timeit(lambda: kern("tf32x3", block_t=64, use_dot=True))
         for label, kw in V3_VARIANTS:
             try:
@@ -258,8 +265,8 @@ def bench(rows, quick):
             gr2 = torch.cuda.CUDAGraph()
             with torch.cuda.stream(stream):
                 with torch.cuda.graph(gr2, stream=stream):
-                    AK.quantized_partial_attention(q, pk0, pv0, qp, kp, 1 / math.sqrt(d), "ieee",
-                                                   block_t=16, use_dot=False, version=2)
+                    AK2.quantized_partial_attention(q, pk0, pv0, qp, kp, 1 / math.sqrt(d), "ieee",
+                                                    block_t=16, use_dot=False)
             torch.cuda.current_stream().wait_stream(stream)
             times["v2 fma bt16, CUDA graph"] = timeit(gr2.replay)
         except Exception as e:

@@ -15,6 +15,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from accelerated import attention_kernels as AK            # noqa: E402
 from accelerated import quantize as AQ                     # noqa: E402
+from bench.bench_kernels import load_version               # noqa: E402
+
+AK2 = load_version("attention_kernels_v2")                 # the v2 kernel + torch merge (history)
 
 torch.manual_seed(0)
 dev = "cuda"
@@ -33,7 +36,7 @@ for (b, h, hq, tq, t_len, d, kspec, vspec) in [
     for kw in (dict(), dict(prefetch=False), dict(a=1, rb=2), dict(num_warps=1, target_programs=1000)):
         AK.decode_partial_attention(q, pk, pv, qp, kp, 1 / math.sqrt(d), **kw)
     AK.quantized_partial_attention(q, pk, pv, qp, kp, 1 / math.sqrt(d), "tf32x3")
-    AK.quantized_partial_attention(q, pk, pv, qp, kp, 1 / math.sqrt(d), "ieee", version=2)
+    AK2.quantized_partial_attention(q, pk, pv, qp, kp, 1 / math.sqrt(d), "ieee")
     torch.cuda.synchronize()
     print("ok", b, h, hq, tq, t_len, d, kspec, vspec, flush=True)
 print("sanitize runs done")

@@ -29,7 +29,7 @@ import numbers
 
 import numpy as np
 
-__all__ = ["codes_per_word", "packed_length", "pack_codes", "unpack_codes", "check_bits"]
+__all__ = ["codes_per_word", "packed_length", "pack_codes", "unpack_codes", "check_bits", "check_length"]
 
 #: Bits in one storage word.
 WORD_BITS = 32
@@ -56,7 +56,8 @@ def check_bits(bits, lo: int = 1, hi: int = 8, name: str = "bits") -> int:
     return int(bits)
 
 
-def _check_length(n, name: str = "n") -> int:
+def check_length(n, name: str = "n") -> int:
+    """``n`` (codes per row) as an int >= 0; ``ValueError`` naming ``name`` otherwise."""
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
         raise ValueError(f"{name} must be an int >= 0, got {n!r} ({type(n).__name__})")
     if n < 0:
@@ -80,7 +81,7 @@ def packed_length(n: int, bits: int) -> int:
     >>> packed_length(64, 2), packed_length(65, 2), packed_length(0, 3)
     (4, 5, 0)
     """
-    n = _check_length(n)
+    n = check_length(n)
     cpw = codes_per_word(bits)
     return -(-n // cpw)
 
@@ -164,7 +165,7 @@ def unpack_codes(words, bits: int, n: int) -> np.ndarray:
         or nonzero unused bits.
     """
     bits = check_bits(bits)
-    n = _check_length(n)
+    n = check_length(n)
     words = np.asarray(words)
     if words.dtype != np.uint32:
         raise TypeError(f"words must be a uint32 array, got {words.dtype}")

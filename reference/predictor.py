@@ -37,6 +37,8 @@ __all__ = [
     "stable_outlier_channels",
     "settled_layer",
     "sink_threshold",
+    "check_channels",
+    "check_threshold",
     "calibrate_predictor",
     "DEFAULT_OUTLIER_RATIO",
     "DEFAULT_WINDOW",
@@ -79,7 +81,8 @@ def _hidden(name: str, x, min_ndim: int = 2, max_ndim: Optional[int] = None) -> 
     return arr.astype(np.float32)
 
 
-def _channels(channels, num_channels: Optional[int]) -> Tuple[int, ...]:
+def check_channels(channels, num_channels: Optional[int]) -> Tuple[int, ...]:
+    """``channels`` as a tuple of distinct ints in ``[0, num_channels)`` (no upper bound for None)."""
     if isinstance(channels, (int, np.integer)) and not isinstance(channels, bool):
         channels = (channels,)
     try:
@@ -102,7 +105,8 @@ def _channels(channels, num_channels: Optional[int]) -> Tuple[int, ...]:
     return tuple(out)
 
 
-def _threshold(threshold) -> float:
+def check_threshold(threshold) -> float:
+    """``threshold`` as a finite float > 0 (``TypeError`` / ``ValueError`` otherwise)."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.integer, np.floating)):
         raise TypeError(f"threshold must be a float, got {threshold!r}")
     t = float(threshold)
@@ -128,7 +132,7 @@ def outlier_scores(hidden, channels) -> np.ndarray:
     out-of-range channel list, and naming ``hidden`` for a bad rank or NaN/Inf.
     """
     h = _hidden("hidden", hidden)
-    ch = _channels(channels, h.shape[-1])
+    ch = check_channels(channels, h.shape[-1])
     return np.max(np.abs(h[..., list(ch)]), axis=-1)
 
 
@@ -144,7 +148,7 @@ def predict_sinks(hidden, channels, threshold) -> np.ndarray:
     on a prefix gives the prefix of the prediction on the full sequence, and
     a decoding step predicts its new token alone.
     """
-    thr = _threshold(threshold)
+    thr = check_threshold(threshold)
     scores = outlier_scores(hidden, channels)
     return scores.astype(np.float64) > thr
 
@@ -170,8 +174,8 @@ class SinkPredictor:
                 or self.layer < 0:
             raise ValueError(f"layer must be an int >= 0, got {self.layer!r}")
         object.__setattr__(self, "layer", int(self.layer))
-        object.__setattr__(self, "channels", _channels(self.channels, None))
-        object.__setattr__(self, "threshold", _threshold(self.threshold))
+        object.__setattr__(self, "channels", check_channels(self.channels, None))
+        object.__setattr__(self, "threshold", check_threshold(self.threshold))
 
     def predict(self, hidden) -> np.ndarray:
         """``predict_sinks(hidden, self.channels, self.threshold)``; ``hidden`` is
@@ -398,7 +402,7 @@ def settled_layer(hidden_states: Sequence, layer: int, channels, growth: float =
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) \
             or not 0 <= layer <= num_layers:
         raise ValueError(f"layer must be an int in 0..{num_layers}, got {layer!r}")
-    cols = list(_channels(channels, None))
+    cols = list(check_channels(channels, None))
 
     def abs_layer(l):
         return _tokens_by_channels(hidden_states[l], valid, f"hidden_states[{l}]")

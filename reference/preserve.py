@@ -28,6 +28,7 @@ __all__ = [
     "union",
     "cap_preserved",
     "preserved_set",
+    "check_count",
 ]
 
 
@@ -43,7 +44,8 @@ def _bool_mask(name: str, x, shape=None) -> np.ndarray:
     return arr
 
 
-def _count(name: str, n) -> int:
+def check_count(name: str, n) -> int:
+    """``n`` as an int >= 0 (``TypeError`` / ``ValueError`` naming ``name`` otherwise)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {n!r}")
     if n < 0:
@@ -74,7 +76,7 @@ def preserve_first_n(valid, n: int) -> np.ndarray:
     bool ``(B, T)``.
     """
     valid = _bool_mask("valid", valid)
-    n = _count("n", n)
+    n = check_count("n", n)
     rank = np.cumsum(valid, axis=1)          # 1-based rank among valid tokens
     return valid & (rank <= n)
 
@@ -208,7 +210,7 @@ def cap_preserved(flags, max_count: Optional[int]) -> np.ndarray:
     flags = _bool_mask("flags", flags)
     if max_count is None:
         return flags.copy()
-    max_count = _count("max_count", max_count)
+    max_count = check_count("max_count", max_count)
     return flags & (np.cumsum(flags, axis=1) <= max_count)
 
 

@@ -31,9 +31,7 @@ from accelerated.cache import QuantizedKVCache, QuantizedKVCacheLayer
 from accelerated.packing import words_to_reference
 from reference import cache as ref_cache
 from reference.config import KVSinkConfig
-
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
-DEVICES = ["cpu", CUDA]
+from tests.conftest import CUDA_KERNEL_DEVICE as CUDA_KERNEL, DEVICES
 
 U32 = 2.0 ** -24
 
@@ -767,11 +765,6 @@ def test_deferred_checks_do_not_sync_and_shared_visibility_is_exact(monkeypatch)
 
 
 # --------------------------------------------------------------------------- small D, zero-range groups
-
-CUDA_KERNEL = pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="needs CUDA: the Triton decode-attention kernel (accelerated/attention_kernels.py) "
-           "runs only on a GPU; the CPU variant runs the torch path"))
 
 #: (key bits, value bits).  b = 3, 5, 6 pad a word's codes (CPW = 10, 6, 5) to 16, 8, 8 lanes whose
 #: shift j*b would reach 33..45: LLVM poison, which folded the scores of the D = 1 decode kernel away

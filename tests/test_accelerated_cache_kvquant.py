@@ -8,12 +8,12 @@ import accelerated.kvquant as akv
 from accelerated.cache import KVQuantCacheBlock, QuantizedKVCache, QuantizedKVCacheLayer
 from reference import cache as rcache
 from reference import kvquant as rkv
+from tests.conftest import DEVICES
 
 from test_reference_cache_kvquant import (  # tests/ is on sys.path (pytest rootdir insertion)
     CONFIGS, D, H, INV, calibration_for, pre_rope_tokens, rotated_scenario,
 )
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TORCH_DTYPE = {np.float32: torch.float32, np.float16: torch.float16}
 
 

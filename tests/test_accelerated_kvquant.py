@@ -7,10 +7,10 @@ import torch
 import accelerated.kvquant as A
 import reference.kvquant as R
 from reference.config import KVSinkConfig
+from tests.conftest import DEVICES
 
 F32 = np.float32
 U = 2.0 ** -24
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def cfg(**kw):

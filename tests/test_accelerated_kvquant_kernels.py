@@ -14,8 +14,6 @@ Two kinds of tests:
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -27,18 +25,9 @@ import accelerated.kvquant_kernels as K
 import reference.kvquant as R
 from accelerated.packing import words_to_reference
 from reference.config import KVSinkConfig
+from tests.conftest import KERNEL_DEVICE as KDEV, needs_kernel
 
 F32 = np.float32
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if torch.cuda.is_available() and HAVE_TRITON:
-    KDEV = "cuda"
-elif INTERPRET and HAVE_TRITON:
-    KDEV = "cpu"
-else:
-    KDEV = None
-needs_kernel = pytest.mark.skipif(KDEV is None, reason="needs CUDA and triton (or TRITON_INTERPRET=1 with "
-                                                       "triton installed): the Triton kernels cannot run")
 
 
 def t(a, device="cpu"):

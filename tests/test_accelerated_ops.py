@@ -27,10 +27,9 @@ from accelerated import packing as AP
 from accelerated import predictor as APd
 from accelerated import preserve as APs
 from accelerated import quantize as AQ
+from tests.conftest import CUDA, needs_cuda
 U = 2.0 ** -24
 ETA = 2.0 ** -149
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 
 def t(a, device="cpu"):

@@ -22,6 +22,7 @@ import torch
 
 from accelerated import evaluate as E
 from reference.config import KVSinkConfig
+from tests.conftest import needs_hf
 
 SEQ = 128          # window length of the tiny-model tests
 WINDOWS = 2
@@ -86,17 +87,7 @@ def _fake(tiny, **cfg):
     return E.perplexity_fake_quant(model, ids, KVSinkConfig(**cfg), seq_len=SEQ, max_windows=WINDOWS)
 
 
-def _cache_available():
-    try:
-        import accelerated.cache  # noqa: F401
-        import accelerated.hf  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_cache = pytest.mark.skipif(not _cache_available(),
-                                 reason="accelerated.cache / accelerated.hf not importable")
+needs_cache = needs_hf
 
 
 # =========================================================================== corpus and windows

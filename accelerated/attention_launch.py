@@ -1,0 +1,166 @@
+"""Launch settings of the attention kernels (accelerated/attention_kernels.py) as named data.
+
+One frozen dataclass per kernel and ONE function choosing it from the shape and the device:
+:func:`dot_launch` (:class:`DotLaunch`, the many-rows kernel ``quantized_attention_kernel``),
+:func:`decode_launch` (:class:`DecodeLaunch`, ``decode_attention_kernel``; with a
+:class:`PackedSide` per packed side), :func:`merge_launch` (:class:`MergeLaunch`,
+``merge_splits_kernel``).  The split over the sequence aims at :data:`PROGRAMS_PER_SM` programs
+per streaming multiprocessor, the SM count read from the device
+(:func:`accelerated.triton_support.device_properties`, cached per device).  The other choices
+(tokens per stream ``a``, ``num_warps``, rows per program ``rb``) were tuned on an H100
+(bench/bench_kernels.py, bench/compile_report.py) and are the defaults of :func:`decode_launch`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .triton_support import device_properties, next_pow2
+
+__all__ = ["PROGRAMS_PER_SM", "DotLaunch", "dot_launch", "PackedSide", "DecodeLaunch", "decode_launch",
+           "MergeLaunch", "merge_launch"]
+
+#: programs per SM the split over the sequence aims for (decode kernel at 4 warps and ~255
+#: registers keeps 2 resident per SM: 4 per SM = 2 full waves; tuned on H100, 132 SMs -> 528)
+PROGRAMS_PER_SM = 4
+
+
+def _target_programs(device) -> int:
+    return PROGRAMS_PER_SM * device_properties(device).sm_count
+
+
+@dataclass(frozen=True)
+class DotLaunch:
+    """Launch of :func:`quantized_attention_kernel` (many rows per KV head, or "tf32x3")."""
+
+    rows: int              # R = g*Tq query rows per KV head
+    m_pad: int             # rows padded (>= 16 for tl.dot)
+    d_pad: int
+    block_t: int           # tokens per tile
+    n_split: int           # programs along the sequence per KV head
+    tiles_per_split: int
+    use_dot: bool          # tl.dot, else exact float32 products on CUDA cores
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def dot_launch(q_shape, keys, device, precision: str = "ieee", *, block_t: Optional[int] = None,
+               n_split: Optional[int] = None, num_warps: int = 4, num_stages: int = 1,
+               use_dot: Optional[bool] = None) -> DotLaunch:
+    """The :class:`DotLaunch` for query ``(B, Hq, Tq, D)`` over ``keys`` ``(B, H, T, D)`` on
+    ``device``: ``n_split`` aims at :data:`PROGRAMS_PER_SM` programs per SM; keywords override."""
+    b, hq, tq, d = q_shape
+    h, t_len = keys.shape[1], keys.shape[2]
+    r = (hq // h) * tq
+    if use_dot is None:                 # few rows (decode): CUDA-core products; many rows: tl.dot
+        use_dot = precision == "tf32x3" or r > 8
+    m_pad = max(16, next_pow2(r)) if use_dot else next_pow2(r)
+    if block_t is None:
+        block_t = 64 if use_dot else max(1, 64 // m_pad)
+        block_t = max(block_t, 1)
+    n_tiles = -(-t_len // block_t)
+    if n_split is None:
+        n_split = max(1, min(n_tiles, -(-_target_programs(device) // (b * h))))
+    tiles_per_split = -(-n_tiles // n_split)
+    n_split = -(-n_tiles // tiles_per_split)
+    return DotLaunch(rows=r, m_pad=m_pad, d_pad=max(16, next_pow2(d)), block_t=block_t,
+                     n_split=n_split, tiles_per_split=tiles_per_split, use_dot=use_dot,
+                     num_warps=num_warps, num_stages=num_stages)
+
+
+@dataclass(frozen=True)
+class PackedSide:
+    """Compile-time layout of one packed side (keys or values) as the decode kernel reads it."""
+
+    words: int             # W = ceil(D / cpw) words per token
+    words_pad: int
+    bits: int
+    cpw: int               # codes per word
+    cpw_pad: int
+    group: int
+    channel: bool          # axis "channel" (statistics per G tokens), else "token"
+    symmetric: bool
+    tile_stats: bool       # channel axis, G a multiple of the tile: one statistics row per tile
+    word_stats: bool       # token axis, G a multiple of cpw: one statistic per word
+
+    def constexprs(self, p: str) -> dict:
+        """The kernel's constexpr arguments of this side (``p`` = "K" or "V")."""
+        return {p + "W": self.words, p + "W_PAD": self.words_pad, p + "BITS": self.bits,
+                p + "CPW": self.cpw, p + "CPW_PAD": self.cpw_pad, p + "G": self.group,
+                p + "CHAN": self.channel, p + "SYM": self.symmetric, p + "TILE": self.tile_stats,
+                p + "WORD": self.word_stats}
+
+
+def _packed_side(p, d: int, block_tokens: int) -> PackedSide:
+    cpw = 32 // p.bits
+    w = -(-d // cpw)
+    chan = p.axis == "channel"
+    return PackedSide(words=w, words_pad=next_pow2(w), bits=p.bits, cpw=cpw, cpw_pad=next_pow2(cpw),
+                      group=p.group_size, channel=chan, symmetric=p.symmetric,
+                      tile_stats=chan and p.group_size % block_tokens == 0,
+                      word_stats=(not chan) and p.group_size % cpw == 0)
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """Launch of :func:`decode_attention_kernel` (decode: <= 8 rows per KV head, "ieee")."""
+
+    rows: int              # R = g*Tq
+    rb: int                # rows per program
+    nrg: int               # row groups per KV head
+    a: int                 # tokens per stream per tile
+    ts: int                # streams (token lanes x warps)
+    n_split: int
+    tiles_per_split: int
+    prefetch: bool         # manual prefetch of the next tile's packed data
+    keys: PackedSide
+    values: PackedSide
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def decode_launch(q_shape, keys, values, device, *, a: int = 2, num_warps: int = 4, rb: int = 4,
+                  n_split: Optional[int] = None, prefetch: Optional[bool] = None,
+                  target_programs: Optional[int] = None) -> DecodeLaunch:
+    """The :class:`DecodeLaunch` for query ``(B, Hq, Tq, D)`` over ``keys``/``values`` on ``device``.
+
+    ``n_split``: the floor of ``target_programs`` (default :data:`PROGRAMS_PER_SM` x the device's
+    SM count) over the ``B*H*NRG`` row programs -- programs <= target, whole waves; ``prefetch``
+    (default) only when per-channel key statistics are one row per tile (else the prefetched gather
+    spills: bench/).  ``a``, ``num_warps``, ``rb``: tuned on H100 (bench/bench_kernels.py)."""
+    b, hq, tq, d = q_shape
+    h, t_len = keys.shape[1], keys.shape[2]
+    r = (hq // h) * tq
+    rb = min(rb, next_pow2(r))
+    nrg = -(-r // rb)
+    lanes_t = max(1, 32 // max(next_pow2(-(-d // (32 // keys.bits))),
+                               next_pow2(-(-d // (32 // values.bits)))))
+    ts = lanes_t * num_warps
+    bt = a * ts
+    n_tiles = -(-t_len // bt)
+    if n_split is None:
+        target = _target_programs(device) if target_programs is None else target_programs
+        n_split = max(1, min(n_tiles, target // (b * h * nrg)))
+    tiles_per_split = -(-n_tiles // n_split)
+    n_split = -(-n_tiles // tiles_per_split)
+    ks, vs = _packed_side(keys, d, bt), _packed_side(values, d, bt)
+    if prefetch is None:
+        prefetch = (not ks.channel) or ks.tile_stats
+    return DecodeLaunch(rows=r, rb=rb, nrg=nrg, a=a, ts=ts, n_split=n_split,
+                        tiles_per_split=tiles_per_split, prefetch=prefetch, keys=ks, values=vs,
+                        num_warps=num_warps)
+
+
+@dataclass(frozen=True)
+class MergeLaunch:
+    """Launch of :func:`merge_splits_kernel` (one program per (KV head, row))."""
+
+    d_pad: int
+    ns_block: int          # splits merged per loop step
+    num_warps: int = 4
+
+
+def merge_launch(n_split: int, d: int) -> MergeLaunch:
+    """The :class:`MergeLaunch` for ``n_split`` partials of head dim ``d`` (no device dependence)."""
+    return MergeLaunch(d_pad=next_pow2(d), ns_block=min(32, next_pow2(n_split)))

@@ -1,0 +1,124 @@
+"""The hooks that bind a :class:`~accelerated.hf.KVSinkCache` to a model's forward
+(docs/11-transformers.md §11.3 "Hooks"), installed once per model by :func:`install`.
+
+* a forward pre-hook on the base model finds the ``KVSinkCache`` of the call, pushes it as the
+  active cache (:mod:`accelerated.hf.step`) and begins its step with the 2-D ``attention_mask`` and
+  the ``position_ids`` (or ``cache_position``);
+* a forward pre-hook on every decoder layer hands ``hidden_states[p]`` to the cache when the layer
+  is the predictor layer ``p`` (layers ``< p`` have appended their tokens already, layers ``>= p``
+  are resolved at their update);
+* a forward hook on the base model ends the step (deferred checks, flush), and an always-called
+  one pops the active cache and abandons a step the forward left unfinished.
+
+The per-step logic is :class:`accelerated.hf.step.StepState`; these hooks only route the calls.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from .attention import ATTENTION_NAME, register
+from .step import active_cache, pop_active, push_active
+
+__all__ = ["install", "uninstall", "find_cache"]
+
+
+def find_cache(kwargs):
+    """The ``KVSinkCache`` passed to a forward as ``cache`` / ``past_key_values``, or None."""
+    from .cache import KVSinkCache
+    for key in ("cache", "past_key_values"):
+        c = kwargs.get(key)
+        if isinstance(c, KVSinkCache):
+            return c
+    return None
+
+
+class _ModelHooks:
+    """The hook functions of one model (its base model's ``forward`` signature binds the arguments)."""
+
+    def __init__(self, base):
+        self.signature = inspect.signature(base.forward)
+
+    def bind(self, args, kwargs) -> dict:
+        if args:
+            try:
+                return dict(self.signature.bind_partial(*args, **kwargs).arguments)
+            except TypeError:
+                return kwargs
+        return kwargs
+
+    def pre_forward(self, module, args, kwargs):
+        params = self.bind(args, kwargs)
+        cache = find_cache(params)
+        push_active(cache)
+        if cache is not None:
+            pos = params.get("position_ids")
+            if pos is None:
+                pos = params.get("cache_position")
+            cache.steps.begin(params.get("attention_mask"), pos)
+
+    def post_forward(self, module, args, kwargs, output):
+        cache = active_cache()
+        if cache is not None:
+            last = getattr(output, "last_hidden_state", None)
+            if last is None and isinstance(output, (tuple, list)) and output:
+                last = output[0]
+            cache.steps.end(last)
+
+    def cleanup(self, module, args, kwargs, output):
+        cache = pop_active()
+        if cache is not None:
+            cache.steps.abandon()      # no-op after end(); else the forward raised
+
+    def layer_pre(self, idx: int):
+        def hook(module, args, kwargs):
+            cache = active_cache()
+            if cache is not None and cache.predictor is not None and cache.predictor.layer == idx:
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                cache.steps.on_predictor_input(hidden)
+        return hook
+
+
+def _set_attention(model) -> str:
+    """Set ``model``'s attention implementation to ``"kvsink"``; returns the previous one."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    if model.config._attn_implementation != ATTENTION_NAME:
+        raise ValueError(f"{type(model).__name__} refused attn_implementation={ATTENTION_NAME!r} "
+                         f"(it stays {model.config._attn_implementation!r}); it does not support "
+                         "setting its attention implementation through AttentionInterface")
+    return previous
+
+
+def install(model) -> None:
+    """Register the ``"kvsink"`` attention, set it on ``model`` and add the hooks (idempotent)."""
+    register()
+    if getattr(model, "_kvsink_hooks", None) is not None:
+        if model.config._attn_implementation != ATTENTION_NAME:
+            model.set_attn_implementation(ATTENTION_NAME)
+        return
+    previous = _set_attention(model)
+    base = model.base_model
+    hooks = _ModelHooks(base)
+    handles = [
+        base.register_forward_pre_hook(hooks.pre_forward, with_kwargs=True),
+        base.register_forward_hook(hooks.post_forward, with_kwargs=True),
+        base.register_forward_hook(hooks.cleanup, with_kwargs=True, always_call=True),
+    ]
+    for i, layer in enumerate(base.layers):
+        handles.append(layer.register_forward_pre_hook(hooks.layer_pre(i), with_kwargs=True))
+    model._kvsink_hooks = handles
+    model._kvsink_previous_attn = previous
+
+
+def uninstall(model) -> None:
+    """Remove the kvsink hooks from ``model`` and restore its previous attention implementation."""
+    handles = getattr(model, "_kvsink_hooks", None)
+    if handles is None:
+        return
+    for h in handles:
+        h.remove()
+    previous = getattr(model, "_kvsink_previous_attn", None)
+    model._kvsink_hooks = None
+    if previous is not None and model.config._attn_implementation == ATTENTION_NAME:
+        model.set_attn_implementation(previous)
