@@ -455,8 +455,8 @@ KL_BOUND_4BIT = 0.005
 
 def _smol_texts():
     """Three long paragraphs: WikiText-2 test if present, else the packaged default corpus."""
-    from accelerated.hf import _DEFAULT_CALIBRATION_FILE
-    path = WIKITEXT if WIKITEXT.exists() else _DEFAULT_CALIBRATION_FILE
+    from accelerated.hf import DEFAULT_CALIBRATION_FILE
+    path = WIKITEXT if WIKITEXT.exists() else DEFAULT_CALIBRATION_FILE
     paras = [p.strip() for p in path.read_text(encoding="utf-8").split("\n") if len(p.strip()) > 800]
     return paras[:3]
 

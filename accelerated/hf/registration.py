@@ -43,7 +43,7 @@ from typing import Optional, Union
 
 from reference.config import KVSinkConfig
 
-from .hf import KVSinkCache
+from .cache import KVSinkCache
 
 __all__ = ["REGISTRATION_POINT", "cache_argument_name", "kvsink_cache", "kvsink_generate_kwargs",
            "registered"]
