@@ -15,6 +15,13 @@ import sys
 from typing import List, Optional, Sequence
 
 SUBCOMMANDS = ("eval", "calibrate", "generate")
+#: Subcommands with their own parsers, handed the rest of the command line as it is.
+DELEGATED = {"analyze": ("accelerated.analyze", "analyze_main",
+                         "the paper's figures for a model: outlier channels, attention sinks, "
+                         "predictor vs oracle, quantizing a sink (docs/14-sinks.md)"),
+             "conformance": ("conformance.command", "main",
+                             "run the conformance suite on a port: kvsink conformance --impl "
+                             "mypkg.port:factory [pytest options] (docs/13-conformance.md)")}
 #: Windows of ``kvsink eval`` by default (docs/12-evaluation.md §12.5): SmolLM2 costs 10.7
 #: CPU-seconds per 512-token forward pass (measured), a window 9 passes, so 4 windows (37 passes
 #: with the calibration) take ~400 CPU-seconds, 3.5-4 minutes on an idle 2-core CPU; 3 windows
@@ -154,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="KV-cache quantization with attention-sink preservation (KVSink): "
                     "perplexity evaluation, predictor calibration, generation. "
                     "'kvsink' alone runs 'kvsink eval'.")
-    sub = parser.add_subparsers(dest="command", metavar="{eval,calibrate,generate}")
+    sub = parser.add_subparsers(dest="command", metavar="{eval,calibrate,generate,analyze,conformance}")
 
     ev = sub.add_parser("eval", help="perplexity table: full precision vs quantized KV cache "
                                      "(no preservation, Preserve-First-N, KVSink)")
@@ -195,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--quantizer kvquant: key groups (tokens) and value groups (channels) "
                           "(default 32)")
     _generate_parser(sub)
+    for name, (_, _, text) in DELEGATED.items():     # listed in --help; main() hands them their argv
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -337,6 +346,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     traceback."""
     from .cli_eval import cmd_eval
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+        module, function, _ = DELEGATED[argv[0]]
+        return getattr(importlib.import_module(module), function)(argv[1:])
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["eval"] + argv
     parser = build_parser()

@@ -309,3 +309,12 @@ def test_preserved_positions_argument(tiny):
                                    seq_len=64)
     none = E.perplexity_fake_quant(model, ids[64:], cfg, seq_len=64)
     assert given.window_nll == [pfn3.window_nll[0], none.window_nll[0]]
+
+
+def test_analyze_and_conformance_are_subcommands(capsys):
+    """``kvsink analyze`` / ``kvsink conformance`` hand the rest of the line to their own parsers."""
+    from accelerated.cli import main
+    assert main(["analyze", "--tokens", "1"]) == 2
+    assert "--tokens must be >= 2" in capsys.readouterr().err
+    assert main(["conformance", "--impl", "reference", "--collect-only", "-q",
+                 "-k", "test_pack_unpack"]) == 0
