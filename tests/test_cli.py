@@ -317,4 +317,4 @@ def test_analyze_and_conformance_are_subcommands(capsys):
     assert main(["analyze", "--tokens", "1"]) == 2
     assert "--tokens must be >= 2" in capsys.readouterr().err
     assert main(["conformance", "--impl", "reference", "--collect-only", "-q",
-                 "-k", "test_pack_unpack"]) == 0
+                 "-k", "packing"]) == 0
