@@ -67,6 +67,27 @@ def test_regenerating_reproduces_the_vectors():
     assert fresh == MANIFEST
 
 
+#: functions whose results are not bit-reproducible across numpy versions and CPUs (libm / SIMD
+#: transcendentals, the polar method's ``log``, float powers): none may generate an input
+INEXACT = {"exp", "expm1", "exp2", "log", "log1p", "log2", "log10", "sin", "cos", "tan", "tanh",
+           "power", "float_power", "sqrt", "standard_normal", "normal", "lognormal", "gamma",
+           "exponential", "rope_inv_freq", "inv_cdf"}
+
+
+def test_the_generator_uses_exact_arithmetic_only():
+    """make_vectors builds inputs from integer draws, dyadic rationals, IEEE products and stored
+    literals only (docs/13-conformance.md 13.5), so a regeneration is bit-exact everywhere."""
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(mv))
+    used = sorted({n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in INEXACT}
+                  | {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id in INEXACT})
+    assert not used, f"make_vectors calls {used}: not bit-reproducible across numpy versions and CPUs"
+    powers = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow)
+              and not (isinstance(n.left, ast.Constant) and n.left.value in (2, 2.0))]
+    assert not powers, f"make_vectors raises to a power other than of 2: {powers}"
+
+
 # --------------------------------------------------------------------------- the port
 
 def _check_quantize(port, case, a):
