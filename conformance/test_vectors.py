@@ -108,12 +108,9 @@ def _check_quantize(port, case, a):
     excl = np.zeros(x32.shape[:-1], bool) if exclude is None else exclude
     counted = np.broadcast_to(~excl[..., None], x32.shape)
     s = rq.expand_groups(a["scale"], p["group_size"], n, gax)
-    if p["symmetric"]:
-        t = rq.symmetric_ratio(np.where(counted, x32, np.float32(0)), s)
-    else:
-        z = rq.expand_groups(a["zero"], p["group_size"], n, gax)
-        t = rq.asymmetric_ratio(np.where(counted, x32, z), s, z)
-    tol.check_codes(got.codes, a["codes"], t, counted, "codes")
+    z = None if p["symmetric"] else rq.expand_groups(a["zero"], p["group_size"], n, gax)
+    t, exact = tol.uniform_ratio(x32, s, z, counted)
+    tol.check_codes(got.codes, a["codes"], t, counted, "codes", exact=exact)
     deq = port.dequantize(a["codes"], a["scale"], a.get("zero"), bits=p["bits"],
                           group_size=p["group_size"], axis=p["axis"], symmetric=p["symmetric"])
     tol.check_dequantized(deq, a["dequantized"], a["codes"], s, p["symmetric"], "dequantized")
@@ -155,13 +152,11 @@ def _check_cache(port, case, a):
             coded = np.zeros(want_codes.shape[:1] + want_codes.shape[2:3], bool)
             coded[:, :k] = a[f"block{i}_coded"][:, :k]
             counted = np.broadcast_to(coded[:, None, :, None], x.shape)
-            if f"{pre}_zero" in a:
-                z = rq.expand_groups(a[f"{pre}_zero"], grp, want_codes.shape[gax], gax)
-                t = rq.asymmetric_ratio(np.where(counted, x, z), s, z)
-            else:
-                t = rq.symmetric_ratio(np.where(counted, x, np.float32(0)), s)
+            z = rq.expand_groups(a[f"{pre}_zero"], grp, want_codes.shape[gax], gax) \
+                if f"{pre}_zero" in a else None
+            t, exact = tol.uniform_ratio(x, s, z, counted)
             tol.check_codes(np.asarray(gq.codes)[:, :, :k], want_codes[:, :, :k], t[:, :, :k],
-                            counted[:, :, :k], f"{pre} codes")
+                            counted[:, :, :k], f"{pre} codes", exact=exact[:, :, :k])
             codes[side].append((np.asarray(gq.codes), want_codes))
             scales[side].append(s)
     segs = cache.segments()
