@@ -92,9 +92,7 @@ def key_outlier_thresholds(keys: torch.Tensor, fraction: float, exclude=None):
     excl = check_exclude_bt(exclude, bsz, t, x.device)
     keep = ~excl.reshape(-1)
     n = int(keep.sum())
-    if n == 0:
-        raise ValueError("exclude: every calibration token is excluded; thresholds need at least one")
-    if f == 0:
+    if f == 0 or n == 0:                  # no outliers; N = 0: no data to estimate from (8.5)
         inf = torch.full((h, d), float("inf"), dtype=_F32, device=x.device)
         return -inf, inf
     entries = x.permute(1, 3, 0, 2).reshape(h, d, bsz * t)[..., keep]     # (H, D, N)

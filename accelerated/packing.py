@@ -49,6 +49,7 @@ __all__ = [
 WORD_DTYPE = torch.int32
 
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
 
 
 
@@ -73,7 +74,11 @@ def _check_codes(codes, bits: int) -> torch.Tensor:
     if not isinstance(codes, torch.Tensor):
         raise TypeError(f"codes must be a torch tensor of an integer dtype (uint8 preferred), "
                         f"got {type(codes).__name__}")
-    if codes.dtype not in _INT_DTYPES:
+    if codes.dtype in _WIDE_UNSIGNED:
+        # torch has few kernels for uint16/32/64 (no min/max): check and pack their int64 copy;
+        # a value >= 2**63 wraps negative there and is refused by the range check below
+        codes = codes.to(torch.int64)
+    elif codes.dtype not in _INT_DTYPES:
         raise TypeError(f"codes must have an integer dtype (uint8 preferred), got {codes.dtype}")
     if codes.dim() < 1:
         raise ValueError("codes must have at least 1 dimension (codes are packed along the last axis), "

@@ -88,9 +88,11 @@ def _full(like: torch.Tensor, value: float) -> torch.Tensor:
 def split_groups(a: torch.Tensor, group_size: int, axis: int, fill) -> torch.Tensor:
     """``(..., n) -> (..., ceil(n/G), G)`` (axis -1) or ``(..., n, D) -> (..., ceil(n/G), G, D)`` (axis -2).
 
-    The last group is completed with ``fill``.
+    The last group is completed with ``fill``; ``G`` larger than the axis is one group of the
+    whole axis (``reference.quantize.effective_group_size``), not padded to ``G``.
     """
     n = a.shape[axis]
+    group_size = _ref.effective_group_size(group_size, n)
     n_groups = -(-n // group_size)
     pad = n_groups * group_size - n
     if pad:
@@ -104,7 +106,7 @@ def split_groups(a: torch.Tensor, group_size: int, axis: int, fill) -> torch.Ten
 
 def expand_groups(stat: torch.Tensor, group_size: int, n: int, axis: int) -> torch.Tensor:
     """One value per group back to the ``n`` elements of ``axis``: element ``i`` gets group ``i // G``."""
-    full = torch.repeat_interleave(stat, group_size, dim=axis)
+    full = torch.repeat_interleave(stat, _ref.effective_group_size(group_size, n), dim=axis)
     return full[..., :n] if axis == -1 else full[..., :n, :]
 
 
@@ -243,10 +245,7 @@ def _check_exclude(exclude, x: torch.Tensor) -> torch.Tensor:
 _check_axis = _ref._check_axis             # the reference's argument check
 
 
-def _check_symmetric(symmetric) -> bool:
-    if not isinstance(symmetric, (bool, np.bool_)):
-        raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
-    return bool(symmetric)
+_check_symmetric = _ref.check_symmetric   # the reference's argument check
 
 
 # --------------------------------------------------------------------------- containers
@@ -471,7 +470,8 @@ def quantize_packed(x, bits: int, group_size: int, axis: str, *, symmetric: bool
     if kernel:
         from . import quantize_kernels
         flag = torch.zeros(1, dtype=torch.int32, device=x32.device) if validate else None
-        words, s, z = quantize_kernels.quantize_pack(x32, excl, bits, group_size, axis, symmetric, flag)
+        g = _ref.effective_group_size(group_size, x32.shape[GROUP_AXIS[axis]])
+        words, s, z = quantize_kernels.quantize_pack(x32, excl, bits, g, axis, symmetric, flag)
         if validate and int(flag.item()):                     # the one sync; rare slow path below
             _check_x(x)
             if symmetric:

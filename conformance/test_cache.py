@@ -83,8 +83,12 @@ class CacheMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------ helpers
     def _draw_tokens(self, data, n):
         shape = (self.b, self.h, n, self.d)
-        k = data.draw(kv_tensors(shape), label="keys")
-        v = data.draw(kv_tensors(shape), label="values")
+        # the "grid" pattern matched to each side's bits and scheme: exact ties in the cache, where
+        # codes must round half to even in every port (docs/09-tolerances.md 9.2(a))
+        sym = self.config.scheme == "symmetric"
+        k = data.draw(kv_tensors(shape, grid_bits=self.config.key_bits, grid_symmetric=sym), label="keys")
+        v = data.draw(kv_tensors(shape, grid_bits=self.config.value_bits, grid_symmetric=sym),
+                      label="values")
         valid = None
         if data.draw(st.booleans(), label="has_padding"):
             rng = np.random.default_rng(data.draw(seeds, label="valid_seed"))
@@ -274,9 +278,9 @@ class CacheMachine(RuleBasedStateMachine):
                     assert gq.zero is None, f"{what}: symmetric scheme, zero must be None"
                 else:
                     tol.assert_identical(gq.zero, wq.zero, f"{what} zero")
-                t_ref, counted = self._ratio(w, wq, bits_axis, side)
+                t_ref, counted, exact = self._ratio(w, wq, bits_axis, side)
                 tol.check_codes(np.asarray(gq.codes)[:, :, :k], np.asarray(wq.codes)[:, :, :k],
-                                t_ref, counted, f"{what} codes")
+                                t_ref, counted, f"{what} codes", exact=exact)
 
     def _ratio(self, block, wq, prefix, side):
         """Reference ratio t of the block's first k slots, from the shadow copy of the tokens."""
@@ -293,12 +297,9 @@ class CacheMachine(RuleBasedStateMachine):
         coded = np.zeros((x.shape[0], n), bool)
         coded[:, :k] = block.coded[:, :k]
         counted = np.broadcast_to(coded[:, None, :, None], x.shape)
-        if wq.zero is None:
-            t = rq.symmetric_ratio(np.where(counted, x, np.float32(0)), s)
-        else:
-            z = rq.expand_groups(wq.zero, g, wq.codes.shape[gax], gax)
-            t = rq.asymmetric_ratio(np.where(counted, x, z), s, z)
-        return t[:, :, :k], counted[:, :, :k]
+        z = None if wq.zero is None else rq.expand_groups(wq.zero, g, wq.codes.shape[gax], gax)
+        t, exact = tol.uniform_ratio(x, s, z, counted)
+        return t[:, :, :k], counted[:, :, :k], exact[:, :, :k]
 
     def _check_segments(self):
         want = self.ref.segments()
@@ -357,3 +358,20 @@ def test_cache_state_machine(port):
         pass
     Machine.port = port
     run_state_machine_as_test(Machine, settings=examples(60, stateful=True))
+
+
+@pytest.mark.parametrize("residual_length", [0, 4])
+def test_resolve_rejects_preserve_on_padding(port, residual_length):
+    """docs/06-cache.md: padding is never preserved; ``resolve`` with ``True`` on a padding slot is
+    a ``ValueError`` (a port that drops the flag silently hides its caller's bug)."""
+    from reference.config import KVSinkConfig
+    cfg = KVSinkConfig(key_bits=2, value_bits=2, key_group_size=2, value_group_size=2,
+                       residual_length=residual_length, preserve="pfn")
+    cache = port.make_cache(cfg, "float32")
+    keys = np.arange(2 * 1 * 3 * 4, dtype=np.float32).reshape(2, 1, 3, 4)
+    valid = np.array([[True, True, True], [False, True, True]])     # row 1 left-padded
+    cache.update(keys, keys, valid)
+    flags = np.array([[True, False, False], [True, False, False]])   # (1, 0) is padding
+    with pytest.raises(ValueError, match="padding"):
+        cache.resolve(flags)
+    cache.resolve(flags & valid)                                      # the same without it is fine

@@ -23,19 +23,17 @@ pytestmark = pytest.mark.part("quantize")
 
 
 def _reference_t(case, qt):
-    """The reference's pre-rounding ratio ``t`` of every element, and the counted mask."""
+    """The reference's pre-rounding ratio ``t`` of every element, the counted mask, and where
+    ``t`` is exact in every permitted arithmetic (``tolerances.exact_ratio``)."""
     x32 = case.x32
     gax = rq.GROUP_AXIS[case.axis]
     n = x32.shape[gax]
     excl = np.zeros(x32.shape[:-1], bool) if case.exclude is None else case.exclude
     counted = np.broadcast_to(~excl[..., :, None], x32.shape)
     s = rq.expand_groups(qt.scale, case.group_size, n, gax)
-    if case.symmetric:
-        t = rq.symmetric_ratio(np.where(counted, x32, np.float32(0)), s)
-    else:
-        z = rq.expand_groups(qt.zero, case.group_size, n, gax)
-        t = rq.asymmetric_ratio(np.where(counted, x32, z), s, z)
-    return t, counted
+    z = None if case.symmetric else rq.expand_groups(qt.zero, case.group_size, n, gax)
+    t, exact = tol.uniform_ratio(x32, s, z, counted)
+    return t, counted, exact
 
 
 def _note_case(case):
@@ -62,8 +60,8 @@ def test_quantize_matches_reference(port, case):
         assert got.zero is not None, "the asymmetric scheme must return a zero point"
         assert np.asarray(got.zero).dtype == np.float32, f"zero must be float32, got {np.asarray(got.zero).dtype}"
         tol.assert_identical(got.zero, want.zero, "zero")
-    t_ref, counted = _reference_t(case, want)
-    tol.check_codes(got.codes, want.codes, t_ref, counted, "codes")
+    t_ref, counted, exact = _reference_t(case, want)
+    tol.check_codes(got.codes, want.codes, t_ref, counted, "codes", exact=exact)
 
 
 @examples(100)

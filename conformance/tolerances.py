@@ -55,16 +55,31 @@ def assert_identical(got, want, what: str, rule: str = "bit-identical (docs/09-t
                              f"reference ({rule}); first at {i}: got {got[i]!r}, want {want[i]!r}")
 
 
-def check_codes(got_codes, want_codes, t_ref: np.ndarray, counted: np.ndarray, what: str) -> None:
+def uniform_ratio(x, s, z, counted):
+    """The reference's ``t`` of a uniform quantization (definitions 2.2, 2.3) and where every
+    permitted arithmetic computes it exactly (:func:`exact_ratio`): ``(t, exact)``.  ``x``, ``s``
+    and ``z`` (``None`` for the symmetric scheme) float32, broadcast to one shape; an uncounted
+    element takes ``z`` (resp. 0), as in the reference."""
+    c = np.float32(0) if z is None else z
+    x_eff = np.where(counted, x, c).astype(np.float32)
+    t = rq.symmetric_ratio(x_eff, s) if z is None else rq.asymmetric_ratio(x_eff, s, z)
+    return t, exact_ratio(x_eff, s, c, t)
+
+
+def check_codes(got_codes, want_codes, t_ref: np.ndarray, counted: np.ndarray, what: str, *,
+                exact: np.ndarray) -> None:
     """Codes: equal, except a difference of one code where the reference's ``t`` is within
-    :data:`DIVISION_ULPS` ulps of a tie (9.2(a)).  Uncounted (excluded) slots must be equal."""
+    :data:`DIVISION_ULPS` ulps of a tie (9.2(a)) and some permitted arithmetic computes a
+    different ``t`` there: not where ``exact`` (:func:`exact_ratio`: every permitted arithmetic
+    gives the reference's ``t``, so an exact tie rounds half to even in every port).  Uncounted
+    (excluded) slots must be equal."""
     got = np.asarray(got_codes)
     want = np.asarray(want_codes)
     assert got.shape == want.shape, f"{what}: codes shape {got.shape} != reference {want.shape}"
     assert got.dtype == np.uint8, f"{what}: codes must be uint8, got {got.dtype}"
     diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
     if DIVISION_ULPS > 0:
-        near_tie = counted & (rq.distance_to_tie_ulps(t_ref) <= DIVISION_ULPS)
+        near_tie = counted & (rq.distance_to_tie_ulps(t_ref) <= DIVISION_ULPS) & ~np.asarray(exact)
         bad = (diff > 1) | ((diff == 1) & ~near_tie)
     else:
         bad = diff != 0
@@ -72,9 +87,31 @@ def check_codes(got_codes, want_codes, t_ref: np.ndarray, counted: np.ndarray, w
         i = first_index(bad)
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {bad.size} codes differ from the reference beyond the "
-            f"near-tie rule (docs/09-tolerances.md 9.2(a): |dq| <= 1, and 0 beyond K={DIVISION_ULPS} ulps of a tie); first at {i}: got "
+            f"near-tie rule (docs/09-tolerances.md 9.2(a): |dq| <= 1, and 0 beyond K={DIVISION_ULPS} ulps of a tie "
+            f"or where t is exact in every arithmetic: exact ties round half to even); first at {i}: got "
             f"{got[i]}, want {want[i]}, reference t = (x - z) / s = {float(t_ref[i])!r} "
             f"({float(rq.distance_to_tie_ulps(t_ref)[i]):.3g} ulps from a tie)")
+
+
+def oracle_score_exact(probs, valid, b: int, i: int) -> bool:
+    """Whether the oracle score of token ``i`` of row ``b`` (definition 3.2) is exact in every
+    summation order: its terms ``p * n_j`` are multiples of one power of two whose total stays below
+    2^53 of it, and ``Hq * |Q|`` is a power of two.  There a score equal to the ratio is equal in
+    every port, and ``>=`` must decide; elsewhere a port's order may move it by a rounding."""
+    from fractions import Fraction
+    p = np.asarray(probs, np.float64)
+    _, hq, tq, t = p.shape
+    ok = np.ones(t, bool) if valid is None else np.asarray(valid)[b]
+    slots = np.arange(t - tq, t)
+    real = ok[slots]
+    n = np.array([(ok[:s + 1]).sum() for s in slots])
+    terms = [Fraction(float(p[b, h, j, i])) * int(n[j]) for h in range(hq) for j in range(tq)
+             if real[j] and ok[i] and i <= slots[j]]
+    denom = hq * max(int(real.sum()), 1)
+    if denom & (denom - 1) or not terms:
+        return False
+    scale = max(f.denominator for f in terms)              # powers of two (floats are dyadic)
+    return all(float(f) == f for f in terms) and sum(abs(f) for f in terms) * scale < 2**53
 
 
 def check_dequantized(got, want, codes, scale_full, symmetric: bool, what: str) -> None:
@@ -258,7 +295,7 @@ def _code_range(t, w, levels, shape):
     return ((beta < (t - w)[..., None]).sum(axis=-1), (beta < (t + w)[..., None]).sum(axis=-1))
 
 
-def kvquant_exact_ratio(x, s, c, t) -> np.ndarray:
+def exact_ratio(x, s, c, t) -> np.ndarray:
     """Where every arithmetic docs/09-tolerances.md 9.2(a) permits computes the reference's
     ``t = fl32(fl32(x - c) / s)`` exactly (docs/09-tolerances.md §9.6, exact ties): ``x - c`` is
     exact in float32, and either ``x - c == 0`` or ``s`` is a power of two with an exact
@@ -271,6 +308,10 @@ def kvquant_exact_ratio(x, s, c, t) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         exact_q = np.where(s64 != 0, diff / np.where(s64 != 0, s64, 1.0), np.nan) == np.asarray(t, np.float64)
     return (s64 != 0) & exact_diff & ((diff == 0) | (pow2 & exact_q))
+
+
+#: the kvquant name of :func:`exact_ratio` (``c`` the group centre)
+kvquant_exact_ratio = exact_ratio
 
 
 def _first_bad(bad, what, rule, got, want, extra=""):

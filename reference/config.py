@@ -20,14 +20,21 @@ POLICIES = ("pfn", "kvsink", "oracle")
 #: (KIVI's keys).
 AXES = ("token", "channel")
 SCHEMES = ("asymmetric", "symmetric")
+#: Largest group size accepted (docs/07-config.md 7.1): 65,536 elements along ``D`` or tokens along
+#: ``T``.  Head dimensions are at most a few hundred and KIVI-style token groups 32..128; a larger
+#: value is a typo (``10**12`` would make a cache allocate terabytes), refused at construction.
+MAX_GROUP_SIZE = 1 << 16
+#: Largest residual window accepted: 2**24 tokens, the longest sequence the spec's positions cover
+#: (``reference.kvquant.MAX_POSITION``: float32 holds every integer position below it exactly).
+MAX_RESIDUAL_LENGTH = 1 << 24
 
 
-def _check_int(name, value, lo, hi=None):
+def _check_int(name, value, lo, hi=None, limit=""):
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if value < lo or (hi is not None and value > hi):
         allowed = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name}={value} is out of range; allowed: {allowed}")
+        raise ValueError(f"{name}={value} is out of range; allowed: {allowed}{limit}")
 
 
 def _check_choice(name, value, choices):
@@ -40,10 +47,14 @@ def parse_preserve(preserve) -> Tuple[str, ...]:
 
     Accepts ``None``/``"none"``/``""``/``()`` (no preservation), one name such
     as ``"kvsink"``, a ``"+"``-joined union such as ``"pfn+kvsink"``, or an
-    iterable of names.
+    iterable of name strings (``"none"`` and ``None`` are not names: an empty
+    tuple means no preservation).
     """
     if preserve is None:
         return ()
+    if isinstance(preserve, (bytes, bytearray)):
+        raise ValueError(f"preserve must be a str, not {type(preserve).__name__} ({preserve!r}); "
+                         "decode it first, e.g. preserve=value.decode()")
     if isinstance(preserve, str):
         text = preserve.strip().lower()
         if text in ("", "none"):
@@ -51,11 +62,19 @@ def parse_preserve(preserve) -> Tuple[str, ...]:
         names = [p.strip() for p in text.split("+")]
     else:
         try:
-            names = [str(p).strip().lower() for p in preserve]
+            items = list(preserve)
         except TypeError:
             raise ValueError(
                 f"preserve must be 'none', a policy name, a '+'-joined union such as "
                 f"'pfn+kvsink' or a tuple of names from {POLICIES}; got {preserve!r}") from None
+        for p in items:
+            if not isinstance(p, str):
+                raise ValueError(f"preserve: a tuple of policies holds names (str) from {POLICIES}; "
+                                 f"got {p!r} ({type(p).__name__}) in {preserve!r}; use () for none")
+        names = [p.strip().lower() for p in items]
+    if "none" in names:
+        raise ValueError(f"preserve: 'none' means no preservation only on its own, not inside "
+                         f"{preserve!r}; use preserve='none' or (), or names from {POLICIES}")
     for name in names:
         if name not in POLICIES:
             raise ValueError(
@@ -72,14 +91,14 @@ class KVSinkConfig:
 
     Quantization
         key_bits, value_bits : int in 1..8 (symmetric scheme: 2..8).
-        key_group_size, value_group_size : int >= 1.  Elements per group: along
+        key_group_size, value_group_size : int in 1..MAX_GROUP_SIZE (2**16).  Elements per group: along
             the head dimension for axis "token", consecutive tokens for axis
             "channel".
         key_axis, value_axis : "channel" or "token" (KIVI: keys per channel,
             values per token).
         scheme : "asymmetric" (min/max with zero point) or "symmetric" (absmax).
         quantizer : "uniform" (KIVI-style) or "kvquant" (KVQuant-style).
-        residual_length : int >= 0, the R most recent tokens kept at full
+        residual_length : int in 0..MAX_RESIDUAL_LENGTH (2**24), the R most recent tokens kept at full
             precision; older tokens are quantized ``token_block`` at a time.
 
     Preservation
@@ -132,12 +151,14 @@ class KVSinkConfig:
                     f"{name}={bits} is not allowed with scheme='symmetric': the symmetric "
                     "grid (q - M) * s with M = 2**(bits-1) - 1 needs bits >= 2 (M = 0 at 1 bit); "
                     "use bits 2..8 or scheme='asymmetric'")
-        _check_int("key_group_size", self.key_group_size, 1)
-        _check_int("value_group_size", self.value_group_size, 1)
+        for name in ("key_group_size", "value_group_size"):
+            _check_int(name, getattr(self, name), 1, MAX_GROUP_SIZE,
+                       " (MAX_GROUP_SIZE = 2**16; a group of the whole axis needs only the axis' length)")
         _check_choice("key_axis", self.key_axis, AXES)
         _check_choice("value_axis", self.value_axis, AXES)
         _check_choice("quantizer", self.quantizer, QUANTIZERS)
-        _check_int("residual_length", self.residual_length, 0)
+        _check_int("residual_length", self.residual_length, 0, MAX_RESIDUAL_LENGTH,
+                   " (MAX_RESIDUAL_LENGTH = 2**24 tokens, the longest sequence the spec covers)")
         object.__setattr__(self, "preserve", parse_preserve(self.preserve))
         _check_int("preserve_first_n", self.preserve_first_n, 0)
         if "pfn" in self.preserve and self.preserve_first_n == 0:

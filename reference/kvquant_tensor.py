@@ -105,7 +105,8 @@ def key_outlier_thresholds(keys, fraction: float, exclude=None) -> Tuple[np.ndar
     ``fraction == 0`` gives ``lower = -inf``, ``upper = +inf`` (no outliers,
     ever).  Parameters: ``keys`` float ``(B, H, T, D)`` **pre-RoPE**;
     ``exclude`` None or bool ``(B, T)`` (preserved tokens, padding).
-    Raises ``ValueError`` if every token is excluded.
+    Every token excluded (``N = 0``, e.g. each calibration token a predicted
+    sink) leaves no data to estimate from: ``-inf``/``+inf`` as for ``fraction == 0``.
     """
     x = check_bhtd("keys", keys)
     f = check_outlier_fraction(fraction)
@@ -113,9 +114,7 @@ def key_outlier_thresholds(keys, fraction: float, exclude=None) -> Tuple[np.ndar
     excl = check_exclude_bt(exclude, bsz, t)
     keep = ~excl
     n = int(keep.sum())
-    if n == 0:
-        raise ValueError("exclude: every calibration token is excluded; thresholds need at least one")
-    if f == 0:
+    if f == 0 or n == 0:
         return np.full((h, d), -np.inf, _F32), np.full((h, d), np.inf, _F32)
     # (H, D, N): the counted entries of each channel
     entries = np.moveaxis(x, 1, 0)[:, keep, :]            # (H, N, D)

@@ -41,6 +41,8 @@ __all__ = [
     "QuantizedTensor",
     "quantization_levels",
     "symmetric_offset",
+    "check_symmetric",
+    "effective_group_size",
     "split_groups",
     "expand_groups",
     "group_min_max",
@@ -100,6 +102,18 @@ def symmetric_offset(bits: int) -> int:
 
 # --------------------------------------------------------------------------- 2.5 groups
 
+def effective_group_size(group_size: int, n: int) -> int:
+    """``min(G, n)`` (at least 1): the elements a group of an axis of length ``n`` can hold.
+
+    ``G >= n`` is one group of the whole axis (definition 2.5); grouping by
+    ``min(G, n)`` gives the same groups without padding them to ``G``.
+
+    >>> effective_group_size(32, 64), effective_group_size(10**9, 64), effective_group_size(8, 0)
+    (32, 64, 1)
+    """
+    return max(1, min(int(group_size), int(n)))
+
+
 def split_groups(a: np.ndarray, group_size: int, axis: int, fill) -> np.ndarray:
     """Split ``axis`` (-1 or -2) of ``a`` into ``ceil(n / G)`` groups of ``G``.
 
@@ -108,9 +122,12 @@ def split_groups(a: np.ndarray, group_size: int, axis: int, fill) -> np.ndarray:
 
     The last group is completed with ``fill`` when ``n % G != 0``; callers
     pass a ``fill`` that the group statistics ignore (a ``False`` "counted"
-    flag).  The elements of a group lie along ``axis`` of the result.
+    flag).  The elements of a group lie along ``axis`` of the result.  A ``G``
+    larger than the axis is one group of the whole axis, not padded to ``G``
+    (its length is :func:`effective_group_size`).
     """
     n = a.shape[axis]
+    group_size = effective_group_size(group_size, n)
     n_groups = -(-n // group_size)
     pad = n_groups * group_size - n
     if pad:
@@ -130,7 +147,7 @@ def expand_groups(stat: np.ndarray, group_size: int, n: int, axis: int) -> np.nd
 
     Element ``i`` of the axis gets the value of group ``i // G``.
     """
-    full = np.repeat(stat, group_size, axis=axis)
+    full = np.repeat(stat, effective_group_size(group_size, n), axis=axis)
     return full[..., :n] if axis == -1 else full[..., :n, :]
 
 
@@ -321,6 +338,14 @@ def _check_group_size(group_size) -> int:
     return int(group_size)
 
 
+def check_symmetric(symmetric) -> bool:
+    """``symmetric`` as a bool, or ``TypeError``: only ``True``/``False`` (Python or numpy bool)."""
+    if not isinstance(symmetric, (bool, np.bool_)):
+        raise TypeError(f"symmetric must be a bool (True or False), got {symmetric!r} "
+                        f"({type(symmetric).__name__})")
+    return bool(symmetric)
+
+
 def _check_exclude(exclude, x: np.ndarray) -> np.ndarray:
     """``exclude`` as a bool array ``x.shape[:-1]`` (all False when None)."""
     if exclude is None:
@@ -421,6 +446,7 @@ class QuantizedTensor:
 def _quantize(x, bits, group_size, axis, symmetric, exclude) -> QuantizedTensor:
     axis = _check_axis(axis)
     bits = check_bits(bits)
+    symmetric = check_symmetric(symmetric)
     if symmetric and bits < 2:
         raise ValueError(f"bits={bits} is not allowed with symmetric=True; allowed: 2..8 "
                          "(M = 2**(bits-1) - 1 must be >= 1)")

@@ -84,6 +84,17 @@ def test_outliers_identical(fraction):
                                   A.value_outliers(t(v), fraction, t(excl)).numpy())
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.1])
+def test_thresholds_with_every_token_excluded_match_reference(fraction):
+    k, _, _, _ = data(5, (2, 2, 9, 4))
+    excl = np.ones((2, 9), bool)
+    lo, hi = R.key_outlier_thresholds(k, fraction, excl)
+    alo, ahi = A.key_outlier_thresholds(t(k), fraction, t(excl))
+    assert np.all(lo == -np.inf) and np.all(hi == np.inf)
+    np.testing.assert_array_equal(lo, alo.numpy())
+    np.testing.assert_array_equal(hi, ahi.numpy())
+
+
 def test_nearest_level_ties_identical():
     lv = np.array([-1, -0.5, 0.5, 1], F32)
     x = np.array([-0.75, 0.0, 0.75, 0.7500001, -3.0, 3.0], F32)

@@ -485,3 +485,24 @@ def test_quantized_segment_attention_kernel_cuda(kspec, vspec, precision, tq):
     tol = attention_bound(q, [kd], [vd], u_in=u_in, u_p=u_in, u_v=u_in,
                           dk=[fma_diff(kq, kd)], dv=float(fma_diff(vq, vd).max()))
     assert np.abs(got - want).max() <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_pack_codes_takes_wide_unsigned_codes(dtype):
+    codes = np.array([[0, 3, 1, 2, 3]], np.uint8)
+    got = AP.pack_codes(torch.from_numpy(codes.astype(np.int64)).to(dtype), 2)
+    np.testing.assert_array_equal(AP.words_to_reference(got), RPk.pack_codes(codes, 2))
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 3\]"):
+        AP.pack_codes(torch.tensor([[4]], dtype=torch.int64).to(dtype), 2)
+
+
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_group_size_beyond_the_axis_is_one_group_without_padding(axis):
+    x = torch.from_numpy(np.random.RandomState(1).standard_normal((2, 12, 20)).astype(np.float32))
+    n = 20 if axis == "token" else 12
+    huge, whole = AQ.quantize(x, 3, 10**9, axis), AQ.quantize(x, 3, n, axis)
+    assert huge.group_size == 10**9
+    torch.testing.assert_close(huge.codes, whole.codes, rtol=0, atol=0)
+    torch.testing.assert_close(AQ.dequantize(huge), AQ.dequantize(whole), rtol=0, atol=0)
+    torch.testing.assert_close(AQ.dequantize(AQ.quantize_packed(x, 3, 10**9, axis)),
+                               AQ.dequantize(whole), rtol=0, atol=0)

@@ -238,3 +238,46 @@ def test_replace_validates_again():
         c.replace(key_bits=0)
     with pytest.raises(ValueError, match="value_bits"):
         c.replace(value_bits=1, key_bits=2, scheme="symmetric")
+
+
+# --------------------------------------------------------------------------- sizes no model could use
+
+@pytest.mark.parametrize("field", ["key_group_size", "value_group_size"])
+@pytest.mark.parametrize("size", [(1 << 16) + 1, 10**12])
+def test_group_size_above_the_limit_is_refused(field, size):
+    kwargs = {field: size}
+    if field == "value_group_size":
+        kwargs["value_axis"] = "token"
+    msg = raises_naming(field, **kwargs)
+    assert "MAX_GROUP_SIZE" in msg and "65536" in msg, msg
+
+
+@pytest.mark.parametrize("size", [(1 << 24) + 1, 10**18])
+def test_residual_length_above_the_limit_is_refused(size):
+    msg = raises_naming("residual_length", residual_length=size)
+    assert "MAX_RESIDUAL_LENGTH" in msg and str(1 << 24) in msg, msg
+
+
+def test_sizes_at_the_limits_are_allowed():
+    from reference.config import MAX_GROUP_SIZE, MAX_RESIDUAL_LENGTH
+    assert (MAX_GROUP_SIZE, MAX_RESIDUAL_LENGTH) == (1 << 16, 1 << 24)
+    c = KVSinkConfig(key_group_size=MAX_GROUP_SIZE, value_group_size=MAX_GROUP_SIZE,
+                     residual_length=MAX_RESIDUAL_LENGTH)
+    assert (c.key_group_size, c.residual_length) == (MAX_GROUP_SIZE, MAX_RESIDUAL_LENGTH)
+
+
+# --------------------------------------------------------------------------- messages that agree with themselves
+
+@pytest.mark.parametrize("bad,says", [
+    (["none"], "only on its own"),
+    (("pfn", "none"), "only on its own"),
+    ("pfn+none", "only on its own"),
+    ([None], "NoneType"),
+    ([b"pfn"], "bytes"),
+    (b"pfn", "decode"),
+    (bytearray(b"pfn"), "decode"),
+])
+def test_preserve_errors_do_not_contradict_themselves(bad, says):
+    msg = raises_naming("preserve", preserve=bad)
+    assert says in msg, msg
+    assert "'112'" not in msg and "unknown policy 'none'" not in msg, msg

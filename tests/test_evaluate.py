@@ -638,27 +638,48 @@ def test_cli_eval_kvquant_fisher(tiny, tmp_path, capsys):
     assert plain.nll_sum != direct.nll_sum       # the switch changed the calibration
 
 
-def test_cli_calibrate_kvquant(tiny, capsys):
-    """kvsink calibrate --quantizer kvquant prints the per-layer KVQuant calibration, Fisher-weighted
-    k-means on the default text with the predicted sinks excluded, as calibrate_kvquant_model."""
-    from accelerated import calibration as CAL
+def _cli_calibrate_kvquant(folder, threshold):
     from accelerated.cli import build_parser, cmd_calibrate
-    model, tok, _, folder = tiny
     args = build_parser().parse_args([
         "calibrate", "--model", str(folder), "--data", str(E.default_corpus_path()),
         "--seq-len", str(SEQ), "--device", "cpu", "--predictor-layer", "1", "--predictor-channels", "3",
-        "--predictor-threshold", "0.5", "--quantizer", "kvquant", "--kvquant-datatype", "kmeans",
+        "--predictor-threshold", repr(threshold), "--quantizer", "kvquant", "--kvquant-datatype", "kmeans",
         "--fisher", "--bits", "2", "--group-size", "8"])
-    report = cmd_calibrate(args)
+    return cmd_calibrate(args)
+
+
+def test_cli_calibrate_kvquant(tiny, capsys):
+    """kvsink calibrate --quantizer kvquant prints the per-layer KVQuant calibration, Fisher-weighted
+    k-means on the default text with the predicted sinks excluded, as calibrate_kvquant_model.
+    The threshold 1e30 makes the excluded set (none: no float32 activation of a trained model is
+    that large) independent of the random initialisation."""
+    from accelerated import calibration as CAL
+    model, tok, _, folder = tiny
+    report = _cli_calibrate_kvquant(folder, 1e30)
     out = capsys.readouterr().out
     assert "KVQuant:    kmeans, 2-bit keys and values, outliers 1%, groups of 8, Fisher-weighted" in out
     cfg = _kvq(2, key_group_size=8, preserve="kvsink", predictor_layer=1, predictor_channels=(3,),
-               predictor_threshold=0.5, residual_length=128)
+               predictor_threshold=1e30, residual_length=128)
     _, cals = CAL.calibrate_kvquant_model(model, cfg, tokenizer=tok, fisher=True)
     assert len(report["kvquant"]) == len(cals) == 2
     for got, cal in zip(report["kvquant"], cals):
         assert got["key_levels_h0_c0"] == pytest.approx(cal.key_levels[0, 0].tolist(), abs=1e-4)
         assert got["key_upper_median"] == pytest.approx(float(cal.key_upper.median()), rel=1e-6)
+        assert math.isfinite(got["key_upper_median"])       # thresholds from counted tokens
+
+
+def test_cli_calibrate_kvquant_every_token_a_sink(tiny, capsys):
+    """docs/08 8.9: a calibration text whose every token is a predicted sink (threshold 1e-30:
+    every nonzero activation exceeds it) has nothing to calibrate on: no key outliers (thresholds
+    -inf/+inf) and the nf grid as k-means codebooks, reported, not an error."""
+    from reference.kvquant import nf_levels
+    report = _cli_calibrate_kvquant(tiny[3], 1e-30)
+    out = capsys.readouterr().out
+    assert "KVQuant:    kmeans" in out
+    assert len(report["kvquant"]) == 2
+    for got in report["kvquant"]:
+        assert got["key_lower_median"] == -math.inf and got["key_upper_median"] == math.inf
+        assert got["key_levels_h0_c0"] == pytest.approx(nf_levels(2).tolist(), abs=1e-4)
 
 
 def test_cli_kvsink_calibration_failure_is_explained(tiny, capsys):

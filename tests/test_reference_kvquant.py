@@ -399,8 +399,6 @@ def test_calibration_checks_and_bad_inputs():
         quantize_block_kvquant(k, v, cal, c, sparse_dtype=np.float64)
     with pytest.raises(ValueError, match="key_fisher"):
         calibrate_kvquant(k, v, c.replace(kvquant_datatype="kmeans"))
-    with pytest.raises(ValueError, match="exclude"):
-        calibrate_kvquant(k, v, c, exclude=np.ones((2, 12), bool))
     with pytest.raises(ValueError, match="levels"):
         quantize_nonuniform(k, np.array([0.5, -0.5], F32), 1, 4, "token")
     with pytest.raises(ValueError, match="bits"):
@@ -423,3 +421,20 @@ def test_normalisation_exact_cases():
     assert s.tolist() == [4.0, 0.0] and c.tolist() == [2.0, 3.0]
     with pytest.raises(ValueError, match="x"):
         normalisation(np.array([-3e38], F32), np.array([3e38], F32))
+
+
+@pytest.mark.parametrize("datatype", ["nf", "kmeans"])
+def test_calibration_with_every_token_excluded_is_defined(datatype):
+    """docs/08 8.5/8.8: every calibration token excluded (each a predicted sink) leaves no data:
+    thresholds -inf/+inf (no key outliers, as outlier_fraction 0) and the nf grid as codebooks."""
+    rs = np.random.RandomState(3)
+    k, v = (rs.standard_normal((2, 3, 12, 8)).astype(F32) for _ in range(2))
+    c = KVSinkConfig(quantizer="kvquant", key_bits=2, value_bits=3, key_group_size=4,
+                     value_group_size=8, kvquant_datatype=datatype, outlier_fraction=0.05)
+    fisher = {} if datatype == "nf" else dict(key_fisher=rs.rand(*k.shape), value_fisher=rs.rand(*v.shape))
+    cal = calibrate_kvquant(k, v, c, exclude=np.ones((2, 12), bool), **fisher)
+    assert np.all(cal.key_lower == -np.inf) and np.all(cal.key_upper == np.inf)
+    np.testing.assert_array_equal(np.broadcast_to(cal.key_levels, (3, 8, 4)), np.broadcast_to(nf_levels(2), (3, 8, 4)))
+    np.testing.assert_array_equal(np.broadcast_to(cal.value_levels, (3, 8)), np.broadcast_to(nf_levels(3), (3, 8)))
+    blk = quantize_block_kvquant(k, v, cal, c)          # the calibration quantizes new tokens
+    assert blk.keys.num_outliers == 0

@@ -458,3 +458,26 @@ def test_worked_example_page_is_current():
     for table in tables:
         assert table in page, ("docs/10-worked-example.md is out of date; paste this table "
                                "(render_worked_example):\n" + table)
+
+
+# --------------------------------------------------------------------------- G larger than the axis
+
+@pytest.mark.parametrize("axis", ["token", "channel"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_group_size_beyond_the_axis_is_one_group_without_padding(axis, symmetric):
+    rs = np.random.RandomState(0)
+    x = rs.standard_normal((2, 12, 20)).astype(np.float32)
+    n = 20 if axis == "token" else 12
+    whole = quantize(x, 4, n, axis, symmetric=symmetric)
+    huge = quantize(x, 4, 10**9, axis, symmetric=symmetric)   # padding to G would need 4 GB per row
+    assert huge.group_size == 10**9 and huge.scale.shape == whole.scale.shape
+    np.testing.assert_array_equal(huge.codes, whole.codes)
+    np.testing.assert_array_equal(huge.scale, whole.scale)
+    np.testing.assert_array_equal(dequantize(huge), dequantize(whole))
+
+
+@pytest.mark.parametrize("bad", ["yes", 0, 1, None, "False"])
+def test_symmetric_must_be_a_bool(bad):
+    x = np.ones((2, 4), np.float32)
+    with pytest.raises(TypeError, match="symmetric must be a bool"):
+        quantize(x, 4, 2, "token", symmetric=bad)
