@@ -89,7 +89,7 @@ def int_tensor(name: str, x, shape, device) -> torch.Tensor:
 
 
 #: The scale argument's check: ``scale`` or ``1/sqrt(d)`` (the reference's, shared).
-check_scale = _ref_attention._check_scale
+check_scale = _ref_attention.check_scale
 
 
 def check_heads(hq: int, h: int) -> int:

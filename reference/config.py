@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
+__all__ = ["KVSinkConfig", "parse_preserve", "QUANTIZERS", "POLICIES", "AXES", "SCHEMES",
+           "MAX_GROUP_SIZE", "MAX_RESIDUAL_LENGTH"]
+
 #: Names of the quantizer kinds (docs/02-quantization.md and, for "kvquant", docs/08-kvquant.md).
 QUANTIZERS = ("uniform", "kvquant")
 #: Names of the preservation policies that may be combined (docs/03-preservation.md).
