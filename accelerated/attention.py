@@ -89,7 +89,7 @@ def int_tensor(name: str, x, shape, device) -> torch.Tensor:
 
 
 #: The scale argument's check: ``scale`` or ``1/sqrt(d)`` (the reference's, shared).
-check_scale = _ref_attention._check_scale
+check_scale = _ref_attention.check_scale
 
 
 def check_heads(hq: int, h: int) -> int:
@@ -460,6 +460,29 @@ def quantized_segment_attention(query, keys: PackedQuantizedTensor, values: Pack
     (m, l, acc) float32: ``(B, Hq, Tq)``, ``(B, Hq, Tq)``, ``(B, Hq, Tq, D)``.
     """
     block_size = _check_block(block_size)
+    q, keys, values, qp, kp, sc, deferred = _checked_segment_inputs(
+        query, keys, values, query_positions, key_positions, key_valid, scale, precision, check_query)
+    usable = attention_kernel_usable(q)
+    if use_kernel and not usable:
+        raise ValueError("use_kernel=True but the Triton attention kernel cannot run here "
+                         "(needs CUDA tensors and triton); pass use_kernel=None")
+    if usable and use_kernel is not False and keys.shape[2] > 0:
+        from . import attention_kernels
+        bad = ~torch.isfinite(q).all() if deferred else None          # device flag, no sync yet
+        out = attention_kernels.quantized_partial_attention(q, keys, values, qp, kp, sc, precision)
+        if bad is not None and bool(bad):
+            raise ValueError("query contains NaN or Inf; pass finite values")
+        return out
+    if deferred and not bool(torch.isfinite(q).all()):
+        raise ValueError("query contains NaN or Inf; pass finite values")
+    return _blocked_segment_partial(q, keys, values, qp, kp, sc, block_size)
+
+
+def _checked_segment_inputs(query, keys, values, query_positions, key_positions, key_valid, scale,
+                            precision, check_query):
+    """The checked inputs of :func:`quantized_segment_attention`: float32 ``q``, the packed
+    ``keys``/``values``, int64 ``qp``/``kp`` (invalid keys at -1), the scale, and whether the
+    query's finiteness check is deferred past the kernel launch (CUDA)."""
     q = float_tensor("query", query, 4, check_finite=False)
     # On CUDA the finiteness of the query is checked AFTER the kernel launch (same single
     # device->host sync, but the Python launch work then overlaps the GPU instead of following
@@ -488,21 +511,15 @@ def quantized_segment_attention(query, keys: PackedQuantizedTensor, values: Pack
     for name, p in (("keys", keys), ("values", values)):
         if p.words.device != q.device:
             raise ValueError(f"{name} lives on {p.words.device}, query on {q.device}; move them to one device")
+    return q, keys, values, qp, kp, sc, deferred
 
-    usable = attention_kernel_usable(q)
-    if use_kernel and not usable:
-        raise ValueError("use_kernel=True but the Triton attention kernel cannot run here "
-                         "(needs CUDA tensors and triton); pass use_kernel=None")
-    if usable and use_kernel is not False and t_len > 0:
-        from . import attention_kernels
-        bad = ~torch.isfinite(q).all() if deferred else None          # device flag, no sync yet
-        out = attention_kernels.quantized_partial_attention(q, keys, values, qp, kp, sc, precision)
-        if bad is not None and bool(bad):
-            raise ValueError("query contains NaN or Inf; pass finite values")
-        return out
-    if deferred and not bool(torch.isfinite(q).all()):
-        raise ValueError("query contains NaN or Inf; pass finite values")
 
+def _blocked_segment_partial(q, keys, values, qp, kp, sc, block_size):
+    """The torch path of :func:`quantized_segment_attention`: ``(m, l, acc)`` accumulated over
+    blocks of tokens, each dequantized on its own (online softmax)."""
+    b, hq, tq, d = q.shape
+    h = keys.shape[1]
+    t_len = keys.shape[2]
     g = hq // h
     qg = q.reshape(b, h, g * tq, d)
     state = None

@@ -414,6 +414,27 @@ def _check_layer_calibrations(model, config: KVSinkConfig, cals) -> list:
     return support.check_kvquant_calibrations(cals, config, text_config, num_layers)
 
 
+def _stream_window(model, ids, config: KVSinkConfig, cals, *, chunk: int, seq_len: int,
+                   cache_kw: str, bar):
+    """One window ``ids`` (1, seq_len) through a fresh ``KVSinkCache``, ``chunk`` tokens per
+    forward pass: its summed NLL, the cache's bytes at the end and the positions it preserved
+    (first row).  ``bar``: a progress bar advanced once per forward, or None."""
+    from . import hf
+    cache = hf.KVSinkCache(model, config, kvquant_calibration=cals)
+    nll = 0.0
+    for start in range(0, seq_len, chunk):
+        stop = min(start + chunk, seq_len)
+        out = model(input_ids=ids[:, start:stop], use_cache=True, **{cache_kw: cache})
+        logits = out.logits[0]
+        last = min(stop, seq_len - 1)   # the window's last token predicts nothing
+        if last > start:
+            nll += _window_nll(logits[: last - start], ids[0, start + 1: last + 1])
+        if bar is not None:
+            bar.update(1)
+    rows = cache.preserved_positions()
+    return nll, int(cache.nbytes()), ([int(p) for p in rows[0]] if rows else [])
+
+
 def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int = 1,
                          seq_len: int = 512, max_windows: Optional[int] = None, corpus: str = "",
                          progress: bool = False, kvquant_calibration=None, calibration_ids=None,
@@ -463,23 +484,12 @@ def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int =
     try:
         with torch.no_grad():
             for w in windows:
-                ids = w[None].to(dev)
-                cache = hf.KVSinkCache(model, config, kvquant_calibration=cals)
-                nll = 0.0
-                for start in range(0, seq_len, chunk):
-                    stop = min(start + chunk, seq_len)
-                    out = model(input_ids=ids[:, start:stop], use_cache=True, **{cache_kw: cache})
-                    logits = out.logits[0]
-                    last = min(stop, seq_len - 1)   # the window's last token predicts nothing
-                    if last > start:
-                        nll += _window_nll(logits[: last - start], ids[0, start + 1: last + 1])
-                    if progress:
-                        bar.update(1)
+                nll, nbytes, preserved = _stream_window(model, w[None].to(dev), config, cals,
+                                                        chunk=chunk, seq_len=seq_len, cache_kw=cache_kw,
+                                                        bar=bar if progress else None)
                 window_nll.append(nll)
-                kv_nbytes.append(int(cache.nbytes()))
-                rows = cache.preserved_positions()
-                preserved_positions.append([int(p) for p in rows[0]] if rows else [])
-                del cache
+                kv_nbytes.append(nbytes)
+                preserved_positions.append(preserved)
     finally:
         if progress:
             bar.close()

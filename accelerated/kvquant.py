@@ -27,7 +27,7 @@ from reference.config import KVSinkConfig
 
 from .kvquant_calibration import (DATATYPES, KMEANS_MAX_ITER, KVQuantCalibration, attention_modules,
                                   calibrate_kvquant, calibrate_kvquant_layers, check_kvquant_config,
-                                  fisher_weights, kmeans_assign, kmeans_fit, kmeans_init, kmeans_levels,
+                                  fisher_weights, kmeans_assign, kmeans_init, kmeans_levels,
                                   kmeans_objective, nf_calibration)
 from .kvquant_levels import (check_levels, check_range, level_boundaries, level_dequantize, nearest_level,
                              nf_levels, normalisation, normalised)
@@ -53,7 +53,7 @@ __all__ = [
     "DATATYPES", "KMEANS_MAX_ITER", "MAX_POSITION", "U32", "ETA32",
     # accelerated only
     "model_inv_freq", "check_float", "check_range", "GROUP_AXIS", "KERNEL_ENV", "kernel_path",
-    "key_outlier_mask", "value_outlier_mask", "quantize_checked", "check_sparse_dtype", "kmeans_fit",
+    "key_outlier_mask", "value_outlier_mask", "quantize_checked", "check_sparse_dtype",
     "calibrate_kvquant_layers", "fisher_weights", "attention_modules",
 ]
 

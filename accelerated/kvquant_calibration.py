@@ -29,7 +29,7 @@ from .quantize import expand_groups, group_min_max, split_groups
 __all__ = ["kmeans_init", "kmeans_assign", "kmeans_objective", "kmeans_levels", "KVQuantCalibration",
            "check_kvquant_config", "calibrate_kvquant", "nf_calibration", "DATATYPES", "KMEANS_MAX_ITER",
            # accelerated only
-           "kmeans_fit", "calibrate_kvquant_layers", "fisher_weights", "attention_modules"]
+           "calibrate_kvquant_layers", "fisher_weights", "attention_modules"]
 
 _F32 = torch.float32
 _F64 = torch.float64
@@ -116,10 +116,10 @@ def kmeans_levels(points: torch.Tensor, weights: torch.Tensor, bits: int, *,
     if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0:
         raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
     p, w = _check_points(points, weights)
-    return kmeans_fit(p, w, bits, max_iter, return_history)
+    return _kmeans_fit(p, w, bits, max_iter, return_history)
 
 
-def kmeans_fit(p, w, bits, max_iter, return_history=False):
+def _kmeans_fit(p, w, bits, max_iter, return_history=False):
     """:func:`kmeans_levels` on checked float64 ``p``, ``w``."""
     n = 1 << bits
     lead = p.shape[:-1]
@@ -258,8 +258,8 @@ def calibrate_kvquant(keys: torch.Tensor, values: torch.Tensor, config: KVSinkCo
         return _make_calibration(config, lower, upper, nf_levels(config.key_bits, dev),
                                  nf_levels(config.value_bits, dev))
     kp, kw, vp, vw = fit
-    return _make_calibration(config, lower, upper, kmeans_fit(kp, kw, config.key_bits, max_iter),
-                             kmeans_fit(vp, vw, config.value_bits, max_iter))
+    return _make_calibration(config, lower, upper, _kmeans_fit(kp, kw, config.key_bits, max_iter),
+                             _kmeans_fit(vp, vw, config.value_bits, max_iter))
 
 
 def calibrate_kvquant_layers(keys, values, config: KVSinkConfig, *, exclude=None, fisher=None,
@@ -280,9 +280,9 @@ def calibrate_kvquant_layers(keys, values, config: KVSinkConfig, *, exclude=None
     if config.kvquant_datatype == "nf":
         return [_make_calibration(config, lo, hi, nf_levels(config.key_bits, lo.device),
                                   nf_levels(config.value_bits, lo.device)) for lo, hi, _ in parts]
-    kl = kmeans_fit(torch.stack([p[2][0] for p in parts]).to(_F64),
+    kl = _kmeans_fit(torch.stack([p[2][0] for p in parts]).to(_F64),
                      torch.stack([p[2][1] for p in parts]), config.key_bits, max_iter)
-    vl = kmeans_fit(torch.stack([p[2][2] for p in parts]).to(_F64),
+    vl = _kmeans_fit(torch.stack([p[2][2] for p in parts]).to(_F64),
                      torch.stack([p[2][3] for p in parts]), config.value_bits, max_iter)
     return [_make_calibration(config, lo, hi, kl[i], vl[i]) for i, (lo, hi, _) in enumerate(parts)]
 

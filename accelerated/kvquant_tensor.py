@@ -234,7 +234,7 @@ def quantize_nonuniform(x: torch.Tensor, levels: torch.Tensor, bits: int, group_
         torch.broadcast_shapes(lv.shape[:-1], x32.shape)
     except RuntimeError:
         raise ValueError(f"levels of shape {tuple(lv.shape)} do not broadcast against x.shape + (n,)") from None
-    group_size = _rquantize._check_group_size(group_size)   # owner: reference/quantize.py (private there)
+    group_size = _rquantize.check_group_size(group_size)
     if axis not in GROUP_AXIS:
         raise ValueError(f"axis={axis!r} is not allowed; choose one of {tuple(GROUP_AXIS)}")
     bsz, h, t, d = x32.shape

@@ -50,6 +50,11 @@ __all__ = [
     "PackedQuantizedTensor",
     "quantization_levels",
     "symmetric_offset",
+    "check_x",
+    "check_group_size",
+    "check_axis",
+    "check_symmetric",
+    "effective_group_size",
     "split_groups",
     "expand_groups",
     "group_min_max",
@@ -206,7 +211,9 @@ def symmetric_dequantize(q: torch.Tensor, s: torch.Tensor, bits: int) -> torch.T
 
 # --------------------------------------------------------------------------- validation
 
-def _check_x(x, check_finite: bool = True) -> torch.Tensor:
+def check_x(x, check_finite: bool = True) -> torch.Tensor:
+    """``x`` as float32 after checking it is a floating torch tensor with >= 2 dims (and finite
+    unless ``check_finite=False``); the torch twin of ``reference.quantize.check_x``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch tensor (float16/bfloat16/float32/float64), got "
                         f"{type(x).__name__}; use torch.as_tensor(x)")
@@ -224,7 +231,7 @@ def _check_x(x, check_finite: bool = True) -> torch.Tensor:
     return x32
 
 
-_check_group_size = _ref._check_group_size   # the reference's argument check
+check_group_size = _ref.check_group_size     # the reference's argument checks, shared
 
 
 def _check_exclude(exclude, x: torch.Tensor) -> torch.Tensor:
@@ -242,10 +249,9 @@ def _check_exclude(exclude, x: torch.Tensor) -> torch.Tensor:
     return exclude.to(x.device)
 
 
-_check_axis = _ref._check_axis             # the reference's argument check
-
-
-_check_symmetric = _ref.check_symmetric   # the reference's argument check
+check_axis = _ref.check_axis
+check_symmetric = _ref.check_symmetric
+effective_group_size = _ref.effective_group_size
 
 
 # --------------------------------------------------------------------------- containers
@@ -372,11 +378,11 @@ class PackedQuantizedTensor:
 # --------------------------------------------------------------------------- quantizers
 
 def _prepare(x, bits, group_size, axis, symmetric, exclude, check_finite: bool = True):
-    axis = _check_axis(axis)
-    symmetric = _check_symmetric(symmetric)
+    axis = check_axis(axis)
+    symmetric = check_symmetric(symmetric)
     bits = check_bits(bits, lo=2 if symmetric else 1, hi=8)
-    group_size = _check_group_size(group_size)
-    x32 = _check_x(x, check_finite)
+    group_size = check_group_size(group_size)
+    x32 = check_x(x, check_finite)
     excl = _check_exclude(exclude, x32)
     return x32, bits, group_size, axis, symmetric, excl
 
@@ -473,7 +479,7 @@ def quantize_packed(x, bits: int, group_size: int, axis: str, *, symmetric: bool
         g = _ref.effective_group_size(group_size, x32.shape[GROUP_AXIS[axis]])
         words, s, z = quantize_kernels.quantize_pack(x32, excl, bits, g, axis, symmetric, flag)
         if validate and int(flag.item()):                     # the one sync; rare slow path below
-            _check_x(x)
+            check_x(x)
             if symmetric:
                 _check_overflow_symmetric(s, symmetric_offset(bits))
             else:

@@ -189,7 +189,7 @@ def bench(rows, quick):
         QK1 = load_version("quantize_kernels_v1")
 
         def api_v1():                                       # the v1 API: 3 syncs around the v1 kernel
-            x32 = AQ._check_x(x)
+            x32 = AQ.check_x(x)
             w_, s_, z_ = QK1.quantize_pack(x32, excl, bits, g, axis, sym)
             if sym:
                 AQ._check_overflow_symmetric(s_, AQ.symmetric_offset(bits))

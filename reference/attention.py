@@ -45,6 +45,7 @@ __all__ = [
     "partial_attention",
     "merge_partials",
     "split_attention",
+    "check_scale",
 ]
 
 
@@ -74,7 +75,8 @@ def _int_array(name: str, x, shape: Tuple[int, ...]) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _check_scale(scale, head_dim: int) -> float:
+def check_scale(scale, head_dim: int) -> float:
+    """The softmax scale: ``scale`` as a finite float > 0, or ``1/sqrt(head_dim)`` when None."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
@@ -169,7 +171,7 @@ def attention_scores(query, keys, *, scale=None) -> np.ndarray:
         raise ValueError(f"query and keys must have the same head dimension D, "
                          f"got {q.shape[3]} and {k.shape[3]}")
     heads = kv_head_index(q.shape[1], k.shape[1])
-    s = _check_scale(scale, q.shape[3])
+    s = check_scale(scale, q.shape[3])
     k_rep = k[:, heads]                                   # (B, Hq, S, D)
     return np.einsum("bhtd,bhsd->bhts", q, k_rep) * s
 
@@ -321,6 +323,6 @@ def split_attention(query, segments: Sequence[Tuple[np.ndarray, np.ndarray, np.n
     if not parts:
         b, hq, tq, d = q.shape
         _int_array("query_positions", query_positions, (b, tq))
-        _check_scale(scale, d)
+        check_scale(scale, d)
         return np.zeros((b, hq, tq, d), dtype=np.float64)
     return merge_partials(parts)

@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
+__all__ = ["KVSinkConfig", "parse_preserve", "QUANTIZERS", "POLICIES", "AXES", "SCHEMES",
+           "MAX_GROUP_SIZE", "MAX_RESIDUAL_LENGTH"]
+
 #: Names of the quantizer kinds (docs/02-quantization.md and, for "kvquant", docs/08-kvquant.md).
 QUANTIZERS = ("uniform", "kvquant")
 #: Names of the preservation policies that may be combined (docs/03-preservation.md).
@@ -142,6 +145,17 @@ class KVSinkConfig:
     kvquant_datatype: str = "nf"
 
     def __post_init__(self):
+        """Validate (and normalise) every field, one group at a time, in field order."""
+        self._check_quantization()
+        self._check_window()
+        self._check_preservation()
+        self._check_predictor()
+        self._check_oracle()
+        self._check_kvquant()
+        self._check_token_block()
+
+    def _check_quantization(self):
+        """scheme, bits, group sizes, axes and quantizer kind (docs/07-config.md 7.1)."""
         _check_choice("scheme", self.scheme, SCHEMES)
         for name in ("key_bits", "value_bits"):
             bits = getattr(self, name)
@@ -157,8 +171,14 @@ class KVSinkConfig:
         _check_choice("key_axis", self.key_axis, AXES)
         _check_choice("value_axis", self.value_axis, AXES)
         _check_choice("quantizer", self.quantizer, QUANTIZERS)
+
+    def _check_window(self):
+        """residual_length: 0..MAX_RESIDUAL_LENGTH."""
         _check_int("residual_length", self.residual_length, 0, MAX_RESIDUAL_LENGTH,
                    " (MAX_RESIDUAL_LENGTH = 2**24 tokens, the longest sequence the spec covers)")
+
+    def _check_preservation(self):
+        """preserve (normalised by :func:`parse_preserve`), preserve_first_n, max_preserved."""
         object.__setattr__(self, "preserve", parse_preserve(self.preserve))
         _check_int("preserve_first_n", self.preserve_first_n, 0)
         if "pfn" in self.preserve and self.preserve_first_n == 0:
@@ -166,6 +186,9 @@ class KVSinkConfig:
                              "set preserve_first_n >= 1 or drop 'pfn' from preserve")
         if self.max_preserved is not None:
             _check_int("max_preserved", self.max_preserved, 0)
+
+    def _check_predictor(self):
+        """predictor_layer, predictor_channels (normalised to a tuple), predictor_threshold."""
         if self.predictor_layer is not None:
             _check_int("predictor_layer", self.predictor_layer, 0)
         if not isinstance(self.predictor_channels, (tuple, list)):
@@ -182,13 +205,22 @@ class KVSinkConfig:
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
                 raise ValueError(f"predictor_threshold must be a finite float > 0, got {t!r}")
             object.__setattr__(self, "predictor_threshold", float(t))
+
+    def _check_oracle(self):
+        """oracle_ratio: a finite float > 1."""
         r = self.oracle_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 1:
             raise ValueError(f"oracle_ratio must be a finite float > 1, got {r!r}")
+
+    def _check_kvquant(self):
+        """outlier_fraction in [0, 0.5) and kvquant_datatype (docs/08-kvquant.md)."""
         f = self.outlier_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 <= f < 0.5):
             raise ValueError(f"outlier_fraction must be a float in [0, 0.5), got {f!r}")
         _check_choice("kvquant_datatype", self.kvquant_datatype, ("nf", "kmeans"))
+
+    def _check_token_block(self):
+        """Both sides grouped per channel share one token block: equal group sizes."""
         if self.key_axis == "channel" and self.value_axis == "channel" \
                 and self.key_group_size != self.value_group_size:
             raise ValueError(

@@ -23,7 +23,7 @@ from typing import Tuple
 
 import numpy as np
 
-from .quantize import _check_x
+from .quantize import check_x
 
 __all__ = ["rope_inv_freq", "rope_angles", "rope_cos_sin", "rotate_half", "apply_rope",
            "unapply_rope", "rope_roundtrip_bound", "MAX_POSITION", "U32", "ETA32"]
@@ -107,7 +107,7 @@ def rotate_half(x) -> np.ndarray:
 
 
 def _rope_inputs(x, positions, inv_freq):
-    x32 = _check_x(x)
+    x32 = check_x(x)
     d = x32.shape[-1]
     if d % 2:
         raise ValueError(f"x: the head dimension D={d} must be even for RoPE")

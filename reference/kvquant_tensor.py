@@ -25,7 +25,7 @@ import numpy as np
 
 from .kvquant_levels import check_levels, level_dequantize, nearest_level, normalisation, normalised
 from .packing import check_bits, pack_codes, packed_length
-from .quantize import GROUP_AXIS, _check_group_size, expand_groups, group_min_max, split_groups
+from .quantize import GROUP_AXIS, check_group_size, expand_groups, group_min_max, split_groups
 
 __all__ = ["check_outlier_fraction", "check_exclude_bt", "check_bhtd", "check_kv_pair",
            "outlier_count", "key_outlier_thresholds", "key_outliers", "value_outliers",
@@ -262,7 +262,7 @@ def quantize_nonuniform(x, levels, bits: int, group_size: int, axis: str, *, out
         np.broadcast_shapes(lv.shape[:-1], x32.shape)
     except ValueError:
         raise ValueError(f"levels of shape {lv.shape} do not broadcast against x.shape + (n,)") from None
-    group_size = _check_group_size(group_size)
+    group_size = check_group_size(group_size)
     if axis not in GROUP_AXIS:
         raise ValueError(f"axis={axis!r} is not allowed; choose one of {tuple(GROUP_AXIS)}")
     bsz, h, t, d = x32.shape

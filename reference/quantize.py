@@ -41,6 +41,9 @@ __all__ = [
     "QuantizedTensor",
     "quantization_levels",
     "symmetric_offset",
+    "check_x",
+    "check_group_size",
+    "check_axis",
     "check_symmetric",
     "effective_group_size",
     "split_groups",
@@ -311,7 +314,7 @@ def distance_to_tie_ulps(t: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- validation
 
-def _check_x(x) -> np.ndarray:
+def check_x(x) -> np.ndarray:
     """``x`` as a finite float32 array with >= 2 dims, or a clear error."""
     x = np.asarray(x)
     if x.dtype.name not in _FLOAT_DTYPES:
@@ -329,7 +332,8 @@ def _check_x(x) -> np.ndarray:
     return x32
 
 
-def _check_group_size(group_size) -> int:
+def check_group_size(group_size) -> int:
+    """``group_size`` as an int >= 1, or ``ValueError`` naming it."""
     if isinstance(group_size, (bool, np.bool_)) or not isinstance(group_size, numbers.Integral):
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r} "
                          f"({type(group_size).__name__})")
@@ -360,7 +364,8 @@ def _check_exclude(exclude, x: np.ndarray) -> np.ndarray:
     return exclude
 
 
-def _check_axis(axis) -> str:
+def check_axis(axis) -> str:
+    """``axis`` if it is one of :data:`AXES` (``token``, ``channel``), else ``ValueError``."""
     if axis not in AXES:
         raise ValueError(f"axis={axis!r} is not allowed; choose one of {AXES}")
     return axis
@@ -444,14 +449,14 @@ class QuantizedTensor:
 # --------------------------------------------------------------------------- quantizers
 
 def _quantize(x, bits, group_size, axis, symmetric, exclude) -> QuantizedTensor:
-    axis = _check_axis(axis)
+    axis = check_axis(axis)
     bits = check_bits(bits)
     symmetric = check_symmetric(symmetric)
     if symmetric and bits < 2:
         raise ValueError(f"bits={bits} is not allowed with symmetric=True; allowed: 2..8 "
                          "(M = 2**(bits-1) - 1 must be >= 1)")
-    group_size = _check_group_size(group_size)
-    x32 = _check_x(x)
+    group_size = check_group_size(group_size)
+    x32 = check_x(x)
     excl = _check_exclude(exclude, x32)
     gax = GROUP_AXIS[axis]
     n = x32.shape[gax]
@@ -528,7 +533,7 @@ def quantize_per_channel(x, bits: int, group_size: int, *, symmetric: bool = Fal
 def quantize(x, bits: int, group_size: int, axis: str, *, symmetric: bool = False,
              exclude=None) -> QuantizedTensor:
     """Dispatch on ``axis``: "token" -> :func:`quantize_per_token`, "channel" -> :func:`quantize_per_channel`."""
-    axis = _check_axis(axis)
+    axis = check_axis(axis)
     if axis == "token":
         return quantize_per_token(x, bits, group_size, symmetric=symmetric, exclude=exclude)
     return quantize_per_channel(x, bits, group_size, symmetric=symmetric, exclude=exclude)

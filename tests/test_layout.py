@@ -44,7 +44,12 @@ def _d(reference_only=(), accelerated_only=()) -> Difference:
 INTENDED: Dict[str, Difference] = {
     # The torch side attends over the packed store without dequantizing it (the Triton kernel or
     # float32 blocks of DEFAULT_BLOCK tokens); the reference dequantizes and calls attention().
-    "attention": _d(accelerated_only={"DEFAULT_BLOCK", "quantized_segment_attention"}),
+    # The rest are package-internal helpers of the torch side (accelerated/cache*.py attends in
+    # steps: tensor checks, visibility, one segment's partial statistics, the raw merge).
+    "attention": _d(accelerated_only={"DEFAULT_BLOCK", "quantized_segment_attention",
+                                      "attention_kernel_usable", "check_heads", "const_like",
+                                      "float_tensor", "int_tensor", "merge_raw", "normalise",
+                                      "segment_partial", "visibility"}),
     # The torch side holds words as int32 (torch has no uint32): WORD_DTYPE and the two
     # conversions to / from the reference's uint32 words.
     "packing": _d(accelerated_only={"WORD_DTYPE", "words_from_reference", "words_to_reference"}),
@@ -56,22 +61,55 @@ INTENDED: Dict[str, Difference] = {
     # settled_layer belongs to the predictor's calibration on numpy hidden states (the reference
     # defines it once); threshold_float32 is the float32 comparison the torch predictor makes.
     "predictor": _d(reference_only={"settled_layer"}, accelerated_only={"threshold_float32"}),
-    # Model-facing KVQuant pieces need torch (autograd for the Fisher weights, the model's rotary
-    # buffer, per-layer calibration through forward hooks); the reference's constants (DATATYPES,
-    # KMEANS_MAX_ITER, MAX_POSITION) are read from reference.kvquant by the torch side.
-    "kvquant": _d(reference_only={"DATATYPES", "KMEANS_MAX_ITER", "MAX_POSITION"},
-                  accelerated_only={"calibrate_kvquant_layers", "fisher_weights", "model_inv_freq"}),
-    # /work/brief/cache-design.md §6: the reference quantizes a whole sequence and keeps numpy
-    # packed records (PackedQuantized, STORAGE_DTYPES); the torch cache defers its value checks to
-    # one read per forward (DeferredChecks) and keeps KVQuant codes packed (PackedKVQuantTensor).
-    "cache": _d(reference_only={"PackedQuantized", "STORAGE_DTYPES", "quantize_sequence"},
-                accelerated_only={"DeferredChecks", "PackedKVQuantTensor"}),
+    # reference.kvquant re-exports its four submodules and accelerated.kvquant its four: the
+    # difference is the union of the submodules' differences below.
+    "kvquant": _d(accelerated_only={"model_inv_freq", "check_float", "check_range",
+                                    "GROUP_AXIS", "KERNEL_ENV", "check_sparse_dtype", "kernel_path",
+                                    "key_outlier_mask", "quantize_checked", "value_outlier_mask",
+                                    "attention_modules", "calibrate_kvquant_layers",
+                                    "fisher_weights"}),
+    # The model's rotary buffer needs a torch model; check_float is the torch side's float-tensor
+    # check shared by kvquant_tensor (the reference uses reference.quantize.check_x).
+    "kvquant_rope": _d(accelerated_only={"model_inv_freq", "check_float"}),
+    # check_range: normalisation's overflow check, split out because the Triton path computes s
+    # and c itself and kvquant_tensor checks them after the kernel.
+    "kvquant_levels": _d(accelerated_only={"check_range"}),
+    # Package-internal helpers of the torch side: the unchecked quantization steps that
+    # accelerated.kvquant and kvquant_calibration call on already-checked tensors
+    # (key_outlier_mask, value_outlier_mask, quantize_checked, check_sparse_dtype, GROUP_AXIS as
+    # torch dims) and the Triton switch (kernel_path, its environment variable KERNEL_ENV).
+    "kvquant_tensor": _d(accelerated_only={"GROUP_AXIS", "KERNEL_ENV", "check_sparse_dtype",
+                                           "kernel_path", "key_outlier_mask", "quantize_checked",
+                                           "value_outlier_mask"}),
+    # Model-facing calibration needs torch (autograd for the Fisher weights, the model's attention
+    # modules, per-layer calibration through forward hooks).
+    "kvquant_calibration": _d(accelerated_only={"attention_modules", "calibrate_kvquant_layers",
+                                                "fisher_weights"}),
+    # /work/brief/cache-design.md §6 and cache-design-notes.md: the reference quantizes a whole
+    # sequence or block into numpy records (quantize_sequence, quantize_block, PackedQuantized,
+    # STORAGE_DTYPES as numpy dtypes); the torch cache defers its value checks to one read per
+    # forward (DeferredChecks), keeps KVQuant codes packed (PackedKVQuantTensor), the uniform
+    # store's words in geometrically grown buffers (PackedBuffers, steady_capacity).
+    "cache": _d(reference_only={"PackedQuantized", "STORAGE_DTYPES", "quantize_block",
+                                "quantize_sequence"},
+                accelerated_only={"DeferredChecks", "PackedBuffers", "PackedKVQuantTensor",
+                                  "steady_capacity"}),
     "cache_layer": _d(reference_only={"quantize_sequence"}),
-    "cache_checks": _d(accelerated_only={"DeferredChecks"}),
-    "cache_store": _d(reference_only={"PackedQuantized"}),
+    # The reference checks a numpy update in one call (check_kv, STORAGE_DTYPES); the torch side
+    # checks shapes at once (check_kv_shapes), converts on the device (convert_kv) and defers the
+    # value checks (DeferredChecks, with their dtypes and messages) to one read per forward.
+    "cache_checks": _d(reference_only={"STORAGE_DTYPES", "check_kv"},
+                       accelerated_only={"DeferredChecks", "FLOAT_DTYPES", "INDEX_DTYPES",
+                                         "NONFINITE_MESSAGE", "check_kv_shapes", "convert_kv",
+                                         "overflow_message", "padding_message"}),
+    # The torch records grow in place geometrically (MIN_CAPACITY, steady_capacity: memory follows
+    # what is stored); the reference's records are frozen and sized exactly.
+    "cache_state": _d(accelerated_only={"MIN_CAPACITY", "steady_capacity"}),
+    # The reference keeps one PackedQuantized record per block (quantize_block); the torch uniform
+    # store keeps all blocks' words in contiguous PackedBuffers for the Triton kernel.
+    "cache_store": _d(reference_only={"PackedQuantized", "quantize_block"},
+                      accelerated_only={"PackedBuffers"}),
     "cache_kvquant": _d(accelerated_only={"PackedKVQuantTensor"}),
-    "kvquant_rope": _d(accelerated_only={"model_inv_freq"}),
-    "kvquant_calibration": _d(accelerated_only={"calibrate_kvquant_layers", "fisher_weights"}),
 }
 
 #: Modules with no twin on the reference side, and why.
