@@ -251,6 +251,8 @@ def main(argv=None) -> None:
     elif args.compare:
         print(compare(args.compare))
     elif args.model and args.out:
+        if args.device == "cpu":          # gloo on the CPU even where GPUs are present (NCCL is for --device cuda)
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
         worker(args)
     else:
         ap.error("give --make-tiny DIR, --compare JSON..., or --model DIR --out JSON")
