@@ -5,7 +5,7 @@
 #   echo /.before/ >> .git/info/exclude; mkdir -p .before && git archive b89abe6 accelerated reference | tar -x -C .before
 # Usage on the GPU machine (repo root, carry [".before"]):
 #   bash bench/gpu_layout_check.sh tests      # the CPU-runnable suite on CUDA (pytest-xdist, 8 workers)
-#   bash bench/gpu_layout_check.sh speed      # decode profile and e2e speed, after then before
+#   bash bench/gpu_layout_check.sh speed      # decode profile after then before, the kernels' timings
 set -u
 OUT="${OUT:-/tmp/kvsink-out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -19,12 +19,10 @@ tests)
 speed)
   for tree in after before; do
     root=""; [ "$tree" = before ] && root=.before
-    KVSINK_ROOT=$root timeout 150 python3 bench/gpu_decode_profile.py --rounds 3 --warmup-s 10 --out "$OUT" \
+    KVSINK_ROOT=$root timeout 130 python3 bench/gpu_decode_profile.py --rounds 3 --warmup-s 10 --out "$OUT" \
         2>&1 | grep -v Warning > "$OUT/profile_$tree.log"
-    KVSINK_ROOT=$root timeout 90 python3 bench/gpu_e2e.py --parts speed --out "$OUT" \
-        2>&1 | grep -v Warning > "$OUT/e2e_$tree.log"
   done
-  timeout 120 python3 bench/bench_kernels.py --quick > "$OUT/bench_kernels.log" 2>&1
-  for f in "$OUT"/profile_*.log "$OUT"/e2e_*.log; do echo "== $f"; grep -h "ms/token\|per decode step\|launch\|sync" "$f"; done
+  timeout 100 python3 bench/bench_kernels.py --quick > "$OUT/bench_kernels.log" 2>&1
+  for f in "$OUT"/profile_*.log; do echo "== $f"; grep -h "ms/token\|per decode step\|launch\|sync" "$f"; done
   tail -25 "$OUT/bench_kernels.log" ;;
 esac
