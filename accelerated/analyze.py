@@ -251,7 +251,10 @@ def token_quantization_error(c: LayerCapture, token: int, bits: int, group_size:
 
     Changing one key ``s`` changes one logit per query, so with ``p = probs[h, j, s]``,
     ``Δ = z'_{js} - z_{js}`` (the logit change, after soft-capping) and ``v̂`` the
-    quantized value, exactly:  ``O'_j = (O_j + p (e^Δ v̂_s - v_s)) / (1 + p (e^Δ - 1))``.
+    quantized value, exactly:  ``O'_j = (O_j + p (e^Δ v̂_s - v_s)) / (1 + p (e^Δ - 1))``,
+    evaluated as ``r (O_j - p v_s) + w v̂_s`` with ``r = 1 / D``, ``w = p e^Δ / D`` and
+    ``log D = logaddexp(log(1 - p), log p + Δ)``, so a logit change too large for ``e^Δ``
+    (a 2-bit key of a token with massive activations) gives ``w -> 1``, not inf / inf.
     Masked keys (``p = 0``, e.g. outside a sliding window) leave ``O_j`` unchanged.
     """
     kv = kv_head_index(c.query.shape[0], c.key.shape[0])
@@ -262,10 +265,13 @@ def token_quantization_error(c: LayerCapture, token: int, bits: int, group_size:
     q = c.query[:, token:].astype(np.float64)                                      # (Hq, Tj, D)
     z0 = _softcapped(c.scaling * np.einsum("hjd,hd->hj", q, k0), c.softcap)
     z1 = _softcapped(c.scaling * np.einsum("hjd,hd->hj", q, kq), c.softcap)
-    grow = np.exp(np.minimum(z1 - z0, 700.0))[..., None]                           # (Hq, Tj, 1)
+    delta = (z1 - z0)[..., None]                                                   # (Hq, Tj, 1)
     p = c.probs[:, token:, token].astype(np.float64)[..., None]
     o = c.output[:, token:].astype(np.float64)
-    new = (o + p * (grow * vq[:, None] - v0[:, None])) / (1.0 + p * (grow - 1.0))
+    with np.errstate(divide="ignore"):                                             # log 0 = -inf
+        log_p, log_rest = np.log(p), np.log1p(-p)
+    log_d = np.logaddexp(log_rest, log_p + delta)
+    new = np.exp(-log_d) * (o - p * v0[:, None]) + np.exp(log_p + delta - log_d) * vq[:, None]
     norm = float(np.linalg.norm(o))
     return float(np.linalg.norm(new - o) / norm) if norm > 0 else 0.0
 

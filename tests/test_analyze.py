@@ -226,3 +226,30 @@ def test_cli_without_matplotlib(monkeypatch, capsys, tmp_path):
     assert A.analyze_main(["--text", "a b c", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "kvsink[plot]" in err and err.count("\n") == 1
+
+
+def test_token_quantization_error_survives_a_logit_change_beyond_exp_range():
+    """A 2-bit key of a token with a massive activation can move a logit by more than exp's range
+    (here ~1600): the update must stay finite and equal the recomputed attention."""
+    key = np.array([[[1000.0, 170.0, -0.7, 0.1], [1.0, 0.5, -0.5, 0.2], [0.3, -0.2, 0.4, 0.1]]], np.float32)
+    value = np.array([[[1e5, 2.0, 3.0, 4.0], [0.5, -1.0, 0.0, 1.0], [-1.0, 0.0, 1.0, 0.5]]], np.float32)
+    # query 1 moves all its weight to token 0; query 2 gives token 0 a probability that underflows
+    # to 0 while its logit still rises by ~1600 (0 * inf in the unstabilised formula)
+    query = np.array([[[0.0, 0.0, 0.0, 0.0], [0.0, 10.0, 0.0, 0.0], [-10.0, 10.0, 0.0, 0.0]]], np.float32)
+    pos = np.arange(3)[None]
+    scores = np.einsum("htd,hsd->hts", query.astype(np.float64), key.astype(np.float64))
+    scores = np.where(pos[0][None, :, None] >= pos[0][None, None, :], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    c = A.LayerCapture(query=query, key=key, value=value, probs=probs.astype(np.float32),
+                       output=(probs @ value.astype(np.float64)).astype(np.float32), scaling=1.0, softcap=None)
+    k, v = key.copy(), value.copy()
+    for x in (k, v):
+        x[:, 0] = AQ.dequantize(AQ.quantize_per_token(torch.from_numpy(x[:, :1].copy()), 2, 4)).numpy()[:, 0]
+    assert float(query[0, 1] @ (k[0, 0] - key[0, 0])) > 710          # e^delta overflows float64
+    assert float(query[0, 2] @ (k[0, 0] - key[0, 0])) > 710 and c.probs[0, 2, 0] == 0
+    before = attention(query[None], key[None], value[None], query_positions=pos, key_positions=pos, scale=1.0)[0]
+    after = attention(query[None], k[None], v[None], query_positions=pos, key_positions=pos, scale=1.0)[0]
+    direct = np.linalg.norm(after - before) / np.linalg.norm(before)
+    got = A.token_quantization_error(c, 0, 2, 4)
+    assert np.isfinite(got) and got == pytest.approx(direct, rel=1e-3, abs=1e-6)
