@@ -71,8 +71,12 @@ def test_blocks_are_found():
 
 
 def _env():
+    """The environment a reader runs the blocks in: this interpreter's environment activated (its
+    ``bin/`` first on PATH, so ``python``, ``kvsink`` and ``pytest`` are the ones under test, as
+    in a virtual environment), the checkout importable."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     return env
 
 
