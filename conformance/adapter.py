@@ -52,7 +52,7 @@ import numpy as np
 
 __all__ = [
     "PARTS", "Quantized", "CacheBlock", "CachePort", "Port", "as_bfloat16", "is_bfloat16",
-    "round_to_bfloat16", "load_port", "check_port",
+    "round_to_bfloat16", "load_port", "check_port", "replay_cache_ops",
 ]
 
 #: The parts of the contract a port may implement (docs/13-conformance.md lists the
@@ -423,3 +423,30 @@ for _name in PART_METHODS["kvquant"]:
 del _name
 __all__ += ["KVQuantized", "KVQuantCacheBlock"]
 # --- END kvquant part
+
+
+def replay_cache_ops(cache, ops, arrays) -> None:
+    """Replay a golden cache case's ``params["ops"]`` (docs/13-conformance.md §13.5) on ``cache``:
+    each op names its kind (``update``, ``resolve``, ``flush``, ``crop``, ``reorder``,
+    ``select_batch``) and the arrays of ``arrays`` it reads."""
+    for op in ops:
+        kind = op["op"]
+        if kind == "update":
+            valid = None if op["valid"] is None else arrays[op["valid"]]
+            if op.get("rope_positions"):
+                cache.update(arrays[op["keys"]], arrays[op["values"]], valid,
+                             rope_positions=arrays[op["rope_positions"]])
+            else:
+                cache.update(arrays[op["keys"]], arrays[op["values"]], valid)
+        elif kind == "resolve":
+            cache.resolve(arrays[op["preserve"]])
+        elif kind == "flush":
+            cache.flush()
+        elif kind == "crop":
+            cache.crop(op["max_length"])
+        elif kind == "reorder":
+            cache.reorder(arrays[op["beam_idx"]])
+        elif kind == "select_batch":
+            cache.select_batch(arrays[op["indices"]])
+        else:
+            raise ValueError(f"unknown cache op {kind!r} in the vectors")

@@ -21,7 +21,7 @@ from reference import quantize as rq
 from . import kvquant_checks as kq
 from . import make_vectors as mv
 from . import tolerances as tol
-from .adapter import as_bfloat16
+from .adapter import as_bfloat16, replay_cache_ops
 
 MANIFEST = json.loads((mv.VECTORS_DIR / "manifest.json").read_text())
 CASES = {c["name"]: c for c in MANIFEST["cases"]}
@@ -127,7 +127,7 @@ def _check_cache(port, case, a):
     p = case["params"]
     cfg = mv.config_from_dict(p["config"])
     cache = port.make_cache(cfg, p["dtype"])
-    _replay(cache, p["ops"], a)
+    replay_cache_ops(cache, p["ops"], a)
     _check_preserved(cache, a)
     assert cache.nbytes() == int(a["nbytes"]), f"nbytes {cache.nbytes()} != {int(a['nbytes'])}"
     blocks = cache.quantized_blocks()
@@ -162,30 +162,6 @@ def _check_cache(port, case, a):
     segs = cache.segments()
     assert len(segs) == 3, f"segments() returned {len(segs)} segments, want 3"
     _check_segments_and_attend(cache, segs, a, p["dtype"], codes, scales)
-
-
-def _replay(cache, ops, a):
-    """Replay a cache case's ``ops`` on ``cache``."""
-    for op in ops:
-        kind = op["op"]
-        if kind == "update":
-            valid = None if op["valid"] is None else a[op["valid"]]
-            if op.get("rope_positions"):
-                cache.update(a[op["keys"]], a[op["values"]], valid, rope_positions=a[op["rope_positions"]])
-            else:
-                cache.update(a[op["keys"]], a[op["values"]], valid)
-        elif kind == "resolve":
-            cache.resolve(a[op["preserve"]])
-        elif kind == "flush":
-            cache.flush()
-        elif kind == "crop":
-            cache.crop(op["max_length"])
-        elif kind == "reorder":
-            cache.reorder(a[op["beam_idx"]])
-        elif kind == "select_batch":
-            cache.select_batch(a[op["indices"]])
-        else:
-            raise AssertionError(f"unknown op {kind!r} in the vectors")
 
 
 def _check_preserved(cache, a):
@@ -270,7 +246,7 @@ def _kvquant_cache(port, p, a):
     cal = mv.calibration_from_arrays(cfg, a)
     inv = a.get("rope_inv_freq")
     cache = port.make_cache(cfg, p["dtype"], kvquant_calibration=cal, rope_inv_freq=inv)
-    _replay(cache, p["ops"], a)
+    replay_cache_ops(cache, p["ops"], a)
     _check_preserved(cache, a)
     blocks = cache.quantized_blocks()
     assert len(blocks) == len(p["blocks"]), f"{len(blocks)} blocks, want {len(p['blocks'])}"

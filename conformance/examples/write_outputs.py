@@ -27,34 +27,12 @@ import numpy as np
 
 from conformance import file_route as fr
 from conformance import make_vectors as mv
-from conformance.adapter import as_bfloat16, load_port
+from conformance.adapter import as_bfloat16, load_port, replay_cache_ops
 
 
 def _inputs(vectors: Path, case: dict) -> dict:
     """Every array of the case by name (inputs and the expected arrays some outputs start from)."""
     return {name: np.load(vectors / meta["file"], allow_pickle=False) for name, meta in case["arrays"].items()}
-
-
-def _replay(cache, ops, a):
-    """Replay a cache case's ``params.ops`` (docs/13-conformance.md §13.5) on a fresh cache."""
-    for op in ops:
-        kind = op["op"]
-        if kind == "update":
-            valid = None if op["valid"] is None else a[op["valid"]]
-            if op.get("rope_positions"):
-                cache.update(a[op["keys"]], a[op["values"]], valid, rope_positions=a[op["rope_positions"]])
-            else:
-                cache.update(a[op["keys"]], a[op["values"]], valid)
-        elif kind == "resolve":
-            cache.resolve(a[op["preserve"]])
-        elif kind == "flush":
-            cache.flush()
-        elif kind == "crop":
-            cache.crop(op["max_length"])
-        elif kind in ("reorder", "select_batch"):
-            getattr(cache, kind)(a[op["beam_idx" if kind == "reorder" else "indices"]])
-        else:
-            raise ValueError(f"unknown cache op {kind!r}")
 
 
 def _fields(record) -> dict:
@@ -70,7 +48,7 @@ def _cache_outputs(port, case, a) -> dict:
                                 rope_inv_freq=a.get("rope_inv_freq"))
     else:
         cache = port.make_cache(cfg, p["dtype"])
-    _replay(cache, p["ops"], a)
+    replay_cache_ops(cache, p["ops"], a)
     out = {f"preserved_positions_{r}": pp for r, pp in enumerate(cache.preserved_positions())}
     out["nbytes"] = cache.nbytes()
     blocks = cache.quantized_blocks()
