@@ -23,7 +23,7 @@ from reference.config import KVSinkConfig
 
 from . import kvquant as _kvq
 from .cache_checks import INDEX_DTYPES
-from .cache_store import QuantizedStore, block_positions
+from .cache_store import BlockSlots, QuantizedStore
 from .packing import pack_codes, unpack_codes
 
 __all__ = ["KVQuantStore", "KVQuantCacheBlock", "PackedKVQuantTensor", "quantize_block_kvquant_cache",
@@ -170,7 +170,7 @@ class PackedKVQuantTensor:
         return [self.words, self.scale, self.centre, self.outlier_index, self.outlier_value]
 
 
-class KVQuantCacheBlock:
+class KVQuantCacheBlock(BlockSlots):
     """One flushed block with ``quantizer="kvquant"`` (docs/06-cache.md 6.21; twin of the reference's).
 
     ``start``, ``num_slots``, ``coded`` bool ``(B, n)`` as ``QuantizedBlock``;
@@ -183,14 +183,6 @@ class KVQuantCacheBlock:
     def __init__(self, start, num_slots, coded, rope_positions, keys, values, inv_freq):
         self.start, self.num_slots, self.coded, self.rope_positions = start, num_slots, coded, rope_positions
         self.keys, self.values, self.inv_freq = keys, values, inv_freq
-
-    @property
-    def num_codes(self) -> int:
-        return int(self.coded.shape[1])
-
-    def positions(self) -> torch.Tensor:
-        """int64 ``(B, n)``: ``start + j`` at live slots, ``-1`` at the others."""
-        return block_positions(self.start, self.num_slots, self.coded)
 
     def dequantize(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """float32 keys (RoPE re-applied with ``rope_positions``) and values ``(B, H, n, D)``."""

@@ -26,7 +26,7 @@ from .cache_state import MIN_CAPACITY
 from .packing import WORD_DTYPE
 from .quantize import PackedQuantizedTensor, dequantize, quantize_packed
 
-__all__ = ["QuantizedStore", "UniformStore", "QuantizedBlock", "PackedBuffers", "block_positions"]
+__all__ = ["BlockSlots", "QuantizedStore", "UniformStore", "QuantizedBlock", "PackedBuffers", "block_positions"]
 
 _F32 = torch.float32
 
@@ -38,7 +38,24 @@ def block_positions(start: int, num_slots: int, coded: torch.Tensor) -> torch.Te
     return torch.where(live, start + j, torch.full_like(j, -1))
 
 
-class QuantizedBlock:
+class BlockSlots:
+    """What every flushed block record shares (the uniform ``QuantizedBlock`` and the KVQuant
+    ``KVQuantCacheBlock``): its ``start``, ``num_slots`` and ``coded`` ``(B, n)`` fields give the
+    number of code slots and the live positions (definition 6.14)."""
+
+    __slots__ = ()
+
+    @property
+    def num_codes(self) -> int:
+        """``n``: token slots whose codes the block holds (``>= num_slots``)."""
+        return int(self.coded.shape[1])
+
+    def positions(self):
+        """int64 ``(B, n)``: ``start + j`` at live slots, ``-1`` at the others."""
+        return block_positions(self.start, self.num_slots, self.coded)
+
+
+class QuantizedBlock(BlockSlots):
     """One block of the quantized store, as views of a layer's buffers (twin of the reference's).
 
     Attributes: ``start`` (int), ``num_slots`` (``k``, slots still in the
@@ -53,15 +70,6 @@ class QuantizedBlock:
     def __init__(self, start: int, num_slots: int, coded: torch.Tensor, keys: PackedQuantizedTensor,
                  values: PackedQuantizedTensor):
         self.start, self.num_slots, self.coded, self.keys, self.values = start, num_slots, coded, keys, values
-
-    @property
-    def num_codes(self) -> int:
-        """``n``: token slots whose codes the block holds (``>= num_slots``)."""
-        return int(self.coded.shape[1])
-
-    def positions(self) -> torch.Tensor:
-        """int64 ``(B, n)``: ``start + j`` at live slots, ``-1`` at the others."""
-        return block_positions(self.start, self.num_slots, self.coded)
 
     def dequantize(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """float32 keys and values ``(B, H, n, D)``."""

@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .cache_store import QuantizedStore, block_positions
+from .cache_store import BlockSlots, QuantizedStore
 from .config import KVSinkConfig
 from .kvquant import (MAX_POSITION, KVQuantBlock, KVQuantCalibration, KVQuantTensor, apply_rope,
                       check_kvquant_config, dequantize_block_kvquant, nf_calibration,
@@ -129,7 +129,7 @@ def kvquant_take_rows(qt: KVQuantTensor, rows: np.ndarray) -> KVQuantTensor:
 
 
 @dataclass(frozen=True, eq=False)
-class KVQuantCacheBlock:
+class KVQuantCacheBlock(BlockSlots):
     """One flushed block of the quantized store with ``quantizer="kvquant"`` (definition 6.21).
 
     Attributes
@@ -159,14 +159,6 @@ class KVQuantCacheBlock:
     @property
     def values(self) -> KVQuantTensor:
         return self.block.values
-
-    @property
-    def num_codes(self) -> int:
-        return int(self.coded.shape[1])
-
-    def positions(self) -> np.ndarray:
-        """int64 ``(B, n)``: ``start + j`` at live slots, ``-1`` at the others."""
-        return block_positions(self.start, self.num_slots, self.coded)
 
     def dequantize(self) -> Tuple[np.ndarray, np.ndarray]:
         """float32 keys (RoPE applied again with :attr:`rope_positions`) and values ``(B, H, n, D)``.

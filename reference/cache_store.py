@@ -38,7 +38,7 @@ import numpy as np
 from .config import KVSinkConfig
 from .quantize import QuantizedTensor, dequantize, quantize
 
-__all__ = ["block_positions", "PackedQuantized", "QuantizedBlock", "quantize_block",
+__all__ = ["BlockSlots", "block_positions", "PackedQuantized", "QuantizedBlock", "quantize_block",
            "QuantizedStore", "UniformStore"]
 
 
@@ -114,8 +114,25 @@ class PackedQuantized:
                    + (0 if self.zero is None else 4 * self.zero.size))
 
 
+class BlockSlots:
+    """What every flushed block record shares (the uniform ``QuantizedBlock`` and the KVQuant
+    ``KVQuantCacheBlock``): its ``start``, ``num_slots`` and ``coded`` ``(B, n)`` fields give the
+    number of code slots and the live positions (definition 6.14)."""
+
+    __slots__ = ()
+
+    @property
+    def num_codes(self) -> int:
+        """``n``: token slots whose codes the block holds (``>= num_slots``)."""
+        return int(self.coded.shape[1])
+
+    def positions(self):
+        """int64 ``(B, n)``: ``start + j`` at live slots, ``-1`` at the others."""
+        return block_positions(self.start, self.num_slots, self.coded)
+
+
 @dataclass(frozen=True, eq=False)
-class QuantizedBlock:
+class QuantizedBlock(BlockSlots):
     """One flushed block of the quantized store (definition 6.5).
 
     Attributes
@@ -139,15 +156,6 @@ class QuantizedBlock:
     coded: np.ndarray
     keys: PackedQuantized
     values: PackedQuantized
-
-    @property
-    def num_codes(self) -> int:
-        """``n``: token slots whose codes the block holds (``>= num_slots``)."""
-        return int(self.coded.shape[1])
-
-    def positions(self) -> np.ndarray:
-        """int64 ``(B, n)``: ``start + j`` at live slots, ``-1`` at the others."""
-        return block_positions(self.start, self.num_slots, self.coded)
 
     def dequantize(self) -> Tuple[np.ndarray, np.ndarray]:
         """float32 keys and values ``(B, H, n, D)`` (every slot; mask with :meth:`positions`)."""
