@@ -47,7 +47,7 @@ __all__ = [
     "quantize_block_kvquant_cache",
     "admit_preserved",
     "flushed_length",
-    # accelerated only (docs/06-cache.md "Accelerated layout"; /work/brief/cache-design.md §6)
+    # accelerated only (docs/06-cache.md "Accelerated layout"; tests/test_layout.py INTENDED says why)
     "DeferredChecks",
     "PackedKVQuantTensor",
     "PackedBuffers",
