@@ -44,20 +44,23 @@ class DeferredChecks:
     ``crop`` the tokens of the failed calls away.  A layer never quantizes unchecked tokens: its
     :meth:`~QuantizedKVCacheLayer.flush` calls :meth:`check` of the checks its updates recorded to
     first (and raises, changing nothing, if they failed).  :meth:`check` is idempotent: after the
-    first call it raises the same error again, or returns at once.
+    first call it raises the same error again, or returns at once.  One object may gather the
+    checks of many calls (``KVSinkCache`` keeps one from flush to flush): :meth:`pack` folds those
+    recorded so far into one tensor per device.
     """
 
-    __slots__ = ("_flags", "_bad", "_messages", "_error", "_checked")
+    __slots__ = ("_flags", "_packed", "_bad", "_messages", "_error", "_checked")
 
     def __init__(self):
-        self._flags: List[torch.Tensor] = []     # 0-d tensors, in the order recorded
-        self._bad: List[bool] = []               # False: bad if not finite; True: bad if non-zero
-        self._messages: list = []                # str, or a callable building it (may sync)
+        self._flags: List[torch.Tensor] = []     # 0-d tensors recorded since the last pack()
+        self._packed: list = []                  # (1-D tensor, indices of its flags), one per pack and device
+        self._bad: List[bool] = []               # per check: False: bad if not finite; True: bad if non-zero
+        self._messages: list = []                # per check: str, or a callable building it (may sync)
         self._error: Optional[str] = None
         self._checked = False
 
     def __len__(self) -> int:
-        return len(self._flags)
+        return len(self._bad)
 
     def finite(self, x: torch.Tensor, message, *, stored: Optional[torch.Tensor] = None,
                overflow_message=None) -> None:
@@ -88,23 +91,42 @@ class DeferredChecks:
     def checked(self) -> bool:
         return self._checked
 
+    def pack(self) -> None:
+        """Stack the flags recorded since the last pack into one tensor per device (one operation
+        each, no synchronisation), so that checks gathered over many steps stay a few tensors."""
+        first = len(self._bad) - len(self._flags)
+        by_device = {}
+        for i, f in enumerate(self._flags, start=first):
+            by_device.setdefault(f.device, []).append(i)
+        for idx in by_device.values():
+            self._packed.append((torch.stack([self._flags[i - first] for i in idx]), idx))
+        self._flags = []
+
+    def _read(self) -> List[float]:
+        """Every recorded flag's value, in recording order (one synchronisation per device)."""
+        self.pack()
+        by_device = {}
+        for flags, idx in self._packed:
+            by_device.setdefault(flags.device, []).append((flags, idx))
+        values = [0.0] * len(self._bad)
+        for parts in by_device.values():
+            stacked = parts[0][0] if len(parts) == 1 else torch.cat([f for f, _ in parts])
+            idx = [i for _, part in parts for i in part]
+            for i, v in zip(idx, stacked.tolist()):
+                values[i] = v
+        return values
+
     def check(self) -> None:
         """Read every recorded flag (one synchronisation per device holding some) and raise the
         ``ValueError`` of the first failed check in recording order; idempotent."""
         if not self._checked:
             self._checked = True
-            by_device = {}
-            for i, f in enumerate(self._flags):
-                by_device.setdefault(f.device, []).append(i)
-            values = [0.0] * len(self._flags)
-            for idx in by_device.values():
-                for i, v in zip(idx, torch.stack([self._flags[i] for i in idx]).tolist()):
-                    values[i] = v
+            values = self._read()
             for v, nonzero_is_bad, message in zip(values, self._bad, self._messages):
                 if (v != 0) if nonzero_is_bad else not math.isfinite(v):
                     self._error = message() if callable(message) else message
                     break
-            self._flags = []                  # nothing to hold on to any more
+            self._packed = []                 # nothing to hold on to any more
         if self._error is not None:
             raise ValueError(self._error)
 

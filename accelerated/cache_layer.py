@@ -199,17 +199,24 @@ class QuantizedKVCacheLayer:
 
     # ------------------------------------------------------------------ 6.2 resolve
 
-    def resolve(self, preserve, *, checks: Optional[DeferredChecks] = None) -> None:
+    def resolve(self, preserve, *, checks: Optional[DeferredChecks] = None,
+                excludes_padding: bool = False) -> None:
         """Give the status of every pending token (definition 6.2).
 
         ``preserve``: bool ``(B, num_pending)`` in position order, ``True`` = keep at
         full precision.  A ``True`` on a padding token raises ``ValueError``; with
         ``checks`` (a :class:`DeferredChecks`) that test is recorded there instead
         (no device->host synchronisation) and raised by its ``check()``.
+        ``excludes_padding=True``: the caller guarantees ``preserve & ~valid`` is empty
+        (flags made by ``preserved_set`` / ``preserved_step``, which AND the validity), and the
+        test is skipped (``KVSinkCache`` resolves every layer with the same such flags).
         """
         if self._dims is None:
             raise RuntimeError("resolve() before any update(): there is no pending token")
-        flags = self.check_preserve(preserve, checks=checks)
+        if excludes_padding:
+            flags = check_mask("preserve", preserve, (self._dims[0], self._residual.pending), self.device)
+        else:
+            flags = self.check_preserve(preserve, checks=checks)
         if checks is not None:
             self._watch(checks)
         self._residual.resolve(flags)

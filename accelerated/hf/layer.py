@@ -174,8 +174,9 @@ class KVSinkLayer(CacheLayerMixin):
         """Whether the store holds tokens whose preservation status is not resolved yet."""
         return self.store is not None and store_has_pending(self.store)
 
-    def resolve(self, preserve: torch.Tensor, checks=None) -> None:
-        self.store.resolve(preserve.to(self.device), checks=checks)
+    def resolve(self, preserve: torch.Tensor, checks=None, *, excludes_padding: bool = False) -> None:
+        """The status of the pending tokens (``QuantizedKVCacheLayer.resolve``)."""
+        self.store.resolve(preserve.to(self.device), checks=checks, excludes_padding=excludes_padding)
 
     def flush(self) -> None:
         if self.store is not None:
