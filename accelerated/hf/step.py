@@ -6,12 +6,17 @@ call them; :class:`StepState` holds them):
 
 1. ``begin(attention_mask, position_ids)`` (base-model pre-hook): a fresh :class:`ForwardStep`.
 2. ``begin_tokens`` (first layer update, or the predictor hook): the step's ``n`` new tokens, their
-   validity (from the 2-D mask: padding is invalid) and, for kvquant, their rotary positions.
+   validity (from the new columns of the 2-D mask: padding is invalid) and, for kvquant, their
+   rotary positions; the validity is written in place into the :class:`TokenHistory`'s buffers.
 3. ``set_flags`` (once the predictor has read ``hidden_states[p]``, or at once without a predictor):
-   the preservation status of the new tokens (``accelerated.preserve.preserved_set`` over the
-   whole :class:`TokenHistory`); layers updated before that are resolved then.
-4. ``end`` (base-model forward hook): the deferred value checks are read (the one host
-   synchronisation of a step that flushes nothing) and every layer is flushed.
+   the preservation status of the new tokens (``accelerated.preserve.preserved_step`` from the
+   history's per-row counts, kept on the device: a fixed number of operations whatever the
+   history's length); layers updated before that are resolved then.
+4. ``end`` (base-model forward hook): every layer is flushed; a layer that quantizes a block reads
+   the deferred value checks first (one device->host synchronisation for all the steps since the
+   last flush).  A step that flushes nothing reads nothing from the device; its checks stay in the
+   cache's open :class:`~accelerated.cache.DeferredChecks` (``eager_checks=True``: read at every
+   ``end``; :meth:`StepState.read_checks`: at once, e.g. before a crop).
    ``abandon`` (always-called hook) marks the cache broken if the forward raised after appending.
 
 The stack of active caches (one per nested forward, per thread) lives here too: the attention
@@ -204,7 +209,7 @@ def _check_mask2d(mask2d) -> Optional[torch.Tensor]:
         raise ValueError(
             f"KVSinkCache needs a 2-D attention_mask (batch, past + new tokens) with 1 for "
             f"real tokens and 0 for padding, got shape {shape}; pass the tokenizer's mask")
-    return mask2d.bool()
+    return mask2d                 # converted to bool per step, on the new columns only
 
 
 class StepState:
@@ -259,7 +264,7 @@ class StepState:
             raise ValueError(
                 f"attention_mask has shape {tuple(step.mask2d.shape)}; with {past} cached and {n} "
                 f"new tokens it must be ({batch}, {past + n}) (cached + new slots)")
-        return step.mask2d[:, past:].to(device)
+        return step.mask2d[:, past:].to(device=device, dtype=torch.bool)
 
     def begin_tokens(self, n: int, batch: int, device) -> None:
         """First sight of the step's tokens (first layer update, or the predictor hook)."""
