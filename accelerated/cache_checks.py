@@ -49,13 +49,14 @@ class DeferredChecks:
     recorded so far into one tensor per device.
     """
 
-    __slots__ = ("_flags", "_packed", "_bad", "_messages", "_error", "_checked")
+    __slots__ = ("_flags", "_later", "_packed", "_bad", "_messages", "_error", "_checked")
 
     def __init__(self):
-        self._flags: List[torch.Tensor] = []     # 0-d tensors recorded since the last pack()
-        self._packed: list = []                  # (1-D tensor, indices of its flags), one per pack and device
-        self._bad: List[bool] = []               # per check: False: bad if not finite; True: bad if non-zero
-        self._messages: list = []                # per check: str, or a callable building it (may sync)
+        self._flags: list = []       # (0-d tensor, index) recorded since the last pack()
+        self._later: list = []       # (source, side, first, n, index): slot checks not evaluated yet
+        self._packed: list = []      # (1-D tensor, [index per element]): flags folded or evaluated
+        self._bad: List[bool] = []   # per check: False: bad if not finite; True: bad if non-zero
+        self._messages: list = []    # per check: str, or a callable building it (may sync)
         self._error: Optional[str] = None
         self._checked = False
 
@@ -73,19 +74,32 @@ class DeferredChecks:
         if stored is not None:
             self._add(torch.linalg.vector_norm(stored, math.inf), False, overflow_message)
 
+    def finite_slots(self, source, side: str, first: int, n: int, message) -> None:
+        """Record "the tokens at positions ``first .. first + n - 1`` of ``source``'s ``side`` are
+        finite" with no operation now: the test is made from ``source.slot_max_abs(side, lo, hi)``
+        (float ``(hi - lo,)``, max ``|x|`` per position, NaN and Inf propagating) when the checks
+        are read or :meth:`materialize`\ d, one reduction for a run of one-token records (decode
+        steps).  ``source`` must hold those tokens until then (or call :meth:`materialize`
+        before it drops or reorders them)."""
+        if n:
+            self._later.append((source, side, int(first), int(n), self._index(False, message)))
+
     def none_true(self, flags: torch.Tensor, message) -> None:
         """Record "no element of the bool tensor ``flags`` is True" (``message``: str or a
         callable returning it, called only on failure)."""
         if flags.numel():
             self._add(flags.any(), True, message)
 
-    def _add(self, flag: torch.Tensor, nonzero_is_bad: bool, message) -> None:
+    def _index(self, nonzero_is_bad: bool, message) -> int:
         if self._checked:
             raise RuntimeError("DeferredChecks.check() has run already: use a new DeferredChecks "
                                "for new calls")
-        self._flags.append(flag)
         self._bad.append(nonzero_is_bad)
         self._messages.append(message)
+        return len(self._bad) - 1
+
+    def _add(self, flag: torch.Tensor, nonzero_is_bad: bool, message) -> None:
+        self._flags.append((flag, self._index(nonzero_is_bad, message)))
 
     @property
     def checked(self) -> bool:
@@ -94,16 +108,47 @@ class DeferredChecks:
     def pack(self) -> None:
         """Stack the flags recorded since the last pack into one tensor per device (one operation
         each, no synchronisation), so that checks gathered over many steps stay a few tensors."""
-        first = len(self._bad) - len(self._flags)
         by_device = {}
-        for i, f in enumerate(self._flags, start=first):
-            by_device.setdefault(f.device, []).append(i)
-        for idx in by_device.values():
-            self._packed.append((torch.stack([self._flags[i - first] for i in idx]), idx))
+        for flag, i in self._flags:
+            by_device.setdefault(flag.device, []).append((flag, i))
+        for parts in by_device.values():
+            self._packed.append((torch.stack([f for f, _ in parts]), [i for _, i in parts]))
         self._flags = []
+
+    def materialize(self, source=None) -> None:
+        """Evaluate now (device operations, no synchronisation) the slot checks of ``source`` (of
+        every source if None): a source calls it before it drops or reorders tokens."""
+        todo, keep = {}, []
+        for entry in self._later:
+            if source is None or entry[0] is source:
+                todo.setdefault((id(entry[0]), entry[1]), []).append(entry)
+            else:
+                keep.append(entry)
+        self._later = keep
+        for entries in todo.values():
+            self._evaluate(entries)
+
+    def _evaluate(self, entries: list) -> None:
+        """One reduction per run of contiguous one-token records, one per longer record."""
+        run: list = []
+        for entry in entries + [None]:
+            if entry is not None and entry[3] == 1 and (not run or run[-1][2] + 1 == entry[2]):
+                run.append(entry)
+                continue
+            if run:
+                src, side, lo = run[0][:3]
+                self._packed.append((src.slot_max_abs(side, lo, run[-1][2] + 1), [e[4] for e in run]))
+                run = []
+            if entry is not None and entry[3] == 1:
+                run = [entry]
+            elif entry is not None:
+                src, side, lo, n, i = entry
+                per_slot = src.slot_max_abs(side, lo, lo + n)
+                self._packed.append((torch.linalg.vector_norm(per_slot, math.inf).reshape(1), [i]))
 
     def _read(self) -> List[float]:
         """Every recorded flag's value, in recording order (one synchronisation per device)."""
+        self.materialize()
         self.pack()
         by_device = {}
         for flags, idx in self._packed:
@@ -188,12 +233,16 @@ def _check_dims(keys: torch.Tensor, dims: Optional[Tuple[int, int, int]]) -> Non
 
 
 def convert_kv(keys: torch.Tensor, values: torch.Tensor, device, dtype: torch.dtype,
-               checks: Optional[DeferredChecks] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               checks: Optional[DeferredChecks] = None, *,
+               check: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Checked (:func:`check_kv_shapes`) keys and values converted to ``dtype`` on ``device``;
     their finiteness (of the inputs and after the conversion) checked here (one device->host
-    sync) or recorded in ``checks``."""
+    sync) or recorded in ``checks``; ``check=False``: not tested here (the caller records it:
+    ``QuantizedKVCacheLayer.update`` with ``checks`` and no conversion, by ``finite_slots``)."""
     k = keys.to(device=device, dtype=dtype)
     v = values.to(device=device, dtype=dtype)
+    if not check:
+        return k, v
     if checks is not None:                      # recorded, read later: no sync here
         for name, x, stored in (("keys", keys, k), ("values", values, v)):
             converted = stored.dtype != x.dtype
