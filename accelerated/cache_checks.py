@@ -35,13 +35,16 @@ class DeferredChecks:
     (K/V and query finite, no preserve flag on padding, kvquant rotary positions in range) reads a
     device flag on the host: one synchronisation per call, i.e. several per layer and decode step
     inside a model.  Given ``checks=DeferredChecks()``, those methods record the flag here instead
-    (a reduction kernel, no synchronisation), and :meth:`check` reads all recorded flags at once
+    (a reduction kernel, no synchronisation; the keys and values of an update that converts
+    nothing not even that: :meth:`finite_slots` tests them from the residual window when read),
+    and :meth:`check` reads all recorded flags at once
     (one synchronisation per device) and raises the ``ValueError`` the eager check would have
     raised first, with the same message.
 
     Semantics: until :meth:`check` has run, the recorded calls have *already* changed the cache
-    (tokens appended, statuses set), so a failed check means: discard the cache (``reset()``), or
-    ``crop`` the tokens of the failed calls away.  A layer never quantizes unchecked tokens: its
+    (tokens appended, statuses set), so a failed check means: discard the cache (``reset()``); a
+    ``crop`` or row selection does not hide it (the slot checks are evaluated before the tokens
+    go).  A layer never quantizes unchecked tokens: its
     :meth:`~QuantizedKVCacheLayer.flush` calls :meth:`check` of the checks its updates recorded to
     first (and raises, changing nothing, if they failed).  :meth:`check` is idempotent: after the
     first call it raises the same error again, or returns at once.  One object may gather the

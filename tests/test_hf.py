@@ -385,9 +385,10 @@ def test_uninstall_restores_attention(models):
     before = model.config._attn_implementation
     cache = KVSinkCache(model, quant_config(4, "pfn"))
     assert model.config._attn_implementation == ATTENTION_NAME
+    assert "generate" in vars(model)                 # the wrapper reading the checks at its return
     cache.detach()
     assert model.config._attn_implementation == before
-    assert model._kvsink_hooks is None
+    assert model._kvsink_hooks is None and "generate" not in vars(model)
     uninstall(model)                                 # idempotent
 
 
