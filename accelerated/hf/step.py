@@ -367,9 +367,12 @@ class StepState:
             self.checks.pack()
 
     def _renew_checks(self) -> None:
-        """A fresh open ``DeferredChecks`` once the current one has been read."""
+        """A fresh open ``DeferredChecks`` once the current one has been read (also for the rest
+        of the current forward, should a layer have flushed, and so read them, during it)."""
         if self.checks.checked:
             self.checks = _new_checks()
+            if self.current is not None:
+                self.current.checks = self.checks
 
     def end(self, last_hidden: Optional[torch.Tensor]) -> None:
         """End of the forward: resolve what is left, read the deferred checks if this step
