@@ -311,6 +311,7 @@ class StepState:
         """Append the step's tokens to ``layer`` and resolve them when their status is known."""
         step = self.current
         self.begin_tokens(key_states.shape[-2], key_states.shape[0], key_states.device)
+        self._renew_checks()          # read by a flush earlier in this forward: record in a new one
         layer.update(key_states, value_states, valid=step.valid, rope_positions=step.rope,
                      checks=step.checks)
         if step.flags is not None:
