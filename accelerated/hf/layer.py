@@ -105,7 +105,7 @@ class KVSinkLayer(CacheLayerMixin):
         ``rope_positions`` (kvquant only): int ``(B, n)``, the rotary positions of the
         new tokens (the model's ``position_ids``); None = their slot positions.
         ``checks``: an ``accelerated.cache.DeferredChecks`` recording the value checks
-        (read once at the end of the forward), or None to check here."""
+        (read before the next flush quantizes, docs/11 §11.3), or None to check here."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if valid is not None:
