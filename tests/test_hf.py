@@ -376,6 +376,40 @@ def test_crop_then_continue(models):
     assert cache.get_seq_length() == PROMPT - 1
 
 
+def test_streamed_statuses_equal_preserved_set_over_the_history(models):
+    """The statuses the cache computes step by step from its device-side counts (docs/03
+    Proposition 3.7) are ``preserved_set`` over the whole history, through left padding, a
+    capped union, a crop, a beam reorder and decode steps."""
+    from accelerated.preserve import preserved_set
+    model = models["llama"]
+    ids = prompt(seed=23, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0                                   # row 1 left-padded
+    cfg = quant_config(4, "pfn+kvsink", preserve_first_n=3, max_preserved=5,
+                       **predictor_fields(model, ids[:1], layer=2))
+    cache = KVSinkCache(model, cfg)
+
+    def agrees():
+        want = preserved_set(cfg, cache.valid_mask, predicted=cache.predicted_sinks)
+        assert torch.equal(cache.preserved_mask, want)
+        assert torch.equal(cache.steps.history.preserved_count, want.sum(1))
+        assert torch.equal(cache.steps.history.valid_count, cache.valid_mask.sum(1))
+
+    forward(model, ids, cache, attention_mask=mask)
+    agrees()
+    cache.crop(7 - PROMPT)                            # keeps 7 slots: 7 and 2 valid tokens
+    mask = mask[:, :7]
+    agrees()
+    cache.reorder_cache(torch.tensor([1, 0]))         # the counts follow their rows
+    mask = mask[[1, 0]]
+    agrees()
+    for t in range(6):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        forward(model, ids[:, t:t + 1], cache, attention_mask=mask)
+        agrees()
+    assert int(cache.preserved_mask.sum(1).max()) <= 5
+
+
 def test_uninstall_restores_attention(models):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
