@@ -35,29 +35,36 @@ class DeferredChecks:
     (K/V and query finite, no preserve flag on padding, kvquant rotary positions in range) reads a
     device flag on the host: one synchronisation per call, i.e. several per layer and decode step
     inside a model.  Given ``checks=DeferredChecks()``, those methods record the flag here instead
-    (a reduction kernel, no synchronisation), and :meth:`check` reads all recorded flags at once
+    (a reduction kernel, no synchronisation; the keys and values of an update that converts
+    nothing not even that: :meth:`finite_slots` tests them from the residual window when read),
+    and :meth:`check` reads all recorded flags at once
     (one synchronisation per device) and raises the ``ValueError`` the eager check would have
     raised first, with the same message.
 
     Semantics: until :meth:`check` has run, the recorded calls have *already* changed the cache
-    (tokens appended, statuses set), so a failed check means: discard the cache (``reset()``), or
-    ``crop`` the tokens of the failed calls away.  A layer never quantizes unchecked tokens: its
+    (tokens appended, statuses set), so a failed check means: discard the cache (``reset()``); a
+    ``crop`` or row selection does not hide it (the slot checks are evaluated before the tokens
+    go).  A layer never quantizes unchecked tokens: its
     :meth:`~QuantizedKVCacheLayer.flush` calls :meth:`check` of the checks its updates recorded to
     first (and raises, changing nothing, if they failed).  :meth:`check` is idempotent: after the
-    first call it raises the same error again, or returns at once.
+    first call it raises the same error again, or returns at once.  One object may gather the
+    checks of many calls (``KVSinkCache`` keeps one from flush to flush): :meth:`pack` folds those
+    recorded so far into one tensor per device.
     """
 
-    __slots__ = ("_flags", "_bad", "_messages", "_error", "_checked")
+    __slots__ = ("_flags", "_later", "_packed", "_bad", "_messages", "_error", "_checked")
 
     def __init__(self):
-        self._flags: List[torch.Tensor] = []     # 0-d tensors, in the order recorded
-        self._bad: List[bool] = []               # False: bad if not finite; True: bad if non-zero
-        self._messages: list = []                # str, or a callable building it (may sync)
+        self._flags: list = []       # (0-d tensor, index) recorded since the last pack()
+        self._later: list = []       # (source, side, first, n, index): slot checks not evaluated yet
+        self._packed: list = []      # (1-D tensor, [index per element]): flags folded or evaluated
+        self._bad: List[bool] = []   # per check: False: bad if not finite; True: bad if non-zero
+        self._messages: list = []    # per check: str, or a callable building it (may sync)
         self._error: Optional[str] = None
         self._checked = False
 
     def __len__(self) -> int:
-        return len(self._flags)
+        return len(self._bad)
 
     def finite(self, x: torch.Tensor, message, *, stored: Optional[torch.Tensor] = None,
                overflow_message=None) -> None:
@@ -70,41 +77,104 @@ class DeferredChecks:
         if stored is not None:
             self._add(torch.linalg.vector_norm(stored, math.inf), False, overflow_message)
 
+    def finite_slots(self, source, side: str, first: int, n: int, message) -> None:
+        """Record "the tokens at positions ``first .. first + n - 1`` of ``source``'s ``side`` are
+        finite" with no operation now: the test is made from ``source.slot_max_abs(side, lo, hi)``
+        (float ``(hi - lo,)``, max ``|x|`` per position, NaN and Inf propagating) when the checks
+        are read or :meth:`materialize`\ d, one reduction for a run of one-token records (decode
+        steps).  ``source`` must hold those tokens until then (or call :meth:`materialize`
+        before it drops or reorders them)."""
+        if n:
+            self._later.append((source, side, int(first), int(n), self._index(False, message)))
+
     def none_true(self, flags: torch.Tensor, message) -> None:
         """Record "no element of the bool tensor ``flags`` is True" (``message``: str or a
         callable returning it, called only on failure)."""
         if flags.numel():
             self._add(flags.any(), True, message)
 
-    def _add(self, flag: torch.Tensor, nonzero_is_bad: bool, message) -> None:
+    def _index(self, nonzero_is_bad: bool, message) -> int:
         if self._checked:
             raise RuntimeError("DeferredChecks.check() has run already: use a new DeferredChecks "
                                "for new calls")
-        self._flags.append(flag)
         self._bad.append(nonzero_is_bad)
         self._messages.append(message)
+        return len(self._bad) - 1
+
+    def _add(self, flag: torch.Tensor, nonzero_is_bad: bool, message) -> None:
+        self._flags.append((flag, self._index(nonzero_is_bad, message)))
 
     @property
     def checked(self) -> bool:
         return self._checked
+
+    def pack(self) -> None:
+        """Stack the flags recorded since the last pack into one tensor per device (one operation
+        each, no synchronisation), so that checks gathered over many steps stay a few tensors."""
+        by_device = {}
+        for flag, i in self._flags:
+            by_device.setdefault(flag.device, []).append((flag, i))
+        for parts in by_device.values():
+            self._packed.append((torch.stack([f for f, _ in parts]), [i for _, i in parts]))
+        self._flags = []
+
+    def materialize(self, source=None) -> None:
+        """Evaluate now (device operations, no synchronisation) the slot checks of ``source`` (of
+        every source if None): a source calls it before it drops or reorders tokens."""
+        todo, keep = {}, []
+        for entry in self._later:
+            if source is None or entry[0] is source:
+                todo.setdefault((id(entry[0]), entry[1]), []).append(entry)
+            else:
+                keep.append(entry)
+        self._later = keep
+        for entries in todo.values():
+            self._evaluate(entries)
+
+    def _evaluate(self, entries: list) -> None:
+        """One reduction per run of contiguous one-token records, one per longer record."""
+        run: list = []
+        for entry in entries + [None]:
+            if entry is not None and entry[3] == 1 and (not run or run[-1][2] + 1 == entry[2]):
+                run.append(entry)
+                continue
+            if run:
+                src, side, lo = run[0][:3]
+                self._packed.append((src.slot_max_abs(side, lo, run[-1][2] + 1), [e[4] for e in run]))
+                run = []
+            if entry is not None and entry[3] == 1:
+                run = [entry]
+            elif entry is not None:
+                src, side, lo, n, i = entry
+                per_slot = src.slot_max_abs(side, lo, lo + n)
+                self._packed.append((torch.linalg.vector_norm(per_slot, math.inf).reshape(1), [i]))
+
+    def _read(self) -> List[float]:
+        """Every recorded flag's value, in recording order (one synchronisation per device)."""
+        self.materialize()
+        self.pack()
+        by_device = {}
+        for flags, idx in self._packed:
+            by_device.setdefault(flags.device, []).append((flags, idx))
+        values = [0.0] * len(self._bad)
+        for parts in by_device.values():
+            stacked = parts[0][0] if len(parts) == 1 else torch.cat([f for f, _ in parts])
+            idx = [i for _, part in parts for i in part]
+            for i, v in zip(idx, stacked.tolist()):
+                values[i] = v
+        return values
 
     def check(self) -> None:
         """Read every recorded flag (one synchronisation per device holding some) and raise the
         ``ValueError`` of the first failed check in recording order; idempotent."""
         if not self._checked:
             self._checked = True
-            by_device = {}
-            for i, f in enumerate(self._flags):
-                by_device.setdefault(f.device, []).append(i)
-            values = [0.0] * len(self._flags)
-            for idx in by_device.values():
-                for i, v in zip(idx, torch.stack([self._flags[i] for i in idx]).tolist()):
-                    values[i] = v
+            values = self._read()
             for v, nonzero_is_bad, message in zip(values, self._bad, self._messages):
                 if (v != 0) if nonzero_is_bad else not math.isfinite(v):
                     self._error = message() if callable(message) else message
                     break
-            self._flags = []                  # nothing to hold on to any more
+            self._packed = []                 # nothing to hold on to any more
         if self._error is not None:
             raise ValueError(self._error)
 
@@ -166,12 +236,16 @@ def _check_dims(keys: torch.Tensor, dims: Optional[Tuple[int, int, int]]) -> Non
 
 
 def convert_kv(keys: torch.Tensor, values: torch.Tensor, device, dtype: torch.dtype,
-               checks: Optional[DeferredChecks] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               checks: Optional[DeferredChecks] = None, *,
+               check: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Checked (:func:`check_kv_shapes`) keys and values converted to ``dtype`` on ``device``;
     their finiteness (of the inputs and after the conversion) checked here (one device->host
-    sync) or recorded in ``checks``."""
+    sync) or recorded in ``checks``; ``check=False``: not tested here (the caller records it:
+    ``QuantizedKVCacheLayer.update`` with ``checks`` and no conversion, by ``finite_slots``)."""
     k = keys.to(device=device, dtype=dtype)
     v = values.to(device=device, dtype=dtype)
+    if not check:
+        return k, v
     if checks is not None:                      # recorded, read later: no sync here
         for name, x, stored in (("keys", keys, k), ("values", values, v)):
             converted = stored.dtype != x.dtype

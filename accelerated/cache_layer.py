@@ -17,8 +17,8 @@ import torch
 from reference.config import KVSinkConfig
 
 from . import attention as _att
-from .cache_checks import (DeferredChecks, check_index, check_kv_shapes, check_mask, check_storage_dtype,
-                           convert_kv, is_int, padding_message)
+from .cache_checks import (NONFINITE_MESSAGE, DeferredChecks, check_index, check_kv_shapes, check_mask,
+                           check_storage_dtype, convert_kv, is_int, padding_message)
 from .cache_kvquant import KVQuantStore
 from .cache_state import PreservedStore, ResidualWindow, admit_preserved, flushed_length, steady_capacity
 from .cache_store import QuantizedStore, UniformStore
@@ -164,7 +164,7 @@ class QuantizedKVCacheLayer:
 
         The tokens take positions ``seq_length .. seq_length + n - 1``.
         """
-        keys, values, valid = self._check_update(keys, values, valid, checks)
+        keys, values, valid, by_slot = self._check_update(keys, values, valid, checks)
         b, h, n, d = keys.shape
         rope = self.quantized.check_rope_positions(rope_positions, valid, self.seq_length, checks)
         self.quantized.check_dims(h, d)
@@ -174,20 +174,24 @@ class QuantizedKVCacheLayer:
             return
         if checks is not None:
             self._watch(checks)
+        for side in ("keys", "values") if by_slot else ():    # tested from the window when read
+            checks.finite_slots(self._residual, side, self.seq_length, n, NONFINITE_MESSAGE[side])
         self._residual.append(keys, values, valid, rope)
 
     def _check_update(self, keys, values, valid, checks):
-        """Checked keys, values (storage dtype, on the device) and valid mask of an update."""
+        """Checked keys, values (storage dtype, on the device) and valid mask of an update, and
+        whether their finiteness is recorded by slot (``checks`` given, nothing converted)."""
         check_kv_shapes(keys, values, self._dims)
         if self._dims is None and self._device_arg is None:
             self.device = keys.device
-        keys, values = convert_kv(keys, values, self.device, self.dtype, checks)
+        by_slot = checks is not None and keys.dtype == values.dtype == self.dtype
+        keys, values = convert_kv(keys, values, self.device, self.dtype, checks, check=not by_slot)
         b, _, n, _ = keys.shape
         if valid is None:
             valid = torch.ones((b, n), dtype=torch.bool, device=self.device)
         else:
             valid = check_mask("valid", valid, (b, n), self.device)
-        return keys, values, valid
+        return keys, values, valid, by_slot
 
     def _allocate(self, b: int, h: int, d: int) -> None:
         self._dims = (b, h, d)
@@ -199,17 +203,24 @@ class QuantizedKVCacheLayer:
 
     # ------------------------------------------------------------------ 6.2 resolve
 
-    def resolve(self, preserve, *, checks: Optional[DeferredChecks] = None) -> None:
+    def resolve(self, preserve, *, checks: Optional[DeferredChecks] = None,
+                excludes_padding: bool = False) -> None:
         """Give the status of every pending token (definition 6.2).
 
         ``preserve``: bool ``(B, num_pending)`` in position order, ``True`` = keep at
         full precision.  A ``True`` on a padding token raises ``ValueError``; with
         ``checks`` (a :class:`DeferredChecks`) that test is recorded there instead
         (no device->host synchronisation) and raised by its ``check()``.
+        ``excludes_padding=True``: the caller guarantees ``preserve & ~valid`` is empty
+        (flags made by ``preserved_set`` / ``preserved_step``, which AND the validity), and the
+        test is skipped (``KVSinkCache`` resolves every layer with the same such flags).
         """
         if self._dims is None:
             raise RuntimeError("resolve() before any update(): there is no pending token")
-        flags = self.check_preserve(preserve, checks=checks)
+        if excludes_padding:
+            flags = check_mask("preserve", preserve, (self._dims[0], self._residual.pending), self.device)
+        else:
+            flags = self.check_preserve(preserve, checks=checks)
         if checks is not None:
             self._watch(checks)
         self._residual.resolve(flags)
@@ -235,6 +246,11 @@ class QuantizedKVCacheLayer:
         """Remember ``checks``: :meth:`flush` runs it before quantizing anything."""
         if not any(c is checks for c in self._unchecked):
             self._unchecked.append(checks)
+
+    def _materialize_checks(self) -> None:
+        """Evaluate the slot checks on the window now: it is about to drop or reorder tokens."""
+        for c in self._unchecked:
+            c.materialize(self._residual)
 
     def _run_checks(self) -> None:
         """Run the deferred checks recorded by this layer's calls (raises their ValueError)."""
@@ -310,6 +326,7 @@ class QuantizedKVCacheLayer:
         max_length = self._crop_length(max_length)
         if self._dims is None or max_length >= self.seq_length:
             return
+        self._materialize_checks()
         self.quantized.crop(max_length)
         self._preserved.crop(max_length)
         self._residual.crop(max_length)
@@ -331,6 +348,7 @@ class QuantizedKVCacheLayer:
 
     def _take_rows(self, idx: torch.Tensor) -> None:
         """Gather every per-row tensor along the batch axis with ``idx`` (int64 on the device)."""
+        self._materialize_checks()
         self.quantized.take_rows(idx)
         self._preserved.take_rows(idx)
         self._residual.take_rows(idx)
@@ -353,6 +371,7 @@ class QuantizedKVCacheLayer:
 
     def reset(self) -> None:
         """Empty the cache; ``B``, ``H``, ``D`` are forgotten (definition 6.16)."""
+        self._materialize_checks()
         self._clear()
 
     # ------------------------------------------------------------------ views (tests, CPU use)

@@ -9,6 +9,7 @@ following the tokens held, never the configured ``residual_length``
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -161,6 +162,18 @@ class ResidualWindow:
         self.preserve[:, lo:lo + n].zero_()
         self.length += n
         self.pending += n
+
+    def slot_max_abs(self, side: str, lo: int, hi: int) -> torch.Tensor:
+        """float ``(hi - lo,)``: max ``|x|`` over ``(B, H, D)`` of the ``side`` ("keys" or
+        "values") of the tokens at positions ``lo .. hi - 1`` (NaN and Inf propagate): what
+        ``DeferredChecks.finite_slots`` reads (one reduction)."""
+        if lo < self.start or hi > self.start + self.length:
+            raise RuntimeError(f"positions {lo}..{hi - 1} are not in the residual window "
+                               f"({self.start}..{self.start + self.length - 1}): checks recorded by "
+                               "slot must be materialized before the tokens leave it")
+        buf = self.keys if side == "keys" else self.values
+        at = self.offset + lo - self.start
+        return torch.linalg.vector_norm(buf[:, :, at:at + hi - lo], math.inf, dim=(0, 1, 3))
 
     def pending_slice(self) -> slice:
         """Buffer slots of the pending tokens."""

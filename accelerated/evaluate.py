@@ -431,6 +431,7 @@ def _stream_window(model, ids, config: KVSinkConfig, cals, *, chunk: int, seq_le
             nll += _window_nll(logits[: last - start], ids[0, start + 1: last + 1])
         if bar is not None:
             bar.update(1)
+    cache.check()       # the value checks of the forwards since the window's last flush (docs/11 §11.3)
     rows = cache.preserved_positions()
     return nll, int(cache.nbytes()), ([int(p) for p in rows[0]] if rows else [])
 

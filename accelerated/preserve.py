@@ -24,6 +24,7 @@ __all__ = [
     "union",
     "cap_preserved",
     "preserved_set",
+    "preserved_step",
     "check_count",
 ]
 
@@ -162,3 +163,42 @@ def preserved_set(config: KVSinkConfig, valid: torch.Tensor, predicted=None, ora
             raise ValueError(f"unknown policy {policy!r}")
     flags = union(*sets) & valid
     return cap_preserved(flags, config.max_preserved)
+
+
+def _count(name: str, x, b: int, device) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.shape != (b,) or x.dtype.is_floating_point or x.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor of shape ({b},) (one count per row), got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    return x.to(device=device, dtype=torch.int64)
+
+
+def preserved_step(config: KVSinkConfig, valid: torch.Tensor, valid_before: torch.Tensor,
+                   preserved_before: torch.Tensor, predicted: Optional[torch.Tensor] = None):
+    """The preserved set of the ``n`` newest tokens from per-row counts of the earlier ones
+    (Proposition 3.7); torch twin of the reference's, exact (integer cumulative sums).
+
+    ``valid`` bool ``(B, n)``; ``valid_before``, ``preserved_before`` int ``(B,)``; ``predicted``
+    bool ``(B, n)`` (``"kvsink"``).  Returns ``(flags (B, n), valid count after, preserved count
+    after)`` on ``valid``'s device, no device->host synchronisation (a decode step's statuses in a
+    fixed number of operations, whatever the history's length)."""
+    if not isinstance(config, KVSinkConfig):
+        raise TypeError(f"config must be a KVSinkConfig, got {type(config).__name__}")
+    if "oracle" in config.preserve:
+        raise ValueError("preserved_step cannot apply preserve='oracle' (its scores depend on "
+                         "later queries); use preserved_set over the whole sequence")
+    valid = _bool_mask("valid", valid)
+    b, dev = valid.shape[0], valid.device
+    v0 = _count("valid_before", valid_before, b, dev)
+    p0 = _count("preserved_before", preserved_before, b, dev)
+    flags = torch.zeros_like(valid)
+    if "pfn" in config.preserve:
+        rank = torch.cumsum(valid, dim=1).add_(v0[:, None])
+        flags |= valid & (rank <= config.preserve_first_n)
+    if "kvsink" in config.preserve:
+        if predicted is None:
+            raise ValueError("config.preserve includes 'kvsink' but predicted is None; pass "
+                             "predicted=predict_sinks(hidden, channels, threshold) (B, n)")
+        flags |= _bool_mask("predicted", predicted, valid.shape).to(dev) & valid
+    if config.max_preserved is not None:
+        flags &= torch.cumsum(flags, dim=1).add_(p0[:, None]) <= config.max_preserved
+    return flags, v0 + valid.sum(dim=1), p0 + flags.sum(dim=1)

@@ -28,6 +28,7 @@ __all__ = [
     "union",
     "cap_preserved",
     "preserved_set",
+    "preserved_step",
     "check_count",
 ]
 
@@ -263,3 +264,59 @@ def preserved_set(config: KVSinkConfig, valid, predicted=None, oracle=None) -> n
             raise ValueError(f"unknown policy {policy!r}")
     flags = union(*sets) & valid
     return cap_preserved(flags, config.max_preserved)
+
+
+def _count(name: str, x, b: int) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.shape != (b,) or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must be an integer array of shape ({b},) (one count per row), "
+                         f"got {arr.dtype} {arr.shape}")
+    return arr.astype(np.int64)
+
+
+def preserved_step(config: KVSinkConfig, valid, valid_before, preserved_before, predicted=None):
+    """The preserved set of the ``n`` newest tokens from per-row counts of the earlier ones
+    (Proposition 3.7, the streaming form of Definition 3.6).
+
+    With ``V_b`` = ``valid_before[b]`` (valid tokens before the new ones) and ``P_b`` =
+    ``preserved_before[b]`` (preserved tokens before them):
+
+    .. math::  F_{bj} = valid_{bj} \\wedge \\big( [pfn]\\,(V_b + \\textstyle\\sum_{j' \\le j} valid_{bj'} \\le N)
+               \\vee [kvsink]\\, predicted_{bj} \\big), \\quad
+               P^{new}_{bj} = F_{bj} \\wedge P_b + \\textstyle\\sum_{j' \\le j} F_{bj'} \\le M
+
+    (no cap when ``M = config.max_preserved`` is None).  Equals
+    ``preserved_set(config, [hist_valid, valid], [hist_predicted, predicted])[:, T:]`` when ``V`` and
+    ``P`` are the valid and preserved counts of the ``T``-token history: PFN, the prediction and
+    the earliest-first cap decide token ``t`` from tokens ``<= t`` only.
+
+    Parameters
+    ----------
+    config : KVSinkConfig; ``"oracle"`` is refused (its scores depend on later queries).
+    valid : bool ``(B, n)``, the new tokens' validity.
+    valid_before, preserved_before : int ``(B,)``.
+    predicted : bool ``(B, n)``, required when ``"kvsink"`` is configured.
+
+    Returns
+    -------
+    ``(flags bool (B, n), valid_before + valid.sum(1), preserved_before + flags.sum(1))``.
+    """
+    if not isinstance(config, KVSinkConfig):
+        raise TypeError(f"config must be a KVSinkConfig, got {type(config).__name__}")
+    if "oracle" in config.preserve:
+        raise ValueError("preserved_step cannot apply preserve='oracle' (its scores depend on "
+                         "later queries); use preserved_set over the whole sequence")
+    valid = _bool_mask("valid", valid)
+    b = valid.shape[0]
+    v0, p0 = _count("valid_before", valid_before, b), _count("preserved_before", preserved_before, b)
+    flags = np.zeros_like(valid)
+    if "pfn" in config.preserve:
+        flags |= valid & (v0[:, None] + np.cumsum(valid, axis=1) <= config.preserve_first_n)
+    if "kvsink" in config.preserve:
+        if predicted is None:
+            raise ValueError("config.preserve includes 'kvsink' but predicted is None; pass "
+                             "predicted=predict_sinks(hidden, channels, threshold) (B, n)")
+        flags |= _bool_mask("predicted", predicted, valid.shape) & valid
+    if config.max_preserved is not None:
+        flags &= p0[:, None] + np.cumsum(flags, axis=1) <= config.max_preserved
+    return flags, v0 + valid.sum(axis=1), p0 + flags.sum(axis=1)

@@ -701,6 +701,45 @@ def test_deferred_checks_raise_the_eager_errors(device):
     assert layer.flush() == 75 and checks.checked
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_checks_recorded_by_slot_survive_crop_reorder_and_reset(device):
+    """Keys and values recorded with ``checks`` (no conversion) are tested from the residual
+    window when the checks are read (``DeferredChecks.finite_slots``: no operation per update);
+    a crop, a row selection or a reset that drops the offending token evaluates them first, so
+    the error is still raised; the first failure in recording order wins."""
+    from accelerated.cache import DeferredChecks
+    cfg = KVSinkConfig(key_bits=2, value_bits=2, key_group_size=4, value_group_size=4, residual_length=8)
+    ok = torch.ones((2, 2, 1, 4), device=device)
+
+    def layer_with(bad_step, side, bad_row=1):
+        layer, checks = QuantizedKVCacheLayer(cfg, device=device), DeferredChecks()
+        for step in range(6):
+            bad = _nan_at(ok.shape, (bad_row, 1, 0, 2), device=device) if step == bad_step else ok
+            k, v = (bad, ok) if side == "keys" else (ok, bad)
+            layer.update(k, v, checks=checks)
+            layer.resolve(torch.zeros((2, 1), dtype=torch.bool, device=device), checks=checks)
+        return layer, checks
+
+    for side in ("keys", "values"):
+        layer, checks = layer_with(3, side)
+        assert _error(checks.check) == f"{side} contains NaN or Inf; the cache stores finite values only"
+        for drop in (lambda L: L.crop(3), lambda L: L.select_batch([0]), lambda L: L.reset()):
+            layer, checks = layer_with(3, side)
+            drop(layer)                          # the NaN token (position 3, row 1) is gone ...
+            assert "NaN or Inf" in _error(checks.check)   # ... its check is not
+    layer, checks = QuantizedKVCacheLayer(cfg, device=device), DeferredChecks()
+    layer.update(ok, _nan_at(ok.shape, (0, 0, 0, 0), device=device), checks=checks)
+    layer.update(_nan_at(ok.shape, (0, 0, 0, 0), device=device), ok, checks=checks)
+    assert _error(checks.check).startswith("values contains")     # recorded first
+    layer, checks = layer_with(4, "keys")        # the flush reads them, quantizes nothing
+    while layer.num_residual < cfg.residual_length + cfg.token_block:
+        layer.update(ok, ok, checks=checks)
+        layer.resolve(torch.zeros((2, 1), dtype=torch.bool, device=device), checks=checks)
+    with pytest.raises(ValueError, match="keys contains NaN"):
+        layer.flush()
+    assert layer.num_quantized == 0
+
+
 class _SyncCounter:
     """Counts the Tensor methods that read device data on the host (a device->host sync on
     CUDA): item, tolist, bool/int/float conversions, cpu, numpy, nonzero."""

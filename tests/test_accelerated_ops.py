@@ -280,6 +280,19 @@ def test_preserve_identical():
                 RPs.preserved_set(cfg, valid, pred, oracle))
     with pytest.raises(ValueError, match="predicted is None"):
         APs.preserved_set(KVSinkConfig(preserve="kvsink"), t(valid))
+    # Proposition 3.7: the streaming form, chunk by chunk with the counts carried, equals the reference's
+    for preserve in ("pfn", "kvsink", "pfn+kvsink"):
+        for cap in (None, 1, 3):
+            cfg = KVSinkConfig(preserve=preserve, preserve_first_n=2, max_preserved=cap)
+            v, p = torch.zeros(b, dtype=torch.int64), torch.zeros(b, dtype=torch.int32)
+            rv, rp = np.zeros(b, np.int64), np.zeros(b, np.int64)
+            for lo, hi in ((0, 3), (3, 4), (4, tt)):
+                got, v, p = APs.preserved_step(cfg, t(valid[:, lo:hi]), v, p, t(pred[:, lo:hi]))
+                want, rv, rp = RPs.preserved_step(cfg, valid[:, lo:hi], rv, rp, pred[:, lo:hi])
+                np.testing.assert_array_equal(got.numpy(), want)
+                np.testing.assert_array_equal(p.numpy(), rp)
+    with pytest.raises(ValueError, match="oracle"):
+        APs.preserved_step(KVSinkConfig(preserve="oracle"), t(valid), v, p)
     with pytest.raises(TypeError, match="bool"):
         APs.preserve_first_n(t(valid.astype(np.int8)), 1)
 

@@ -11,6 +11,7 @@ from reference.preserve import (
     oracle_scores,
     preserve_first_n,
     preserved_set,
+    preserved_step,
     union,
 )
 
@@ -265,3 +266,38 @@ def test_preserved_set_invariants(data):
         np.testing.assert_array_equal(got, full)
     else:
         np.testing.assert_array_equal(got.sum(1), np.minimum(full.sum(1), cap))
+
+
+# ---------------------------------------------------------------- Proposition 3.7 (streaming form)
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_preserved_step_chained_equals_preserved_set(data):
+    """Feeding a sequence to preserved_step in arbitrary chunks, carrying the counts, gives
+    exactly preserved_set over the whole sequence (every policy but the oracle)."""
+    b, t = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 12))
+    bools = st.lists(st.lists(st.booleans(), min_size=t, max_size=t), min_size=b, max_size=b)
+    valid = np.array(data.draw(bools), bool)
+    pred = np.array(data.draw(bools), bool)
+    preserve = data.draw(st.sampled_from(["none", "pfn", "kvsink", "pfn+kvsink"]))
+    cfg = KVSinkConfig(preserve=preserve, preserve_first_n=data.draw(st.integers(1, 4)),
+                       max_preserved=data.draw(st.one_of(st.none(), st.integers(0, 5))))
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, t - 1), max_size=4)) if t > 1 else []))
+    v, p, parts = np.zeros(b, np.int64), np.zeros(b, np.int64), []
+    for lo, hi in zip([0] + cuts, cuts + [t]):
+        flags, v, p = preserved_step(cfg, valid[:, lo:hi], v, p, predicted=pred[:, lo:hi])
+        parts.append(flags)
+    want = preserved_set(cfg, valid, predicted=pred)
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1), want)
+    np.testing.assert_array_equal(v, valid.sum(1))
+    np.testing.assert_array_equal(p, want.sum(1))
+
+
+def test_preserved_step_refuses_what_it_cannot_do():
+    valid, zero = np.ones((1, 2), bool), np.zeros(1, np.int64)
+    with pytest.raises(ValueError, match="oracle"):
+        preserved_step(KVSinkConfig(preserve="pfn+oracle"), valid, zero, zero)
+    with pytest.raises(ValueError, match="predicted is None"):
+        preserved_step(KVSinkConfig(preserve="kvsink"), valid, zero, zero)
+    with pytest.raises(ValueError, match="valid_before must be an integer array of shape \\(1,\\)"):
+        preserved_step(KVSinkConfig(preserve="pfn"), valid, np.zeros(2, np.int64), zero)

@@ -126,6 +126,13 @@ class KVSinkCache(Cache):
     calibration_text : optional text to calibrate on (needs ``tokenizer``).
     tokenizer : tokenizer of the model, to tokenize the calibration text; the
         default text is the first 512 tokens of ``accelerated/data/default_corpus.txt``.
+    eager_checks : bool, default False.  When the value checks of a forward (keys, values,
+        queries, the predictor's hidden state finite) are read on the host
+        (docs/11-transformers.md §11.3 "Validation"): False reads them only when a step
+        flushes a block (before anything is quantized), before ``crop`` / ``reorder_cache`` /
+        ``batch_select_indices`` change the tokens, at :meth:`check` and when ``generate``
+        returns, so a decode step that flushes nothing never waits for the device; True reads
+        them at the end of every forward (one synchronisation per step).
 
     Attributes
     ----------
@@ -146,9 +153,13 @@ class KVSinkCache(Cache):
     """
 
     def __init__(self, model, config: KVSinkConfig, *, kvquant_calibration=None, calibration_ids=None,
-                 calibration_text: Optional[str] = None, tokenizer=None, kvquant_fisher: bool = False):
+                 calibration_text: Optional[str] = None, tokenizer=None, kvquant_fisher: bool = False,
+                 eager_checks: bool = False):
         if not isinstance(config, KVSinkConfig):
             raise TypeError(f"config must be a KVSinkConfig, got {type(config).__name__}")
+        if not isinstance(eager_checks, bool):
+            raise TypeError(f"eager_checks must be a bool (True: read the value checks at the end of "
+                            f"every forward), got {eager_checks!r}")
         kvquant_fisher = CAL.check_kvquant_fisher(kvquant_fisher, config,
                                                   calibration_given=kvquant_calibration is not None)
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
@@ -178,7 +189,8 @@ class KVSinkCache(Cache):
         self._base_ref = weakref.ref(base)
         self._decoder_layers = num_decoder_layers
         self.steps = StepState(config, self.predictor,
-                               [l for l in layers if isinstance(l, KVSinkLayer)], num_layers)
+                               [l for l in layers if isinstance(l, KVSinkLayer)], num_layers,
+                               eager_checks=eager_checks)
         install(model)
         if getattr(model, "training", False):
             warnings.warn("the model is in training mode; KVSinkCache is for inference (call "
@@ -210,6 +222,7 @@ class KVSinkCache(Cache):
         return key_states, value_states
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
+        self.check()                  # rows may be dropped: their checks are read first
         super().reorder_cache(beam_idx)
         self.steps.history.transform(lambda h: h.index_select(0, beam_idx.to(h.device)))
 
@@ -218,11 +231,13 @@ class KVSinkCache(Cache):
         self.steps.history.transform(lambda h: h.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor):
+        self.check()
         super().batch_select_indices(indices)
         self.steps.history.transform(
             lambda h: h[indices.to(h.device) if isinstance(indices, torch.Tensor) else indices])
 
     def crop(self, tokens_to_remove: int) -> None:
+        self.check()                  # a crop never drops tokens whose checks were not read
         n = self.steps.history.length
         keep = n - abs(tokens_to_remove) if tokens_to_remove <= 0 else min(tokens_to_remove, n)
         super().crop(tokens_to_remove)
@@ -234,6 +249,13 @@ class KVSinkCache(Cache):
         self.steps.reset()
 
     # ------------------------------------------------------------------ kvsink API
+    def check(self) -> None:
+        """Read the value checks of the forwards since the last flush now (docs/11 §11.3): raises
+        the ``ValueError`` of the first failed one (naming the argument: keys, values, query,
+        hidden), after which the cache refuses forwards until :meth:`reset`.  Called by
+        ``crop``, ``reorder_cache``, ``batch_select_indices`` and when ``generate`` returns."""
+        self.steps.read_checks()
+
     def nbytes(self) -> int:
         """Bytes actually held: the sum of :meth:`layer_nbytes` (docs/06-cache.md's formula for
         kvsink layers; key + value tensors for full-precision sliding-window layers)."""

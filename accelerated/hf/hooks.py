@@ -8,14 +8,19 @@
   is the predictor layer ``p`` (layers ``< p`` have appended their tokens already, layers ``>= p``
   are resolved at their update);
 * a forward hook on the base model ends the step (deferred checks, flush), and an always-called
-  one pops the active cache and abandons a step the forward left unfinished.
+  one pops the active cache and abandons a step the forward left unfinished;
+* ``model.generate`` is wrapped so that, when it returns, the value checks of the steps since the
+  last flush are read (``KVSinkCache.check``): a NaN never goes unreported because no flush
+  followed it (docs/11-transformers.md §11.3 "Validation").
 
 The per-step logic is :class:`accelerated.hf.step.StepState`; these hooks only route the calls.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import types
 
 from .attention import ATTENTION_NAME, register
 from .step import active_cache, pop_active, push_active
@@ -79,6 +84,29 @@ class _ModelHooks:
         return hook
 
 
+def _wrap_generate(model) -> None:
+    """``model.generate`` (if any) reads the pending value checks of the cache it was given
+    before returning (an instance attribute over the class's method; :func:`uninstall` removes it)."""
+    original = getattr(type(model), "generate", None)
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def generate(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        cache = find_cache(kwargs)
+        if cache is not None:
+            cache.check()
+        return out
+    generate.kvsink_wrapper = True
+    model.generate = types.MethodType(generate, model)    # a bound method: a deepcopy rebinds it
+
+
+def _unwrap_generate(model) -> None:
+    if getattr(model.__dict__.get("generate"), "kvsink_wrapper", False):
+        del model.generate
+
+
 def _set_attention(model) -> str:
     """Set ``model``'s attention implementation to ``"kvsink"``; returns the previous one."""
     previous = model.config._attn_implementation
@@ -109,6 +137,7 @@ def install(model) -> None:
         handles.append(layer.register_forward_pre_hook(hooks.layer_pre(i), with_kwargs=True))
     model._kvsink_hooks = handles
     model._kvsink_previous_attn = previous
+    _wrap_generate(model)
 
 
 def uninstall(model) -> None:
@@ -120,5 +149,6 @@ def uninstall(model) -> None:
         h.remove()
     previous = getattr(model, "_kvsink_previous_attn", None)
     model._kvsink_hooks = None
+    _unwrap_generate(model)
     if previous is not None and model.config._attn_implementation == ATTENTION_NAME:
         model.set_attn_implementation(previous)

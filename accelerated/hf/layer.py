@@ -105,7 +105,7 @@ class KVSinkLayer(CacheLayerMixin):
         ``rope_positions`` (kvquant only): int ``(B, n)``, the rotary positions of the
         new tokens (the model's ``position_ids``); None = their slot positions.
         ``checks``: an ``accelerated.cache.DeferredChecks`` recording the value checks
-        (read once at the end of the forward), or None to check here."""
+        (read before the next flush quantizes, docs/11 §11.3), or None to check here."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if valid is not None:
@@ -174,8 +174,9 @@ class KVSinkLayer(CacheLayerMixin):
         """Whether the store holds tokens whose preservation status is not resolved yet."""
         return self.store is not None and store_has_pending(self.store)
 
-    def resolve(self, preserve: torch.Tensor, checks=None) -> None:
-        self.store.resolve(preserve.to(self.device), checks=checks)
+    def resolve(self, preserve: torch.Tensor, checks=None, *, excludes_padding: bool = False) -> None:
+        """The status of the pending tokens (``QuantizedKVCacheLayer.resolve``)."""
+        self.store.resolve(preserve.to(self.device), checks=checks, excludes_padding=excludes_padding)
 
     def flush(self) -> None:
         if self.store is not None:

@@ -6,12 +6,17 @@ call them; :class:`StepState` holds them):
 
 1. ``begin(attention_mask, position_ids)`` (base-model pre-hook): a fresh :class:`ForwardStep`.
 2. ``begin_tokens`` (first layer update, or the predictor hook): the step's ``n`` new tokens, their
-   validity (from the 2-D mask: padding is invalid) and, for kvquant, their rotary positions.
+   validity (from the new columns of the 2-D mask: padding is invalid) and, for kvquant, their
+   rotary positions; the validity is written in place into the :class:`TokenHistory`'s buffers.
 3. ``set_flags`` (once the predictor has read ``hidden_states[p]``, or at once without a predictor):
-   the preservation status of the new tokens (``accelerated.preserve.preserved_set`` over the
-   whole :class:`TokenHistory`); layers updated before that are resolved then.
-4. ``end`` (base-model forward hook): the deferred value checks are read (the one host
-   synchronisation of a step that flushes nothing) and every layer is flushed.
+   the preservation status of the new tokens (``accelerated.preserve.preserved_step`` from the
+   history's per-row counts, kept on the device: a fixed number of operations whatever the
+   history's length); layers updated before that are resolved then.
+4. ``end`` (base-model forward hook): every layer is flushed; a layer that quantizes a block reads
+   the deferred value checks first (one device->host synchronisation for all the steps since the
+   last flush).  A step that flushes nothing reads nothing from the device; its checks stay in the
+   cache's open :class:`~accelerated.cache.DeferredChecks` (``eager_checks=True``: read at every
+   ``end``; :meth:`StepState.read_checks`: at once, e.g. before a crop).
    ``abandon`` (always-called hook) marks the cache broken if the forward raised after appending.
 
 The stack of active caches (one per nested forward, per thread) lives here too: the attention
@@ -21,7 +26,6 @@ function of :mod:`accelerated.hf.attention` reads the innermost one.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
@@ -61,7 +65,8 @@ def pop_active():
 class ForwardStep:
     """What one forward pass of the model with a ``KVSinkCache`` shares between hooks."""
 
-    def __init__(self, mask2d: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None):
+    def __init__(self, mask2d: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
+                 checks=None):
         self.mask2d = mask2d
         self.position_ids = position_ids   # the forward's position_ids / cache_position (kvquant)
         self.n = None            # new tokens of the step
@@ -71,33 +76,111 @@ class ForwardStep:
         self.waiting: List = []  # KVSinkLayers updated before the status was known
         self.qpos = {}           # device -> int64 (B, n): the slots of the step's tokens (queries)
         self.shared = {}         # visibility masks of the full-precision segments, shared by layers
-        from ..cache import DeferredChecks
-        self.checks = DeferredChecks()   # value checks of every layer, read once at the end
+        #: the value checks of every layer (an ``accelerated.cache.DeferredChecks``): the cache's
+        #: open one, gathering the steps' checks until a flush (or ``eager_checks``) reads them
+        self.checks = checks
 
 
-def _cat(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
-    return b.clone() if a is None else torch.cat([a, b], dim=1)
-
-
-@dataclass
 class TokenHistory:
-    """bool ``(B, T)`` per slot seen so far, the same for every kvsink layer (None before any)."""
+    """bool ``(B, T)`` per slot seen so far, the same for every kvsink layer (None before any),
+    held in buffers with spare capacity that each step appends to in place (no copy of the
+    history: amortised O(new tokens) per step), and the per-row counts the streaming preserved
+    set needs (``accelerated.preserve.preserved_step``), kept on the device.
 
-    valid: Optional[torch.Tensor] = None       # False for padding slots
-    predicted: Optional[torch.Tensor] = None   # the KVSink predictor's output (kvsink only)
-    flags: Optional[torch.Tensor] = None       # the preservation status
+    ``valid`` covers the ``length`` slots seen; ``predicted`` and ``flags`` the ``resolved`` ones
+    (``length`` once the step's statuses are known); ``valid_count`` / ``preserved_count``: int64
+    ``(B,)``, the valid / preserved slots among the resolved ones.
+    """
 
-    @property
-    def length(self) -> int:
-        return 0 if self.valid is None else self.valid.shape[1]
+    _NAMES = ("valid", "predicted", "flags")
 
-    def transform(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Apply ``fn`` to every history held (reorder, select, repeat, crop the batch or slots)."""
-        self.valid, self.predicted, self.flags = (
-            None if h is None else fn(h) for h in (self.valid, self.predicted, self.flags))
+    def __init__(self):
+        self.clear()
 
     def clear(self) -> None:
-        self.valid = self.predicted = self.flags = None
+        self._buffers = {name: None for name in self._NAMES}   # bool (B, capacity) or None
+        self.length = self.resolved = 0
+        self.valid_count = self.preserved_count = None
+
+    def _view(self, name: str, n: int) -> Optional[torch.Tensor]:
+        buf = self._buffers[name]
+        return None if buf is None else buf[:, :n]
+
+    @property
+    def valid(self) -> Optional[torch.Tensor]:
+        """bool ``(B, length)``: False for padding slots."""
+        return self._view("valid", self.length)
+
+    @property
+    def predicted(self) -> Optional[torch.Tensor]:
+        """bool ``(B, resolved)``: the KVSink predictor's output (None without one)."""
+        return self._view("predicted", self.resolved)
+
+    @property
+    def flags(self) -> Optional[torch.Tensor]:
+        """bool ``(B, resolved)``: the preservation status."""
+        return self._view("flags", self.resolved)
+
+    @property
+    def device(self):
+        buf = self._buffers["valid"]
+        return None if buf is None else buf.device
+
+    def _write(self, name: str, at: int, x: torch.Tensor) -> None:
+        """``x`` (bool ``(B, n)``) into buffer ``name`` at slots ``at .. at + n - 1``, the buffer
+        grown x1.5 (amortised) when full."""
+        buf, n = self._buffers[name], x.shape[1]
+        if buf is None or at + n > buf.shape[1]:
+            cap = max(at + n, 0 if buf is None else buf.shape[1] * 3 // 2, 16)
+            new = torch.zeros((x.shape[0], cap), dtype=torch.bool, device=x.device if buf is None
+                              else buf.device)
+            if buf is not None and at:
+                new[:, :at].copy_(buf[:, :at])
+            self._buffers[name] = buf = new
+        buf[:, at:at + n].copy_(x)
+
+    def append_valid(self, valid: torch.Tensor) -> None:
+        """The validity of the step's new slots (bool ``(B, n)``)."""
+        self._write("valid", self.length, valid)
+        self.length += valid.shape[1]
+
+    def append_status(self, flags: torch.Tensor, predicted: Optional[torch.Tensor],
+                      valid_count: torch.Tensor, preserved_count: torch.Tensor) -> None:
+        """The statuses (and prediction) of the slots appended since the last call, with the counts
+        after them (:func:`accelerated.preserve.preserved_step`)."""
+        if self.resolved + flags.shape[1] != self.length:
+            raise RuntimeError("KVSinkCache: preservation history out of step")
+        if predicted is not None:
+            self._write("predicted", self.resolved, predicted)
+        self._write("flags", self.resolved, flags)
+        self.resolved = self.length
+        self.valid_count, self.preserved_count = valid_count, preserved_count
+
+    def counts(self, batch: int, device):
+        """``(valid_count, preserved_count)`` before the step's tokens (zeros before any)."""
+        if self.valid_count is None:
+            zero = torch.zeros(batch, dtype=torch.int64, device=device)
+            return zero, zero
+        return self.valid_count, self.preserved_count
+
+    def transform(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``fn`` to every history held (reorder, select, repeat, crop the batch or slots);
+        the counts are recounted from the result (these calls are not per-step work)."""
+        views = {"valid": self.valid, "predicted": self.predicted, "flags": self.flags}
+        self._buffers = {k: None if v is None else fn(v).contiguous() for k, v in views.items()}
+        valid, flags = self._buffers["valid"], self._buffers["flags"]
+        self.length = 0 if valid is None else valid.shape[1]
+        self.resolved = 0 if flags is None else flags.shape[1]
+        if flags is None:
+            self.valid_count = self.preserved_count = None
+        else:
+            self.valid_count = valid[:, :self.resolved].sum(dim=1)
+            self.preserved_count = flags.sum(dim=1)
+
+
+def _new_checks():
+    from ..cache import DeferredChecks
+    return DeferredChecks()
 
 
 def rope_positions(position_ids, batch: int, n: int, device) -> Optional[torch.Tensor]:
@@ -126,7 +209,7 @@ def _check_mask2d(mask2d) -> Optional[torch.Tensor]:
         raise ValueError(
             f"KVSinkCache needs a 2-D attention_mask (batch, past + new tokens) with 1 for "
             f"real tokens and 0 for padding, got shape {shape}; pass the tokenizer's mask")
-    return mask2d.bool()
+    return mask2d                 # converted to bool per step, on the new columns only
 
 
 class StepState:
@@ -137,8 +220,10 @@ class StepState:
     ``reference.predictor.SinkPredictor`` or None; ``num_hidden_layers``: the model's.
     """
 
-    def __init__(self, config: KVSinkConfig, predictor, layers: list, num_hidden_layers: int):
+    def __init__(self, config: KVSinkConfig, predictor, layers: list, num_hidden_layers: int,
+                 eager_checks: bool = False):
         self.config = config
+        self.eager_checks = eager_checks
         self.predictor = predictor
         self.layers = layers
         self.num_hidden_layers = num_hidden_layers
@@ -147,11 +232,13 @@ class StepState:
         #: set when a forward that appended tokens raised (or failed its deferred checks): the
         #: layers may hold unresolved or unchecked tokens, so the next forward raises until reset()
         self.broken = False
+        self.checks = _new_checks()
 
     def reset(self) -> None:
         self.current = None
         self.history.clear()
         self.broken = False
+        self.checks = _new_checks()
 
     def begin(self, mask2d, position_ids=None) -> None:
         """A forward with this cache begins (base-model pre-hook)."""
@@ -162,13 +249,14 @@ class StepState:
         mask2d = _check_mask2d(mask2d)
         if self.config.quantizer != "kvquant":
             position_ids = None
-        self.current = ForwardStep(mask2d, position_ids)
+        self.current = ForwardStep(mask2d, position_ids, self.checks)
 
     def _new_valid(self, step: ForwardStep, n: int, batch: int, device) -> torch.Tensor:
         """bool ``(B, n)``: the validity of the step's new tokens (from the 2-D mask)."""
         past = self.history.length
-        if self.history.valid is not None and self.history.valid.shape[0] != batch:
-            raise ValueError(f"KVSinkCache holds a batch of {self.history.valid.shape[0]} sequences, "
+        held = self.history.valid
+        if held is not None and held.shape[0] != batch:
+            raise ValueError(f"KVSinkCache holds a batch of {held.shape[0]} sequences, "
                              f"the forward has {batch}")
         if step.mask2d is None:
             return torch.ones(batch, n, dtype=torch.bool, device=device)
@@ -176,7 +264,7 @@ class StepState:
             raise ValueError(
                 f"attention_mask has shape {tuple(step.mask2d.shape)}; with {past} cached and {n} "
                 f"new tokens it must be ({batch}, {past + n}) (cached + new slots)")
-        return step.mask2d[:, past:].to(device)
+        return step.mask2d[:, past:].to(device=device, dtype=torch.bool)
 
     def begin_tokens(self, n: int, batch: int, device) -> None:
         """First sight of the step's tokens (first layer update, or the predictor hook)."""
@@ -190,39 +278,44 @@ class StepState:
         step.n, step.valid = n, valid
         if self.config.quantizer == "kvquant":
             step.rope = rope_positions(step.position_ids, batch, n, device)
-        home = device if self.history.valid is None else self.history.valid.device
-        self.history.valid = _cat(self.history.valid, valid.to(home))
+        home = self.history.device or device
+        self.history.append_valid(valid.to(home))
         if self.predictor is None:
             self.set_flags(None)
 
     def set_flags(self, predicted: Optional[torch.Tensor]) -> None:
-        """The preservation status of the step's tokens is known: record it, resolve waiting layers."""
-        from ..preserve import preserved_set
+        """The preservation status of the step's tokens is known: record it, resolve waiting layers.
+
+        ``preserved_step`` (Proposition 3.7) from the history's per-row counts: a fixed number of
+        operations on the step's tokens, whatever the history's length; no synchronisation."""
+        from ..preserve import preserved_step
         step, hist = self.current, self.history
+        valid = step.valid.to(hist.device)
         if predicted is not None:
-            hist.predicted = _cat(hist.predicted, predicted.to(hist.valid.device))
-        flags = preserved_set(self.config, hist.valid, predicted=hist.predicted)
-        if flags.shape != hist.valid.shape:
-            raise RuntimeError(f"preserved_set returned shape {tuple(flags.shape)}, expected "
-                               f"{tuple(hist.valid.shape)}")
-        n = step.n
-        step.flags = flags[:, -n:] if n else flags[:, :0]
-        prev = 0 if hist.flags is None else hist.flags.shape[1]
-        if prev + n != flags.shape[1]:
-            raise RuntimeError("KVSinkCache: preservation history out of step")
-        hist.flags = flags
+            predicted = predicted.to(hist.device)
+        before = hist.counts(valid.shape[0], hist.device)
+        flags, valid_count, preserved_count = preserved_step(self.config, valid, *before,
+                                                             predicted=predicted)
+        hist.append_status(flags, predicted, valid_count, preserved_count)
+        step.flags = flags
         for layer in step.waiting:
-            layer.resolve(step.flags, step.checks)
+            self._resolve(layer)
         step.waiting.clear()
+
+    def _resolve(self, layer) -> None:
+        """Resolve ``layer``'s pending tokens with the step's flags (padding never flagged:
+        ``preserved_step`` ANDs the validity, so the layer skips that test)."""
+        layer.resolve(self.current.flags, self.current.checks, excludes_padding=True)
 
     def update_layer(self, layer, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Append the step's tokens to ``layer`` and resolve them when their status is known."""
         step = self.current
         self.begin_tokens(key_states.shape[-2], key_states.shape[0], key_states.device)
+        self._renew_checks()          # read by a flush earlier in this forward: record in a new one
         layer.update(key_states, value_states, valid=step.valid, rope_positions=step.rope,
                      checks=step.checks)
         if step.flags is not None:
-            layer.resolve(step.flags, step.checks)
+            self._resolve(layer)
         else:
             step.waiting.append(layer)
 
@@ -261,15 +354,32 @@ class StepState:
                 self.set_flags(self._predict(last_hidden))
             else:
                 raise RuntimeError("KVSinkCache: the forward ended before the predictor ran")
-        step.checks.check()           # ValueError naming the argument (keys, values, query, ...)
+        self._check_or_defer()
         for layer in self.layers:
-            layer.flush()
+            layer.flush()             # reads the open checks first when it quantizes a block
+        self._renew_checks()
+
+    def _check_or_defer(self) -> None:
+        """Read the open checks now with ``eager_checks``; else fold the step's into one tensor
+        per device (one operation) and leave them for the next flush (docs/11 §11.3)."""
+        if self.eager_checks:
+            self.checks.check()       # ValueError naming the argument (keys, values, query, ...)
+        else:
+            self.checks.pack()
+
+    def _renew_checks(self) -> None:
+        """A fresh open ``DeferredChecks`` once the current one has been read (also for the rest
+        of the current forward, should a layer have flushed, and so read them, during it)."""
+        if self.checks.checked:
+            self.checks = _new_checks()
+            if self.current is not None:
+                self.current.checks = self.checks
 
     def end(self, last_hidden: Optional[torch.Tensor]) -> None:
-        """End of the forward: read the step's deferred checks (the one device->host
-        synchronisation of a step that flushes nothing), resolve what is left, flush every
-        layer.  If anything raises, the step is abandoned and the cache refuses further
-        forwards until ``reset()``."""
+        """End of the forward: resolve what is left, read the deferred checks if this step
+        flushes (or with ``eager_checks``), flush every layer.  A step that flushes nothing
+        reads nothing from the device.  If anything raises, the step is abandoned and the cache
+        refuses further forwards until ``reset()``."""
         step = self.current
         done = False
         try:
@@ -280,6 +390,19 @@ class StepState:
             self.current = None
             if not done:
                 self.broken = True
+
+    def read_checks(self) -> None:
+        """Read the value checks of the steps since the last flush now (one synchronisation);
+        a failure raises their ``ValueError`` and leaves the cache refusing forwards until
+        ``reset()`` (it holds the offending tokens)."""
+        if self.current is not None:
+            raise RuntimeError("KVSinkCache: the checks are read between forwards, not during one")
+        try:
+            self.checks.check()
+        except ValueError:
+            self.broken = True
+            raise
+        self._renew_checks()
 
     def abandon(self) -> None:
         """The forward raised before its end (cleanup hook): a step that appended tokens leaves
