@@ -81,7 +81,7 @@ class DeferredChecks:
         """Record "the tokens at positions ``first .. first + n - 1`` of ``source``'s ``side`` are
         finite" with no operation now: the test is made from ``source.slot_max_abs(side, lo, hi)``
         (float ``(hi - lo,)``, max ``|x|`` per position, NaN and Inf propagating) when the checks
-        are read or :meth:`materialize`\ d, one reduction for a run of one-token records (decode
+        are read or :meth:`materialize`-d, one reduction for a run of one-token records (decode
         steps).  ``source`` must hold those tokens until then (or call :meth:`materialize`
         before it drops or reorders them)."""
         if n:
