@@ -410,8 +410,11 @@ def main(argv=None) -> int:
         write_json(json_path, result)
     print(f"device {result['environment']['device']}, torch {torch.__version__}, "
           f"transformers {result['environment']['transformers']}", flush=True)
-    if device == "cuda":
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if device == "cuda":      # several shapes and caches compile the same forward in one process
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        setattr(cfg, name, max(getattr(cfg, name), 64))
+        result["environment"]["dynamo_" + name] = getattr(cfg, name)
     if device == "cuda" and not options.no_kernels:
         from bench.speed_kernels import kernel_level
         result["kernels"] = kernel_level([SHAPES[m] for m in options.models], options.ctx,

@@ -183,7 +183,10 @@ def write_figure(result: dict, path: str) -> None:
     axes[0].set_ylabel("decode ms / token")
     axes[1].set_ylabel("GiB: peak allocated (bars), cache (dots)")
     for ax in axes:
-        ax.set_yscale("log")
+        if ax.has_data():
+            ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "no cell measured", ha="center", va="center", transform=ax.transAxes)
         ax.grid(axis="y", alpha=0.3)
     axes[1].legend(fontsize=8)
     axes[1].set_xticks(range(len(columns)))
