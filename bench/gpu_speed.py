@@ -3,7 +3,7 @@
     PYTHONUNBUFFERED=1 python bench/gpu_speed.py --model llama3-8b --batch 1,8,32 --ctx 4096,32768 \\
         --caches dynamic,static-compiled,quanto2,quanto4,kvsink2,kvsink4 --out $OUT --time-budget-s 450
     python bench/gpu_speed.py --tiny --out /tmp/speed        # CPU self-test (tests/test_bench_gpu_speed.py)
-    bash bench/gpu_speed.sh CALL                              # the device calls of the split below
+    bash bench/gpu_speed.sh A                                 # one device call of the split below
 
 Models: random-weight Llama-3-8B / Llama-2-7B shapes in bf16, built on the GPU
 (bench/speed_models.py).  Caches: bench/speed_caches.py (unknown names are an error, known ones
@@ -30,36 +30,43 @@ every finished cell.  ``--time-budget-s``: a cell whose predicted time (prefill 
 cache's last measured cell by the prefill FLOPs, its decode steps, one compilation per new shape of
 a compiled cache) does not fit in what is left is skipped, recorded with the reason.
 
-Largest batch at N = ``--max-batch-ctx`` (32k) per cache: from the cell of that cache at that N
-with the largest B that ran, bytes per sequence = (peak - weights) / B (cache + prefill transient,
-all measured); estimate = floor(0.97 * free memory with the model loaded / bytes per sequence);
-verified by running the whole cell at that batch (one retry at 0.85x if it runs out of memory);
-its tokens/s is reported.  No binary search: one or two prefills per cache fit a 10-minute call.
+Largest batch at N = ``--max-batch-ctx`` (32k) per cache (bench/speed_maxbatch.py): bytes per
+sequence = (peak - weights) / B of the cache's measured cell at that N with the largest B (this
+run's, or ``--max-batch-reference``'s: an earlier call's JSON), estimate = floor(0.97 * free memory
+with the model loaded / that), verified by running the whole cell at that batch (one retry at 0.85x
+if it runs out of memory); its tokens/s is reported.  No binary search: a 32k prefill takes seconds
+to minutes and a call has ten.
 
 Kernel level (bench/speed_kernels.py): the copy bandwidth and the decode-attention kernel's achieved
 bandwidth on the bytes it must read.  Outputs under ``--out``: gpu_speed.json, gpu_speed.md (the
-tables: rows caches, columns shapes, ratios against compiled StaticCache and quanto at the same bits)
-and gpu_speed.png (bench/speed_report.py).
+tables: rows caches, columns shapes, ratios against compiled StaticCache and quanto at the same bits),
+gpu_speed.png (bench/speed_report.py, which also merges the JSON of several calls), and
+compile_cache.bin (torch.compiler's cache artifacts: ``--compile-cache`` loads them in a later call).
 
-WALL TIME ON ONE H100 (estimate; measured prefills of issue 9: DynamicCache 0.19 s at B=1 N=4k,
-1.05 s B=8 4k, 1.43 s B=1 32k, 5.6 s B=4 32k; today's kvsink prefill 4-26x slower)
-per model, 5 shapes that fit (4k: B 1, 8, 32; 32k: B 1, 8), rounds 3 x 16 tokens:
-  dynamic ~45 s; quanto2 + quanto4 ~80 s (+ ~40 s once: building quanto's unpack kernel);
-  static-compiled ~60-75 s per compilation (CompileConfig(dynamic=None), transformers' default:
-  the first shape static, the second recompiles with dynamic dimensions, later ones reuse it and
-  only record CUDA graphs: ~2.5-3 min; --compile-dynamic false: ~6 min) + ~25 s of prefills;
-  kvsink2 + kvsink4 today ~12 min (B=8 at 32k alone ~5 min each: the time budget skips it), after
-  issue 9's prefill target ~1 min;  largest batch at 32k ~2-4 min for the six caches;
-  kernel level ~30 s; model build ~15 s.
-  Whole grid, both models: ~45 min today, ~20 min once the kvsink prefill meets its target.
-PROPOSED SPLIT (calls under 8 minutes; each holds its own baselines, as ratios need them):
-  A  llama3-8b, --ctx 4096  --batch 1,8,32, all six caches, kernels            (~5 min)
-  B  llama3-8b, --ctx 32768 --batch 1,8,    all six caches, --max-batch        (~7 min, budget-cut)
-  C  llama2-7b, --ctx 4096  --batch 1,8,32, all six caches, --no-kernels       (~5 min)
-  D  llama2-7b, --ctx 32768 --batch 1,4,    all six caches, --max-batch        (~7 min, budget-cut)
-  (bench/gpu_speed.sh A|B|C|D; --time-budget-s 420 in each; B=32 at 32k cannot fit any
-  full-precision cache of either model on 80 GB and B=8 no Llama-2 one: the script tries, records
-  OOM, and stops growing B.)  128k: add --ctx 131072 --batch 1 where the budget allows.
+WALL TIME ON ONE H100 (an estimate, from issue 9's measurements: DynamicCache prefill 0.19 s at B=1
+N=4k, 1.05 s B=8 4k, 1.43 s B=1 32k, 5.6 s B=4 32k; StaticCache compiled ~1 min per compilation;
+today's kvsink prefill 4x SDPA's at 4k and 26x at 32k, i.e. 37 s at B=1 32k and ~5 min at B=8 32k):
+fixed per call: start + model build ~30 s, quanto's unpack kernel build ~40 s, kernel level ~30 s.
+Per model, rounds 3 x 16 tokens (+4 warm-up steps, +40-token warm-up generation per cell):
+  N=4k, B=1,8,32:   dynamic ~25 s, static-compiled ~3 min (two compilations: CompileConfig(dynamic=
+                    None), transformers' default, compiles the first shape static and the second with
+                    dynamic dimensions, later shapes reuse it and only record CUDA graphs), quanto2+4
+                    ~50 s, kvsink2+4 ~1.5 min                                          -> ~6.5 min
+  N=32k, B=1,8:     dynamic ~30 s, static-compiled ~3 min, quanto2+4 ~45 s, kvsink2+4 ~1.5 min at
+                    B=1 (B=8: ~5 min each, beyond the budget until the prefill is fixed) -> ~6.5 min
+  largest batch at 32k (six caches, one prefill each at B ~ 10-20 for full precision):  ~4-5 min
+Whole grid of both models ~40 min of device time; once the kvsink prefill meets issue 9's target
+(1.15x SDPA), ~35 min.  A session holds 30 device minutes: run A, B, C first.
+PROPOSED SPLIT (bash bench/gpu_speed.sh X; each call holds the baselines its ratios need; the time
+budget, 420 s, skips and records what would overrun; --compile-cache from the second call on):
+  A  llama3-8b  N=4k   B=1,8,32  six caches + kernel level (Llama-3 heads)         ~7 min
+  B  llama3-8b  N=32k  B=1,8     six caches                                         ~7 min
+  C  llama3-8b  largest batch at 32k, references from B's JSON                      ~5 min
+  D  llama2-7b  N=4k   B=1,8,32  six caches + kernel level (Llama-2 heads)          ~7 min
+  E  llama2-7b  N=32k  B=1,4     six caches (B=8 holds 137 GB of bf16 K/V)          ~6 min
+  F  llama2-7b  largest batch at 32k, references from E's JSON                      ~4 min
+B=32 at 32k fits no full-precision cache of either model on 80 GB (Llama-3: 137 GB of K/V): the
+script tries, records OOM and stops growing B for that cache.  128k: add --ctx 131072 --batch 1.
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ import os
 import platform
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -119,7 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip (and record) what would not finish within this many seconds of the start")
     ap.add_argument("--max-batch", action="store_true", help="find the largest batch at --max-batch-ctx")
     ap.add_argument("--max-batch-ctx", type=int, default=32768)
+    ap.add_argument("--max-batch-reference", default=None,
+                    help="gpu_speed.json of an earlier run whose cells at --max-batch-ctx serve as references")
+    ap.add_argument("--skip-grid", action="store_true", help="no grid cells (e.g. --max-batch alone)")
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel-level measurements")
+    ap.add_argument("--kernel-ctx", type=lambda s: _ints(s, "--kernel-ctx"), default=[4096, 32768])
+    ap.add_argument("--compile-cache", default=None,
+                    help="torch.compiler cache artifacts to load (an earlier call's compile_cache.bin)")
     ap.add_argument("--compile-dynamic", default="none", choices=["none", "true", "false"],
                     help="CompileConfig(dynamic=...) of the compiled caches (none: transformers' default)")
     ap.add_argument("--compile-estimate-s", type=float, default=75.0,
@@ -347,22 +361,15 @@ def _cell_line(c: dict) -> str:
             f"({c['tokens_per_s']:.1f} tok/s), cache {c['cache_nbytes'] / 2**20:.3f} MiB{mem}")
 
 
-def run_model(name, options, device, result, save) -> None:
-    """Every (N, B, cache) cell of one model, then its largest batches."""
-    shape = SHAPES[name]
-    clock = Clock(device)
-    budget = Budget(options.time_budget_s, options, shape)
-    t = time.perf_counter()
-    model = build_model(shape, device)
-    result["models"][name] = {"weights_bytes": weight_bytes(model), "build_s": time.perf_counter() - t,
-                              "shape": shape.__dict__}
+def run_grid(model, shape, options, clock, budget, result, save) -> None:
+    """Every (N, B, cache) cell of one model, in that order, saved after each."""
     cells = result["cells"]
     for ctx in options.ctx:
         for batch in options.batch:
             for variant in options.variants:
-                cell = {"model": name, "batch": batch, "ctx": ctx, "cache": variant.name}
-                oom_below = any(c["status"] == "OOM" and c["model"] == name and c["cache"] == variant.name
-                                and c["ctx"] == ctx and c["batch"] < batch for c in cells)
+                cell = {"model": shape.name, "batch": batch, "ctx": ctx, "cache": variant.name}
+                oom_below = any(c["status"] == "OOM" and c["model"] == shape.name and c["ctx"] == ctx
+                                and c["cache"] == variant.name and c["batch"] < batch for c in cells)
                 reason = variant.unavailable()
                 if reason is not None:
                     cell.update(status="skipped", reason=reason)
@@ -373,9 +380,24 @@ def run_model(name, options, device, result, save) -> None:
                 else:
                     cell.update(run_cell(model, variant, batch, ctx, options, clock))
                     budget.ran(variant, batch, ctx)
+                    if variant.compiled:
+                        save_compile_cache(options)
                 cells.append(cell)
                 print(_cell_line(cell), flush=True)
                 save()
+
+
+def run_model(name, options, device, result, save) -> None:
+    """The grid of one model, then its largest batches."""
+    shape = SHAPES[name]
+    clock = Clock(device)
+    budget = Budget(options.time_budget_s, options, shape)
+    t = time.perf_counter()
+    model = build_model(shape, device)
+    result["models"][name] = {"weights_bytes": weight_bytes(model), "build_s": time.perf_counter() - t,
+                              "shape": shape.__dict__}
+    if not options.skip_grid:
+        run_grid(model, shape, options, clock, budget, result, save)
     if options.max_batch and device == "cuda":
         from bench.speed_maxbatch import largest_batches
         largest_batches(model, shape, options, clock, budget, result, save, run_cell)
@@ -386,13 +408,55 @@ def run_model(name, options, device, result, save) -> None:
         torch.cuda.empty_cache()
 
 
+# ------------------------------------------------------------------- torch.compile's cache artifacts
+def load_compile_cache(options) -> Optional[str]:
+    """Load ``--compile-cache`` (torch.compiler's portable cache artifacts from an earlier call:
+    inductor's compiled kernels, so a fresh machine skips most of the ~1 min per compilation)."""
+    if not options.compile_cache or not os.path.exists(options.compile_cache):
+        return None
+    with open(options.compile_cache, "rb") as f:
+        info = torch.compiler.load_cache_artifacts(f.read())
+    return f"loaded {options.compile_cache}: {info}"
+
+
+def save_compile_cache(options) -> None:
+    """Write the compile artifacts so far to ``--out``/compile_cache.bin (carry it to the next call)."""
+    if not torch.cuda.is_available():
+        return
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is not None:
+        with open(os.path.join(options.out, "compile_cache.bin"), "wb") as f:
+            f.write(saved[0])
+
+
+def setup_cuda(options, result) -> None:
+    """The dynamo recompile limit (several shapes and caches compile the same forward in one
+    process) and the compile cache."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), 64))
+    result["environment"]["dynamo_" + name] = getattr(cfg, name)
+    result["environment"]["compile_cache"] = load_compile_cache(options)
+
+
+def read_reference(options) -> list:
+    """The cells of ``--max-batch-reference`` (an earlier run's JSON), for the largest-batch estimate."""
+    if not options.max_batch_reference:
+        return []
+    with open(options.max_batch_reference) as f:
+        cells = json.load(f)["cells"]
+    return [dict(c, reference=options.max_batch_reference) for c in cells]
+
+
 def main(argv=None) -> int:
     options = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         os.makedirs(options.out, exist_ok=True)
-    except OSError as e:
-        print(f"gpu_speed.py: error: --out {options.out!r} cannot be created: {e.strerror}", file=sys.stderr)
+        options.reference_cells = read_reference(options)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"gpu_speed.py: error: {e} (--out must be a writable directory, --max-batch-reference "
+              f"a gpu_speed.json)", file=sys.stderr)
         return 2
     json_path = os.path.join(options.out, "gpu_speed.json")
     quanto = None
@@ -400,7 +464,7 @@ def main(argv=None) -> int:
         quanto = setup_quanto(options.quanto_wheels, options.quanto_unpack, device)
         print(f"optimum-quanto: {quanto}", flush=True)
     result = {"environment": environment(device, options, quanto),
-              "options": {k: v for k, v in vars(options).items() if k != "variants"},
+              "options": {k: v for k, v in vars(options).items() if k not in ("variants", "reference_cells")},
               "caches": {v.name: v.describe(options) for v in options.variants},
               "method": "bench/gpu_speed.py's docstring", "models": {}, "cells": [], "max_batch": [],
               "kernels": None, "complete": False}
@@ -410,14 +474,11 @@ def main(argv=None) -> int:
         write_json(json_path, result)
     print(f"device {result['environment']['device']}, torch {torch.__version__}, "
           f"transformers {result['environment']['transformers']}", flush=True)
-    if device == "cuda":      # several shapes and caches compile the same forward in one process
-        cfg = torch._dynamo.config
-        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-        setattr(cfg, name, max(getattr(cfg, name), 64))
-        result["environment"]["dynamo_" + name] = getattr(cfg, name)
+    if device == "cuda":
+        setup_cuda(options, result)
     if device == "cuda" and not options.no_kernels:
         from bench.speed_kernels import kernel_level
-        result["kernels"] = kernel_level([SHAPES[m] for m in options.models], options.ctx,
+        result["kernels"] = kernel_level([SHAPES[m] for m in options.models], options.kernel_ctx,
                                          KERNEL_BATCHES, (2, 4))
         save()
     for name in options.models:

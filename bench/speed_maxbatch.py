@@ -3,7 +3,8 @@
 Method (no binary search: a prefill at N=32k takes seconds to minutes, and a device call has ten):
 
 1. reference = the cell of this model and cache at N = ``--max-batch-ctx`` with the largest batch
-   that ran (the grid must include that N);
+   that ran, in this run's grid or in ``--max-batch-reference`` (an earlier run's JSON, same device
+   kind: the grid need not be measured twice);
 2. bytes per sequence = (that cell's peak allocated bytes - the model's weights) / its batch: the
    cache, the prefill's transient (activations, full-precision K/V before quantization, logits)
    and the decode steps, all measured, nothing assumed;
@@ -43,7 +44,8 @@ def largest_batches(model, shape, options, clock, budget, result, save, run_cell
     free = torch.cuda.mem_get_info()[0]
     for variant in options.variants:
         rec = {"model": shape.name, "cache": variant.name, "ctx": ctx}
-        refs = [c for c in result["cells"] if c["model"] == shape.name and c["cache"] == variant.name
+        pool = result["cells"] + getattr(options, "reference_cells", [])
+        refs = [c for c in pool if c["model"] == shape.name and c["cache"] == variant.name
                 and c["ctx"] == ctx and c["status"] == "ok" and "peak_bytes" in c]
         if not refs:
             rec.update(status="skipped", reason=f"no measured cell of this cache at N={ctx}")
@@ -54,11 +56,12 @@ def largest_batches(model, shape, options, clock, budget, result, save, run_cell
             batch = rec["estimate"]
             for _ in range(2):
                 if batch <= ref["batch"]:
-                    rec["attempts"].append({"batch": ref["batch"], "status": "ok", "from": "grid cell"})
+                    rec["attempts"].append({"batch": ref["batch"], "status": "ok",
+                                            "from": ref.get("reference", "this run's grid")})
                     rec.update(status="ok", batch=ref["batch"], tokens_per_s=ref["tokens_per_s"],
                                decode_ms_per_token=ref["decode_ms_per_token"])
                     break
-                reason = budget.skip_reason(variant, batch, ctx, result["cells"])
+                reason = budget.skip_reason(variant, batch, ctx, pool)
                 if reason is not None:
                     rec["attempts"].append({"batch": batch, "status": "skipped", "reason": reason})
                     rec.update(status="skipped", reason=reason)

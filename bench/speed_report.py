@@ -1,5 +1,5 @@
 """Tables and figure of bench/gpu_speed.py's JSON (no GPU needed: ``python bench/speed_report.py
-RESULT.json`` rewrites the .md and .png beside it).
+RUN.json [RUN2.json ...] [--out DIR]`` writes gpu_speed.md and .png, merging the calls of a split).
 
 Tables (Markdown, one per model; rows = caches, columns = shapes B, N):
 1. decode ms/token, prefill seconds in brackets;
@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-__all__ = ["markdown", "write_figure", "shapes_of", "cell_of"]
+__all__ = ["markdown", "write_figure", "merge", "shapes_of", "cell_of"]
 
 GIB = 2 ** 30
 BASELINE_STATIC, BASELINE_DYNAMIC = "static-compiled", "dynamic"
@@ -198,12 +198,45 @@ def write_figure(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__":
-    src = sys.argv[1]
-    with open(src) as f:
-        res = json.load(f)
-    base = os.path.splitext(src)[0]
-    with open(base + ".md", "w") as f:
+def merge(results: list) -> dict:
+    """Several runs (the device calls of one split) as one result: their cells, largest batches
+    and kernel cases side by side.  Ratios stay within a shape, which one call measures whole."""
+    first = results[0]
+    out = {"environment": first["environment"], "runs": [r["environment"] for r in results],
+           "models": {}, "caches": {}, "cells": [], "max_batch": [], "kernels": None,
+           "complete": all(r.get("complete") for r in results)}
+    for r in results:
+        out["models"].update(r["models"])
+        out["caches"].update(r["caches"])
+        out["cells"] += r["cells"]
+        out["max_batch"] += r.get("max_batch") or []
+        if r.get("kernels"):
+            out["kernels"] = out["kernels"] or {"copy_Bps": r["kernels"]["copy_Bps"], "cases": []}
+            out["kernels"]["cases"] += r["kernels"]["cases"]
+    return out
+
+
+def main(argv=None) -> None:
+    import argparse
+    ap = argparse.ArgumentParser(description="gpu_speed.py's tables and figure from its JSON file(s)")
+    ap.add_argument("json", nargs="+", help="gpu_speed.json of one run, or of several calls to merge")
+    ap.add_argument("--out", default=None, help="directory for gpu_speed.md/.png (default: the first file's)")
+    args = ap.parse_args(argv)
+    runs = []
+    for path in args.json:
+        try:
+            with open(path) as f:
+                runs.append(json.load(f))
+        except (OSError, ValueError) as e:
+            ap.error(f"{path}: {e}")
+    res = merge(runs) if len(runs) > 1 else runs[0]
+    out = args.out or os.path.dirname(os.path.abspath(args.json[0]))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "gpu_speed.md"), "w") as f:
         f.write(markdown(res))
-    write_figure(res, base + ".png")
+    write_figure(res, os.path.join(out, "gpu_speed.png"))
     print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

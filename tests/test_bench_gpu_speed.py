@@ -179,3 +179,11 @@ def test_budget_counts_compilations_as_transformers_does():
         assert fresh.compiles(static, *shape)
         fresh.ran(static, *shape)
     assert not fresh.compiles(static, 8, 4096)
+
+
+def test_unreadable_inputs_are_reported_without_traceback(tmp_path, capsys):
+    from bench.gpu_speed import main
+    missing = str(tmp_path / "missing.json")
+    assert main(["--tiny", "--max-batch", "--max-batch-reference", missing, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "missing.json" in err and "--max-batch-reference" in err
