@@ -317,7 +317,7 @@ class Budget:
             step_s = r["decode_ms_per_token"] / 1e3
         else:
             prefill, step_s = flops / 2e14, 0.15
-        steps = 2 * (self.options.warmup_steps + self.options.rounds * self.options.decode_tokens) + WARM_NEW
+        steps = 1 + self.options.warmup_steps + self.options.rounds * self.options.decode_tokens + WARM_NEW
         compile_s = self.options.compile_estimate_s if self.compiles(variant, batch, ctx) else 0.0
         return prefill + steps * step_s + compile_s + 5.0
 

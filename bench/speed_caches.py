@@ -22,10 +22,11 @@ reason it is skipped).  Adding a variant = one subclass + one registry entry.
 quanto's KV path dequantizes through ``torch.ops.quanto.unpack``, which on CUDA is a kernel of
 quanto's own JIT-built extension.  :func:`setup_quanto` installs optimum-quanto from carried wheels
 when it is missing, and readies that unpack op in one of three ways (``--quanto-unpack``):
-``kernel`` (default) builds quanto's ``unpack.cu`` alone (the same kernel and flags; ~1 min less
-nvcc than its whole extension, whose other sources are Marlin/AWQ weight GEMMs the cache never
-calls), ``full`` lets quanto build its whole extension as a user's first call would, ``torch``
-uses a torch-ops unpack (quanto's own default implementation, copied).
+``kernel`` (default) builds quanto's ``unpack.cu`` alone (the same kernel and flags, without the
+Marlin/AWQ weight GEMMs of its extension, which the cache never calls: minutes of nvcc less;
+``unpack.cpp`` on the CPU), ``full`` lets quanto build its whole extension as a user's first call
+would, ``torch`` uses a torch-ops unpack (quanto's own default implementation, copied).  The op is
+checked on a known input before use.
 """
 
 from __future__ import annotations
@@ -256,20 +257,25 @@ class _TorchUnpackLib:
     unpack = staticmethod(_torch_unpack)
 
 
-def _build_unpack_kernel(cuda_dir: str):
-    """quanto's ``unpack.cu`` built alone with quanto's flags, bound as ``unpack``."""
+def _build_unpack_kernel(src_dir: str, device: str):
+    """quanto's unpack source (``unpack.cu`` on CUDA, ``unpack.cpp`` on the CPU) built alone with
+    quanto's flags, bound as ``unpack`` -- the op its extension exposes, without the rest."""
     from torch.utils.cpp_extension import load
     build = tempfile.mkdtemp(prefix="quanto-unpack-")
     binding = os.path.join(build, "binding.cpp")
     with open(binding, "w") as f:
         f.write('#include <torch/extension.h>\n#include "unpack.h"\n'
                 'PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("unpack", &unpack, "unpack"); }\n')
-    major, minor = torch.cuda.get_device_capability()
-    return load(name="quanto_unpack_only", sources=[os.path.join(cuda_dir, "unpack.cu"), binding],
-                extra_include_paths=[cuda_dir], extra_cflags=["-g", "-O3"],
-                extra_cuda_cflags=["--expt-extended-lambda", "--use_fast_math",
-                                   f"-DQUANTO_CUDA_ARCH={major}{minor}0"],
-                build_directory=build, verbose=False)
+    cuda = device == "cuda"
+    flags = {}
+    if cuda:
+        major, minor = torch.cuda.get_device_capability()
+        flags["extra_cuda_cflags"] = ["--expt-extended-lambda", "--use_fast_math",
+                                      f"-DQUANTO_CUDA_ARCH={major}{minor}0"]
+    source = os.path.join(src_dir, "unpack.cu" if cuda else "unpack.cpp")
+    return load(name=f"quanto_unpack_only_{device}", sources=[source, binding],
+                extra_include_paths=[src_dir], extra_cflags=["-g", "-O3"] if cuda else ["-O3"],
+                build_directory=build, verbose=False, **flags)
 
 
 def setup_quanto(wheel_dir: Optional[str], unpack: str, device: str) -> dict:
@@ -290,10 +296,12 @@ def setup_quanto(wheel_dir: Optional[str], unpack: str, device: str) -> dict:
     try:
         if unpack == "torch":
             ext._lib = _TorchUnpackLib()
-        elif unpack == "kernel" and device == "cuda":
-            ext._lib = _build_unpack_kernel(os.path.dirname(ext.sources[0]))
-        _ = ext.lib.unpack(torch.arange(8, dtype=torch.uint8, device=device), 4)  # builds "full" here
-        info["unpack"] = unpack if (unpack != "kernel" or device == "cuda") else "full (quanto_cpp on CPU)"
+        elif unpack == "kernel":
+            ext._lib = _build_unpack_kernel(os.path.dirname(ext.sources[0]), device)
+        codes = ext.lib.unpack(torch.tensor([0x1B, 0xE4], dtype=torch.uint8, device=device), 2)
+        if codes.cpu().tolist() != [3, 0, 2, 1, 1, 2, 0, 3]:       # builds "full" on first use
+            raise RuntimeError(f"quanto unpack of [0x1B, 0xE4] at 2 bits gave {codes.tolist()}")
+        info["unpack"] = unpack
     except Exception as e:  # noqa: BLE001 - a failed build falls back to torch ops, recorded
         info["unpack_error"] = f"{type(e).__name__}: {str(e)[-400:]}"
         ext._lib = _TorchUnpackLib()
