@@ -414,8 +414,11 @@ def load_compile_cache(options) -> Optional[str]:
     inductor's compiled kernels, so a fresh machine skips most of the ~1 min per compilation)."""
     if not options.compile_cache or not os.path.exists(options.compile_cache):
         return None
-    with open(options.compile_cache, "rb") as f:
-        info = torch.compiler.load_cache_artifacts(f.read())
+    try:
+        with open(options.compile_cache, "rb") as f:
+            info = torch.compiler.load_cache_artifacts(f.read())
+    except Exception as e:  # noqa: BLE001 - a stale cache only costs compile time: say so, go on
+        return f"not loaded ({type(e).__name__}: {str(e)[:200]}): compiling from scratch"
     return f"loaded {options.compile_cache}: {info}"
 
 
@@ -423,10 +426,13 @@ def save_compile_cache(options) -> None:
     """Write the compile artifacts so far to ``--out``/compile_cache.bin (carry it to the next call)."""
     if not torch.cuda.is_available():
         return
-    saved = torch.compiler.save_cache_artifacts()
-    if saved is not None:
-        with open(os.path.join(options.out, "compile_cache.bin"), "wb") as f:
-            f.write(saved[0])
+    try:
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is not None:
+            with open(os.path.join(options.out, "compile_cache.bin"), "wb") as f:
+                f.write(saved[0])
+    except Exception as e:  # noqa: BLE001 - the measurements matter more than the cache
+        print(f"compile cache not saved: {type(e).__name__}: {str(e)[:200]}", flush=True)
 
 
 def setup_cuda(options, result) -> None:

@@ -35,49 +35,58 @@ def estimate(ref: dict, weights: int, free: int) -> dict:
             "estimate": max(1, min(LIMIT, int(MARGIN * free // per_seq)))}
 
 
-def largest_batches(model, shape, options, clock, budget, result, save, run_cell) -> None:
-    """Append one record per cache to ``result["max_batch"]`` (saving after each)."""
+def _verify(model, variant, ref, rec, options, clock, budget, pool, run_cell) -> None:
+    """Step 4: run the estimated batch (once more at ``RETRY`` x after an OOM); fills ``rec``."""
+    ctx, batch = rec["ctx"], rec["estimate"]
+    rec["attempts"] = []
+    for _ in range(2):
+        if batch <= ref["batch"]:
+            rec["attempts"].append({"batch": ref["batch"], "status": "ok",
+                                    "from": ref.get("reference", "this run's grid")})
+            rec.update(status="ok", batch=ref["batch"], tokens_per_s=ref["tokens_per_s"],
+                       decode_ms_per_token=ref["decode_ms_per_token"])
+            return
+        reason = budget.skip_reason(variant, batch, ctx, pool)
+        if reason is not None:
+            rec["attempts"].append({"batch": batch, "status": "skipped", "reason": reason})
+            rec.update(status="skipped", reason=reason)
+            return
+        row = run_cell(model, variant, batch, ctx, options, clock)
+        budget.ran(variant, batch, ctx)
+        rec["attempts"].append({"batch": batch, **row})
+        if row["status"] == "ok":
+            rec.update(status="ok", batch=batch, tokens_per_s=row["tokens_per_s"],
+                       decode_ms_per_token=row["decode_ms_per_token"],
+                       peak_bytes=row["peak_bytes"], prefill_s=row["prefill_s"])
+            return
+        rec.update(status=row["status"], reason=row.get("error"))
+        if row["status"] != "OOM":
+            return
+        batch = max(1, math.floor(RETRY * batch))
+
+
+def largest_batches(model, shape, options, clock, budget, result, save, run_cell, free=None) -> None:
+    """Append one record per cache to ``result["max_batch"]`` (saving after each).  ``free``:
+    the device's free bytes with the model loaded (default: read from CUDA)."""
     from bench.speed_models import weight_bytes
     ctx, weights = options.max_batch_ctx, weight_bytes(model)
-    gc.collect()
-    torch.cuda.empty_cache()
-    free = torch.cuda.mem_get_info()[0]
+    if free is None:
+        gc.collect()
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info()[0]
+    pool = result["cells"] + getattr(options, "reference_cells", [])
     for variant in options.variants:
         rec = {"model": shape.name, "cache": variant.name, "ctx": ctx}
-        pool = result["cells"] + getattr(options, "reference_cells", [])
         refs = [c for c in pool if c["model"] == shape.name and c["cache"] == variant.name
                 and c["ctx"] == ctx and c["status"] == "ok" and "peak_bytes" in c]
-        if not refs:
+        if variant.unavailable() is not None:
+            rec.update(status="skipped", reason=variant.unavailable())
+        elif not refs:
             rec.update(status="skipped", reason=f"no measured cell of this cache at N={ctx}")
         else:
             ref = max(refs, key=lambda c: c["batch"])
             rec.update(estimate(ref, weights, free))
-            rec["attempts"] = []
-            batch = rec["estimate"]
-            for _ in range(2):
-                if batch <= ref["batch"]:
-                    rec["attempts"].append({"batch": ref["batch"], "status": "ok",
-                                            "from": ref.get("reference", "this run's grid")})
-                    rec.update(status="ok", batch=ref["batch"], tokens_per_s=ref["tokens_per_s"],
-                               decode_ms_per_token=ref["decode_ms_per_token"])
-                    break
-                reason = budget.skip_reason(variant, batch, ctx, pool)
-                if reason is not None:
-                    rec["attempts"].append({"batch": batch, "status": "skipped", "reason": reason})
-                    rec.update(status="skipped", reason=reason)
-                    break
-                row = run_cell(model, variant, batch, ctx, options, clock)
-                budget.ran(variant, batch, ctx)
-                rec["attempts"].append({"batch": batch, **row})
-                if row["status"] == "ok":
-                    rec.update(status="ok", batch=batch, tokens_per_s=row["tokens_per_s"],
-                               decode_ms_per_token=row["decode_ms_per_token"],
-                               peak_bytes=row["peak_bytes"], prefill_s=row["prefill_s"])
-                    break
-                rec.update(status=row["status"], reason=row.get("error"))
-                if row["status"] != "OOM":
-                    break
-                batch = max(1, math.floor(RETRY * batch))
+            _verify(model, variant, ref, rec, options, clock, budget, pool, run_cell)
         result["max_batch"].append(rec)
         tail = (f"B={rec['batch']}, {rec['tokens_per_s']:.1f} tok/s" if rec["status"] == "ok"
                 else f"{rec['status']}: {rec.get('reason', '')}")

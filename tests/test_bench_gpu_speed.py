@@ -187,3 +187,40 @@ def test_unreadable_inputs_are_reported_without_traceback(tmp_path, capsys):
     assert main(["--tiny", "--max-batch", "--max-batch-reference", missing, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "missing.json" in err and "--max-batch-reference" in err
+
+
+def test_largest_batch_runs_the_estimate_and_retries_after_oom():
+    """The estimate is run; an OOM there is retried once at 0.85x; a cache without a measured
+    reference cell (here or in the reference file) is skipped with the reason."""
+    from types import SimpleNamespace
+
+    from bench.speed_caches import VARIANTS
+    from bench.speed_maxbatch import MARGIN, RETRY, largest_batches
+    gib = 2 ** 30
+    model = torch.nn.Linear(4, 4)                              # weights: 80 bytes
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    ref = {"model": "m", "cache": "dynamic", "ctx": 32768, "batch": 2, "status": "ok",
+           "peak_bytes": weights + 2 * gib, "tokens_per_s": 10.0, "decode_ms_per_token": 200.0}
+    from_file = dict(ref, cache="kvsink2", peak_bytes=weights + gib // 2, reference="B.json")
+    options = SimpleNamespace(max_batch_ctx=32768, reference_cells=[from_file],
+                              variants=[VARIANTS["dynamic"], VARIANTS["kvsink2"], VARIANTS["quanto2"]])
+    ran = []
+
+    def run_cell(model, variant, batch, ctx, options, clock):
+        ran.append((variant.name, batch))
+        if len(ran) == 1:
+            return {"status": "OOM", "error": "CUDA out of memory"}
+        return {"status": "ok", "tokens_per_s": batch * 5.0, "decode_ms_per_token": 200.0,
+                "peak_bytes": 1, "prefill_s": 1.0}
+    budget = SimpleNamespace(skip_reason=lambda *a: None, ran=lambda *a: None)
+    result = {"cells": [ref], "max_batch": []}
+    largest_batches(model, SimpleNamespace(name="m"), options, None, budget, result, lambda: None,
+                    run_cell, free=40 * gib)
+    dyn, kv, qu = result["max_batch"]
+    first = int(MARGIN * 40 * gib // gib)                    # 1 GiB per sequence -> 38
+    assert dyn["estimate"] == first and dyn["status"] == "ok" and dyn["batch"] == int(RETRY * first)
+    assert [a["status"] for a in dyn["attempts"]] == ["OOM", "ok"]
+    assert kv["estimate"] == int(MARGIN * 40 * gib // (gib // 4)) and kv["batch"] == kv["estimate"]
+    assert ran == [("dynamic", first), ("dynamic", int(RETRY * first)), ("kvsink2", kv["estimate"])]
+    assert qu["status"] == "skipped"           # no quanto cell anywhere (or no optimum-quanto here)
+    assert "no measured cell of this cache at N=32768" in qu["reason"] or "optimum-quanto" in qu["reason"]
