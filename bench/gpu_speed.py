@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--skip-grid", action="store_true", help="no grid cells (e.g. --max-batch alone)")
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel-level measurements")
     ap.add_argument("--kernel-ctx", type=lambda s: _ints(s, "--kernel-ctx"), default=[4096, 32768])
+    ap.add_argument("--memory-gib", type=float, default=None,
+                    help="cap the CUDA allocator at this many GiB (e.g. 79.6: an 80 GB H100 on an H200)")
     ap.add_argument("--compile-cache", default=None,
                     help="torch.compiler cache artifacts to load (an earlier call's compile_cache.bin)")
     ap.add_argument("--compile-dynamic", default="none", choices=["none", "true", "false"],
@@ -165,6 +167,8 @@ def parse_args(argv=None):
     bad = [m for m in args.models if m not in SHAPES]
     if bad or not args.models:
         ap.error(f"--model: unknown model(s) {bad}; choose from {', '.join(SHAPES)}")
+    if args.memory_gib is not None and args.memory_gib <= 0:
+        ap.error(f"--memory-gib must be > 0, got {args.memory_gib}")
     for flag in ("rounds", "decode_tokens", "max_batch_ctx", "quanto_group", "quanto_residual"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -437,7 +441,13 @@ def save_compile_cache(options) -> None:
 
 def setup_cuda(options, result) -> None:
     """The dynamo recompile limit (several shapes and caches compile the same forward in one
-    process) and the compile cache."""
+    process), the compile cache and the allocator cap of ``--memory-gib``."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    options.memory_cap_bytes = None
+    if options.memory_gib is not None:
+        options.memory_cap_bytes = min(total, int(options.memory_gib * 2 ** 30))
+        torch.cuda.set_per_process_memory_fraction(options.memory_cap_bytes / total)
+        result["environment"]["memory_cap_bytes"] = options.memory_cap_bytes
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     setattr(cfg, name, max(getattr(cfg, name), 64))

@@ -15,7 +15,9 @@ part="${1:-A}"
 shift || true
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 caches=dynamic,static-compiled,quanto2,quanto4,kvsink2,kvsink4
-common=(--caches "$caches" --rounds 3 --decode-tokens 16 --time-budget-s "${BUDGET:-420}")
+# --memory-gib 79.6: the allocator capped at an 80 GB H100's memory (81559 MiB), also on an H200
+common=(--caches "$caches" --rounds 3 --decode-tokens 16 --time-budget-s "${BUDGET:-420}"
+        --memory-gib "${MEMORY_GIB:-79.6}")
 [ -f .devdata/compile_cache.bin ] && common+=(--compile-cache .devdata/compile_cache.bin)
 case "$part" in
   A) args=(--model llama3-8b --ctx 4096 --batch 1,8,32) ;;

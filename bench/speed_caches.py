@@ -225,6 +225,9 @@ def parse_caches(text: str) -> list:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or not names:
         raise ValueError(f"--caches: unknown cache name(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"--caches: {twice} listed more than once; name each cache once")
     return [VARIANTS[n] for n in names]
 
 

@@ -9,7 +9,8 @@ Method (no binary search: a prefill at N=32k takes seconds to minutes, and a dev
    cache, the prefill's transient (activations, full-precision K/V before quantization, logits)
    and the decode steps, all measured, nothing assumed;
 3. estimate = floor(0.97 * free device memory with the model loaded / bytes per sequence) (0.97:
-   room for the allocator's fragmentation), capped by ``LIMIT``;
+   room for the allocator's fragmentation), capped by ``LIMIT``; with ``--memory-gib`` the free
+   memory is that cap less what the allocator holds (the cap also binds the verifying run);
 4. verified by running the whole cell (warm-up, prefill, timed decode) at that batch; if it runs
    out of memory, once more at floor(0.85 x); the batch that ran and its tokens/s are reported.
 The per-sequence bytes measured at a small batch include per-call fixed costs, so the estimate
@@ -74,6 +75,9 @@ def largest_batches(model, shape, options, clock, budget, result, save, run_cell
         gc.collect()
         torch.cuda.empty_cache()
         free = torch.cuda.mem_get_info()[0]
+        cap = getattr(options, "memory_cap_bytes", None)          # --memory-gib
+        if cap is not None:
+            free = min(free, cap - torch.cuda.memory_reserved())
     pool = result["cells"] + getattr(options, "reference_cells", [])
     for variant in options.variants:
         rec = {"model": shape.name, "cache": variant.name, "ctx": ctx}

@@ -72,7 +72,9 @@ def test_tiny_run_measures_every_cell(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--caches", "dynamic,nope"], "--caches: unknown cache name(s) ['nope']"),
+    (["--caches", "dynamic,kvsink2,dynamic"], "--caches: ['dynamic'] listed more than once"),
     (["--model", "llama9"], "--model: unknown model(s) ['llama9']"),
+    (["--memory-gib", "0"], "--memory-gib must be > 0"),
     (["--batch", "1,x"], "--batch takes comma-separated positive integers"),
     (["--ctx", "0"], "--ctx takes comma-separated positive integers"),
     (["--rounds", "0"], "--rounds must be >= 1"),
