@@ -4,7 +4,8 @@ RUN.json [RUN2.json ...] [--out DIR]`` writes gpu_speed.md and .png, merging the
 Tables (Markdown, one per model; rows = caches, columns = shapes B, N):
 1. decode ms/token, prefill seconds in brackets;
 2. ratios, lower is better: ``S`` decode ms/token / compiled StaticCache's, ``Q`` / quanto's at the
-   same bits (quantized caches), ``P`` prefill / DynamicCache's (SDPA) -- all from the same run;
+   same bits (kvsink caches), ``P`` prefill / DynamicCache's (SDPA), ``M`` peak allocated memory /
+   DynamicCache's -- all from the same run;
 3. peak allocated GiB / cache GiB (``cache.nbytes()``);
 4. the largest batch at N = --max-batch-ctx and its tokens/s (x the full-precision caches');
 5. kernel level: decode-attention kernel time against its bytes-moved floor and the copy bandwidth.
@@ -84,9 +85,10 @@ def _model_tables(result, model) -> list:
             parts = []
             for label, other, key in (("S", BASELINE_STATIC, "decode_ms_per_token"),
                                       ("Q", _quanto_name(cache, result), "decode_ms_per_token"),
-                                      ("P", BASELINE_DYNAMIC, "prefill_s")):
+                                      ("P", BASELINE_DYNAMIC, "prefill_s"),
+                                      ("M", BASELINE_DYNAMIC, "peak_bytes")):
                 o = cell_of(result, model, other, b, n) if other and other != cache else None
-                x = _ratio(c[key], o[key]) if o is not None and o["status"] == "ok" else None
+                x = _ratio(c.get(key), o.get(key)) if o is not None and o["status"] == "ok" else None
                 if x is not None:
                     parts.append(f"{label} {x:.2f}")
             r.append(" · ".join(parts) or "–")
@@ -98,7 +100,7 @@ def _model_tables(result, model) -> list:
             f"triton {env.get('triton')})",
             "Decode ms/token (prefill s):", _table(head, rows_t),
             "Ratios (lower is better; S: decode / compiled StaticCache, Q: decode / quanto at the same "
-            "bits, P: prefill / DynamicCache):", _table(head, rows_r),
+            "bits, P: prefill / DynamicCache, M: peak memory / DynamicCache):", _table(head, rows_r),
             "Peak allocated GiB / cache GiB:", _table(head, rows_m)]
 
 

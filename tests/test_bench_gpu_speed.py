@@ -108,10 +108,10 @@ def test_time_budget_skips_and_records_every_cell(tmp_path):
     assert "time budget" in (tmp_path / "gpu_speed.md").read_text()
 
 
-def _cell(cache, batch, ms, prefill, status="ok"):
+def _cell(cache, batch, ms, prefill, status="ok", peak_gib=3.0):
     return {"model": "m", "batch": batch, "ctx": 4096, "cache": cache, "status": status,
             "decode_ms_per_token": ms, "prefill_s": prefill, "tokens_per_s": batch * 1e3 / ms,
-            "cache_nbytes": 2 ** 30, "peak_bytes": 3 * 2 ** 30}
+            "cache_nbytes": 2 ** 30, "peak_bytes": int(peak_gib * 2 ** 30)}
 
 
 def test_report_ratios_against_baselines_of_the_same_run():
@@ -121,14 +121,30 @@ def test_report_ratios_against_baselines_of_the_same_run():
     res = {"environment": {"device": "d", "torch": "t", "transformers": "x"}, "models": {"m": {}},
            "caches": caches, "complete": True, "max_batch": [], "kernels": None,
            "cells": [_cell("dynamic", 1, 40.0, 1.0), _cell("static-compiled", 1, 10.0, 2.0),
-                     _cell("quanto2", 1, 20.0, 1.5), _cell("kvsink2", 1, 5.0, 3.0),
+                     _cell("quanto2", 1, 20.0, 1.5), _cell("kvsink2", 1, 5.0, 3.0, peak_gib=1.5),
                      _cell("kvsink2", 8, 5.0, 3.0, status="OOM")]}
+    res["max_batch"] = [
+        {"model": "m", "cache": "dynamic", "ctx": 32768, "status": "ok", "estimate": 12, "batch": 10,
+         "tokens_per_s": 100.0},
+        {"model": "m", "cache": "kvsink2", "ctx": 32768, "status": "ok", "estimate": 60, "batch": 60,
+         "tokens_per_s": 450.0},
+        {"model": "m", "cache": "quanto2", "ctx": 32768, "status": "skipped", "reason": "time budget"}]
+    res["kernels"] = {"copy_Bps": 3e12, "cases": [
+        {"model": "m", "batch": 1, "ctx": 32768, "bits": 2, "bytes": 33.8e6, "floor_us": 11.3,
+         "api_us": 140.0, "graph_us": 20.0, "achieved_Bps": 1.69e12, "fraction_of_copy": 0.5633},
+        {"model": "m", "batch": 8, "ctx": 32768, "bits": 4, "status": "OOM"}]}
     md = markdown(res)
+    assert "| m | `kvsink2` | 60 | 60 | 450 | dynamic ×4.50 |" in md
+    assert "| m | `quanto2` | – | skipped | – | – |" in md
+    assert "(copy bandwidth 3.00 TB/s, read + write)" in md
+    assert "| m | 1 | 32k | 2 | 33.8 | 11.3 | 140.0 | 20.0 | 1.69 (56 %) |" in md
+    assert "| m | 8 | 32k | 4 | OOM |" in md
     assert "| `kvsink2` | 5.0 (3.00) | OOM |" in md
-    assert "S 0.50 · Q 0.25 · P 3.00" in md           # 5/10, 5/20, 3/1
-    assert "| `quanto2` | S 2.00 · P 1.50 |" in md     # quanto is not compared with itself
-    assert "| `static-compiled` | P 2.00 |" in md
-    assert "3.00 / 1.00" in md                          # peak GiB / cache GiB
+    assert "S 0.50 · Q 0.25 · P 3.00 · M 0.50" in md  # 5/10, 5/20, 3/1, 1.5/3
+    assert "| `quanto2` | S 2.00 · P 1.50 · M 1.00 |" in md     # quanto is not compared with itself
+    assert "| `static-compiled` | P 2.00 · M 1.00 |" in md
+    assert "| `dynamic` | S 4.00 |" in md
+    assert "1.50 / 1.00" in md                          # peak GiB / cache GiB
 
 
 def test_max_batch_estimate_from_measured_bytes_per_sequence():
