@@ -25,8 +25,9 @@ user takes; ``static-compiled`` is its auto-compiled StaticCache decode):
    at the end (``cache.nbytes()`` for kvsink; the K/V tensors for DynamicCache / StaticCache;
    quanto's packed data + scales + shifts + its bf16 residual).
 An out-of-memory cell is recorded as "OOM" (and larger batches of that cache at that N are not
-tried); the JSON (``--out``/gpu_speed.json) is rewritten after every cell, so a call cut short keeps
-every finished cell.  ``--time-budget-s``: a cell whose predicted time (prefill scaled from the
+tried); the JSON (``--out``/gpu_speed.json) and the tables (gpu_speed.md) are rewritten after every
+cell, so a call cut short keeps every finished cell (the figure is drawn at the end; ``python
+bench/speed_report.py gpu_speed.json`` draws it from the JSON).  ``--time-budget-s``: a cell whose predicted time (prefill scaled from the
 cache's last measured cell by the prefill FLOPs, its decode steps, one compilation per new shape of
 a compiled cache) does not fit in what is left is skipped, recorded with the reason.
 
@@ -89,6 +90,7 @@ if _REPO not in sys.path:
 
 from bench.speed_caches import VARIANTS, parse_caches, setup_quanto  # noqa: E402
 from bench.speed_models import SHAPES, build_model, flops_per_sequence, weight_bytes  # noqa: E402
+from bench.speed_report import markdown, write_figure  # noqa: E402
 
 T0 = time.perf_counter()
 WARM_PROMPT, WARM_NEW = 256, 40
@@ -408,7 +410,7 @@ def run_model(name, options, device, result, save) -> None:
     del model
     gc.collect()
     if device == "cuda":
-        torch._dynamo.reset()
+        torch.compiler.reset()            # dynamo's caches and the CUDA-graph trees of this model
         torch.cuda.empty_cache()
 
 
@@ -485,9 +487,11 @@ def main(argv=None) -> int:
               "method": "bench/gpu_speed.py's docstring", "models": {}, "cells": [], "max_batch": [],
               "kernels": None, "complete": False}
 
-    def save():
+    def save():                           # after every cell: a run cut short keeps its cells
         result["elapsed_s"] = time.perf_counter() - T0
         write_json(json_path, result)
+        with open(os.path.join(options.out, "gpu_speed.md"), "w") as f:
+            f.write(markdown(result))
     print(f"device {result['environment']['device']}, torch {torch.__version__}, "
           f"transformers {result['environment']['transformers']}", flush=True)
     if device == "cuda":
@@ -501,12 +505,8 @@ def main(argv=None) -> int:
         run_model(name, options, device, result, save)
     result["complete"] = True
     save()
-    from bench.speed_report import markdown, write_figure
-    md = markdown(result)
-    with open(os.path.join(options.out, "gpu_speed.md"), "w") as f:
-        f.write(md)
     write_figure(result, os.path.join(options.out, "gpu_speed.png"))
-    print(md)
+    print(markdown(result))
     return 0
 
 
