@@ -42,8 +42,11 @@ from typing import Optional
 
 import torch
 
-__all__ = ["CacheVariant", "VARIANTS", "STATIC_KVSINK_NAMES", "parse_caches", "kv_tensor_bytes",
-           "qtensor_bytes", "setup_quanto", "kvsink_config"]
+__all__ = ["CacheVariant", "VARIANTS", "STATIC_KVSINK_NAMES", "QUANTO_SETUP", "parse_caches",
+           "kv_tensor_bytes", "qtensor_bytes", "setup_quanto", "kvsink_config"]
+
+#: what :func:`setup_quanto` did in this process (an "error" makes the quanto variants unavailable)
+QUANTO_SETUP: dict = {}
 
 #: class names under which a static-capacity KVSinkCache would be picked up from accelerated.hf
 STATIC_KVSINK_NAMES = ("KVSinkStaticCache", "StaticKVSinkCache")
@@ -147,6 +150,8 @@ class QuantoVariant(CacheVariant):
     def unavailable(self):
         if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
             return "optimum-quanto is not installed (carry its wheel: --quanto-wheels DIR)"
+        if QUANTO_SETUP.get("error"):
+            return QUANTO_SETUP["error"]
         return None
 
     def build(self, model, batch, max_len, options):
@@ -284,15 +289,25 @@ def _build_unpack_kernel(src_dir: str, device: str):
 def setup_quanto(wheel_dir: Optional[str], unpack: str, device: str) -> dict:
     """Make optimum-quanto importable and its unpack op ready (see the module docstring).
     Call before the first QuantizedCache is built.  Returns what was done, for the JSON."""
-    info = {"unpack_requested": unpack}
+    info = QUANTO_SETUP
+    info.clear()
+    info["unpack_requested"] = unpack
     t0 = time.perf_counter()
     if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
         if not wheel_dir or not os.path.isdir(wheel_dir):
             info["error"] = f"optimum-quanto not installed and no wheel directory {wheel_dir!r}"
             return info
-        info["installed_into"] = _install_quanto(wheel_dir)
-    import optimum.quanto as Q
-    from optimum.quanto.library.extensions import get_extension
+        try:
+            info["installed_into"] = _install_quanto(wheel_dir)
+        except (OSError, subprocess.CalledProcessError) as e:
+            info["error"] = f"installing optimum-quanto from {wheel_dir} failed: {e}"
+            return info
+    try:
+        import optimum.quanto as Q
+        from optimum.quanto.library.extensions import get_extension
+    except Exception as e:  # noqa: BLE001 - the quanto cells are then skipped with this reason
+        info["error"] = f"import optimum.quanto failed: {type(e).__name__}: {e}"
+        return info
     info["version"] = getattr(Q, "__version__", "?")
     ext_name = "quanto_cuda" if device == "cuda" else "quanto_cpp"
     ext = get_extension(ext_name)
@@ -310,4 +325,4 @@ def setup_quanto(wheel_dir: Optional[str], unpack: str, device: str) -> dict:
         ext._lib = _TorchUnpackLib()
         info["unpack"] = "torch (fallback)"
     info["setup_s"] = time.perf_counter() - t0
-    return info
+    return dict(info)

@@ -128,6 +128,8 @@ def _kernel_table(result) -> list:
     k = result.get("kernels")
     if not k:
         return []
+    if "copy_Bps" not in k:
+        return [f"Kernel level: not measured ({k.get('error', 'no result')})."]
     rows = []
     for c in k["cases"]:
         if "api_us" not in c:
@@ -212,7 +214,7 @@ def merge(results: list) -> dict:
         out["caches"].update(r["caches"])
         out["cells"] += r["cells"]
         out["max_batch"] += r.get("max_batch") or []
-        if r.get("kernels"):
+        if r.get("kernels") and "copy_Bps" in r["kernels"]:
             out["kernels"] = out["kernels"] or {"copy_Bps": r["kernels"]["copy_Bps"], "cases": []}
             out["kernels"]["cases"] += r["kernels"]["cases"]
     return out

@@ -108,6 +108,22 @@ def test_time_budget_skips_and_records_every_cell(tmp_path):
     assert "time budget" in (tmp_path / "gpu_speed.md").read_text()
 
 
+@needs_hf
+def test_quanto_without_its_wheels_is_skipped_with_the_reason(tmp_path):
+    """optimum-quanto missing and no wheel folder: its cells are skipped and say why."""
+    import importlib.util
+    if importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto"):
+        pytest.skip("optimum-quanto is installed here: the missing-package path cannot be taken")
+    from bench.gpu_speed import main
+    missing = str(tmp_path / "no-wheels")
+    assert main(["--tiny", "--caches", "quanto2", "--quanto-wheels", missing, "--time-budget-s", "0",
+                 "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "gpu_speed.json").read_text())
+    assert "no-wheels" in res["environment"]["quanto"]["error"]
+    assert [c["status"] for c in res["cells"]] == ["skipped", "skipped"]
+    assert all("optimum-quanto" in c["reason"] for c in res["cells"])
+
+
 def _cell(cache, batch, ms, prefill, status="ok", peak_gib=3.0):
     return {"model": "m", "batch": batch, "ctx": 4096, "cache": cache, "status": status,
             "decode_ms_per_token": ms, "prefill_s": prefill, "tokens_per_s": batch * 1e3 / ms,
