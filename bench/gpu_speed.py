@@ -303,8 +303,8 @@ class Budget:
         seen = self.compiled_shapes.setdefault(variant.name, set())
         if not variant.compiled or (batch, ctx) in seen:
             return False
-        free = {None: 2, True: 1, False: math.inf}[self.options.compile_dynamic]
-        return len(seen) < free
+        compilations = {None: 2, True: 1, False: math.inf}[self.options.compile_dynamic]
+        return len(seen) < compilations
 
     def ran(self, variant, batch, ctx) -> None:
         self.compiled_shapes.setdefault(variant.name, set()).add((batch, ctx))
