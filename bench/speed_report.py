@@ -179,6 +179,13 @@ def write_figure(result: dict, path: str) -> None:
                 ys.append(c[key] / scale)
         return xs, ys
     for i, cache in enumerate(caches):
+        for j, (m, b, n) in enumerate(columns):                # say why a bar is missing
+            c = cell_of(result, m, cache, b, n)
+            if c is not None and c["status"] != "ok":
+                x = j + (i - (len(caches) - 1) / 2) * width
+                for ax in axes:
+                    ax.text(x, 0.02, _status(c), rotation=90, fontsize=6, ha="center", va="bottom",
+                            transform=ax.get_xaxis_transform())
         color = f"C{i}"
         axes[0].bar(*series(cache, "decode_ms_per_token", 1), width, label=cache, color=color)
         axes[1].bar(*series(cache, "peak_bytes", GIB), width, color=color)
