@@ -4,7 +4,9 @@ One frozen dataclass per kernel and ONE function choosing it from the shape and 
 :func:`dot_launch` (:class:`DotLaunch`, the many-rows kernel ``quantized_attention_kernel``),
 :func:`decode_launch` (:class:`DecodeLaunch`, ``decode_attention_kernel``; with a
 :class:`PackedSide` per packed side), :func:`merge_launch` (:class:`MergeLaunch`,
-``merge_splits_kernel``).  The split over the sequence aims at :data:`PROGRAMS_PER_SM` programs
+``merge_splits_kernel`` and ``merge_normalise_kernel``), :func:`fused_launch` (:class:`FusedLaunch`,
+``fused_decode_kernel`` of accelerated/decode_kernels.py: a :class:`DecodeLaunch` for its quantized
+programs plus the tiling of its full-precision ones).  The split over the sequence aims at :data:`PROGRAMS_PER_SM` programs
 per streaming multiprocessor, the SM count read from the device
 (:func:`accelerated.triton_support.device_properties`, cached per device).  The other choices
 (tokens per stream ``a``, ``num_warps``, rows per program ``rb``) were tuned on an H100
@@ -19,7 +21,11 @@ from typing import Optional
 from .triton_support import device_properties, next_pow2
 
 __all__ = ["PROGRAMS_PER_SM", "DotLaunch", "dot_launch", "PackedSide", "DecodeLaunch", "decode_launch",
-           "MergeLaunch", "merge_launch"]
+           "MergeLaunch", "merge_launch", "DECODE_ROWS", "FP_TOKENS_PER_PROGRAM", "FusedLaunch", "fused_launch"]
+
+#: query rows per KV head (g * Tq) up to which a query is "decode": CUDA-core products
+#: (decode_attention_kernel, fused_decode_kernel) rather than tl.dot
+DECODE_ROWS = 8
 
 #: programs per SM the split over the sequence aims for (decode kernel at 4 warps and ~255
 #: registers keeps 2 resident per SM: 4 per SM = 2 full waves; tuned on H100, 132 SMs -> 528)
@@ -54,7 +60,7 @@ def dot_launch(q_shape, keys, device, precision: str = "ieee", *, block_t: Optio
     h, t_len = keys.shape[1], keys.shape[2]
     r = (hq // h) * tq
     if use_dot is None:                 # few rows (decode): CUDA-core products; many rows: tl.dot
-        use_dot = precision == "tf32x3" or r > 8
+        use_dot = precision == "tf32x3" or r > DECODE_ROWS
     m_pad = max(16, next_pow2(r)) if use_dot else next_pow2(r)
     if block_t is None:
         block_t = 64 if use_dot else max(1, 64 // m_pad)
@@ -139,11 +145,14 @@ def decode_launch(q_shape, keys, values, device, *, a: int = 2, num_warps: int =
     ts = lanes_t * num_warps
     bt = a * ts
     n_tiles = -(-t_len // bt)
-    if n_split is None:
-        target = _target_programs(device) if target_programs is None else target_programs
-        n_split = max(1, min(n_tiles, target // (b * h * nrg)))
-    tiles_per_split = -(-n_tiles // n_split)
-    n_split = -(-n_tiles // tiles_per_split)
+    if n_tiles == 0:                    # an empty store (the fused kernel's): no quantized program
+        n_split = tiles_per_split = 0
+    else:
+        if n_split is None:
+            target = _target_programs(device) if target_programs is None else target_programs
+            n_split = max(1, min(n_tiles, target // (b * h * nrg)))
+        tiles_per_split = -(-n_tiles // n_split)
+        n_split = -(-n_tiles // tiles_per_split)
     ks, vs = _packed_side(keys, d, bt), _packed_side(values, d, bt)
     if prefetch is None:
         prefetch = (not ks.channel) or ks.tile_stats
@@ -164,3 +173,38 @@ class MergeLaunch:
 def merge_launch(n_split: int, d: int) -> MergeLaunch:
     """The :class:`MergeLaunch` for ``n_split`` partials of head dim ``d`` (no device dependence)."""
     return MergeLaunch(d_pad=next_pow2(d), ns_block=min(32, next_pow2(n_split)))
+
+
+#: full-precision tokens (preserved + residual) per program of the fused decode kernel: a decode
+#: step's residual (R + blk tokens at most, 160 by default) takes 3 programs per row group, each
+#: reading ~ as many bytes (64 * D * 2 * 2 at bf16) as a quantized split of a long context
+FP_TOKENS_PER_PROGRAM = 64
+
+
+@dataclass(frozen=True)
+class FusedLaunch:
+    """Launch of ``fused_decode_kernel`` (accelerated/decode_kernels.py): ``decode`` for the
+    programs over the packed store (``decode.n_split`` = 0 when it holds no slot), then ``n_fp``
+    programs per row group over the full-precision tokens, ``fp_tiles`` tiles of ``fp_block``."""
+
+    decode: DecodeLaunch
+    fp_block: int          # FB: full-precision tokens per tile (registers: RB x FB x D_PAD products)
+    fp_tiles: int
+    n_fp: int
+    d_pad: int
+
+
+def fused_launch(q_shape, keys, values, fp_tokens: int, device, *, fp_block: Optional[int] = None,
+                 **decode_choices) -> FusedLaunch:
+    """The :class:`FusedLaunch` for query ``(B, Hq, Tq, D)`` over ``keys``/``values`` (the packed
+    store, any length) and ``fp_tokens`` preserved + residual tokens: the quantized programs as
+    :func:`decode_launch` (``decode_choices`` are its keywords), :data:`FP_TOKENS_PER_PROGRAM`
+    full-precision tokens per program, ``fp_block`` (default ``2048 // D_PAD``, at least 8:
+    the (RB, FB, D_PAD) product tile of 4 rows fits 64 registers per thread at 4 warps)."""
+    d = q_shape[-1]
+    dec = decode_launch(q_shape, keys, values, device, **decode_choices)
+    d_pad = next_pow2(d)
+    fb = max(8, 2048 // d_pad) if fp_block is None else fp_block
+    fp_tiles = max(1, FP_TOKENS_PER_PROGRAM // fb)
+    n_fp = -(-fp_tokens // (fp_tiles * fb))
+    return FusedLaunch(decode=dec, fp_block=fb, fp_tiles=fp_tiles, n_fp=n_fp, d_pad=d_pad)

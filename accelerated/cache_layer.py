@@ -17,16 +17,19 @@ import torch
 from reference.config import KVSinkConfig
 
 from . import attention as _att
-from .cache_checks import (DeferredChecks, check_index, check_kv_shapes, check_mask, check_storage_dtype,
+from .attention_launch import DECODE_ROWS
+from .cache_checks import (FLOAT_DTYPES, DeferredChecks, check_index, check_kv_shapes, check_mask, check_storage_dtype,
                            convert_kv, is_int, padding_message)
 from .cache_kvquant import KVQuantStore
 from .cache_state import PreservedStore, ResidualWindow, admit_preserved, flushed_length, steady_capacity
 from .cache_store import QuantizedStore, UniformStore
+from .decode_kernels import fused_decode_attention
 from .quantize import PackedQuantizedTensor
 
 __all__ = ["STORES", "make_store", "QuantizedKVCacheLayer"]
 
 _FLUSH_PENDING_MESSAGE = "resolve() the status of tokens before flushing"
+_QUERY_NONFINITE = "query contains NaN or Inf; pass finite values"
 _F32 = torch.float32
 
 #: The quantized store of each ``config.quantizer`` value.
@@ -478,6 +481,8 @@ class QuantizedKVCacheLayer:
             _att.int_tensor("query_positions", query_positions, (b, tq), query.device)
             _att.check_scale(scale, d)
             return torch.zeros(query.shape, dtype=_F32, device=query.device)
+        if self._fused_applies(query, use_kernel):
+            return self._attend_fused(query, query_positions, scale, checks)
         q, qp, sc = self._attend_inputs(query, query_positions, scale, checks)
         parts = []
         if self.quantized.num_codes:
@@ -489,6 +494,35 @@ class QuantizedKVCacheLayer:
         if len(parts) == 1:
             return _att.normalise(*parts[0])
         return _att.normalise(*_att.merge_raw(parts))
+
+    def _fused_applies(self, query: torch.Tensor, use_kernel) -> bool:
+        """Whether :meth:`attend` takes the fused decode kernel: the uniform store, at most
+        ``DECODE_ROWS`` query rows per KV head, a usable Triton kernel (CUDA; the CPU keeps the
+        torch path), ``use_kernel`` not False; shapes that the checks would refuse go the torch way."""
+        b, h, d = self._dims
+        hq, tq = query.shape[1], query.shape[2]
+        return (use_kernel is not False and isinstance(self.quantized, UniformStore)
+                and query.shape[0] == b and query.shape[3] == d and hq % h == 0 and tq > 0
+                and (hq // h) * tq <= DECODE_ROWS and query.dtype in FLOAT_DTYPES
+                and query.device == self.device and _att.attention_kernel_usable(query))
+
+    def _attend_fused(self, query: torch.Tensor, query_positions, scale, checks) -> torch.Tensor:
+        """:meth:`attend` in two launches (accelerated/decode_kernels.py): the packed store, the
+        preserved store and the residual read by one kernel, merged and normalised by a second;
+        ``(B, Hq, Tq, D)`` float32 (a transposed view of ``(B, Tq, Hq, D)``).  No host read."""
+        if checks is not None:
+            checks.finite(query, _QUERY_NONFINITE)
+        elif not bool(torch.isfinite(query).all()):
+            raise ValueError(_QUERY_NONFINITE)
+        qp = _att.int_tensor("query_positions", query_positions, query.shape[:1] + query.shape[2:3],
+                             self.device)
+        sc = _att.check_scale(scale, query.shape[3])
+        store, res = self.quantized, self._residual
+        t1 = store.capacity                       # whole buffers: unused slots are at position -1
+        ppos, pk, pv = self._preserved.view()
+        rk, rv, valid, _ = res.view()
+        packed = (store.attend_view("keys", t1), store.attend_view("values", t1), store.slot_pos[:, :t1])
+        return fused_decode_attention(query, qp, sc, packed, (pk, pv, ppos), (rk, rv, valid, res.start))
 
     def _attend_inputs(self, query: torch.Tensor, query_positions, scale, checks):
         """The checked query (float32 on the device), query positions (int64) and scale.

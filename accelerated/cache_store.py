@@ -374,7 +374,7 @@ class UniformStore(QuantizedStore):
                                      bits=buf.bits, group_size=buf.group_size, axis=buf.axis,
                                      symmetric=self.symmetric, shape=(b, h, t1 - t0, d))
 
-    def _attend_view(self, side: str, t1: int) -> PackedQuantizedTensor:
+    def attend_view(self, side: str, t1: int) -> PackedQuantizedTensor:
         """``view(side, 0, t1)``, reused while the buffers and ``t1`` stay the same (on CUDA ``t1``
         is the capacity, so between reallocations: building and validating the views costs host
         time on every layer and step)."""
@@ -412,7 +412,7 @@ class UniformStore(QuantizedStore):
         kernel = use_kernel is not False and attention_kernel_usable(q)
         t1 = self.capacity if kernel else self.num_codes
         return quantized_segment_attention(
-            q, self._attend_view("keys", t1), self._attend_view("values", t1), query_positions=qp,
+            q, self.attend_view("keys", t1), self.attend_view("values", t1), query_positions=qp,
             key_positions=self.slot_pos[:, :t1], scale=scale, block_size=block_size,
             use_kernel=use_kernel, check_query=check_query)
 
