@@ -42,8 +42,9 @@
 #   the full-precision keys and values are converted to float32 exactly (bf16/fp16 -> fp32) and
 #   multiplied in float32 on CUDA cores (no TF32); only the summation order and the number of
 #   online-softmax rescalings differ from the torch path, both inside 9.3's bound ("any summation
-#   order", n_r <= S).  The normalisation acc / l is one IEEE division, as the torch path's; the
-#   cast to a narrower output dtype rounds to nearest even, as torch's .to().
+#   order", n_r <= S).  The normalisation acc / l is one correctly rounded division (div_rn), as the
+#   torch path's (Triton's plain "/" is div.full.f32, 2 ulp); a narrower output dtype is rounded
+#   to nearest even, as torch's .to().
 
 from __future__ import annotations
 
@@ -198,7 +199,7 @@ def merge_normalise_kernel(m_s_ptr, l_s_ptr, acc_s_ptr, out_ptr, n_total, H, G, 
                                     mask=ok[:, None] & d_ok[None, :], other=0.0)
     seen = mx != float("-inf")
     den = tl.where(seen, tl.sum(l_acc, axis=0), 1.0)
-    res = tl.where(seen, tl.sum(acc, axis=0) / den, 0.0)
+    res = tl.where(seen, tl.math.div_rn(tl.sum(acc, axis=0), den), 0.0)     # IEEE, as torch
     tl.store(out_ptr + b * out_sb + head * out_sh + (r % TQ) * out_st + dd, res, mask=d_ok)
 
 
