@@ -18,8 +18,8 @@ from reference.config import KVSinkConfig
 
 from . import attention as _att
 from .attention_launch import DECODE_ROWS
-from .cache_checks import (FLOAT_DTYPES, DeferredChecks, check_index, check_kv_shapes, check_mask, check_storage_dtype,
-                           convert_kv, is_int, padding_message)
+from .cache_checks import (FLOAT_DTYPES, DeferredChecks, check_index, check_kv_shapes, check_mask,
+                           check_storage_dtype, convert_kv, is_int, padding_message)
 from .cache_kvquant import KVQuantStore
 from .cache_state import PreservedStore, ResidualWindow, admit_preserved, flushed_length, steady_capacity
 from .cache_store import QuantizedStore, UniformStore
@@ -29,7 +29,6 @@ from .quantize import PackedQuantizedTensor
 __all__ = ["STORES", "make_store", "QuantizedKVCacheLayer"]
 
 _FLUSH_PENDING_MESSAGE = "resolve() the status of tokens before flushing"
-_QUERY_NONFINITE = "query contains NaN or Inf; pass finite values"
 _F32 = torch.float32
 
 #: The quantized store of each ``config.quantizer`` value.
@@ -455,22 +454,21 @@ class QuantizedKVCacheLayer:
                shared: Optional[dict] = None) -> torch.Tensor:
         """Attention of ``query`` over the cache (definition 6.13), float32 ``(B, Hq, Tq, D)``.
 
-        The quantized store is read by its ``partial`` step (uniform: from its packed
+        Decode (``g*Tq <= DECODE_ROWS``) over the uniform store where the Triton kernels run
+        (CUDA): :meth:`_attend_fused`, one kernel over the three segments and one merge kernel.
+        Otherwise the quantized store is read by its ``partial`` step (uniform: from its packed
         form, ``block_size`` slots at a time, :func:`accelerated.attention.quantized_segment_attention`,
-        the Triton kernel on CUDA, ``use_kernel`` as there; kvquant: the dequantized blocks);
-        the preserved store and the residual are attended at full precision; the three
-        partial results are merged with the log-sum-exp rule (Definition 5.5).  Equals the
-        reference's ``split_attention(query, segments(), ...)`` within
-        docs/09-tolerances.md §9.3.  Key ``s`` is visible to query ``t`` iff its
-        slot is not empty and its position is ``<= query_positions[b, t]``.
-        A query holding NaN or Inf raises ``ValueError`` (one device->host
-        synchronisation), or, with ``checks`` (a :class:`DeferredChecks`), is
-        recorded there and raised by its ``check()``.
-
-        ``shared``: None, or a fresh dict per model step passed to the ``attend`` of every
-        layer holding the same slots (same updates, statuses and flushes) with the same
-        ``query_positions``: the preserved and residual visibility masks are made by the
-        first layer and reused (docs/11-transformers.md §11.3).
+        the Triton kernel on CUDA, ``use_kernel`` as there; kvquant: the dequantized blocks), the
+        preserved store and the residual are attended at full precision, and the three partial
+        results are merged with the log-sum-exp rule (Definition 5.5).  Equals the reference's
+        ``split_attention(query, segments(), ...)`` within docs/09-tolerances.md §9.3.  Key ``s``
+        is visible to query ``t`` iff its slot is not empty and its position is ``<=
+        query_positions[b, t]``.  A query holding NaN or Inf raises ``ValueError`` (one
+        device->host synchronisation), or, with ``checks`` (a :class:`DeferredChecks`), is recorded
+        there and raised by its ``check()``.  ``shared``: None, or a fresh dict per model step passed
+        to the ``attend`` of every layer holding the same slots (same updates, statuses and flushes)
+        with the same ``query_positions``: the preserved and residual visibility masks are made by
+        the first layer and reused (docs/11-transformers.md §11.3).
         """
         if not isinstance(query, torch.Tensor):
             raise TypeError(f"query must be a torch tensor (B, Hq, Tq, D), got {type(query).__name__}")
@@ -496,33 +494,25 @@ class QuantizedKVCacheLayer:
         return _att.normalise(*_att.merge_raw(parts))
 
     def _fused_applies(self, query: torch.Tensor, use_kernel) -> bool:
-        """Whether :meth:`attend` takes the fused decode kernel: the uniform store, at most
-        ``DECODE_ROWS`` query rows per KV head, a usable Triton kernel (CUDA; the CPU keeps the
-        torch path), ``use_kernel`` not False; shapes that the checks would refuse go the torch way."""
-        b, h, d = self._dims
-        hq, tq = query.shape[1], query.shape[2]
-        return (use_kernel is not False and isinstance(self.quantized, UniformStore)
-                and query.shape[0] == b and query.shape[3] == d and hq % h == 0 and tq > 0
-                and (hq // h) * tq <= DECODE_ROWS and query.dtype in FLOAT_DTYPES
+        """Whether :meth:`attend` takes :meth:`_attend_fused` (a store that ``fused_decode``s, a
+        decode-sized query of valid shape, the Triton kernels usable, ``use_kernel`` not False)."""
+        (b, h, d), (qb, hq, tq, qd) = self._dims, query.shape
+        return (use_kernel is not False and self.quantized.fused_decode and (qb, qd) == (b, d)
+                and hq % h == 0 and 0 < (hq // h) * tq <= DECODE_ROWS and query.dtype in FLOAT_DTYPES
                 and query.device == self.device and _att.attention_kernel_usable(query))
 
     def _attend_fused(self, query: torch.Tensor, query_positions, scale, checks) -> torch.Tensor:
-        """:meth:`attend` in two launches (accelerated/decode_kernels.py): the packed store, the
-        preserved store and the residual read by one kernel, merged and normalised by a second;
-        ``(B, Hq, Tq, D)`` float32 (a transposed view of ``(B, Tq, Hq, D)``).  No host read."""
+        """:meth:`attend` in two launches and no host read (accelerated/decode_kernels.py): float32
+        ``(B, Hq, Tq, D)``, a transposed view of ``(B, Tq, Hq, D)``."""
         if checks is not None:
-            checks.finite(query, _QUERY_NONFINITE)
+            checks.finite(query, "query contains NaN or Inf; pass finite values")
         elif not bool(torch.isfinite(query).all()):
-            raise ValueError(_QUERY_NONFINITE)
-        qp = _att.int_tensor("query_positions", query_positions, query.shape[:1] + query.shape[2:3],
-                             self.device)
-        sc = _att.check_scale(scale, query.shape[3])
-        store, res = self.quantized, self._residual
-        t1 = store.capacity                       # whole buffers: unused slots are at position -1
-        ppos, pk, pv = self._preserved.view()
-        rk, rv, valid, _ = res.view()
-        packed = (store.attend_view("keys", t1), store.attend_view("values", t1), store.slot_pos[:, :t1])
-        return fused_decode_attention(query, qp, sc, packed, (pk, pv, ppos), (rk, rv, valid, res.start))
+            raise ValueError("query contains NaN or Inf; pass finite values")
+        qp = _att.int_tensor("query_positions", query_positions, (query.shape[0], query.shape[2]), self.device)
+        (ppos, pk, pv), (rk, rv, valid, _) = self._preserved.view(), self._residual.view()
+        return fused_decode_attention(query, qp, _att.check_scale(scale, query.shape[3]),
+                                      self.quantized.kernel_views(), (pk, pv, ppos),
+                                      (rk, rv, valid, self._residual.start))
 
     def _attend_inputs(self, query: torch.Tensor, query_positions, scale, checks):
         """The checked query (float32 on the device), query positions (int64) and scale.

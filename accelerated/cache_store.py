@@ -96,6 +96,8 @@ class QuantizedStore:
     rope_inv_freq = None
     #: True when :meth:`partial` validates the query itself (the layer then does not).
     checks_query = False
+    #: True when the layer may attend the store by the fused decode kernel (``kernel_views``).
+    fused_decode = False
 
     def __init__(self, config: KVSinkConfig):
         self.config = config
@@ -245,6 +247,7 @@ class UniformStore(QuantizedStore):
 
     quantizer = "uniform"
     checks_query = True
+    fused_decode = True
 
     def __init__(self, config: KVSinkConfig, *, kvquant_calibration=None, rope_inv_freq=None):
         for name, arg in (("kvquant_calibration", kvquant_calibration), ("rope_inv_freq", rope_inv_freq)):
@@ -403,6 +406,12 @@ class UniformStore(QuantizedStore):
 
     def _dequantized(self) -> Tuple[torch.Tensor, torch.Tensor]:
         return dequantize(self.packed("keys")), dequantize(self.packed("values"))
+
+    def kernel_views(self) -> Tuple[PackedQuantizedTensor, PackedQuantizedTensor, torch.Tensor]:
+        """``(keys, values, slot positions)`` of the whole buffers (unused slots at position -1), as
+        the fused decode kernel reads them (accelerated/decode_kernels.py): views reused per buffer."""
+        t1 = self.capacity
+        return self.attend_view("keys", t1), self.attend_view("values", t1), self.slot_pos[:, :t1]
 
     def partial(self, q, qp, scale, *, block_size: int, use_kernel=None, check_query: bool = True):
         """``(m, l, acc)`` from the packed store, never dequantized as a whole.  The Triton kernel
