@@ -15,8 +15,9 @@ per streaming multiprocessor, the SM count read from the device
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from .triton_support import device_properties, next_pow2
 
@@ -194,15 +195,33 @@ class FusedLaunch:
     d_pad: int
 
 
+class _PackedSpec(NamedTuple):
+    """What :func:`decode_launch` reads of a packed side (hashable, for the launch cache)."""
+
+    shape: tuple
+    bits: int
+    group_size: int
+    axis: str
+    symmetric: bool
+
+
 def fused_launch(q_shape, keys, values, fp_tokens: int, device, *, fp_block: Optional[int] = None,
                  **decode_choices) -> FusedLaunch:
     """The :class:`FusedLaunch` for query ``(B, Hq, Tq, D)`` over ``keys``/``values`` (the packed
     store, any length) and ``fp_tokens`` preserved + residual tokens: the quantized programs as
     :func:`decode_launch` (``decode_choices`` are its keywords), :data:`FP_TOKENS_PER_PROGRAM`
     full-precision tokens per program, ``fp_block`` (default ``2048 // D_PAD``, at least 8:
-    the (RB, FB, D_PAD) product tile of 4 rows fits 64 registers per thread at 4 warps)."""
+    the (RB, FB, D_PAD) product tile of 4 rows fits 64 registers per thread at 4 warps).
+    Cached per shape (every layer of a model step asks the same: host time)."""
+    specs = [_PackedSpec(tuple(p.shape), p.bits, p.group_size, p.axis, p.symmetric) for p in (keys, values)]
+    return _fused_launch(tuple(q_shape), specs[0], specs[1], int(fp_tokens), str(device), fp_block,
+                         tuple(sorted(decode_choices.items())))
+
+
+@functools.lru_cache(maxsize=1024)
+def _fused_launch(q_shape, keys, values, fp_tokens, device, fp_block, decode_choices) -> FusedLaunch:
     d = q_shape[-1]
-    dec = decode_launch(q_shape, keys, values, device, **decode_choices)
+    dec = decode_launch(q_shape, keys, values, device, **dict(decode_choices))
     d_pad = next_pow2(d)
     fb = max(8, 2048 // d_pad) if fp_block is None else fp_block
     fp_tiles = max(1, FP_TOKENS_PER_PROGRAM // fb)

@@ -104,7 +104,8 @@ def full_precision_state(q, qpos, row_ok, b, hh, f, pk_ptr, pv_ptr, ppos_ptr, rk
     return m_i, l_i, acc
 
 
-@triton.jit(do_not_specialize=["wstride", "P", "RL", "r_start"])
+@triton.jit(do_not_specialize=["wstride", "n_total", "P", "RL", "r_start", "fp_tiles", "ppos_sb",
+                             "rvalid_sb"])
 def fused_decode_kernel(q_ptr, qpos_ptr, kpos_ptr,
                         kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr,
                         pk_ptr, pv_ptr, ppos_ptr, rk_ptr, rv_ptr, rvalid_ptr,

@@ -22,13 +22,26 @@ from reference import cache as ref_cache
 from reference import quantize as RQ
 from reference.config import KVSinkConfig
 
+from accelerated import cache_layer as ACL
+from accelerated.cache_checks import DeferredChecks
 from accelerated.cache_layer import QuantizedKVCacheLayer
 from tests.conftest import KERNEL_DEVICE, needs_kernel
 
 U = 2.0 ** -24
 ETA = 2.0 ** -149
 
-pytestmark = needs_kernel
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the layer's calls of the fused kernel's entry point (proves attend took it)."""
+    calls = []
+    real = ACL.fused_decode_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ACL, "fused_decode_attention", spy)
+    return calls
 
 
 def _np(x):
@@ -126,8 +139,9 @@ CASES = [  # (bits, D, rows per KV head g, query tokens, residual window, preser
 ]
 
 
+@needs_kernel
 @pytest.mark.parametrize("bits,d,g,tq,residual,preserve", CASES)
-def test_fused_decode_matches_reference(bits, d, g, tq, residual, preserve):
+def test_fused_decode_matches_reference(bits, d, g, tq, residual, preserve, fused_calls):
     h = 2
     ref, ours, t = _drive(bits, d, residual, preserve, h=h, seed=bits * 1000 + d + g)
     assert (ref.num_residual > 0) == (residual > 0)
@@ -139,11 +153,13 @@ def test_fused_decode_matches_reference(bits, d, g, tq, residual, preserve):
     choices = [np.full(b, s - 1), rng.integers(0, s, b), np.full(b, -1)]
     qp = np.stack(choices[:tq] if tq < 3 else choices, axis=1).astype(np.int64)
     qp[:, -1] = -1 if tq > 1 else qp[:, -1]
-    q = torch.from_numpy(rng.standard_normal((b, h * g, tq, d)).astype(np.float32)).to(torch.bfloat16)
+    # the layout transformers hands over: (B, Hq, Tq, D) as a transposed view of (B, Tq, Hq, D)
+    q = torch.from_numpy(rng.standard_normal((b, tq, h * g, d)).astype(np.float32)).to(torch.bfloat16)
+    q = q.transpose(1, 2)
     query = q.float().numpy()
     qd = q.to(KERNEL_DEVICE)
-    assert ours._fused_applies(qd, None), "the fused kernel must take this query"
     got = ours.attend(qd, t(qp))
+    assert len(fused_calls) == 1, "attend must take the fused kernel for this query"
     assert got.dtype == torch.float32 and tuple(got.shape) == (b, h * g, tq, d)
     want = ref.attend(query, qp)
     bound, n_vis = _bound(query, ref, qp)
@@ -157,13 +173,14 @@ def test_fused_decode_matches_reference(bits, d, g, tq, residual, preserve):
     assert not bad.any(), f"max err {err[~blind].max():.3g} beyond docs/09 9.3"
     # and the torch path (use_kernel=False) agrees within the same bound
     torch_out = _np(ours.attend(qd, t(qp), use_kernel=False)).astype(np.float64)
+    assert len(fused_calls) == 1, "use_kernel=False keeps the torch path"
     assert not (~blind & (np.abs(got - torch_out) > 2 * bound)).any()
 
 
-def test_fused_decode_empty_store_and_deferred_checks():
+@needs_kernel
+def test_fused_decode_empty_store_and_deferred_checks(fused_calls):
     """Nothing flushed yet (the packed store holds no slot): the fused kernel's full-precision
     programs alone; a non-finite query raises (eager) or is recorded (deferred checks)."""
-    from accelerated.cache_checks import DeferredChecks
     cfg = _config(2, 64)
     ref = ref_cache.QuantizedKVCacheLayer(cfg, dtype=np.float32)
     ours = QuantizedKVCacheLayer(cfg, dtype=torch.float32, device=KERNEL_DEVICE)
@@ -178,8 +195,8 @@ def test_fused_decode_empty_store_and_deferred_checks():
     q = rng.standard_normal((2, 2, 1, 64)).astype(np.float32)
     qp = np.array([[4], [1]])                            # row 1 sees only padding: 0
     qd = torch.from_numpy(q).to(KERNEL_DEVICE)
-    assert ours._fused_applies(qd, None)
     got = _np(ours.attend(qd, torch.from_numpy(qp).to(KERNEL_DEVICE))).astype(np.float64)
+    assert len(fused_calls) == 1
     bound, n_vis = _bound(q, ref, qp)
     assert np.all(got[1] == 0) and n_vis[1].max() == 0
     assert np.all(np.abs(got - ref.attend(q, qp)) <= bound)
@@ -191,3 +208,35 @@ def test_fused_decode_empty_store_and_deferred_checks():
     ours.attend(bad, torch.from_numpy(qp).to(KERNEL_DEVICE), checks=checks)
     with pytest.raises(ValueError, match="NaN or Inf"):
         checks.check()
+
+
+@needs_kernel
+def test_fused_decode_not_taken_beyond_decode_rows(fused_calls):
+    """More than DECODE_ROWS query rows per KV head (a prefill), or use_kernel=False: the split
+    path (the quantized kernel and the torch blocks), same result within the bound."""
+    ref, ours, t = _drive(2, 64, 8, True, h=2, seed=5)
+    b, s = ref.batch_size, ref.seq_length
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((b, 6, 3, 64)).astype(np.float32)        # g*Tq = 3*3 = 9 rows
+    qp = np.stack([np.full(b, s - 3), np.full(b, s - 2), np.full(b, s - 1)], axis=1)
+    got = _np(ours.attend(t(q), t(qp))).astype(np.float64)
+    assert fused_calls == []
+    bound, _ = _bound(q, ref, qp)
+    assert np.all(np.abs(got - ref.attend(q, qp)) <= bound)
+
+
+def test_fused_launch_covers_every_token():
+    """The launch's programs cover the packed store's slots and every full-precision token; an
+    empty store gets no quantized program; results are cached per shape."""
+    from accelerated.attention_launch import fused_launch
+    from accelerated.quantize import quantize_packed
+    for t_len, fp_tokens, d in ((0, 5, 64), (64, 0, 128), (4096, 161, 128), (96, 1000, 64)):
+        x = torch.zeros((2, 3, t_len, d))
+        keys = quantize_packed(x, 2, 32, "channel") if t_len else quantize_packed(x, 2, 32, "token")
+        values = quantize_packed(x, 4, 32, "token")
+        fl = fused_launch((2, 6, 1, d), keys, values, fp_tokens, "cpu")
+        dec = fl.decode
+        assert dec.n_split * dec.tiles_per_split * dec.a * dec.ts >= t_len
+        assert (dec.n_split == 0) == (t_len == 0)
+        assert fl.n_fp * fl.fp_tiles * fl.fp_block >= fp_tokens > (fl.n_fp - 1) * fl.fp_tiles * fl.fp_block
+        assert fused_launch((2, 6, 1, d), keys, values, fp_tokens, "cpu") is fl
