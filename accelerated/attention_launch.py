@@ -9,8 +9,9 @@ One frozen dataclass per kernel and ONE function choosing it from the shape and 
 programs plus the tiling of its full-precision ones).  The split over the sequence aims at :data:`PROGRAMS_PER_SM` programs
 per streaming multiprocessor, the SM count read from the device
 (:func:`accelerated.triton_support.device_properties`, cached per device).  The other choices
-(tokens per stream ``a``, ``num_warps``, rows per program ``rb``) were tuned on an H100
-(bench/bench_kernels.py, bench/compile_report.py) and are the defaults of :func:`decode_launch`.
+(tokens per stream ``a``, ``num_warps``, rows per program ``rb``) are named per-device
+configurations, :data:`DECODE_TUNING` by device family, bits and head dim (tuned on an H100:
+bench/bench_kernels.py, bench/compile_report.py), the defaults of :func:`decode_launch`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import NamedTuple, Optional
 from .triton_support import device_properties, next_pow2
 
 __all__ = ["PROGRAMS_PER_SM", "DotLaunch", "dot_launch", "PackedSide", "DecodeLaunch", "decode_launch",
-           "MergeLaunch", "merge_launch", "DECODE_ROWS", "FP_TOKENS_PER_PROGRAM", "FusedLaunch", "fused_launch"]
+           "MergeLaunch", "merge_launch", "DECODE_ROWS", "DecodeTuning", "DECODE_TUNING",
+           "DEFAULT_DECODE_TUNING", "decode_tuning", "FP_TOKENS_PER_PROGRAM", "FusedLaunch", "fused_launch"]
 
 #: query rows per KV head (g * Tq) up to which a query is "decode": CUDA-core products
 #: (decode_attention_kernel, fused_decode_kernel) rather than tl.dot
@@ -127,7 +129,45 @@ class DecodeLaunch:
     num_stages: int = 1
 
 
-def decode_launch(q_shape, keys, values, device, *, a: int = 2, num_warps: int = 4, rb: int = 4,
+@dataclass(frozen=True)
+class DecodeTuning:
+    """The tuned settings of the decode programs (bench/bench_kernels.py sweeps them)."""
+
+    a: int = 2             # tokens per stream per tile
+    num_warps: int = 4
+    rb: int = 4            # query rows per program
+
+
+#: Named per-device launch configurations of the decode programs, by (device family, bits of the
+#: wider side, head dim); :func:`decode_tuning` reads them.  H100 2-bit D=128 and D=64: measured
+#: (bench/README.md, "v3 default" of the decode kernel).  The 4-bit rows and the H200 rows hold the
+#: same settings, NOT yet measured: bench/bench_kernels.py's fused sweep prints the best per shape
+#: ("best settings"), to be copied here.  Other devices: :data:`DEFAULT_DECODE_TUNING`.
+DECODE_TUNING = {
+    ("H100", 2, 128): DecodeTuning(a=2, num_warps=4, rb=4),
+    ("H100", 2, 64): DecodeTuning(a=2, num_warps=4, rb=4),
+    ("H100", 4, 128): DecodeTuning(a=2, num_warps=4, rb=4),
+    ("H100", 4, 64): DecodeTuning(a=2, num_warps=4, rb=4),
+    ("H200", 2, 128): DecodeTuning(a=2, num_warps=4, rb=4),
+    ("H200", 2, 64): DecodeTuning(a=2, num_warps=4, rb=4),
+    ("H200", 4, 128): DecodeTuning(a=2, num_warps=4, rb=4),
+    ("H200", 4, 64): DecodeTuning(a=2, num_warps=4, rb=4),
+}
+DEFAULT_DECODE_TUNING = DecodeTuning()
+
+
+def decode_tuning(device, bits: int, head_dim: int) -> DecodeTuning:
+    """The :data:`DECODE_TUNING` entry of ``device`` (its family read from the device's name), the
+    packed sides' wider ``bits`` and ``head_dim``; :data:`DEFAULT_DECODE_TUNING` if none."""
+    name = device_properties(device).name
+    for (family, b, d), tuning in DECODE_TUNING.items():
+        if family in name and b == bits and d == head_dim:
+            return tuning
+    return DEFAULT_DECODE_TUNING
+
+
+def decode_launch(q_shape, keys, values, device, *, a: Optional[int] = None,
+                  num_warps: Optional[int] = None, rb: Optional[int] = None,
                   n_split: Optional[int] = None, prefetch: Optional[bool] = None,
                   target_programs: Optional[int] = None) -> DecodeLaunch:
     """The :class:`DecodeLaunch` for query ``(B, Hq, Tq, D)`` over ``keys``/``values`` on ``device``.
@@ -135,7 +175,12 @@ def decode_launch(q_shape, keys, values, device, *, a: int = 2, num_warps: int =
     ``n_split``: the floor of ``target_programs`` (default :data:`PROGRAMS_PER_SM` x the device's
     SM count) over the ``B*H*NRG`` row programs -- programs <= target, whole waves; ``prefetch``
     (default) only when per-channel key statistics are one row per tile (else the prefetched gather
-    spills: bench/).  ``a``, ``num_warps``, ``rb``: tuned on H100 (bench/bench_kernels.py)."""
+    spills: bench/).  ``a``, ``num_warps``, ``rb``: default :func:`decode_tuning` for the device,
+    bits and head dim (bench/bench_kernels.py)."""
+    tuning = decode_tuning(device, max(keys.bits, values.bits), q_shape[-1])
+    a = tuning.a if a is None else a
+    num_warps = tuning.num_warps if num_warps is None else num_warps
+    rb = tuning.rb if rb is None else rb
     b, hq, tq, d = q_shape
     h, t_len = keys.shape[1], keys.shape[2]
     r = (hq // h) * tq

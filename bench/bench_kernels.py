@@ -39,6 +39,8 @@ from accelerated import quantize_kernels as QK                  # noqa: E402
 from accelerated import attention_kernels as AK                 # noqa: E402
 from accelerated.cache_checks import DeferredChecks             # noqa: E402
 from accelerated.cache_layer import QuantizedKVCacheLayer       # noqa: E402
+from accelerated.attention_launch import fused_launch           # noqa: E402
+from accelerated.decode_kernels import fused_decode_attention   # noqa: E402
 from reference.config import KVSinkConfig                       # noqa: E402
 from accelerated.packing import words_to_reference              # noqa: E402
 
@@ -337,6 +339,34 @@ def fused_step_bytes(layer, hq, tq):
     return total + 2 * 2 * b * hq * tq * d
 
 
+#: settings of the fused kernel's quantized programs swept per shape (attention_launch.DecodeTuning)
+FUSED_SWEEP = [dict(a=a, num_warps=w, rb=rb) for a in (1, 2, 4) for w in (4, 8) for rb in (2, 4, 8)]
+
+
+def sweep_fused(layer, q, qp, bits, d, timeit, name):
+    """The fused kernel alone (fused_decode_attention with an explicit launch) for each
+    FUSED_SWEEP setting; prints the best, the entry for attention_launch.DECODE_TUNING."""
+    ppos, pk, pv = layer.preserved
+    rk, rv, valid, _ = layer.residual
+    views = layer.quantized.kernel_views()
+    segs = ((pk, pv, ppos), (rk, rv, valid, layer.num_quantized))
+    qf = q
+    times = {}
+    for kw in FUSED_SWEEP:
+        label = "fused a{a} w{num_warps} rb{rb}".format(**kw)
+        try:
+            fl = fused_launch(qf.shape, views[0], views[1], pk.shape[2] + rk.shape[2], qf.device, **kw)
+            times[label] = timeit(lambda fl=fl: fused_decode_attention(qf, qp, 1 / math.sqrt(d), views,
+                                                                       *segs, launch=fl))
+        except Exception as e:                                   # out of registers / shared memory
+            print(f"{name} {label}: {type(e).__name__}: {str(e)[:160]}")
+    if times:
+        best = min(times, key=times.get)
+        print(f"{name}: best settings {best} ({times[best] * 1e3:.1f} us): DECODE_TUNING "
+              f"({torch.cuda.get_device_name()!r}, {bits}, {d})")
+    return times
+
+
 def bench_fused_step(table, bw, timeit, quick):
     """One layer's decode attention: the fused kernel (decode_kernels.py, 2 launches) against the
     split path it replaces (quantized kernel + float32 torch blocks for the preserved store and the
@@ -382,6 +412,7 @@ def bench_fused_step(table, bw, timeit, quick):
                 times[label] = timeit(gr.replay)
             except Exception as e:                               # e.g. a host read while capturing
                 print(f"{name} {label}: {type(e).__name__}: {str(e)[:160]}")
+        times.update(sweep_fused(layer, q, qp, bits, d, timeit, name))
         nbytes = fused_step_bytes(layer, hq, 1)
         table.append((name, nbytes, times))
         _print_row(name, nbytes, times, bw)

@@ -240,3 +240,24 @@ def test_fused_launch_covers_every_token():
         assert (dec.n_split == 0) == (t_len == 0)
         assert fl.n_fp * fl.fp_tiles * fl.fp_block >= fp_tokens > (fl.n_fp - 1) * fl.fp_tiles * fl.fp_block
         assert fused_launch((2, 6, 1, d), keys, values, fp_tokens, "cpu") is fl
+
+
+def test_decode_tuning_by_device_family(monkeypatch):
+    """The named per-device launch settings: an H100 finds its (bits, head dim) entry, a device or
+    shape without one gets the default; decode_launch takes them unless told otherwise."""
+    from accelerated import attention_launch as AL
+    from accelerated.quantize import quantize_packed
+    from accelerated.triton_support import DeviceProperties
+    assert AL.decode_tuning("cpu", 2, 128) == AL.DEFAULT_DECODE_TUNING
+    h100 = DeviceProperties(name="NVIDIA H100 80GB HBM3", sm_count=132, capability=(9, 0))
+    monkeypatch.setattr(AL, "device_properties", lambda device: h100)
+    special = AL.DecodeTuning(a=4, num_warps=8, rb=2)
+    monkeypatch.setitem(AL.DECODE_TUNING, ("H100", 4, 64), special)
+    assert AL.decode_tuning("cuda", 4, 64) == special
+    assert AL.decode_tuning("cuda", 8, 64) == AL.DEFAULT_DECODE_TUNING
+    x = torch.zeros((1, 2, 256, 64))
+    keys, values = quantize_packed(x, 4, 32, "channel"), quantize_packed(x, 2, 32, "token")
+    dl = AL.decode_launch((1, 8, 1, 64), keys, values, "cuda")
+    assert (dl.a, dl.num_warps, dl.rb) == (4, 8, 2)
+    assert dl.n_split * dl.tiles_per_split * dl.a * dl.ts >= 256
+    assert AL.decode_launch((1, 8, 1, 64), keys, values, "cuda", a=1).a == 1
