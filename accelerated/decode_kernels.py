@@ -165,7 +165,7 @@ def fused_decode_kernel(q_ptr, qpos_ptr, kpos_ptr,
         tl.store(l_ptr + out, l_f, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_total"])
 def merge_normalise_kernel(m_s_ptr, l_s_ptr, acc_s_ptr, out_ptr, n_total, H, G, TQ,
                            out_sb, out_sh, out_st,
                            R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
@@ -255,7 +255,7 @@ def fused_decode_attention(q: torch.Tensor, qp: torch.Tensor, scale: float, quan
         rk, rv = _pair_rows_contiguous(rk, rv)
         _launch_fused(q, qp, scale, keys, values, kpos, pk, pv, ppos, rk, rv, rvalid, int(r_start),
                       launch, (m_s, l_s, acc_s))
-    ml = merge_launch(max(n_total, 1), d)
+    ml = merge_launch(32, d)        # 32 partials per loop step whatever n_total: one compilation
     merge_normalise_kernel[(b * h * r,)](
         m_s_ptr=m_s, l_s_ptr=l_s, acc_s_ptr=acc_s, out_ptr=out, n_total=n_total, H=h, G=hq // h,
         TQ=tq, out_sb=out.stride(0), out_sh=out.stride(2), out_st=out.stride(1), R=r, D=d,
