@@ -261,3 +261,25 @@ def test_decode_tuning_by_device_family(monkeypatch):
     assert (dl.a, dl.num_warps, dl.rb) == (4, 8, 2)
     assert dl.n_split * dl.tiles_per_split * dl.a * dl.ts >= 256
     assert AL.decode_launch((1, 8, 1, 64), keys, values, "cuda", a=1).a == 1
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,d,g", [(2, 64, 4), (4, 128, 1)])
+def test_decode_attention_kernel_shares_the_split_body(bits, d, g):
+    """decode_attention_kernel (quantized_segment_attention's decode path) and the fused kernel
+    share decode_split_state: the segment's partial triple from the kernel equals the torch path's
+    after normalisation within 9.3 (+ 9.2 b)."""
+    from accelerated import attention as AA
+    ref, ours, t = _drive(bits, d, 0, False, h=2, seed=11)
+    rng = np.random.default_rng(11)
+    b, s = ref.batch_size, ref.seq_length
+    q = rng.standard_normal((b, 2 * g, 1, d)).astype(np.float32)
+    qp = np.array([[s - 1], [s // 2], [-1]])[:b]
+    keys, values, pos = ours.quantized.kernel_views()
+    args = dict(query_positions=t(qp), key_positions=pos)
+    got = AA.normalise(*AA.quantized_segment_attention(t(q), keys, values, use_kernel=True, **args))
+    bound, n_vis = _bound(q, ref, qp)
+    want = ref.attend(q, qp)
+    got = _np(got).astype(np.float64)
+    assert np.all(got[n_vis == 0] == 0)
+    assert np.all(np.abs(got - want) <= bound)
