@@ -6,8 +6,8 @@ One frozen dataclass per kernel and ONE function choosing it from the shape and 
 :class:`PackedSide` per packed side), :func:`merge_launch` (:class:`MergeLaunch`,
 ``merge_splits_kernel`` and ``merge_normalise_kernel``), :func:`fused_launch` (:class:`FusedLaunch`,
 ``fused_decode_kernel`` of accelerated/decode_kernels.py: a :class:`DecodeLaunch` for its quantized
-programs plus the tiling of its full-precision ones).  The split over the sequence aims at :data:`PROGRAMS_PER_SM` programs
-per streaming multiprocessor, the SM count read from the device
+programs plus the tiling of its full-precision ones).  The split over the sequence aims at
+:data:`PROGRAMS_PER_SM` programs per streaming multiprocessor, the SM count read from the device
 (:func:`accelerated.triton_support.device_properties`, cached per device).  The other choices
 (tokens per stream ``a``, ``num_warps``, rows per program ``rb``) are named per-device
 configurations, :data:`DECODE_TUNING` by device family, bits and head dim (tuned on an H100:

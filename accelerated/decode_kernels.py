@@ -272,8 +272,7 @@ def _launch_fused(q, qp, scale, keys, values, kpos, pk, pv, ppos, rk, rv, rvalid
     m_s, l_s, acc_s = partials
     kw, kw_sb, kw_sh, ks, kz, ks_sb, ks_sh = strided_parts(keys)
     vw, vw_sb, vw_sh, vs, vz, vs_sb, vs_sh = strided_parts(values)
-    if kpos.stride(-1) != 1:
-        kpos = kpos.contiguous()
+    kpos, ppos, rvalid = (x if x.stride(-1) == 1 else x.contiguous() for x in (kpos, ppos, rvalid))
     grid = (b * h * dl.nrg, dl.n_split + launch.n_fp)
     fused_decode_kernel[grid](
         q_ptr=q, qpos_ptr=qp.contiguous(), kpos_ptr=kpos, kw_ptr=kw, ks_ptr=ks, kz_ptr=kz,

@@ -329,7 +329,7 @@ def make_layer(b, h, t_len, d, bits, n_preserved, residual=128, seed=0, device="
 def fused_step_bytes(layer, hq, tq):
     """Bytes the fused decode step must read (decode_kernels.py header): the packed store's words
     and statistics and slot positions, the preserved and residual tokens, the query, the output."""
-    b, h, d = layer.batch_size, layer.num_heads, layer.head_dim
+    b, d = layer.batch_size, layer.head_dim
     total = 8 * b * layer.quantized.capacity
     for t in layer.quantized.keys.tensors() + layer.quantized.values.tensors():
         total += t.numel() * t.element_size()
