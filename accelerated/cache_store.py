@@ -408,9 +408,10 @@ class UniformStore(QuantizedStore):
         return dequantize(self.packed("keys")), dequantize(self.packed("values"))
 
     def kernel_views(self) -> Tuple[PackedQuantizedTensor, PackedQuantizedTensor, torch.Tensor]:
-        """``(keys, values, slot positions)`` of the whole buffers (unused slots at position -1), as
-        the fused decode kernel reads them (accelerated/decode_kernels.py): views reused per buffer."""
-        t1 = self.capacity
+        """``(keys, values, slot positions)`` of the slots held, as the fused decode kernel reads them
+        (accelerated/decode_kernels.py: batch and head strides passed, so the prefix of the buffers
+        is read in place, never the spare capacity); views reused until the next flush."""
+        t1 = self.num_codes
         return self.attend_view("keys", t1), self.attend_view("values", t1), self.slot_pos[:, :t1]
 
     def partial(self, q, qp, scale, *, block_size: int, use_kernel=None, check_query: bool = True):

@@ -328,11 +328,13 @@ def make_layer(b, h, t_len, d, bits, n_preserved, residual=128, seed=0, device="
 
 def fused_step_bytes(layer, hq, tq):
     """Bytes the fused decode step must read (decode_kernels.py header): the packed store's words
-    and statistics and slot positions, the preserved and residual tokens, the query, the output."""
+    and statistics and slot positions (the slots held), the preserved and residual tokens, the
+    query, the output."""
     b, d = layer.batch_size, layer.head_dim
-    total = 8 * b * layer.quantized.capacity
-    for t in layer.quantized.keys.tensors() + layer.quantized.values.tensors():
-        total += t.numel() * t.element_size()
+    keys, values, pos = layer.quantized.kernel_views()
+    total = 8 * pos.numel()
+    for p in (keys, values):
+        total += sum(t.numel() * t.element_size() for t in (p.words, p.scale, p.zero) if t is not None)
     ppos, pk, _ = layer.preserved
     rk = layer.residual[0]
     total += 2 * (pk.numel() + rk.numel()) * 2 + 8 * ppos.numel() + b * rk.shape[2]
