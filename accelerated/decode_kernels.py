@@ -132,10 +132,10 @@ def fused_decode_kernel(q_ptr, qpos_ptr, kpos_ptr,
     hh = bh % H
     rows = rg * RB + tl.arange(0, RB)
     row_ok = rows < R
-    row_off = b * q_sb + (hh * G + rows // TQ) * q_sh + (rows % TQ) * q_st     # (RB,) int64
-    qpos = tl.load(qpos_ptr + b * TQ + rows % TQ, mask=row_ok, other=-1)
-    out = (bh * n_total + split) * R + rows
+    # (nothing computed here stays live through the branches: registers are at their limit)
     if split < n_split:                      # a split of the packed quantized store
+        row_off = b * q_sb + (hh * G + rows // TQ) * q_sh + (rows % TQ) * q_st   # (RB,) int64
+        qpos = tl.load(qpos_ptr + b * TQ + rows % TQ, mask=row_ok, other=-1)
         q_w = decode_query_tile(q_ptr, row_off, row_ok, D, KW, KW_PAD, KCPW, KCPW_PAD)
         m_q, l_q, acc_q = decode_split_state(
             q_w, qpos, row_ok, b, hh, split, kpos_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr,
@@ -147,11 +147,14 @@ def fused_decode_kernel(q_ptr, qpos_ptr, kpos_ptr,
         vj = tl.arange(0, VCPW_PAD)
         vd = vj[:, None] + vwi[None, :] * VCPW
         vd_ok = (vwi[None, :] < VW) & (vj[:, None] < VCPW) & (vd < D)
+        out = (bh * n_total + split) * R + rows
         tl.store(acc_ptr + out[:, None, None] * D + vd[None, :, :], acc_q,
                  mask=row_ok[:, None, None] & vd_ok[None, :, :])
         tl.store(m_ptr + out, m_q, mask=row_ok)
         tl.store(l_ptr + out, l_q, mask=row_ok)
     else:                                    # full-precision tokens: preserved, then residual
+        row_off = b * q_sb + (hh * G + rows // TQ) * q_sh + (rows % TQ) * q_st
+        qpos = tl.load(qpos_ptr + b * TQ + rows % TQ, mask=row_ok, other=-1)
         dd = tl.arange(0, D_PAD)
         q_d = tl.load(q_ptr + row_off[:, None] + dd[None, :],
                       mask=row_ok[:, None] & (dd < D)[None, :], other=0.0).to(tl.float32)
@@ -159,6 +162,7 @@ def fused_decode_kernel(q_ptr, qpos_ptr, kpos_ptr,
             q_d, qpos, row_ok, b, hh, split - n_split, pk_ptr, pv_ptr, ppos_ptr, rk_ptr, rv_ptr,
             rvalid_ptr, P, RL, r_start, fp_tiles, scale, p_sb, p_sh, ppos_sb, r_sb, r_sh,
             rvalid_sb, RB, D, D_PAD, FB)
+        out = (bh * n_total + split) * R + rows
         tl.store(acc_ptr + out[:, None] * D + dd[None, :], acc_f,
                  mask=row_ok[:, None] & (dd < D)[None, :])
         tl.store(m_ptr + out, m_f, mask=row_ok)
