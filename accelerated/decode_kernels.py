@@ -37,6 +37,11 @@
 #     quantized 33.8 MB; full precision 2*8*168*128*2 = 0.69 MB; partials 2*4*8*69*4*130 = 2.3 MB
 #     total ~= 36.8 MB -> 12.3 us at 3 TB/s (the torch blocks it replaces: ~45 launches).
 #
+# RESOURCES (bench/compile_report.py, sm_90a, triton 3.6, 4 warps, a=2, rb=4; not yet timed on a
+#   GPU): 2-bit D=128 255 registers, 88 bytes spilled (the quantized-segment kernel alone: 64);
+#   2-bit D=64 12 (alone: 8); 4-bit D=64 and D=128 no spill.  The full-precision branch adds
+#   little: nothing computed before the branch stays live through it.  The merge: 71 registers.
+#
 # NUMERICS: float32 throughout (docs/09-tolerances.md 9.3 row "float32 throughout"): the quantized
 #   part as attention_kernels.py (exact products on CUDA cores, q*s + z possibly one FMA: 9.2 b);
 #   the full-precision keys and values are converted to float32 exactly (bf16/fp16 -> fp32) and
