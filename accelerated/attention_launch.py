@@ -254,9 +254,11 @@ def fused_launch(q_shape, keys, values, fp_tokens: int, device, *, fp_block: Opt
                  **decode_choices) -> FusedLaunch:
     """The :class:`FusedLaunch` for query ``(B, Hq, Tq, D)`` over ``keys``/``values`` (the packed
     store, any length) and ``fp_tokens`` preserved + residual tokens: the quantized programs as
-    :func:`decode_launch` (``decode_choices`` are its keywords), :data:`FP_TOKENS_PER_PROGRAM`
-    full-precision tokens per program, ``fp_block`` (default ``2048 // D_PAD``, at least 8:
-    the (RB, FB, D_PAD) product tile of 4 rows fits 64 registers per thread at 4 warps).
+    :func:`decode_launch` (``decode_choices`` are its keywords) with the full-precision programs
+    counted in its target (quantized + full-precision programs <= the target: whole waves),
+    :data:`FP_TOKENS_PER_PROGRAM` full-precision tokens per program, ``fp_block`` (default
+    ``2048 // D_PAD``, at least 8: the (RB, FB, D_PAD) product tile of 4 rows fits 64 registers
+    per thread at 4 warps).
     Cached per shape (every layer of a model step asks the same: host time)."""
     specs = [_PackedSpec(tuple(p.shape), p.bits, p.group_size, p.axis, p.symmetric) for p in (keys, values)]
     return _fused_launch(tuple(q_shape), specs[0], specs[1], int(fp_tokens), str(device), fp_block,
@@ -266,9 +268,17 @@ def fused_launch(q_shape, keys, values, fp_tokens: int, device, *, fp_block: Opt
 @functools.lru_cache(maxsize=1024)
 def _fused_launch(q_shape, keys, values, fp_tokens, device, fp_block, decode_choices) -> FusedLaunch:
     d = q_shape[-1]
-    dec = decode_launch(q_shape, keys, values, device, **dict(decode_choices))
+    choices = dict(decode_choices)
+    dec = decode_launch(q_shape, keys, values, device, **choices)
     d_pad = next_pow2(d)
     fb = max(8, 2048 // d_pad) if fp_block is None else fp_block
     fp_tiles = max(1, FP_TOKENS_PER_PROGRAM // fb)
     n_fp = -(-fp_tokens // (fp_tiles * fb))
+    if n_fp and "n_split" not in choices:
+        # the full-precision programs count against the target too: whole waves in all (a few
+        # extra programs after two full waves would make a third, short one)
+        rows = q_shape[0] * keys.shape[1] * dec.nrg
+        target = choices.pop("target_programs", None) or _target_programs(device)
+        dec = decode_launch(q_shape, keys, values, device, target_programs=max(rows, target - rows * n_fp),
+                            **choices)
     return FusedLaunch(decode=dec, fp_block=fb, fp_tiles=fp_tiles, n_fp=n_fp, d_pad=d_pad)

@@ -228,9 +228,12 @@ def test_fused_decode_not_taken_beyond_decode_rows(fused_calls):
 def test_fused_launch_covers_every_token():
     """The launch's programs cover the packed store's slots and every full-precision token; an
     empty store gets no quantized program; results are cached per shape."""
+    from accelerated import attention_launch as AL
     from accelerated.attention_launch import fused_launch
     from accelerated.quantize import quantize_packed
-    for t_len, fp_tokens, d in ((0, 5, 64), (64, 0, 128), (4096, 161, 128), (96, 1000, 64)):
+    from accelerated.triton_support import CPU_NOMINAL_SMS
+    for t_len, fp_tokens, d in ((0, 5, 64), (64, 0, 128), (4096, 161, 128), (96, 1000, 64),
+                                (32768, 168, 128)):
         x = torch.zeros((2, 3, t_len, d))
         keys = quantize_packed(x, 2, 32, "channel") if t_len else quantize_packed(x, 2, 32, "token")
         values = quantize_packed(x, 4, 32, "token")
@@ -239,6 +242,10 @@ def test_fused_launch_covers_every_token():
         assert dec.n_split * dec.tiles_per_split * dec.a * dec.ts >= t_len
         assert (dec.n_split == 0) == (t_len == 0)
         assert fl.n_fp * fl.fp_tiles * fl.fp_block >= fp_tokens > (fl.n_fp - 1) * fl.fp_tiles * fl.fp_block
+        # quantized and full-precision programs together within the target (whole waves)
+        rows = 2 * 3 * dec.nrg
+        target = AL.PROGRAMS_PER_SM * CPU_NOMINAL_SMS
+        assert rows * (dec.n_split + fl.n_fp) <= max(target, rows * (min(dec.n_split, 1) + fl.n_fp))
         assert fused_launch((2, 6, 1, d), keys, values, fp_tokens, "cpu") is fl
 
 
