@@ -499,7 +499,7 @@ class QuantizedKVCacheLayer:
         (b, h, d), (qb, hq, tq, qd) = self._dims, query.shape
         return (use_kernel is not False and self.quantized.fused_decode and (qb, qd) == (b, d)
                 and hq % h == 0 and 0 < (hq // h) * tq <= DECODE_ROWS and query.dtype in FLOAT_DTYPES
-                and query.device == self.device and _att.attention_kernel_usable(query))
+                and query.device == self._residual.keys.device and _att.attention_kernel_usable(query))
 
     def _attend_fused(self, query: torch.Tensor, query_positions, scale, checks) -> torch.Tensor:
         """:meth:`attend` in two launches and no host read (accelerated/decode_kernels.py): float32
