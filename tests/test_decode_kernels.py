@@ -25,7 +25,7 @@ from reference.config import KVSinkConfig
 from accelerated import cache_layer as ACL
 from accelerated.cache_checks import DeferredChecks
 from accelerated.cache_layer import QuantizedKVCacheLayer
-from tests.conftest import KERNEL_DEVICE, needs_kernel
+from tests.conftest import KERNEL_DEVICE, needs_cuda, needs_kernel
 
 U = 2.0 ** -24
 ETA = 2.0 ** -149
@@ -290,3 +290,24 @@ def test_decode_attention_kernel_shares_the_split_body(bits, d, g):
     got = _np(got).astype(np.float64)
     assert np.all(got[n_vis == 0] == 0)
     assert np.all(np.abs(got - want) <= bound)
+
+
+@needs_cuda
+def test_fused_decode_step_never_synchronises(fused_calls):
+    """With deferred checks (as in a model step) the fused attend reads nothing on the host:
+    CUDA's sync debug mode turns any synchronising call into an error."""
+    if KERNEL_DEVICE != "cuda":
+        pytest.skip("needs triton on the GPU")
+    ref, ours, t = _drive(2, 128, 8, True, h=2, seed=3)
+    q = torch.randn(ref.batch_size, 8, 1, 128, device="cuda", dtype=torch.bfloat16)
+    qp = torch.full((ref.batch_size, 1), ref.seq_length - 1, device="cuda")
+    ours.attend(q, qp, checks=DeferredChecks())                       # compile outside the guard
+    checks = DeferredChecks()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ours.attend(q, qp, checks=checks)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(fused_calls) == 2
+    checks.check()
+    assert bool(torch.isfinite(out).all())
