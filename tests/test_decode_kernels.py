@@ -8,6 +8,9 @@ preserved tokens or none, a residual window or none) and checks the fused output
 reference's attention within docs/09-tolerances.md 9.3 (row "float32 throughout"), plus the input
 differences of 9.2 (b) (the kernel's dequantization q*s + z may be one FMA); a query that sees no
 key outputs exactly 0.
+
+On CPU: ``TRITON_INTERPRET=1`` with triton >= 3.8 beside the venv (triton 3.6's interpreter fails
+on numpy >= 2.4: ``int()`` of a one-element array in ``range(runtime_int)``), ~4 minutes.
 """
 
 from __future__ import annotations
