@@ -49,6 +49,7 @@ from .attention_launch import DecodeLaunch, decode_launch, dot_launch, merge_lau
 from .triton_support import tl, triton
 
 __all__ = ["quantized_attention_kernel", "decode_attention_kernel", "merge_splits_kernel",
+           "decode_query_tile", "decode_split_state", "stat_count", "strided_parts",
            "quantized_partial_attention", "decode_partial_attention"]
 
 
@@ -244,39 +245,40 @@ def _dequant(words, s, z, BITS: tl.constexpr, CPW: tl.constexpr, CPW_PAD: tl.con
         return c * s + z
 
 
-@triton.jit(do_not_specialize=["wstride"])
-def decode_attention_kernel(q_ptr, qpos_ptr, kpos_ptr,
-                            kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr,
-                            m_ptr, l_ptr, acc_ptr,
-                            H, T, TQ, NGK, NGV, tiles_per_split, n_split, scale, wstride,
-                            kpos_sb, kw_sb, kw_sh, ks_sb, ks_sh, vw_sb, vw_sh, vs_sb, vs_sh,
-                            R: tl.constexpr, RB: tl.constexpr, NRG: tl.constexpr, D: tl.constexpr,
-                            A: tl.constexpr, TS: tl.constexpr,
-                            KW: tl.constexpr, KW_PAD: tl.constexpr, KBITS: tl.constexpr,
-                            KCPW: tl.constexpr, KCPW_PAD: tl.constexpr, KG: tl.constexpr,
-                            KCHAN: tl.constexpr, KSYM: tl.constexpr, KTILE: tl.constexpr,
-                            KWORD: tl.constexpr,
-                            VW: tl.constexpr, VW_PAD: tl.constexpr, VBITS: tl.constexpr,
-                            VCPW: tl.constexpr, VCPW_PAD: tl.constexpr, VG: tl.constexpr,
-                            VCHAN: tl.constexpr, VSYM: tl.constexpr, VTILE: tl.constexpr,
-                            VWORD: tl.constexpr, PREFETCH: tl.constexpr):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    rg = pid % NRG
-    bh = (pid // NRG).to(tl.int64)
-    b = bh // H
-    hh = bh % H
-    rows = rg * RB + tl.arange(0, RB)
-    row_ok = rows < R
-    # query rows (RB, KCPW_PAD, KW_PAD) in the words' channel order d = w * CPW + j
+@triton.jit
+def decode_query_tile(q_ptr, row_off, row_ok, D: tl.constexpr, KW: tl.constexpr,
+                      KW_PAD: tl.constexpr, KCPW: tl.constexpr, KCPW_PAD: tl.constexpr):
+    """Query rows as float32 (RB, KCPW_PAD, KW_PAD) in the key words' channel order d = w*CPW + j;
+    ``row_off`` (RB,) the element offset of each row's channel 0 (channels contiguous)."""
     kwi = tl.arange(0, KW_PAD)
     kj = tl.arange(0, KCPW_PAD)
     kd = kj[:, None] + kwi[None, :] * KCPW
     kd_ok = (kwi[None, :] < KW) & (kj[:, None] < KCPW) & (kd < D)
-    q = tl.load(q_ptr + (bh * R + rows)[:, None, None] * D + kd[None, :, :],
+    q = tl.load(q_ptr + row_off[:, None, None] + kd[None, :, :],
                 mask=row_ok[:, None, None] & kd_ok[None, :, :], other=0.0)
+    return q.to(tl.float32)
+
+
+@triton.jit
+def decode_split_state(q, qpos, row_ok, b, hh, split, kpos_ptr,
+                       kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr,
+                       T, NGK, NGV, tiles_per_split, scale, wstride,
+                       kpos_sb, kw_sb, kw_sh, ks_sb, ks_sh, vw_sb, vw_sh, vs_sb, vs_sh,
+                       RB: tl.constexpr, D: tl.constexpr, A: tl.constexpr, TS: tl.constexpr,
+                       KW: tl.constexpr, KW_PAD: tl.constexpr, KBITS: tl.constexpr,
+                       KCPW: tl.constexpr, KCPW_PAD: tl.constexpr, KG: tl.constexpr,
+                       KCHAN: tl.constexpr, KSYM: tl.constexpr, KTILE: tl.constexpr,
+                       KWORD: tl.constexpr,
+                       VW: tl.constexpr, VW_PAD: tl.constexpr, VBITS: tl.constexpr,
+                       VCPW: tl.constexpr, VCPW_PAD: tl.constexpr, VG: tl.constexpr,
+                       VCHAN: tl.constexpr, VSYM: tl.constexpr, VTILE: tl.constexpr,
+                       VWORD: tl.constexpr, PREFETCH: tl.constexpr):
+    """The body of one decode program over the packed quantized segment: the (m, l, acc) of the
+    query rows ``q`` (RB, KCPW_PAD, KW_PAD) (:func:`decode_query_tile`) at positions ``qpos``
+    (RB,) over split ``split`` of KV head (b, hh); acc is (RB, VCPW_PAD, VW_PAD) in the value
+    words' channel order.  Shared by :func:`decode_attention_kernel` and the fused decode kernel
+    (accelerated/decode_kernels.py)."""
     q5 = q[:, :, None, None, :]                                            # (RB, CPW, 1, 1, W)
-    qpos = tl.load(qpos_ptr + b * TQ + rows % TQ, mask=row_ok, other=-1)
     qpos3 = qpos[:, None, None]
     row3 = row_ok[:, None, None]
     BT: tl.constexpr = A * TS
@@ -343,6 +345,41 @@ def decode_attention_kernel(q_ptr, qpos_ptr, kpos_ptr,
     w = tl.where(m_u == float("-inf"), 0.0, tl.exp(m_u - safe[:, None]))
     l_out = tl.sum(w * l_u, axis=1)
     acc = tl.sum(w[:, None, :, None] * acc_u, axis=2)                      # (RB, VCPW_PAD, VW_PAD)
+    return big_m, l_out, acc
+
+
+@triton.jit(do_not_specialize=["wstride"])
+def decode_attention_kernel(q_ptr, qpos_ptr, kpos_ptr,
+                            kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr,
+                            m_ptr, l_ptr, acc_ptr,
+                            H, T, TQ, NGK, NGV, tiles_per_split, n_split, scale, wstride,
+                            kpos_sb, kw_sb, kw_sh, ks_sb, ks_sh, vw_sb, vw_sh, vs_sb, vs_sh,
+                            R: tl.constexpr, RB: tl.constexpr, NRG: tl.constexpr, D: tl.constexpr,
+                            A: tl.constexpr, TS: tl.constexpr,
+                            KW: tl.constexpr, KW_PAD: tl.constexpr, KBITS: tl.constexpr,
+                            KCPW: tl.constexpr, KCPW_PAD: tl.constexpr, KG: tl.constexpr,
+                            KCHAN: tl.constexpr, KSYM: tl.constexpr, KTILE: tl.constexpr,
+                            KWORD: tl.constexpr,
+                            VW: tl.constexpr, VW_PAD: tl.constexpr, VBITS: tl.constexpr,
+                            VCPW: tl.constexpr, VCPW_PAD: tl.constexpr, VG: tl.constexpr,
+                            VCHAN: tl.constexpr, VSYM: tl.constexpr, VTILE: tl.constexpr,
+                            VWORD: tl.constexpr, PREFETCH: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    rg = pid % NRG
+    bh = (pid // NRG).to(tl.int64)
+    b = bh // H
+    hh = bh % H
+    rows = rg * RB + tl.arange(0, RB)
+    row_ok = rows < R
+    q = decode_query_tile(q_ptr, (bh * R + rows) * D, row_ok, D, KW, KW_PAD, KCPW, KCPW_PAD)
+    qpos = tl.load(qpos_ptr + b * TQ + rows % TQ, mask=row_ok, other=-1)
+    big_m, l_out, acc = decode_split_state(
+        q, qpos, row_ok, b, hh, split, kpos_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr,
+        T, NGK, NGV, tiles_per_split, scale, wstride,
+        kpos_sb, kw_sb, kw_sh, ks_sb, ks_sh, vw_sb, vw_sh, vs_sb, vs_sh,
+        RB, D, A, TS, KW, KW_PAD, KBITS, KCPW, KCPW_PAD, KG, KCHAN, KSYM, KTILE, KWORD,
+        VW, VW_PAD, VBITS, VCPW, VCPW_PAD, VG, VCHAN, VSYM, VTILE, VWORD, PREFETCH)
     vwi = tl.arange(0, VW_PAD)
     vj = tl.arange(0, VCPW_PAD)
     vd = vj[:, None] + vwi[None, :] * VCPW
@@ -390,7 +427,7 @@ def merge_splits_kernel(m_s_ptr, l_s_ptr, acc_s_ptr, m_ptr, l_ptr, acc_ptr, n_sp
 
 # --------------------------------------------------------------------------- entry points
 
-def _stat_count(p) -> int:
+def stat_count(p) -> int:
     """Runtime NG of a packed tensor: groups along T (channel) or along D (token)."""
     return p.scale.shape[-2] if p.axis == "channel" else p.scale.shape[-1]
 
@@ -403,7 +440,7 @@ def _bh_strides(x: torch.Tensor, name: str):  # noqa: ARG001
     return x, x.stride(0), x.stride(1)
 
 
-def _strided_parts(p):
+def strided_parts(p):
     """words, scale, zero of a packed side and their (batch, head) strides (zero = scale if absent)."""
     wds, wsb, wsh = _bh_strides(p.words, "words")
     s, ssb, ssh = _bh_strides(p.scale, "scale")
@@ -446,15 +483,15 @@ def decode_partial_attention(q: torch.Tensor, keys, values, qp: torch.Tensor, kp
     r = launch.rows
     qg = q.reshape(b, h, r, d).contiguous()
     m_s, l_s, acc_s = _partials(b * h, launch.n_split, r, d, q.device)
-    kw, kw_sb, kw_sh, ks, kz, ks_sb, ks_sh = _strided_parts(keys)
-    vw, vw_sb, vw_sh, vs, vz, vs_sb, vs_sh = _strided_parts(values)
+    kw, kw_sb, kw_sh, ks, kz, ks_sb, ks_sh = strided_parts(keys)
+    vw, vw_sb, vw_sh, vs, vz, vs_sb, vs_sh = strided_parts(values)
     if kp.stride(-1) != 1:
         kp = kp.contiguous()
     grid = (b * h * launch.nrg, launch.n_split)
     decode_attention_kernel[grid](
         q_ptr=qg, qpos_ptr=qp.contiguous(), kpos_ptr=kp, kw_ptr=kw, ks_ptr=ks, kz_ptr=kz,
         vw_ptr=vw, vs_ptr=vs, vz_ptr=vz, m_ptr=m_s, l_ptr=l_s, acc_ptr=acc_s,
-        H=h, T=t_len, TQ=tq, NGK=_stat_count(keys), NGV=_stat_count(values),
+        H=h, T=t_len, TQ=tq, NGK=stat_count(keys), NGV=stat_count(values),
         tiles_per_split=launch.tiles_per_split, n_split=launch.n_split, scale=float(scale), wstride=1,
         kpos_sb=kp.stride(0), kw_sb=kw_sb, kw_sh=kw_sh, ks_sb=ks_sb, ks_sh=ks_sh,
         vw_sb=vw_sb, vw_sh=vw_sh, vs_sb=vs_sb, vs_sh=vs_sh,
@@ -492,7 +529,7 @@ def quantized_partial_attention(q: torch.Tensor, keys, values, qp: torch.Tensor,
     quantized_attention_kernel[(b * h, launch.n_split)](
         q_ptr=qg, qpos_ptr=qp.contiguous(), kpos_ptr=kp.contiguous(), kw_ptr=kw, ks_ptr=ks,
         kz_ptr=kz, vw_ptr=vw, vs_ptr=vs, vz_ptr=vz, m_ptr=m_s, l_ptr=l_s, acc_ptr=acc_s,
-        H=h, T=t_len, TQ=tq, NGK=_stat_count(keys), NGV=_stat_count(values),
+        H=h, T=t_len, TQ=tq, NGK=stat_count(keys), NGV=stat_count(values),
         tiles_per_split=launch.tiles_per_split, n_split=launch.n_split, scale=float(scale),
         R=r, M_PAD=launch.m_pad, D=d, D_PAD=launch.d_pad, BLOCK_T=launch.block_t,
         KW=kw.shape[-1], KBITS=keys.bits, KCPW=32 // keys.bits, KG=keys.group_size,

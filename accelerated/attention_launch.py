@@ -4,22 +4,31 @@ One frozen dataclass per kernel and ONE function choosing it from the shape and 
 :func:`dot_launch` (:class:`DotLaunch`, the many-rows kernel ``quantized_attention_kernel``),
 :func:`decode_launch` (:class:`DecodeLaunch`, ``decode_attention_kernel``; with a
 :class:`PackedSide` per packed side), :func:`merge_launch` (:class:`MergeLaunch`,
-``merge_splits_kernel``).  The split over the sequence aims at :data:`PROGRAMS_PER_SM` programs
-per streaming multiprocessor, the SM count read from the device
+``merge_splits_kernel`` and ``merge_normalise_kernel``), :func:`fused_launch` (:class:`FusedLaunch`,
+``fused_decode_kernel`` of accelerated/decode_kernels.py: a :class:`DecodeLaunch` for its quantized
+programs plus the tiling of its full-precision ones).  The split over the sequence aims at
+:data:`PROGRAMS_PER_SM` programs per streaming multiprocessor, the SM count read from the device
 (:func:`accelerated.triton_support.device_properties`, cached per device).  The other choices
-(tokens per stream ``a``, ``num_warps``, rows per program ``rb``) were tuned on an H100
-(bench/bench_kernels.py, bench/compile_report.py) and are the defaults of :func:`decode_launch`.
+(tokens per stream ``a``, ``num_warps``, rows per program ``rb``) are named per-device
+configurations, :data:`DECODE_TUNING` by device family, bits and head dim (tuned on an H100:
+bench/bench_kernels.py, bench/compile_report.py), the defaults of :func:`decode_launch`.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from .triton_support import device_properties, next_pow2
 
 __all__ = ["PROGRAMS_PER_SM", "DotLaunch", "dot_launch", "PackedSide", "DecodeLaunch", "decode_launch",
-           "MergeLaunch", "merge_launch"]
+           "MergeLaunch", "merge_launch", "DECODE_ROWS", "DecodeTuning", "DECODE_TUNING",
+           "DEFAULT_DECODE_TUNING", "decode_tuning", "FP_TOKENS_PER_PROGRAM", "FusedLaunch", "fused_launch"]
+
+#: query rows per KV head (g * Tq) up to which a query is "decode": CUDA-core products
+#: (decode_attention_kernel, fused_decode_kernel) rather than tl.dot
+DECODE_ROWS = 8
 
 #: programs per SM the split over the sequence aims for (decode kernel at 4 warps and ~255
 #: registers keeps 2 resident per SM: 4 per SM = 2 full waves; tuned on H100, 132 SMs -> 528)
@@ -54,7 +63,7 @@ def dot_launch(q_shape, keys, device, precision: str = "ieee", *, block_t: Optio
     h, t_len = keys.shape[1], keys.shape[2]
     r = (hq // h) * tq
     if use_dot is None:                 # few rows (decode): CUDA-core products; many rows: tl.dot
-        use_dot = precision == "tf32x3" or r > 8
+        use_dot = precision == "tf32x3" or r > DECODE_ROWS
     m_pad = max(16, next_pow2(r)) if use_dot else next_pow2(r)
     if block_t is None:
         block_t = 64 if use_dot else max(1, 64 // m_pad)
@@ -120,7 +129,45 @@ class DecodeLaunch:
     num_stages: int = 1
 
 
-def decode_launch(q_shape, keys, values, device, *, a: int = 2, num_warps: int = 4, rb: int = 4,
+@dataclass(frozen=True)
+class DecodeTuning:
+    """The tuned settings of the decode programs (bench/bench_kernels.py sweeps them)."""
+
+    a: int = 2             # tokens per stream per tile
+    num_warps: int = 4
+    rb: int = 4            # query rows per program
+
+
+#: Named per-device launch configurations of the decode programs, by (device family, bits of the
+#: wider side, head dim); :func:`decode_tuning` reads them.  H100 2-bit D=128 and D=64: measured
+#: (bench/README.md, "v3 default" of the decode kernel).  The 4-bit rows and the H200 rows hold the
+#: same settings, NOT yet measured: bench/bench_kernels.py's fused sweep prints the best per shape
+#: ("best settings"), to be copied here.  Other devices: :data:`DEFAULT_DECODE_TUNING`.
+DECODE_TUNING = {
+    ("H100", 2, 128): DecodeTuning(a=2, num_warps=4, rb=4),
+    ("H100", 2, 64): DecodeTuning(a=2, num_warps=4, rb=4),
+    ("H100", 4, 128): DecodeTuning(a=2, num_warps=4, rb=4),
+    ("H100", 4, 64): DecodeTuning(a=2, num_warps=4, rb=4),
+    ("H200", 2, 128): DecodeTuning(a=2, num_warps=4, rb=4),
+    ("H200", 2, 64): DecodeTuning(a=2, num_warps=4, rb=4),
+    ("H200", 4, 128): DecodeTuning(a=2, num_warps=4, rb=4),
+    ("H200", 4, 64): DecodeTuning(a=2, num_warps=4, rb=4),
+}
+DEFAULT_DECODE_TUNING = DecodeTuning()
+
+
+def decode_tuning(device, bits: int, head_dim: int) -> DecodeTuning:
+    """The :data:`DECODE_TUNING` entry of ``device`` (its family read from the device's name), the
+    packed sides' wider ``bits`` and ``head_dim``; :data:`DEFAULT_DECODE_TUNING` if none."""
+    name = device_properties(device).name
+    for (family, b, d), tuning in DECODE_TUNING.items():
+        if family in name and b == bits and d == head_dim:
+            return tuning
+    return DEFAULT_DECODE_TUNING
+
+
+def decode_launch(q_shape, keys, values, device, *, a: Optional[int] = None,
+                  num_warps: Optional[int] = None, rb: Optional[int] = None,
                   n_split: Optional[int] = None, prefetch: Optional[bool] = None,
                   target_programs: Optional[int] = None) -> DecodeLaunch:
     """The :class:`DecodeLaunch` for query ``(B, Hq, Tq, D)`` over ``keys``/``values`` on ``device``.
@@ -128,7 +175,12 @@ def decode_launch(q_shape, keys, values, device, *, a: int = 2, num_warps: int =
     ``n_split``: the floor of ``target_programs`` (default :data:`PROGRAMS_PER_SM` x the device's
     SM count) over the ``B*H*NRG`` row programs -- programs <= target, whole waves; ``prefetch``
     (default) only when per-channel key statistics are one row per tile (else the prefetched gather
-    spills: bench/).  ``a``, ``num_warps``, ``rb``: tuned on H100 (bench/bench_kernels.py)."""
+    spills: bench/).  ``a``, ``num_warps``, ``rb``: default :func:`decode_tuning` for the device,
+    bits and head dim (bench/bench_kernels.py)."""
+    tuning = decode_tuning(device, max(keys.bits, values.bits), q_shape[-1])
+    a = tuning.a if a is None else a
+    num_warps = tuning.num_warps if num_warps is None else num_warps
+    rb = tuning.rb if rb is None else rb
     b, hq, tq, d = q_shape
     h, t_len = keys.shape[1], keys.shape[2]
     r = (hq // h) * tq
@@ -139,11 +191,14 @@ def decode_launch(q_shape, keys, values, device, *, a: int = 2, num_warps: int =
     ts = lanes_t * num_warps
     bt = a * ts
     n_tiles = -(-t_len // bt)
-    if n_split is None:
-        target = _target_programs(device) if target_programs is None else target_programs
-        n_split = max(1, min(n_tiles, target // (b * h * nrg)))
-    tiles_per_split = -(-n_tiles // n_split)
-    n_split = -(-n_tiles // tiles_per_split)
+    if n_tiles == 0:                    # an empty store (the fused kernel's): no quantized program
+        n_split = tiles_per_split = 0
+    else:
+        if n_split is None:
+            target = _target_programs(device) if target_programs is None else target_programs
+            n_split = max(1, min(n_tiles, target // (b * h * nrg)))
+        tiles_per_split = -(-n_tiles // n_split)
+        n_split = -(-n_tiles // tiles_per_split)
     ks, vs = _packed_side(keys, d, bt), _packed_side(values, d, bt)
     if prefetch is None:
         prefetch = (not ks.channel) or ks.tile_stats
@@ -164,3 +219,66 @@ class MergeLaunch:
 def merge_launch(n_split: int, d: int) -> MergeLaunch:
     """The :class:`MergeLaunch` for ``n_split`` partials of head dim ``d`` (no device dependence)."""
     return MergeLaunch(d_pad=next_pow2(d), ns_block=min(32, next_pow2(n_split)))
+
+
+#: full-precision tokens (preserved + residual) per program of the fused decode kernel: a decode
+#: step's residual (R + blk tokens at most, 160 by default) takes 3 programs per row group, each
+#: reading ~ as many bytes (64 * D * 2 * 2 at bf16) as a quantized split of a long context
+FP_TOKENS_PER_PROGRAM = 64
+
+
+@dataclass(frozen=True)
+class FusedLaunch:
+    """Launch of ``fused_decode_kernel`` (accelerated/decode_kernels.py): ``decode`` for the
+    programs over the packed store (``decode.n_split`` = 0 when it holds no slot), then ``n_fp``
+    programs per row group over the full-precision tokens, ``fp_tiles`` tiles of ``fp_block``."""
+
+    decode: DecodeLaunch
+    fp_block: int          # FB: full-precision tokens per tile (registers: RB x FB x D_PAD products)
+    fp_tiles: int
+    n_fp: int
+    d_pad: int
+
+
+class _PackedSpec(NamedTuple):
+    """What :func:`decode_launch` reads of a packed side (hashable, for the launch cache)."""
+
+    shape: tuple
+    bits: int
+    group_size: int
+    axis: str
+    symmetric: bool
+
+
+def fused_launch(q_shape, keys, values, fp_tokens: int, device, *, fp_block: Optional[int] = None,
+                 **decode_choices) -> FusedLaunch:
+    """The :class:`FusedLaunch` for query ``(B, Hq, Tq, D)`` over ``keys``/``values`` (the packed
+    store, any length) and ``fp_tokens`` preserved + residual tokens: the quantized programs as
+    :func:`decode_launch` (``decode_choices`` are its keywords) with the full-precision programs
+    counted in its target (quantized + full-precision programs <= the target: whole waves),
+    :data:`FP_TOKENS_PER_PROGRAM` full-precision tokens per program, ``fp_block`` (default
+    ``2048 // D_PAD``, at least 8: the (RB, FB, D_PAD) product tile of 4 rows fits 64 registers
+    per thread at 4 warps).
+    Cached per shape (every layer of a model step asks the same: host time)."""
+    specs = [_PackedSpec(tuple(p.shape), p.bits, p.group_size, p.axis, p.symmetric) for p in (keys, values)]
+    return _fused_launch(tuple(q_shape), specs[0], specs[1], int(fp_tokens), str(device), fp_block,
+                         tuple(sorted(decode_choices.items())))
+
+
+@functools.lru_cache(maxsize=1024)
+def _fused_launch(q_shape, keys, values, fp_tokens, device, fp_block, decode_choices) -> FusedLaunch:
+    d = q_shape[-1]
+    choices = dict(decode_choices)
+    dec = decode_launch(q_shape, keys, values, device, **choices)
+    d_pad = next_pow2(d)
+    fb = max(8, 2048 // d_pad) if fp_block is None else fp_block
+    fp_tiles = max(1, FP_TOKENS_PER_PROGRAM // fb)
+    n_fp = -(-fp_tokens // (fp_tiles * fb))
+    if n_fp and "n_split" not in choices:
+        # the full-precision programs count against the target too: whole waves in all (a few
+        # extra programs after two full waves would make a third, short one)
+        rows = q_shape[0] * keys.shape[1] * dec.nrg
+        target = choices.pop("target_programs", None) or _target_programs(device)
+        dec = decode_launch(q_shape, keys, values, device, target_programs=max(rows, target - rows * n_fp),
+                            **choices)
+    return FusedLaunch(decode=dec, fp_block=fb, fp_tiles=fp_tiles, n_fp=n_fp, d_pad=d_pad)

@@ -17,11 +17,14 @@ import torch
 from reference.config import KVSinkConfig
 
 from . import attention as _att
-from .cache_checks import (NONFINITE_MESSAGE, DeferredChecks, check_index, check_kv_shapes, check_mask,
+from .attention_launch import DECODE_ROWS
+from .cache_checks import (FLOAT_DTYPES, NONFINITE_MESSAGE, DeferredChecks, check_index, check_kv_shapes,
+                           check_mask,
                            check_storage_dtype, convert_kv, is_int, padding_message)
 from .cache_kvquant import KVQuantStore
 from .cache_state import PreservedStore, ResidualWindow, admit_preserved, flushed_length, steady_capacity
 from .cache_store import QuantizedStore, UniformStore
+from .decode_kernels import fused_decode_attention
 from .quantize import PackedQuantizedTensor
 
 __all__ = ["STORES", "make_store", "QuantizedKVCacheLayer"]
@@ -471,22 +474,21 @@ class QuantizedKVCacheLayer:
                shared: Optional[dict] = None) -> torch.Tensor:
         """Attention of ``query`` over the cache (definition 6.13), float32 ``(B, Hq, Tq, D)``.
 
-        The quantized store is read by its ``partial`` step (uniform: from its packed
+        Decode (``g*Tq <= DECODE_ROWS``) over the uniform store where the Triton kernels run
+        (CUDA): :meth:`_attend_fused`, one kernel over the three segments and one merge kernel.
+        Otherwise the quantized store is read by its ``partial`` step (uniform: from its packed
         form, ``block_size`` slots at a time, :func:`accelerated.attention.quantized_segment_attention`,
-        the Triton kernel on CUDA, ``use_kernel`` as there; kvquant: the dequantized blocks);
-        the preserved store and the residual are attended at full precision; the three
-        partial results are merged with the log-sum-exp rule (Definition 5.5).  Equals the
-        reference's ``split_attention(query, segments(), ...)`` within
-        docs/09-tolerances.md §9.3.  Key ``s`` is visible to query ``t`` iff its
-        slot is not empty and its position is ``<= query_positions[b, t]``.
-        A query holding NaN or Inf raises ``ValueError`` (one device->host
-        synchronisation), or, with ``checks`` (a :class:`DeferredChecks`), is
-        recorded there and raised by its ``check()``.
-
-        ``shared``: None, or a fresh dict per model step passed to the ``attend`` of every
-        layer holding the same slots (same updates, statuses and flushes) with the same
-        ``query_positions``: the preserved and residual visibility masks are made by the
-        first layer and reused (docs/11-transformers.md §11.3).
+        the Triton kernel on CUDA, ``use_kernel`` as there; kvquant: the dequantized blocks), the
+        preserved store and the residual are attended at full precision, and the three partial
+        results are merged with the log-sum-exp rule (Definition 5.5).  Equals the reference's
+        ``split_attention(query, segments(), ...)`` within docs/09-tolerances.md §9.3.  Key ``s``
+        is visible to query ``t`` iff its slot is not empty and its position is ``<=
+        query_positions[b, t]``.  A query holding NaN or Inf raises ``ValueError`` (one
+        device->host synchronisation), or, with ``checks`` (a :class:`DeferredChecks`), is recorded
+        there and raised by its ``check()``.  ``shared``: None, or a fresh dict per model step passed
+        to the ``attend`` of every layer holding the same slots (same updates, statuses and flushes)
+        with the same ``query_positions``: the preserved and residual visibility masks are made by
+        the first layer and reused (docs/11-transformers.md §11.3).
         """
         if not isinstance(query, torch.Tensor):
             raise TypeError(f"query must be a torch tensor (B, Hq, Tq, D), got {type(query).__name__}")
@@ -497,6 +499,8 @@ class QuantizedKVCacheLayer:
             _att.int_tensor("query_positions", query_positions, (b, tq), query.device)
             _att.check_scale(scale, d)
             return torch.zeros(query.shape, dtype=_F32, device=query.device)
+        if self._fused_applies(query, use_kernel):
+            return self._attend_fused(query, query_positions, scale, checks)
         q, qp, sc = self._attend_inputs(query, query_positions, scale, checks)
         parts = []
         if self.quantized.num_codes:
@@ -508,6 +512,27 @@ class QuantizedKVCacheLayer:
         if len(parts) == 1:
             return _att.normalise(*parts[0])
         return _att.normalise(*_att.merge_raw(parts))
+
+    def _fused_applies(self, query: torch.Tensor, use_kernel) -> bool:
+        """Whether :meth:`attend` takes :meth:`_attend_fused` (a store that ``fused_decode``s, a
+        decode-sized query of valid shape, the Triton kernels usable, ``use_kernel`` not False)."""
+        (b, h, d), (qb, hq, tq, qd) = self._dims, query.shape
+        return (use_kernel is not False and self.quantized.fused_decode and (qb, qd) == (b, d)
+                and hq % h == 0 and 0 < (hq // h) * tq <= DECODE_ROWS and query.dtype in FLOAT_DTYPES
+                and query.device == self._residual.keys.device and _att.attention_kernel_usable(query))
+
+    def _attend_fused(self, query: torch.Tensor, query_positions, scale, checks) -> torch.Tensor:
+        """:meth:`attend` in two launches and no host read (accelerated/decode_kernels.py): float32
+        ``(B, Hq, Tq, D)``, a transposed view of ``(B, Tq, Hq, D)``."""
+        if checks is not None:
+            checks.finite(query, "query contains NaN or Inf; pass finite values")
+        elif not bool(torch.isfinite(query).all()):
+            raise ValueError("query contains NaN or Inf; pass finite values")
+        qp = _att.int_tensor("query_positions", query_positions, (query.shape[0], query.shape[2]), self.device)
+        (ppos, pk, pv), (rk, rv, valid, _) = self._preserved.view(), self._residual.view()
+        return fused_decode_attention(query, qp, _att.check_scale(scale, query.shape[3]),
+                                      self.quantized.kernel_views(), (pk, pv, ppos),
+                                      (rk, rv, valid, self._residual.start))
 
     def _attend_inputs(self, query: torch.Tensor, query_positions, scale, checks):
         """The checked query (float32 on the device), query positions (int64) and scale.

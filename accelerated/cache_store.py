@@ -96,6 +96,8 @@ class QuantizedStore:
     rope_inv_freq = None
     #: True when :meth:`partial` validates the query itself (the layer then does not).
     checks_query = False
+    #: True when the layer may attend the store by the fused decode kernel (``kernel_views``).
+    fused_decode = False
 
     def __init__(self, config: KVSinkConfig):
         self.config = config
@@ -245,6 +247,7 @@ class UniformStore(QuantizedStore):
 
     quantizer = "uniform"
     checks_query = True
+    fused_decode = True
 
     def __init__(self, config: KVSinkConfig, *, kvquant_calibration=None, rope_inv_freq=None):
         for name, arg in (("kvquant_calibration", kvquant_calibration), ("rope_inv_freq", rope_inv_freq)):
@@ -374,7 +377,7 @@ class UniformStore(QuantizedStore):
                                      bits=buf.bits, group_size=buf.group_size, axis=buf.axis,
                                      symmetric=self.symmetric, shape=(b, h, t1 - t0, d))
 
-    def _attend_view(self, side: str, t1: int) -> PackedQuantizedTensor:
+    def attend_view(self, side: str, t1: int) -> PackedQuantizedTensor:
         """``view(side, 0, t1)``, reused while the buffers and ``t1`` stay the same (on CUDA ``t1``
         is the capacity, so between reallocations: building and validating the views costs host
         time on every layer and step)."""
@@ -404,6 +407,13 @@ class UniformStore(QuantizedStore):
     def _dequantized(self) -> Tuple[torch.Tensor, torch.Tensor]:
         return dequantize(self.packed("keys")), dequantize(self.packed("values"))
 
+    def kernel_views(self) -> Tuple[PackedQuantizedTensor, PackedQuantizedTensor, torch.Tensor]:
+        """``(keys, values, slot positions)`` of the slots held, as the fused decode kernel reads them
+        (accelerated/decode_kernels.py: batch and head strides passed, so the prefix of the buffers
+        is read in place, never the spare capacity); views reused until the next flush."""
+        t1 = self.num_codes
+        return self.attend_view("keys", t1), self.attend_view("values", t1), self.slot_pos[:, :t1]
+
     def partial(self, q, qp, scale, *, block_size: int, use_kernel=None, check_query: bool = True):
         """``(m, l, acc)`` from the packed store, never dequantized as a whole.  The Triton kernel
         reads contiguous ``(B, H, T, W)`` words: it gets the whole buffers (slots beyond the used
@@ -412,7 +422,7 @@ class UniformStore(QuantizedStore):
         kernel = use_kernel is not False and attention_kernel_usable(q)
         t1 = self.capacity if kernel else self.num_codes
         return quantized_segment_attention(
-            q, self._attend_view("keys", t1), self._attend_view("values", t1), query_positions=qp,
+            q, self.attend_view("keys", t1), self.attend_view("values", t1), query_positions=qp,
             key_positions=self.slot_pos[:, :t1], scale=scale, block_size=block_size,
             use_kernel=use_kernel, check_query=check_query)
 

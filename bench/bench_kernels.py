@@ -12,6 +12,10 @@
 2. Timing with triton.testing.do_bench (median, L2 flushed before each call
    by do_bench) of kernel vs torch path, against the bytes-moved floor at the
    measured copy bandwidth and at 3 TB/s.  Prints a table last.
+3. One cache layer's decode attention (``QuantizedKVCacheLayer.attend``): the
+   fused kernel of accelerated/decode_kernels.py (2 launches) against the split
+   path it replaced (quantized kernel + float32 torch blocks + merge), eager and
+   as CUDA graphs, bf16, 2- and 4-bit, head dims 64 and 128.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ from accelerated import attention as AA                         # noqa: E402
 from accelerated import quantize as AQ                          # noqa: E402
 from accelerated import quantize_kernels as QK                  # noqa: E402
 from accelerated import attention_kernels as AK                 # noqa: E402
+from accelerated.cache_checks import DeferredChecks             # noqa: E402
+from accelerated.cache_layer import QuantizedKVCacheLayer       # noqa: E402
+from accelerated.attention_launch import fused_launch           # noqa: E402
+from accelerated.decode_kernels import fused_decode_attention   # noqa: E402
+from reference.config import KVSinkConfig                       # noqa: E402
 from accelerated.packing import words_to_reference              # noqa: E402
 
 
@@ -286,6 +295,8 @@ def bench(rows, quick):
         table.append((name, nbytes, times))
         _print_row(name, nbytes, times, bw)
 
+    bench_fused_step(table, bw, timeit, quick)
+
     print()
     print(f"{'case':34s} {'MB moved':>9s} {'floor@meas':>11s} {'floor@3TB/s':>12s}  version: median us (x floor@meas)")
     for name, nbytes, times in table:
@@ -295,6 +306,118 @@ def bench(rows, quick):
         print(f"{name:34s} {nbytes / 1e6:9.2f} {f_meas:10.1f}us {f_3:11.1f}us  {vers}")
         rows.append({"bench": name, "bytes": nbytes, "floor_us_measured_bw": f_meas, "floor_us_3TBs": f_3,
                      "times_us": {k: v * 1e3 for k, v in times.items()}, "copy_bw": bw})
+
+
+def make_layer(b, h, t_len, d, bits, n_preserved, residual=128, seed=0, device="cuda"):
+    """A bf16 QuantizedKVCacheLayer on CUDA holding ``t_len`` tokens: KIVI layout at ``bits``
+    (keys per channel G=32, values per token G=32), ``n_preserved`` tokens per row in the
+    preserved store, a residual window of ``residual`` + 31 tokens (a decode step's steady state)."""
+    cfg = KVSinkConfig(key_bits=bits, value_bits=bits, residual_length=residual, preserve=())
+    layer = QuantizedKVCacheLayer(cfg, dtype=torch.bfloat16, device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    n = t_len + residual + 31
+    k = torch.randn((b, h, n, d), device=device, generator=g).to(torch.bfloat16)
+    v = torch.randn((b, h, n, d), device=device, generator=g).to(torch.bfloat16)
+    layer.update(k, v)
+    flags = torch.zeros((b, n), dtype=torch.bool, device=device)
+    flags[:, :n_preserved] = True                                  # the first tokens: sinks
+    layer.resolve(flags)
+    layer.flush()
+    return layer
+
+
+def fused_step_bytes(layer, hq, tq):
+    """Bytes the fused decode step must read (decode_kernels.py header): the packed store's words
+    and statistics and slot positions (the slots held), the preserved and residual tokens, the
+    query, the output."""
+    b, d = layer.batch_size, layer.head_dim
+    keys, values, pos = layer.quantized.kernel_views()
+    total = 8 * pos.numel()
+    for p in (keys, values):
+        total += sum(t.numel() * t.element_size() for t in (p.words, p.scale, p.zero) if t is not None)
+    ppos, pk, _ = layer.preserved
+    rk = layer.residual[0]
+    total += 2 * (pk.numel() + rk.numel()) * 2 + 8 * ppos.numel() + b * rk.shape[2]
+    return total + 2 * 2 * b * hq * tq * d
+
+
+#: settings of the fused kernel's quantized programs swept per shape (attention_launch.DecodeTuning)
+FUSED_SWEEP = [dict(a=a, num_warps=w, rb=rb) for a in (1, 2, 4) for w in (4, 8) for rb in (2, 4, 8)]
+
+
+def sweep_fused(layer, q, qp, bits, d, timeit, name):
+    """The fused kernel alone (fused_decode_attention with an explicit launch) for each
+    FUSED_SWEEP setting; prints the best, the entry for attention_launch.DECODE_TUNING."""
+    ppos, pk, pv = layer.preserved
+    rk, rv, valid, _ = layer.residual
+    views = layer.quantized.kernel_views()
+    segs = ((pk, pv, ppos), (rk, rv, valid, layer.num_quantized))
+    qf = q
+    times = {}
+    for kw in FUSED_SWEEP:
+        label = "fused a{a} w{num_warps} rb{rb}".format(**kw)
+        try:
+            fl = fused_launch(qf.shape, views[0], views[1], pk.shape[2] + rk.shape[2], qf.device, **kw)
+            times[label] = timeit(lambda fl=fl: fused_decode_attention(qf, qp, 1 / math.sqrt(d), views,
+                                                                       *segs, launch=fl))
+        except Exception as e:                                   # out of registers / shared memory
+            print(f"{name} {label}: {type(e).__name__}: {str(e)[:160]}")
+    if times:
+        best = min(times, key=times.get)
+        print(f"{name}: best settings {best} ({times[best] * 1e3:.1f} us): DECODE_TUNING "
+              f"({torch.cuda.get_device_name()!r}, {bits}, {d})")
+    return times
+
+
+def bench_fused_step(table, bw, timeit, quick):
+    """One layer's decode attention: the fused kernel (decode_kernels.py, 2 launches) against the
+    split path it replaces (quantized kernel + float32 torch blocks for the preserved store and the
+    residual + log-sum-exp merge), each called through QuantizedKVCacheLayer.attend, and each
+    replayed as a CUDA graph (GPU time alone)."""
+    shapes = [("layer B1 H8 Hq32 T32K D128 2b", 1, 8, 32, 32768, 128, 2),
+              ("layer B1 H8 Hq32 T32K D128 4b", 1, 8, 32, 32768, 128, 4),
+              ("layer B8 H8 Hq32 T4K D128 2b", 8, 8, 32, 4096, 128, 2),
+              ("layer B1 H3 Hq9 T32K D64 2b (SmolLM2)", 1, 3, 9, 32768, 64, 2),
+              ("layer B1 H3 Hq9 T4K D64 4b (SmolLM2)", 1, 3, 9, 4096, 64, 4)]
+    if quick:
+        shapes = shapes[:1] + shapes[3:4]
+    for (name, b, h, hq, t_len, d, bits) in shapes:
+        layer = make_layer(b, h, t_len, d, bits, n_preserved=4)
+        q = torch.randn((b, hq, 1, d), device="cuda").to(torch.bfloat16)
+        qp = torch.full((b, 1), layer.seq_length - 1, device="cuda")
+
+        def fused_attend():                     # deferred checks, as a model step: no host read
+            return layer.attend(q, qp, checks=DeferredChecks())
+
+        def split_attend():
+            layer._fused_applies = lambda *a: False          # bench only: force the split path
+            try:
+                return layer.attend(q, qp, checks=DeferredChecks())
+            finally:
+                del layer._fused_applies
+        fused, split = fused_attend(), split_attend()
+        diff = float((fused - split).abs().max())
+        print(f"{name}: fused vs split max |diff| {diff:.2e}")
+        assert diff < 1e-3
+        times = {"fused attend": timeit(fused_attend), "split attend": timeit(split_attend)}
+        for label, fn in (("fused, CUDA graph", fused_attend),
+                          ("split, CUDA graph", split_attend)):
+            try:
+                gr = torch.cuda.CUDAGraph()
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    fn()
+                    with torch.cuda.graph(gr, stream=stream):
+                        fn()
+                torch.cuda.current_stream().wait_stream(stream)
+                times[label] = timeit(gr.replay)
+            except Exception as e:                               # e.g. a host read while capturing
+                print(f"{name} {label}: {type(e).__name__}: {str(e)[:160]}")
+        times.update(sweep_fused(layer, q, qp, bits, d, timeit, name))
+        nbytes = fused_step_bytes(layer, hq, 1)
+        table.append((name, nbytes, times))
+        _print_row(name, nbytes, times, bw)
 
 
 def main():

@@ -32,11 +32,12 @@ def _sig(fn, types, consts):
     return sig
 
 
-def report(label, fn, types, consts, num_warps=4, num_stages=1):
+def report(label, fn, types, consts, num_warps=4, num_stages=1, divisible=()):
+    """``divisible``: int arguments the launch specialises as multiples of 16 (strides)."""
     jit = fn
     sig = _sig(jit, types, consts)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(jit.arg_names)
-             if sig[n].startswith("*")}
+             if sig[n].startswith("*") or n in divisible}
     src = ASTSource(fn=jit, signature=sig, constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = k.asm["ptx"]
@@ -77,8 +78,39 @@ def attention_v3(a=2, num_warps=4, prefetch=True, rb=4):
                   num_warps=num_warps)
 
 
+FUSED_TYPES = dict(ATT_TYPES, q_ptr="*bf16", pk_ptr="*bf16", pv_ptr="*bf16", rk_ptr="*bf16",
+                   rv_ptr="*bf16", ppos_ptr="*i64", rvalid_ptr="*i1", out_ptr="*bf16")
+
+
+def fused_decode(bits=2, d=128, a=2, num_warps=4, rb=4, prefetch=None):
+    """The fused decode kernel (accelerated/decode_kernels.py) at bench_kernels.py's layer shapes
+    (bf16 cache and query, g = 4 rows per KV head), and its merge-normalise kernel."""
+    from accelerated import decode_kernels as DK
+    cpw = 32 // bits
+    w = -(-d // cpw)
+    lanes_t = max(1, 32 // w)
+    ts = lanes_t * num_warps
+    bt = a * ts
+    if prefetch is None:                # decode_launch's default: per-channel key statistics per tile
+        prefetch = 32 % bt == 0
+    c = dict(R=4, RB=rb, NRG=-(-4 // rb), D=d, D_PAD=d, FB=max(8, 2048 // d), A=a, TS=ts, KW=w, KW_PAD=w,
+             KBITS=bits, KCPW=cpw, KCPW_PAD=cpw, KG=32, KCHAN=True, KSYM=False, KTILE=32 % bt == 0,
+             KWORD=False, VW=w, VW_PAD=w, VBITS=bits, VCPW=cpw, VCPW_PAD=cpw, VG=32, VCHAN=False,
+             VSYM=False, VTILE=False, VWORD=True, PREFETCH=prefetch)
+    strides = ("q_sb", "q_sh", "kw_sb", "kw_sh", "ks_sb", "ks_sh", "vw_sb", "vw_sh", "vs_sb", "vs_sh",
+               "p_sb", "p_sh", "r_sb", "r_sh")                     # multiples of 16 at these shapes
+    return report(f"fused {bits}b D={d} A={a} w={num_warps} RB={rb} pf={int(prefetch)}", DK.fused_decode_kernel, FUSED_TYPES, c,
+                  num_warps=num_warps, divisible=strides)
+
+
 def main():
     from accelerated import attention_kernels as AK
+    from accelerated import decode_kernels as DK
+    for bits in (2, 4):
+        for d in (64, 128):
+            fused_decode(bits, d)
+    report("merge-normalise bf16 out", DK.merge_normalise_kernel, FUSED_TYPES,
+           dict(R=4, D=128, D_PAD=128, NS_BLOCK=32))
     base = dict(R=4, M_PAD=4, D=128, D_PAD=128, BLOCK_T=16, KW=8, KBITS=2, KCPW=16, KG=32, KCHAN=True,
                 KSYM=False, VW=8, VBITS=2, VCPW=16, VG=32, VCHAN=False, VSYM=False, PREC="ieee", USE_DOT=False)
     report("attn v2 fma bt16", AK.quantized_attention_kernel, ATT_TYPES, base)

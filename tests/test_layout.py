@@ -121,6 +121,7 @@ ACCELERATED_ONLY = {
     "calibration": "calibration passes over a transformers model",
     "attention_kernels": "Triton kernels of accelerated.attention",
     "attention_launch": "launch settings of the attention kernels",
+    "decode_kernels": "the fused decode-attention kernel of a cache layer (Triton)",
     "quantize_kernels": "Triton kernels of accelerated.quantize",
     "kvquant_kernels": "Triton kernels of accelerated.kvquant",
     "triton_support": "triton (or its stand-in) and device properties for the kernels",

@@ -1,0 +1,316 @@
+"""The fused decode-attention kernel (accelerated/decode_kernels.py) against the reference.
+
+``QuantizedKVCacheLayer.attend`` takes the fused kernel for decode-sized queries (g*Tq <= 8 rows
+per KV head) over the uniform store wherever the Triton kernels run: on CUDA, or on CPU under
+``TRITON_INTERPRET=1`` with triton installed (``needs_kernel``; skipped otherwise).  Each case drives
+the reference layer and ours with the same tokens (rows of different lengths by left padding,
+preserved tokens or none, a residual window or none) and checks the fused output against the
+reference's attention within docs/09-tolerances.md 9.3 (row "float32 throughout"), plus the input
+differences of 9.2 (b) (the kernel's dequantization q*s + z may be one FMA); a query that sees no
+key outputs exactly 0.
+
+On CPU: ``TRITON_INTERPRET=1`` with triton >= 3.8 beside the venv (triton 3.6's interpreter fails
+on numpy >= 2.4: ``int()`` of a one-element array in ``range(runtime_int)``), ~4 minutes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reference import cache as ref_cache
+from reference import quantize as RQ
+from reference.config import KVSinkConfig
+
+from accelerated import cache_layer as ACL
+from accelerated.cache_checks import DeferredChecks
+from accelerated.cache_layer import QuantizedKVCacheLayer
+from tests.conftest import KERNEL_DEVICE, needs_cuda, needs_kernel
+
+U = 2.0 ** -24
+ETA = 2.0 ** -149
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the layer's calls of the fused kernel's entry point (proves attend took it)."""
+    calls = []
+    real = ACL.fused_decode_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ACL, "fused_decode_attention", spy)
+    return calls
+
+
+def _np(x):
+    x = x.detach().cpu()
+    return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).numpy()
+
+
+def _fma_diff(qt, xd):
+    """docs/09-tolerances.md 9.2 (b): |x' - x| <= 2u(|q s| + |x|) + eta per element (0 symmetric)."""
+    if qt.symmetric:
+        return np.zeros(xd.shape)
+    gax = RQ.GROUP_AXIS[qt.axis]
+    s = RQ.expand_groups(qt.scale, qt.group_size, qt.shape[gax], gax).astype(np.float64)
+    return 2 * U * (qt.codes * s + np.abs(xd)) + ETA
+
+
+def _segments_with_diffs(ref):
+    """The reference's segments and, per segment, the kernel's possible key/value differences."""
+    segs = ref.segments()
+    qk = [b.keys.unpack() for b in ref.blocks]
+    qv = [b.values.unpack() for b in ref.blocks]
+    kd, vd = segs[0][0], segs[0][1]
+    if qk:
+        dk = np.concatenate([_fma_diff(q, RQ.dequantize(q)) for q in qk], axis=2)
+        dv = np.concatenate([_fma_diff(q, RQ.dequantize(q)) for q in qv], axis=2)
+    else:
+        dk, dv = np.zeros(kd.shape), np.zeros(vd.shape)
+    diffs = [(dk, dv)] + [(np.zeros(k.shape), np.zeros(v.shape)) for k, v, _ in segs[1:]]
+    return segs, diffs
+
+
+def _bound(query, ref, qp):
+    """Per-output bound: 9.3 with ``c*sum_d |q_d||dk_jd|`` in delta and ``max|dv|`` on the output
+    (u_in = u_p = u_v = 0, u_o = u; V, A, S over the visible keys).  Returns (bound, S)."""
+    segs, diffs = _segments_with_diffs(ref)
+    q = np.abs(query.astype(np.float64))
+    b, hq, tq, d = q.shape
+    k = np.concatenate([np.asarray(s[0], np.float64) for s in segs], axis=2)
+    v = np.concatenate([np.asarray(s[1], np.float64) for s in segs], axis=2)
+    kp = np.concatenate([np.asarray(s[2]) for s in segs], axis=1)
+    dk = np.concatenate([x[0] for x in diffs], axis=2)
+    dv = np.concatenate([x[1] for x in diffs], axis=2)
+    heads = np.arange(hq) // (hq // k.shape[1])
+    vis = (kp[:, None, :] >= 0) & (kp[:, None, :] <= qp[:, :, None])              # (B, Tq, S)
+    vis4 = vis[:, None]
+
+    def vmax(x):                                                                  # (B, Hq, Tq)
+        return np.where(vis4[..., None], np.abs(x[:, heads])[:, :, None], 0.0).max(axis=(3, 4),
+                                                                                 initial=0.0)
+    a = np.where(vis4, np.einsum("bhtd,bhsd->bhts", q, np.abs(k[:, heads])), 0.0).max(-1, initial=0.0)
+    ad = np.where(vis4, np.einsum("bhtd,bhsd->bhts", q, dk[:, heads]), 0.0).max(-1, initial=0.0)
+    s_vis = np.broadcast_to(vis.sum(-1)[:, None], (b, hq, tq)).astype(np.float64)
+    s = np.maximum(s_vis, 1.0)
+    c = 1.0 / math.sqrt(d)
+    inner = c * a * (d + 1) * U + U * (3 * np.log(s) + 2 * s + 4) + c * ad
+    return (vmax(v) * (2.5 * inner + 2 * U) + vmax(dv) * (1 + 1e-6))[..., None], s_vis
+
+
+def _config(bits, residual, axis_v="token"):
+    return KVSinkConfig(key_bits=bits, value_bits=bits, key_group_size=8, value_group_size=16,
+                        key_axis="channel", value_axis=axis_v, quantizer="uniform",
+                        residual_length=residual, preserve=(), preserve_first_n=1)
+
+
+def _drive(bits, d, residual, preserve, b=3, h=2, n=48, dtype=torch.bfloat16, seed=0):
+    """Reference and fused layers fed the same tokens: a prefill with rows of different lengths
+    (left padding), statuses, a flush, then (residual) two single-token decode updates."""
+    rng = np.random.default_rng(seed)
+    cfg = _config(bits, residual)
+    ref = ref_cache.QuantizedKVCacheLayer(cfg, dtype=np.float32)
+    ours = QuantizedKVCacheLayer(cfg, dtype=dtype, device=KERNEL_DEVICE)
+    t = (lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(KERNEL_DEVICE))
+    pads = [0, 5, 17][:b]
+    steps = ((0, n), (n, n + 1), (n + 1, n + 2)) if residual else ((0, n),)   # n: whole blocks
+    for lo, hi in steps:
+        k = rng.standard_normal((b, h, hi - lo, d)).astype(np.float32)
+        v = rng.standard_normal((b, h, hi - lo, d)).astype(np.float32)
+        k[:, :, :, 0] *= 8.0                                  # an outlier channel (sink-like)
+        k, v = [torch.from_numpy(x).to(dtype).float().numpy() for x in (k, v)]   # storable exactly
+        valid = np.arange(lo, hi)[None, :] >= np.array(pads)[:, None]
+        ref.update(k, v, valid)
+        ours.update(t(k).to(dtype), t(v).to(dtype), t(valid))
+        flags = (rng.random((b, hi - lo)) < 0.2) & valid if preserve else np.zeros((b, hi - lo), bool)
+        if preserve and lo == 0:
+            flags[np.arange(b), np.array(pads)] = True        # every row's first token: a sink
+        ref.resolve(flags)
+        ours.resolve(t(flags))
+        assert ours.flush() == ref.flush()
+    return ref, ours, t
+
+
+CASES = [  # (bits, D, rows per KV head g, query tokens, residual window, preserved)
+    (2, 64, 1, 1, 8, True), (2, 64, 4, 1, 0, False), (2, 128, 2, 2, 8, False),
+    (4, 64, 3, 2, 0, True), (4, 128, 4, 1, 8, True), (4, 64, 8, 1, 16, False),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,d,g,tq,residual,preserve", CASES)
+def test_fused_decode_matches_reference(bits, d, g, tq, residual, preserve, fused_calls):
+    h = 2
+    ref, ours, t = _drive(bits, d, residual, preserve, h=h, seed=bits * 1000 + d + g)
+    assert (ref.num_residual > 0) == (residual > 0)
+    assert (sum(p.size for p in ref.preserved_positions()) > 0) == preserve
+    b = ref.batch_size
+    rng = np.random.default_rng(d + g)
+    s = ref.seq_length
+    # the newest slots, a slot in the middle, and a query before every key (sees nothing)
+    choices = [np.full(b, s - 1), rng.integers(0, s, b), np.full(b, -1)]
+    qp = np.stack(choices[:tq] if tq < 3 else choices, axis=1).astype(np.int64)
+    qp[:, -1] = -1 if tq > 1 else qp[:, -1]
+    # the layout transformers hands over: (B, Hq, Tq, D) as a transposed view of (B, Tq, Hq, D)
+    q = torch.from_numpy(rng.standard_normal((b, tq, h * g, d)).astype(np.float32)).to(torch.bfloat16)
+    q = q.transpose(1, 2)
+    query = q.float().numpy()
+    qd = q.to(KERNEL_DEVICE)
+    got = ours.attend(qd, t(qp))
+    assert len(fused_calls) == 1, "attend must take the fused kernel for this query"
+    assert got.dtype == torch.float32 and tuple(got.shape) == (b, h * g, tq, d)
+    want = ref.attend(query, qp)
+    bound, n_vis = _bound(query, ref, qp)
+    got = _np(got).astype(np.float64)
+    blind = np.broadcast_to((n_vis == 0)[..., None], got.shape)
+    if tq > 1:
+        assert blind[:, :, -1].all()
+    assert np.all(got[blind] == 0), "a query that sees no key must output exactly 0"
+    err = np.abs(got - want)
+    bad = ~blind & (err > bound)
+    assert not bad.any(), f"max err {err[~blind].max():.3g} beyond docs/09 9.3"
+    # and the torch path (use_kernel=False) agrees within the same bound
+    torch_out = _np(ours.attend(qd, t(qp), use_kernel=False)).astype(np.float64)
+    assert len(fused_calls) == 1, "use_kernel=False keeps the torch path"
+    assert not (~blind & (np.abs(got - torch_out) > 2 * bound)).any()
+
+
+@needs_kernel
+def test_fused_decode_empty_store_and_deferred_checks(fused_calls):
+    """Nothing flushed yet (the packed store holds no slot): the fused kernel's full-precision
+    programs alone; a non-finite query raises (eager) or is recorded (deferred checks)."""
+    cfg = _config(2, 64)
+    ref = ref_cache.QuantizedKVCacheLayer(cfg, dtype=np.float32)
+    ours = QuantizedKVCacheLayer(cfg, dtype=torch.float32, device=KERNEL_DEVICE)
+    rng = np.random.default_rng(7)
+    k = rng.standard_normal((2, 1, 5, 64)).astype(np.float32)
+    v = rng.standard_normal((2, 1, 5, 64)).astype(np.float32)
+    valid = np.array([[True] * 5, [False, False, True, True, True]])
+    ref.update(k, v, valid)
+    ours.update(torch.from_numpy(k).to(KERNEL_DEVICE), torch.from_numpy(v).to(KERNEL_DEVICE),
+                torch.from_numpy(valid).to(KERNEL_DEVICE))
+    assert ours.quantized.num_codes == 0
+    q = rng.standard_normal((2, 2, 1, 64)).astype(np.float32)
+    qp = np.array([[4], [1]])                            # row 1 sees only padding: 0
+    qd = torch.from_numpy(q).to(KERNEL_DEVICE)
+    got = _np(ours.attend(qd, torch.from_numpy(qp).to(KERNEL_DEVICE))).astype(np.float64)
+    assert len(fused_calls) == 1
+    bound, n_vis = _bound(q, ref, qp)
+    assert np.all(got[1] == 0) and n_vis[1].max() == 0
+    assert np.all(np.abs(got - ref.attend(q, qp)) <= bound)
+    bad = qd.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ours.attend(bad, torch.from_numpy(qp).to(KERNEL_DEVICE))
+    checks = DeferredChecks()
+    ours.attend(bad, torch.from_numpy(qp).to(KERNEL_DEVICE), checks=checks)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        checks.check()
+
+
+@needs_kernel
+def test_fused_decode_not_taken_beyond_decode_rows(fused_calls):
+    """More than DECODE_ROWS query rows per KV head (a prefill), or use_kernel=False: the split
+    path (the quantized kernel and the torch blocks), same result within the bound."""
+    ref, ours, t = _drive(2, 64, 8, True, h=2, seed=5)
+    b, s = ref.batch_size, ref.seq_length
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((b, 6, 3, 64)).astype(np.float32)        # g*Tq = 3*3 = 9 rows
+    qp = np.stack([np.full(b, s - 3), np.full(b, s - 2), np.full(b, s - 1)], axis=1)
+    got = _np(ours.attend(t(q), t(qp))).astype(np.float64)
+    assert fused_calls == []
+    bound, _ = _bound(q, ref, qp)
+    assert np.all(np.abs(got - ref.attend(q, qp)) <= bound)
+
+
+def test_fused_launch_covers_every_token():
+    """The launch's programs cover the packed store's slots and every full-precision token; an
+    empty store gets no quantized program; results are cached per shape."""
+    from accelerated import attention_launch as AL
+    from accelerated.attention_launch import fused_launch
+    from accelerated.quantize import quantize_packed
+    from accelerated.triton_support import CPU_NOMINAL_SMS
+    for t_len, fp_tokens, d in ((0, 5, 64), (64, 0, 128), (4096, 161, 128), (96, 1000, 64),
+                                (32768, 168, 128)):
+        x = torch.zeros((2, 3, t_len, d))
+        keys = quantize_packed(x, 2, 32, "channel") if t_len else quantize_packed(x, 2, 32, "token")
+        values = quantize_packed(x, 4, 32, "token")
+        fl = fused_launch((2, 6, 1, d), keys, values, fp_tokens, "cpu")
+        dec = fl.decode
+        assert dec.n_split * dec.tiles_per_split * dec.a * dec.ts >= t_len
+        assert (dec.n_split == 0) == (t_len == 0)
+        assert fl.n_fp * fl.fp_tiles * fl.fp_block >= fp_tokens > (fl.n_fp - 1) * fl.fp_tiles * fl.fp_block
+        # quantized and full-precision programs together within the target (whole waves)
+        rows = 2 * 3 * dec.nrg
+        target = AL.PROGRAMS_PER_SM * CPU_NOMINAL_SMS
+        assert rows * (dec.n_split + fl.n_fp) <= max(target, rows * (min(dec.n_split, 1) + fl.n_fp))
+        assert fused_launch((2, 6, 1, d), keys, values, fp_tokens, "cpu") is fl
+
+
+def test_decode_tuning_by_device_family(monkeypatch):
+    """The named per-device launch settings: an H100 finds its (bits, head dim) entry, a device or
+    shape without one gets the default; decode_launch takes them unless told otherwise."""
+    from accelerated import attention_launch as AL
+    from accelerated.quantize import quantize_packed
+    from accelerated.triton_support import DeviceProperties
+    assert AL.decode_tuning("cpu", 2, 128) == AL.DEFAULT_DECODE_TUNING
+    h100 = DeviceProperties(name="NVIDIA H100 80GB HBM3", sm_count=132, capability=(9, 0))
+    monkeypatch.setattr(AL, "device_properties", lambda device: h100)
+    special = AL.DecodeTuning(a=4, num_warps=8, rb=2)
+    monkeypatch.setitem(AL.DECODE_TUNING, ("H100", 4, 64), special)
+    assert AL.decode_tuning("cuda", 4, 64) == special
+    assert AL.decode_tuning("cuda", 8, 64) == AL.DEFAULT_DECODE_TUNING
+    x = torch.zeros((1, 2, 256, 64))
+    keys, values = quantize_packed(x, 4, 32, "channel"), quantize_packed(x, 2, 32, "token")
+    dl = AL.decode_launch((1, 8, 1, 64), keys, values, "cuda")
+    assert (dl.a, dl.num_warps, dl.rb) == (4, 8, 2)
+    assert dl.n_split * dl.tiles_per_split * dl.a * dl.ts >= 256
+    assert AL.decode_launch((1, 8, 1, 64), keys, values, "cuda", a=1).a == 1
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,d,g", [(2, 64, 4), (4, 128, 1)])
+def test_decode_attention_kernel_shares_the_split_body(bits, d, g):
+    """decode_attention_kernel (quantized_segment_attention's decode path) and the fused kernel
+    share decode_split_state: the segment's partial triple from the kernel equals the torch path's
+    after normalisation within 9.3 (+ 9.2 b)."""
+    from accelerated import attention as AA
+    ref, ours, t = _drive(bits, d, 0, False, h=2, seed=11)
+    rng = np.random.default_rng(11)
+    b, s = ref.batch_size, ref.seq_length
+    q = rng.standard_normal((b, 2 * g, 1, d)).astype(np.float32)
+    qp = np.array([[s - 1], [s // 2], [-1]])[:b]
+    keys, values, pos = ours.quantized.kernel_views()
+    args = dict(query_positions=t(qp), key_positions=pos)
+    got = AA.normalise(*AA.quantized_segment_attention(t(q), keys, values, use_kernel=True, **args))
+    bound, n_vis = _bound(q, ref, qp)
+    want = ref.attend(q, qp)
+    got = _np(got).astype(np.float64)
+    assert np.all(got[n_vis == 0] == 0)
+    assert np.all(np.abs(got - want) <= bound)
+
+
+@needs_cuda
+def test_fused_decode_step_never_synchronises(fused_calls):
+    """With deferred checks (as in a model step) the fused attend reads nothing on the host:
+    CUDA's sync debug mode turns any synchronising call into an error."""
+    if KERNEL_DEVICE != "cuda":
+        pytest.skip("needs triton on the GPU")
+    ref, ours, t = _drive(2, 128, 8, True, h=2, seed=3)
+    q = torch.randn(ref.batch_size, 8, 1, 128, device="cuda", dtype=torch.bfloat16)
+    qp = torch.full((ref.batch_size, 1), ref.seq_length - 1, device="cuda")
+    ours.attend(q, qp, checks=DeferredChecks())                       # compile outside the guard
+    checks = DeferredChecks()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ours.attend(q, qp, checks=checks)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(fused_calls) == 2
+    checks.check()
+    assert bool(torch.isfinite(out).all())
