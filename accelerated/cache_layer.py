@@ -17,6 +17,7 @@ import torch
 from reference.config import KVSinkConfig
 
 from . import attention as _att
+from . import attention_sdpa as _sdpa
 from .cache_checks import (DeferredChecks, check_index, check_kv_shapes, check_mask, check_storage_dtype,
                            convert_kv, is_int, padding_message)
 from .cache_kvquant import KVQuantStore
@@ -124,8 +125,7 @@ class QuantizedKVCacheLayer:
         """Tokens whose status is still pending (the last ``num_pending`` residual slots)."""
         return 0 if self._residual is None else self._residual.pending
 
-    #: alias of :attr:`num_pending` (read by ``accelerated/hf.py``)
-    n_pending = num_pending
+    n_pending = num_pending     #: alias of :attr:`num_pending` (read by ``accelerated/hf``)
 
     @property
     def seq_length(self) -> int:
@@ -244,15 +244,16 @@ class QuantizedKVCacheLayer:
 
     # ------------------------------------------------------------------ 6.3 flush
 
-    def _due(self) -> int:
-        """Tokens the next :meth:`flush` quantizes (``flushed_length`` of the residual)."""
+    @property
+    def num_due(self) -> int:
+        """Tokens the next :meth:`flush` moves out of the residual (``flushed_length``; host only)."""
         return flushed_length(self.num_residual, self.config)
 
     def check_flushable(self) -> None:
         """Raise ``RuntimeError`` if :meth:`flush` would reach a pending token."""
         if self._dims is None:
             return
-        n = self._due()
+        n = self.num_due
         resolved = self.num_residual - self.num_pending
         if n > resolved:
             raise RuntimeError(f"{_FLUSH_PENDING_MESSAGE}: flushing {n} residual tokens needs "
@@ -273,7 +274,7 @@ class QuantizedKVCacheLayer:
         if self._dims is None:
             return 0
         self.check_flushable()
-        m = self._due()
+        m = self.num_due
         if m == 0:
             return 0
         if self._unchecked:                 # never quantize tokens whose deferred checks failed
@@ -464,10 +465,9 @@ class QuantizedKVCacheLayer:
         synchronisation), or, with ``checks`` (a :class:`DeferredChecks`), is
         recorded there and raised by its ``check()``.
 
-        ``shared``: None, or a fresh dict per model step passed to the ``attend`` of every
-        layer holding the same slots (same updates, statuses and flushes) with the same
-        ``query_positions``: the preserved and residual visibility masks are made by the
-        first layer and reused (docs/11-transformers.md §11.3).
+        ``shared``: None, or a fresh dict per model step passed to every layer holding the same
+        slots, with the same ``query_positions``: visibility masks are made once (docs/11 §11.3).
+        A prefill (``Tq > 1``) reads the residual through SDPA (:meth:`_attend_prefill`).
         """
         if not isinstance(query, torch.Tensor):
             raise TypeError(f"query must be a torch tensor (B, Hq, Tq, D), got {type(query).__name__}")
@@ -479,6 +479,9 @@ class QuantizedKVCacheLayer:
             _att.check_scale(scale, d)
             return torch.zeros(query.shape, dtype=_F32, device=query.device)
         q, qp, sc = self._attend_inputs(query, query_positions, scale, checks)
+        out = self._attend_prefill(query.dtype, q, qp, sc, block_size, use_kernel, checks, shared)
+        if out is not None:
+            return out
         parts = []
         if self.quantized.num_codes:
             parts.append(self.quantized.partial(q, qp, sc, block_size=block_size, use_kernel=use_kernel,
@@ -511,12 +514,7 @@ class QuantizedKVCacheLayer:
     def _full_precision_parts(self, q, qp, sc, block_size: int, shared: Optional[dict]) -> list:
         """``(m, l, acc)`` of the preserved store and of the residual (those not empty); already
         checked finite on update, no re-check here."""
-        parts = []
-        if self._preserved.used:
-            ppos, pk, pv = self._preserved.view()
-            vis = self._shared_visibility(shared, "preserved", qp, lambda: ppos)
-            parts.append(_att.segment_partial(q, pk.to(_F32), pv.to(_F32), qp, ppos, None, sc, block_size,
-                                              vis=vis))
+        parts = self._preserved_parts(q, qp, sc, block_size, shared)
         res = self._residual
         if res.length:
             rk, rv, _, _ = res.view()
@@ -524,6 +522,34 @@ class QuantizedKVCacheLayer:
             parts.append(_att.segment_partial(q, rk.to(_F32), rv.to(_F32), qp, None if vis is not None
                                               else res.positions(), None, sc, block_size, vis=vis))
         return parts
+
+    def _preserved_parts(self, q, qp, sc, block_size: int, shared: Optional[dict]) -> list:
+        """``[(m, l, acc)]`` of the preserved store, ``[]`` when it is empty."""
+        if not self._preserved.used:
+            return []
+        ppos, pk, pv = self._preserved.view()
+        vis = self._shared_visibility(shared, "preserved", qp, lambda: ppos)
+        return [_att.segment_partial(q, pk.to(_F32), pv.to(_F32), qp, ppos, None, sc, block_size, vis=vis)]
+
+    def _attend_prefill(self, query_dtype, q, qp, sc, block_size, use_kernel, checks, shared):
+        """A prefill's attention, its residual through SDPA (:mod:`accelerated.attention_sdpa`,
+        docs/11-transformers.md §11.3), or None (the blocked path): ``Tq == 1``, no residual, a
+        query not in the cache dtype, or earlier segments and no log-sum-exp op on this device."""
+        res = self._residual
+        earlier = self.quantized.num_codes > 0 or self._preserved.used > 0
+        if (q.shape[2] < 2 or not res.length or query_dtype != self.dtype
+                or self.dtype not in _sdpa.SDPA_DTYPES or (earlier and not _sdpa.lse_available(q.device))):
+            return None
+        rk, rv, valid, _ = res.view()
+        plan = _sdpa.shared_plan(shared, (self.device, res.start, res.length), qp, res.start, valid)
+        qc = q.to(self.dtype)
+        if not earlier:
+            return _sdpa.sdpa_attention(qc, rk, rv, plan, sc).to(_F32)
+        parts = [self.quantized.partial(q, qp, sc, block_size=block_size, use_kernel=use_kernel,
+                                        check_query=checks is None)] if self.quantized.num_codes else []
+        parts += self._preserved_parts(q, qp, sc, block_size, shared)
+        parts.append(_sdpa.sdpa_partial(qc, rk, rv, plan, sc))
+        return _att.normalise(*_att.merge_raw(parts))
 
     def _shared_visibility(self, shared: Optional[dict], segment: str, qp: torch.Tensor, positions):
         """The segment's visibility (bool ``(B, Tq, S)``) from ``shared`` or made and stored there;
@@ -553,11 +579,9 @@ class QuantizedKVCacheLayer:
     def allocated_bytes(self) -> int:
         """Bytes the buffers occupy, spare capacity included.
 
-        Differs from :meth:`nbytes` by the buffers' spare capacity (quantized
-        slots, preserved columns and residual slots allocated ahead, the
-        preserved store's scratch column), the per-slot int64 positions of the
-        quantized store kept beside its ``coded`` flags (so that attention
-        reads them directly) and the int64 preserved counts.
+        Differs from :meth:`nbytes` by the buffers' spare capacity (quantized slots, preserved
+        columns and residual slots allocated ahead, the preserved store's scratch column), the
+        quantized store's per-slot int64 positions (read by attention) and the preserved counts.
         """
         return int(sum(t.numel() * t.element_size() for t in self._tensors()))
 

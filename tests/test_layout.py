@@ -121,6 +121,7 @@ ACCELERATED_ONLY = {
     "calibration": "calibration passes over a transformers model",
     "attention_kernels": "Triton kernels of accelerated.attention",
     "attention_launch": "launch settings of the attention kernels",
+    "attention_sdpa": "a prefill's full-precision tokens through torch SDPA (flash / efficient kernels)",
     "quantize_kernels": "Triton kernels of accelerated.quantize",
     "kvquant_kernels": "Triton kernels of accelerated.kvquant",
     "triton_support": "triton (or its stand-in) and device properties for the kernels",

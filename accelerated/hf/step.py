@@ -10,7 +10,11 @@ call them; :class:`StepState` holds them):
 3. ``set_flags`` (once the predictor has read ``hidden_states[p]``, or at once without a predictor):
    the preservation status of the new tokens (``accelerated.preserve.preserved_set`` over the
    whole :class:`TokenHistory`); layers updated before that are resolved then.
-4. ``end`` (base-model forward hook): the deferred value checks are read (the one host
+4. ``flush_early`` (after a layer's attention, and for the layers resolved by ``set_flags``): in a
+   step of at least ``token_block`` new tokens (a prefill or a chunk of one), a layer that has
+   attended and whose tokens are resolved is flushed at once -- the deferred checks recorded so far
+   read first -- so that one or a few layers hold the prompt at full precision at a time.
+5. ``end`` (base-model forward hook): the deferred value checks are read (the one host
    synchronisation of a step that flushes nothing) and every layer is flushed.
    ``abandon`` (always-called hook) marks the cache broken if the forward raised after appending.
 
@@ -211,9 +215,10 @@ class StepState:
         if prev + n != flags.shape[1]:
             raise RuntimeError("KVSinkCache: preservation history out of step")
         hist.flags = flags
-        for layer in step.waiting:
+        waiting, step.waiting = step.waiting, []
+        for layer in waiting:
             layer.resolve(step.flags, step.checks)
-        step.waiting.clear()
+        self.flush_early(waiting)       # they have attended already (layers before the predictor's)
 
     def update_layer(self, layer, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Append the step's tokens to ``layer`` and resolve them when their status is known."""
@@ -225,6 +230,25 @@ class StepState:
             layer.resolve(step.flags, step.checks)
         else:
             step.waiting.append(layer)
+
+    def flush_early(self, layers: list) -> None:
+        """Flush ``layers`` now -- each has attended the step's tokens, which are resolved -- when
+        the step brought at least ``token_block`` tokens (a decode step keeps the flush for
+        ``end``: one read of the checks for every layer).  The checks recorded so far are read
+        first (one device->host read; a layer never quantizes unchecked tokens) and the step
+        records the next ones in a fresh ``DeferredChecks``.  The layers' contents are those the
+        flush at ``end`` would give: nothing reaches a layer after its attention."""
+        step = self.current
+        if step is None or step.n is None or step.n < self.config.token_block or step.flags is None:
+            return
+        due = [layer for layer in layers if layer.num_due()]
+        if not due:
+            return
+        from ..cache import DeferredChecks
+        step.checks.check()
+        step.checks = DeferredChecks()
+        for layer in due:
+            layer.flush()
 
     def query_positions(self, query: torch.Tensor) -> Optional[torch.Tensor]:
         """int64 ``(B, n)``: the slots of the step's ``n`` tokens, the attention's query positions;
