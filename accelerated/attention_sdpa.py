@@ -30,6 +30,7 @@ boolean mask) and expands the K/V heads for grouped-query attention (they take n
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["ResidualPlan", "residual_plan", "shared_plan", "sdpa_attention", "sdpa_partial", "lse_available",
-           "SDPA_DTYPES"]
+           "SDPA_DTYPES", "LSE_OPS"]
 
 #: Storage dtypes whose residual goes through SDPA (float64 keeps the float32-block path).
 SDPA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -122,13 +123,29 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Resi
     return out.masked_fill(~plan.seen, 0)
 
 
-def lse_available(device: torch.device) -> bool:
-    """Whether :func:`sdpa_partial` can run on ``device`` (the log-sum-exp op exists there)."""
-    if device.type == "cuda":
-        return hasattr(torch.ops.aten, "_scaled_dot_product_efficient_attention")
-    if device.type == "cpu":
-        return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-    return False
+#: The log-sum-exp op of each device type and the arguments :func:`sdpa_partial` passes it (the
+#: schemas of torch 2.1 to 2.13; an op missing or with another schema keeps the blocked path).
+LSE_OPS = {
+    "cuda": ("_scaled_dot_product_efficient_attention",
+             ("query", "key", "value", "attn_bias", "compute_log_sumexp", "dropout_p", "is_causal", "scale")),
+    "cpu": ("_scaled_dot_product_flash_attention_for_cpu",
+            ("query", "key", "value", "dropout_p", "is_causal", "attn_mask", "scale")),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def lse_available(device_type: str) -> bool:
+    """Whether :func:`sdpa_partial` can run on devices of ``device_type`` ("cuda", "cpu"): the
+    op of :data:`LSE_OPS` exists in this torch with the expected arguments."""
+    if device_type not in LSE_OPS:
+        return False
+    name, args = LSE_OPS[device_type]
+    op = getattr(torch.ops.aten, name, None)
+    try:
+        schema = op.default._schema
+    except (AttributeError, RuntimeError):
+        return False
+    return tuple(a.name for a in schema.arguments) == args
 
 
 def _additive_mask(plan: ResidualPlan, shape, dtype, device, align: int) -> torch.Tensor:

@@ -538,7 +538,7 @@ class QuantizedKVCacheLayer:
         res = self._residual
         earlier = self.quantized.num_codes > 0 or self._preserved.used > 0
         if (q.shape[2] < 2 or not res.length or query_dtype != self.dtype
-                or self.dtype not in _sdpa.SDPA_DTYPES or (earlier and not _sdpa.lse_available(q.device))):
+                or self.dtype not in _sdpa.SDPA_DTYPES or (earlier and not _sdpa.lse_available(q.device.type))):
             return None
         rk, rv, valid, _ = res.view()
         plan = _sdpa.shared_plan(shared, (self.device, res.start, res.length), qp, res.start, valid)

@@ -139,6 +139,25 @@ def test_decode_and_foreign_dtype_queries_keep_the_blocked_path(monkeypatch):
     assert sum(calls.values()) == 0
 
 
+def test_chunked_prefill_without_a_log_sum_exp_op_keeps_the_blocked_path(monkeypatch):
+    """Earlier segments to merge and no log-sum-exp op on the device: the float32 blocks, the
+    same numbers as with ``_attend_prefill`` disabled."""
+    layer, query, qp = _scenario("chunked", torch.bfloat16, "cpu")
+    calls = _counted(monkeypatch)
+    monkeypatch.setattr(attention_sdpa, "lse_available", lambda device_type: False)
+    got = layer.attend(query, qp)
+    assert sum(calls.values()) == 0
+    monkeypatch.setattr(QuantizedKVCacheLayer, "_attend_prefill", lambda self, *a: None)
+    assert torch.equal(got, layer.attend(query, qp))
+
+
+def test_lse_ops_have_the_expected_schema_here():
+    """This torch has the CPU op with the arguments sdpa_partial passes (the CUDA op's schema is
+    part of every build's op registry, checked the same way)."""
+    assert attention_sdpa.lse_available("cpu") and attention_sdpa.lse_available("cuda")
+    assert not attention_sdpa.lse_available("meta")
+
+
 def test_residual_plan_is_causal_only_for_the_window_itself():
     valid = torch.ones(2, 5, dtype=torch.bool)
     qp = torch.arange(3, 8).expand(2, 5)

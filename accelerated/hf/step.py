@@ -76,7 +76,8 @@ class ForwardStep:
         self.qpos = {}           # device -> int64 (B, n): the slots of the step's tokens (queries)
         self.shared = {}         # visibility masks of the full-precision segments, shared by layers
         from ..cache import DeferredChecks
-        self.checks = DeferredChecks()   # value checks of every layer, read once at the end
+        self.checks = DeferredChecks()   # value checks of every layer, read at the end (and
+        #                                  before each early flush of a prefill: flush_early)
 
 
 def _cat(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
