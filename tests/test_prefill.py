@@ -6,7 +6,8 @@
   plus the float32 row, computed from the test's own inputs (conformance/tolerances.py
   ``attention_bound``); queries that see no key are exactly 0 on both.  Cases: no padding (the
   causal case), left padding (queries seeing nothing), right-aligned queries (older residual
-  tokens), chunked prefill (earlier quantized blocks and preserved tokens, merged by log-sum-exp).
+  tokens), chunked prefill (earlier quantized blocks and preserved tokens, merged by log-sum-exp;
+  with older residual tokens and padding, or with the window = the queries: the causal plan).
 * The SDPA path builds neither a float32 copy of the residual nor a float32 ``(.., Tq, S)`` score
   or mask tensor (every op's outputs recorded by a dispatch mode).
 * Inside a model, the per-layer early flush leaves bit-identical cache contents and logits to the
@@ -60,19 +61,21 @@ def _scenario(name: str, dtype, device):
         layer.resolve(torch.zeros(B, 10, dtype=torch.bool, device=device))
         layer.update(*_kv(n, dtype, device, gen))
         first = 10
-    else:                                           # chunked: quantized blocks + preserved tokens
-        n = 7
-        layer = QuantizedKVCacheLayer(_config(4), dtype=dtype, device=device)
+    else:               # chunked: quantized blocks + preserved tokens (+ older residual tokens)
+        n, r0 = (7, 4) if name == "chunked" else (5, 0)
+        layer = QuantizedKVCacheLayer(_config(r0), dtype=dtype, device=device)
         layer.update(*_kv(20, dtype, device, gen))
         keep = torch.zeros(B, 20, dtype=torch.bool)
         keep[0, 0] = keep[1, 3] = keep[1, 9] = True
         layer.resolve(keep.to(device))
         layer.flush()
         valid = torch.ones(B, n, dtype=torch.bool)
-        valid[1, :2] = False                        # padding queries still see the earlier keys
+        if name == "chunked":
+            valid[1, :2] = False                    # padding queries still see the earlier keys
         layer.update(*_kv(n, dtype, device, gen), valid=valid.to(device))
         first = 20
         assert layer.quantized.num_codes and layer.preserved_positions()[1].numel() == 2
+        assert (layer.num_residual == n) == (name == "chunked-causal")
     query = torch.randn(B, HQ, n, D, generator=gen).to(dtype).to(device)
     qp = torch.arange(first, first + n, device=device).expand(B, n)
     return layer, query, qp
@@ -103,7 +106,7 @@ def _counted(monkeypatch):
     return calls
 
 
-SCENARIOS = ["causal", "left-padding", "right-aligned", "chunked"]
+SCENARIOS = ["causal", "left-padding", "right-aligned", "chunked", "chunked-causal"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -114,7 +117,7 @@ def test_sdpa_prefill_equals_the_blocked_path_within_the_bound(monkeypatch, devi
     layer, query, qp = _scenario(name, dtype, device)
     calls = _counted(monkeypatch)
     got = layer.attend(query, qp)
-    entry = "sdpa_partial" if name == "chunked" else "sdpa_attention"
+    entry = "sdpa_partial" if name.startswith("chunked") else "sdpa_attention"
     assert calls[entry] == 1 and sum(calls.values()) == 1, calls       # the SDPA path ran
     monkeypatch.setattr(QuantizedKVCacheLayer, "_attend_prefill", lambda self, *a: None)
     want = layer.attend(query, qp)
