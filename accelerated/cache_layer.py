@@ -125,7 +125,7 @@ class QuantizedKVCacheLayer:
         """Tokens whose status is still pending (the last ``num_pending`` residual slots)."""
         return 0 if self._residual is None else self._residual.pending
 
-    n_pending = num_pending     #: alias of :attr:`num_pending` (read by ``accelerated/hf``)
+    n_pending = num_pending     # alias of num_pending (read by accelerated/hf)
 
     @property
     def seq_length(self) -> int:
