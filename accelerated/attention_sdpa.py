@@ -20,7 +20,8 @@ When earlier segments are visible too (chunked prefill: quantized blocks, preser
 other segments' partial statistics (Definition 5.5): ``(m, l, acc) = (lse, 1, out)``.  The
 log-sum-exp comes from ``aten._scaled_dot_product_efficient_attention(..., compute_log_sumexp=True)``
 on CUDA and ``aten._scaled_dot_product_flash_attention_for_cpu`` on CPU; where neither is
-available :func:`lse_available` is False and the caller keeps the float32 blocks.
+available (or, on CUDA, the head dim is not aligned for it) :func:`lse_supported` is False and
+the caller keeps the float32 blocks.
 
 Memory: no float32 copy of the window and no float mask in the single-segment case; the
 merged case builds a float ``(B, 1, Tq, r)`` additive mask in the cache dtype (those ops take no
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["ResidualPlan", "residual_plan", "shared_plan", "sdpa_attention", "sdpa_partial", "lse_available",
+           "lse_supported", "prefill_applies",
            "SDPA_DTYPES", "LSE_OPS"]
 
 #: Storage dtypes whose residual goes through SDPA (float64 keeps the float32-block path).
@@ -131,6 +133,24 @@ LSE_OPS = {
     "cpu": ("_scaled_dot_product_flash_attention_for_cpu",
             ("query", "key", "value", "dropout_p", "is_causal", "attn_mask", "scale")),
 }
+
+
+def prefill_applies(query_shape, query_dtype: torch.dtype, cache_dtype: torch.dtype, device_type: str,
+                    merge: bool) -> bool:
+    """Whether a query ``(B, Hq, Tq, D)`` reads the residual through SDPA: a prefill (``Tq > 1``;
+    decoding keeps the float32 path), the query in the cache's dtype, one of :data:`SDPA_DTYPES`,
+    and, when other segments are to be merged (``merge``), :func:`lse_supported`."""
+    return (query_shape[2] > 1 and query_dtype == cache_dtype and cache_dtype in SDPA_DTYPES
+            and (not merge or lse_supported(device_type, cache_dtype, query_shape[3])))
+
+
+def lse_supported(device_type: str, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether :func:`sdpa_partial` runs for queries of ``dtype`` and ``head_dim`` on
+    ``device_type``: :func:`lse_available`, and on CUDA the memory-efficient kernel's head-dim
+    alignment (a multiple of 4 in float32, of 8 in 16-bit formats; torch's own sdpa check)."""
+    if not lse_available(device_type):
+        return False
+    return device_type != "cuda" or head_dim % (4 if dtype == torch.float32 else 8) == 0
 
 
 @functools.lru_cache(maxsize=None)

@@ -534,11 +534,10 @@ class QuantizedKVCacheLayer:
     def _attend_prefill(self, query_dtype, q, qp, sc, block_size, use_kernel, checks, shared):
         """A prefill's attention, its residual through SDPA (:mod:`accelerated.attention_sdpa`,
         docs/11-transformers.md §11.3), or None (the blocked path): ``Tq == 1``, no residual, a
-        query not in the cache dtype, or earlier segments and no log-sum-exp op on this device."""
+        query not in the cache dtype, or earlier segments and no usable log-sum-exp op here."""
         res = self._residual
         earlier = self.quantized.num_codes > 0 or self._preserved.used > 0
-        if (q.shape[2] < 2 or not res.length or query_dtype != self.dtype
-                or self.dtype not in _sdpa.SDPA_DTYPES or (earlier and not _sdpa.lse_available(q.device.type))):
+        if not res.length or not _sdpa.prefill_applies(q.shape, query_dtype, self.dtype, q.device.type, earlier):
             return None
         rk, rv, valid, _ = res.view()
         plan = _sdpa.shared_plan(shared, (self.device, res.start, res.length), qp, res.start, valid)

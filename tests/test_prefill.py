@@ -148,6 +148,7 @@ def test_chunked_prefill_without_a_log_sum_exp_op_keeps_the_blocked_path(monkeyp
     layer, query, qp = _scenario("chunked", torch.bfloat16, "cpu")
     calls = _counted(monkeypatch)
     monkeypatch.setattr(attention_sdpa, "lse_available", lambda device_type: False)
+    assert not attention_sdpa.lse_supported("cpu", torch.bfloat16, D)
     got = layer.attend(query, qp)
     assert sum(calls.values()) == 0
     monkeypatch.setattr(QuantizedKVCacheLayer, "_attend_prefill", lambda self, *a: None)
@@ -159,6 +160,9 @@ def test_lse_ops_have_the_expected_schema_here():
     part of every build's op registry, checked the same way)."""
     assert attention_sdpa.lse_available("cpu") and attention_sdpa.lse_available("cuda")
     assert not attention_sdpa.lse_available("meta")
+    assert attention_sdpa.lse_supported("cuda", torch.float32, 12)               # fp32: 4-aligned
+    assert not attention_sdpa.lse_supported("cuda", torch.bfloat16, 12)          # 16-bit: 8-aligned
+    assert attention_sdpa.lse_supported("cpu", torch.bfloat16, 3)
 
 
 def test_residual_plan_is_causal_only_for_the_window_itself():
