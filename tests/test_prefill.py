@@ -263,3 +263,37 @@ def test_early_flush_gives_the_end_of_forward_contents(monkeypatch):
         assert a.store.num_quantized > 0
         for x, y in zip(_store_state(a.store), _store_state(b.store)):
             assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+@pytest.mark.parametrize("layer_idx", [0, 3])
+def test_nonfinite_keys_in_a_prefill_raise_before_anything_is_quantized(layer_idx):
+    """NaN keys of layer 0 (waiting for the predictor at layer 2) or layer 3 (flushed right after
+    its attention) in a prefill: the ValueError naming the keys is raised by the first early flush
+    that reads the checks, before that flush quantizes anything (the layers flushed before it held
+    checked tokens only); the cache refuses the next forward until reset()."""
+    from accelerated.hf import KVSinkCache
+    from tests.test_hf import _tiny_llama, forward, predictor_fields, prompt, quant_config
+
+    model = _tiny_llama(4)
+    ids = prompt(seed=6, n=24)
+    cfg = quant_config(4, "pfn+kvsink", **predictor_fields(model, ids, layer=2))
+    cache = KVSinkCache(model, cfg)
+
+    def poison(mod, args, out):
+        out = out.clone()
+        out[..., 0] = float("nan")
+        return out
+
+    hook = model.model.layers[layer_idx].self_attn.k_proj.register_forward_hook(poison)
+    try:
+        with pytest.raises(ValueError, match="^keys contains NaN or Inf"):
+            forward(model, ids, cache)
+    finally:
+        hook.remove()
+    assert cache.layers[layer_idx].store.num_quantized == 0          # the NaN keys: never quantized
+    for layer in cache.layers[:layer_idx]:     # layer 3's case: layers 0-2 flushed checked tokens
+        assert layer.store.num_quantized > 0 and bool(torch.isfinite(layer.store.segments()[0][0]).all())
+    with pytest.raises(RuntimeError, match="reset"):
+        forward(model, ids, cache)
+    cache.reset()
+    assert torch.equal(forward(model, ids, cache).logits, forward(model, ids, KVSinkCache(model, cfg)).logits)
