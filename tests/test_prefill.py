@@ -10,6 +10,7 @@
   with older residual tokens and padding, or with the window = the queries: the causal plan).
 * The SDPA path builds neither a float32 copy of the residual nor a float32 ``(.., Tq, S)`` score
   or mask tensor (every op's outputs recorded by a dispatch mode).
+* A prefill's flush quantizes all its blocks in one ``quantize_packed`` call per side.
 * Inside a model, the per-layer early flush leaves bit-identical cache contents and logits to the
   end-of-forward flush, and no layer past the predictor's holds the prompt at full precision once
   its forward is done.
@@ -297,3 +298,21 @@ def test_nonfinite_keys_in_a_prefill_raise_before_anything_is_quantized(layer_id
         forward(model, ids, cache)
     cache.reset()
     assert torch.equal(forward(model, ids, cache).logits, forward(model, ids, KVSinkCache(model, cfg)).logits)
+
+
+def test_a_prefill_flush_quantizes_all_its_blocks_in_one_call_per_side(monkeypatch):
+    """The flush of a 40-token prefill (9 blocks of 4 due) calls ``quantize_packed`` once for the
+    keys and once for the values (one kernel launch per side on CUDA), each on all 36 tokens."""
+    from accelerated import cache_store
+    calls = []
+    original = cache_store.quantize_packed
+
+    def counting(x, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        return original(x, *args, **kwargs)
+    monkeypatch.setattr(cache_store, "quantize_packed", counting)
+    layer = QuantizedKVCacheLayer(_config(4), dtype=torch.bfloat16)
+    layer.update(*_kv(40, torch.bfloat16, "cpu", torch.Generator().manual_seed(1)))
+    layer.resolve(torch.zeros(B, 40, dtype=torch.bool))
+    assert layer.flush() == 9
+    assert calls == [(B, H, 36, D), (B, H, 36, D)]
