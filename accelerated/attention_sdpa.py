@@ -135,13 +135,13 @@ LSE_OPS = {
 }
 
 
-def prefill_applies(query_shape, query_dtype: torch.dtype, cache_dtype: torch.dtype, device_type: str,
-                    merge: bool) -> bool:
-    """Whether a query ``(B, Hq, Tq, D)`` reads the residual through SDPA: a prefill (``Tq > 1``;
-    decoding keeps the float32 path), the query in the cache's dtype, one of :data:`SDPA_DTYPES`,
-    and, when other segments are to be merged (``merge``), :func:`lse_supported`."""
-    return (query_shape[2] > 1 and query_dtype == cache_dtype and cache_dtype in SDPA_DTYPES
-            and (not merge or lse_supported(device_type, cache_dtype, query_shape[3])))
+def prefill_applies(query: torch.Tensor, cache_dtype: torch.dtype, device_type: str, merge: bool) -> bool:
+    """Whether ``query`` ``(B, Hq, Tq, D)`` reads the residual (on ``device_type``, in
+    ``cache_dtype``) through SDPA: a prefill (``Tq > 1``; decoding keeps the float32 path), the
+    query in the cache's dtype, one of :data:`SDPA_DTYPES`, and, when other segments are to be
+    merged (``merge``), :func:`lse_supported`."""
+    return (query.shape[2] > 1 and query.dtype == cache_dtype and cache_dtype in SDPA_DTYPES
+            and (not merge or lse_supported(device_type, cache_dtype, query.shape[3])))
 
 
 def lse_supported(device_type: str, dtype: torch.dtype, head_dim: int) -> bool:

@@ -478,10 +478,10 @@ class QuantizedKVCacheLayer:
             _att.int_tensor("query_positions", query_positions, (b, tq), query.device)
             _att.check_scale(scale, d)
             return torch.zeros(query.shape, dtype=_F32, device=query.device)
-        q, qp, sc = self._attend_inputs(query, query_positions, scale, checks)
-        out = self._attend_prefill(query.dtype, q, qp, sc, block_size, use_kernel, checks, shared)
+        out = self._attend_prefill(query, query_positions, scale, block_size, use_kernel, checks, shared)
         if out is not None:
             return out
+        q, qp, sc = self._attend_inputs(query, query_positions, scale, checks)
         parts = []
         if self.quantized.num_codes:
             parts.append(self.quantized.partial(q, qp, sc, block_size=block_size, use_kernel=use_kernel,
@@ -493,8 +493,8 @@ class QuantizedKVCacheLayer:
             return _att.normalise(*parts[0])
         return _att.normalise(*_att.merge_raw(parts))
 
-    def _attend_inputs(self, query: torch.Tensor, query_positions, scale, checks):
-        """The checked query (float32 on the device), query positions (int64) and scale.
+    def _attend_inputs(self, query: torch.Tensor, query_positions, scale, checks, convert: bool = True):
+        """The checked query (on the device; float32 unless not ``convert``), positions (int64), scale.
 
         The query's finiteness is checked once: recorded in ``checks``, or by the store's
         ``partial`` when it checks it (``checks_query``) and holds codes, here otherwise (each
@@ -506,7 +506,7 @@ class QuantizedKVCacheLayer:
             checks.finite(query, "query contains NaN or Inf; pass finite values")
         store_checks = self.quantized.checks_query and self.quantized.num_codes > 0
         q = _att.float_tensor("query", query.to(self.device), 4,
-                              check_finite=checks is None and not store_checks)
+                              check_finite=checks is None and not store_checks, convert=convert)
         _att.check_heads(q.shape[1], h)
         qp = _att.int_tensor("query_positions", query_positions, (b, q.shape[2]), self.device)
         return q, qp, _att.check_scale(scale, d)
@@ -531,19 +531,20 @@ class QuantizedKVCacheLayer:
         vis = self._shared_visibility(shared, "preserved", qp, lambda: ppos)
         return [_att.segment_partial(q, pk.to(_F32), pv.to(_F32), qp, ppos, None, sc, block_size, vis=vis)]
 
-    def _attend_prefill(self, query_dtype, q, qp, sc, block_size, use_kernel, checks, shared):
+    def _attend_prefill(self, query, query_positions, scale, block_size, use_kernel, checks, shared):
         """A prefill's attention, its residual through SDPA (:mod:`accelerated.attention_sdpa`,
         docs/11-transformers.md §11.3), or None (the blocked path): ``Tq == 1``, no residual, a
         query not in the cache dtype, or earlier segments and no usable log-sum-exp op here."""
         res = self._residual
         earlier = self.quantized.num_codes > 0 or self._preserved.used > 0
-        if not res.length or not _sdpa.prefill_applies(q.shape, query_dtype, self.dtype, q.device.type, earlier):
+        if not res.length or not _sdpa.prefill_applies(query, self.dtype, self.device.type, earlier):
             return None
+        qc, qp, sc = self._attend_inputs(query, query_positions, scale, checks, convert=False)
         rk, rv, valid, _ = res.view()
         plan = _sdpa.shared_plan(shared, (self.device, res.start, res.length), qp, res.start, valid)
-        qc = q.to(self.dtype)
         if not earlier:
             return _sdpa.sdpa_attention(qc, rk, rv, plan, sc).to(_F32)
+        q = qc.to(_F32)
         parts = [self.quantized.partial(q, qp, sc, block_size=block_size, use_kernel=use_kernel,
                                         check_query=checks is None)] if self.quantized.num_codes else []
         parts += self._preserved_parts(q, qp, sc, block_size, shared)
