@@ -188,7 +188,7 @@ def sdpa_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Residu
     """Partial statistics ``(m, l, acc)`` (Definition 5.4, float32 ``(B, Hq, Tq)``, ``(B, Hq, Tq)``,
     ``(B, Hq, Tq, D)``) of one full-precision segment, from SDPA's output and log-sum-exp:
     ``(lse, 1, out)`` where the row sees a key, ``(-inf, 0, 0)`` where it sees none.  Arguments as
-    :func:`sdpa_attention`; the caller checked :func:`lse_available`."""
+    :func:`sdpa_attention`; the caller checked :func:`lse_supported`."""
     b, hq, tq, _ = q.shape
     ke, ve = _expand_heads(k, hq), _expand_heads(v, hq)
     if q.device.type == "cuda":
