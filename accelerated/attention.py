@@ -62,9 +62,10 @@ _NEG_INF = float("-inf")
 
 # --------------------------------------------------------------------------- validation
 
-def float_tensor(name: str, x, ndim: int, check_finite: bool = True) -> torch.Tensor:
-    """``x`` as float32 after checking it is a floating torch tensor of ``ndim`` dimensions
-    (and finite unless ``check_finite=False``); errors name the argument ``name``."""
+def float_tensor(name: str, x, ndim: int, check_finite: bool = True, convert: bool = True) -> torch.Tensor:
+    """``x`` as float32 (as it is with ``convert=False``) after checking it is a floating torch
+    tensor of ``ndim`` dimensions (and finite unless ``check_finite=False``); errors name the
+    argument ``name``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch tensor (float16/bfloat16/float32/float64), "
                         f"got {type(x).__name__}")
@@ -74,7 +75,7 @@ def float_tensor(name: str, x, ndim: int, check_finite: bool = True) -> torch.Te
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
     if check_finite and x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf; pass finite values")
-    return x.to(_F32)
+    return x.to(_F32) if convert else x
 
 
 def int_tensor(name: str, x, shape, device) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 :class:`QuantizedKVCacheLayer` holds what both quantizers share: the residual
 window and the preserved store (records of ``accelerated/cache_state.py``), the
-flush loop, crop / reorder / select_batch / reset, segments, attend and the
-byte counts; it calls the quantized store (``self.quantized``), one
+flush loop, crop / reorder / select_batch / reset, segments and the byte
+counts, and ``attend`` from its base class :class:`accelerated.cache_attend.LayerAttention`
+(how the three segments are read: fused decode kernel, SDPA prefill, split form); it calls the
+quantized store (``self.quantized``), one
 implementation per quantizer chosen by :func:`make_store` (docs/06-cache.md,
 "Accelerated layout").
 """
@@ -16,15 +18,12 @@ import torch
 
 from reference.config import KVSinkConfig
 
-from . import attention as _att
-from .attention_launch import DECODE_ROWS
-from .cache_checks import (FLOAT_DTYPES, NONFINITE_MESSAGE, DeferredChecks, check_index, check_kv_shapes,
-                           check_mask,
+from .cache_attend import LayerAttention
+from .cache_checks import (NONFINITE_MESSAGE, DeferredChecks, check_index, check_kv_shapes, check_mask,
                            check_storage_dtype, convert_kv, is_int, padding_message)
 from .cache_kvquant import KVQuantStore
 from .cache_state import PreservedStore, ResidualWindow, admit_preserved, flushed_length, steady_capacity
 from .cache_store import QuantizedStore, UniformStore
-from .decode_kernels import fused_decode_attention
 from .quantize import PackedQuantizedTensor
 
 __all__ = ["STORES", "make_store", "QuantizedKVCacheLayer"]
@@ -43,7 +42,7 @@ def make_store(config: KVSinkConfig, *, kvquant_calibration=None, rope_inv_freq=
                                     rope_inv_freq=rope_inv_freq)
 
 
-class QuantizedKVCacheLayer:
+class QuantizedKVCacheLayer(LayerAttention):
     """One layer of the streaming quantized KV cache (torch twin of the reference's).
 
     Parameters
@@ -127,8 +126,7 @@ class QuantizedKVCacheLayer:
         """Tokens whose status is still pending (the last ``num_pending`` residual slots)."""
         return 0 if self._residual is None else self._residual.pending
 
-    #: alias of :attr:`num_pending` (read by ``accelerated/hf.py``)
-    n_pending = num_pending
+    n_pending = num_pending     # alias of num_pending (read by accelerated/hf)
 
     @property
     def seq_length(self) -> int:
@@ -263,15 +261,16 @@ class QuantizedKVCacheLayer:
 
     # ------------------------------------------------------------------ 6.3 flush
 
-    def _due(self) -> int:
-        """Tokens the next :meth:`flush` quantizes (``flushed_length`` of the residual)."""
+    @property
+    def num_due(self) -> int:
+        """Tokens the next :meth:`flush` moves out of the residual (``flushed_length``; host only)."""
         return flushed_length(self.num_residual, self.config)
 
     def check_flushable(self) -> None:
         """Raise ``RuntimeError`` if :meth:`flush` would reach a pending token."""
         if self._dims is None:
             return
-        n = self._due()
+        n = self.num_due
         resolved = self.num_residual - self.num_pending
         if n > resolved:
             raise RuntimeError(f"{_FLUSH_PENDING_MESSAGE}: flushing {n} residual tokens needs "
@@ -292,7 +291,7 @@ class QuantizedKVCacheLayer:
         if self._dims is None:
             return 0
         self.check_flushable()
-        m = self._due()
+        m = self.num_due
         if m == 0:
             return 0
         if self._unchecked:                 # never quantize tokens whose deferred checks failed
@@ -467,121 +466,6 @@ class QuantizedKVCacheLayer:
                 (pk.clone(), pv.clone(), ppos.clone()),
                 (rk.clone(), rv.clone(), self._residual.positions())]
 
-    # ------------------------------------------------------------------ 6.13 attention
-
-    def attend(self, query, query_positions, scale=None, *, block_size: int = 256,
-               use_kernel: Optional[bool] = None, checks: Optional[DeferredChecks] = None,
-               shared: Optional[dict] = None) -> torch.Tensor:
-        """Attention of ``query`` over the cache (definition 6.13), float32 ``(B, Hq, Tq, D)``.
-
-        Decode (``g*Tq <= DECODE_ROWS``) over the uniform store where the Triton kernels run
-        (CUDA): :meth:`_attend_fused`, one kernel over the three segments and one merge kernel.
-        Otherwise the quantized store is read by its ``partial`` step (uniform: from its packed
-        form, ``block_size`` slots at a time, :func:`accelerated.attention.quantized_segment_attention`,
-        the Triton kernel on CUDA, ``use_kernel`` as there; kvquant: the dequantized blocks), the
-        preserved store and the residual are attended at full precision, and the three partial
-        results are merged with the log-sum-exp rule (Definition 5.5).  Equals the reference's
-        ``split_attention(query, segments(), ...)`` within docs/09-tolerances.md §9.3.  Key ``s``
-        is visible to query ``t`` iff its slot is not empty and its position is ``<=
-        query_positions[b, t]``.  A query holding NaN or Inf raises ``ValueError`` (one
-        device->host synchronisation), or, with ``checks`` (a :class:`DeferredChecks`), is recorded
-        there and raised by its ``check()``.  ``shared``: None, or a fresh dict per model step passed
-        to the ``attend`` of every layer holding the same slots (same updates, statuses and flushes)
-        with the same ``query_positions``: the preserved and residual visibility masks are made by
-        the first layer and reused (docs/11-transformers.md §11.3).
-        """
-        if not isinstance(query, torch.Tensor):
-            raise TypeError(f"query must be a torch tensor (B, Hq, Tq, D), got {type(query).__name__}")
-        if query.dim() != 4:
-            raise ValueError(f"query must have shape (B, Hq, Tq, D), got {tuple(query.shape)}")
-        if self._dims is None:
-            b, hq, tq, d = query.shape
-            _att.int_tensor("query_positions", query_positions, (b, tq), query.device)
-            _att.check_scale(scale, d)
-            return torch.zeros(query.shape, dtype=_F32, device=query.device)
-        if self._fused_applies(query, use_kernel):
-            return self._attend_fused(query, query_positions, scale, checks)
-        q, qp, sc = self._attend_inputs(query, query_positions, scale, checks)
-        parts = []
-        if self.quantized.num_codes:
-            parts.append(self.quantized.partial(q, qp, sc, block_size=block_size, use_kernel=use_kernel,
-                                                check_query=checks is None))
-        parts += self._full_precision_parts(q, qp, sc, block_size, shared)
-        if not parts:
-            return torch.zeros(q.shape, dtype=_F32, device=self.device)
-        if len(parts) == 1:
-            return _att.normalise(*parts[0])
-        return _att.normalise(*_att.merge_raw(parts))
-
-    def _fused_applies(self, query: torch.Tensor, use_kernel) -> bool:
-        """Whether :meth:`attend` takes :meth:`_attend_fused` (a store that ``fused_decode``s, a
-        decode-sized query of valid shape, the Triton kernels usable, ``use_kernel`` not False)."""
-        (b, h, d), (qb, hq, tq, qd) = self._dims, query.shape
-        return (use_kernel is not False and self.quantized.fused_decode and (qb, qd) == (b, d)
-                and hq % h == 0 and 0 < (hq // h) * tq <= DECODE_ROWS and query.dtype in FLOAT_DTYPES
-                and query.device == self._residual.keys.device and _att.attention_kernel_usable(query))
-
-    def _attend_fused(self, query: torch.Tensor, query_positions, scale, checks) -> torch.Tensor:
-        """:meth:`attend` in two launches and no host read (accelerated/decode_kernels.py): float32
-        ``(B, Hq, Tq, D)``, a transposed view of ``(B, Tq, Hq, D)``."""
-        if checks is not None:
-            checks.finite(query, "query contains NaN or Inf; pass finite values")
-        elif not bool(torch.isfinite(query).all()):
-            raise ValueError("query contains NaN or Inf; pass finite values")
-        qp = _att.int_tensor("query_positions", query_positions, (query.shape[0], query.shape[2]), self.device)
-        (ppos, pk, pv), (rk, rv, valid, _) = self._preserved.view(), self._residual.view()
-        return fused_decode_attention(query, qp, _att.check_scale(scale, query.shape[3]),
-                                      self.quantized.kernel_views(), (pk, pv, ppos),
-                                      (rk, rv, valid, self._residual.start))
-
-    def _attend_inputs(self, query: torch.Tensor, query_positions, scale, checks):
-        """The checked query (float32 on the device), query positions (int64) and scale.
-
-        The query's finiteness is checked once: recorded in ``checks``, or by the store's
-        ``partial`` when it checks it (``checks_query``) and holds codes, here otherwise (each
-        eager check is a device->host sync)."""
-        b, h, d = self._dims
-        if query.shape[0] != b or query.shape[3] != d:
-            raise ValueError(f"query must have shape (B={b}, Hq, Tq, D={d}), got {tuple(query.shape)}")
-        if checks is not None:
-            checks.finite(query, "query contains NaN or Inf; pass finite values")
-        store_checks = self.quantized.checks_query and self.quantized.num_codes > 0
-        q = _att.float_tensor("query", query.to(self.device), 4,
-                              check_finite=checks is None and not store_checks)
-        _att.check_heads(q.shape[1], h)
-        qp = _att.int_tensor("query_positions", query_positions, (b, q.shape[2]), self.device)
-        return q, qp, _att.check_scale(scale, d)
-
-    def _full_precision_parts(self, q, qp, sc, block_size: int, shared: Optional[dict]) -> list:
-        """``(m, l, acc)`` of the preserved store and of the residual (those not empty); already
-        checked finite on update, no re-check here."""
-        parts = []
-        if self._preserved.used:
-            ppos, pk, pv = self._preserved.view()
-            vis = self._shared_visibility(shared, "preserved", qp, lambda: ppos)
-            parts.append(_att.segment_partial(q, pk.to(_F32), pv.to(_F32), qp, ppos, None, sc, block_size,
-                                              vis=vis))
-        res = self._residual
-        if res.length:
-            rk, rv, _, _ = res.view()
-            vis = self._shared_visibility(shared, "residual", qp, res.positions)
-            parts.append(_att.segment_partial(q, rk.to(_F32), rv.to(_F32), qp, None if vis is not None
-                                              else res.positions(), None, sc, block_size, vis=vis))
-        return parts
-
-    def _shared_visibility(self, shared: Optional[dict], segment: str, qp: torch.Tensor, positions):
-        """The segment's visibility (bool ``(B, Tq, S)``) from ``shared`` or made and stored there;
-        None without ``shared`` (``segment_partial`` then computes it block by block)."""
-        if shared is None:
-            return None
-        key = (segment, self.device, self._residual.start, self._residual.length, self._preserved.used,
-               tuple(qp.shape))
-        vis = shared.get(key)
-        if vis is None:
-            vis = _att.visibility(qp, positions())
-            shared[key] = vis
-        return vis
-
     # ------------------------------------------------------------------ 6.17 bytes
 
     def nbytes(self) -> int:
@@ -597,11 +481,9 @@ class QuantizedKVCacheLayer:
     def allocated_bytes(self) -> int:
         """Bytes the buffers occupy, spare capacity included.
 
-        Differs from :meth:`nbytes` by the buffers' spare capacity (quantized
-        slots, preserved columns and residual slots allocated ahead, the
-        preserved store's scratch column), the per-slot int64 positions of the
-        quantized store kept beside its ``coded`` flags (so that attention
-        reads them directly) and the int64 preserved counts.
+        Differs from :meth:`nbytes` by the buffers' spare capacity (quantized slots, preserved
+        columns and residual slots allocated ahead, the preserved store's scratch column), the
+        quantized store's per-slot int64 positions (read by attention) and the preserved counts.
         """
         return int(sum(t.numel() * t.element_size() for t in self._tensors()))
 

@@ -20,9 +20,10 @@ Where each concern lives (docs/ARCHITECTURE.md draws how a token flows through t
 * :mod:`accelerated.hf.step` -- the per-forward state (``cache.steps``): new tokens appended as
   pending, their preservation status resolved once per forward (after the predictor read
   ``hidden_states[p]``, from per-row counts on the device), every layer flushed when the forward
-  ends; the deferred value checks are read by the first flush that quantizes (a step that flushes
-  nothing reads nothing from the device) or at once with ``eager_checks=True``
-  (docs/11-transformers.md §11.3 "Validation").
+  ends (in a prefill, each layer as soon as it has attended and its tokens are resolved); the
+  deferred value checks are read by the first flush that quantizes (a step that flushes nothing
+  reads nothing from the device) or at once with ``eager_checks=True`` (docs/11-transformers.md
+  §11.3 "Validation", "Flush timing in a prefill").
 * :mod:`accelerated.hf.attention` -- the ``"kvsink"`` attention and mask functions registered in
   transformers' ``AttentionInterface``: a kvsink layer's ``attend`` (no dequantized copy of the
   cache), ``sdpa`` for any other layer or a forward without a ``KVSinkCache``.

@@ -63,6 +63,7 @@ def kvsink_attention(module, query, key, value, attention_mask, dropout: float =
         out = layer.attend(query, scaling, positions=positions,
                            checks=None if step is None else step.checks,
                            shared=None if positions is None else step.shared)
+        cache.steps.flush_early([layer])                     # a prefill: this layer is done
         return out.transpose(1, 2).contiguous(), None      # contiguous already: no copy
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,

@@ -7,6 +7,8 @@
 * a forward pre-hook on every decoder layer hands ``hidden_states[p]`` to the cache when the layer
   is the predictor layer ``p`` (layers ``< p`` have appended their tokens already, layers ``>= p``
   are resolved at their update);
+* (a prefill's layers are flushed one by one as they finish: ``StepState.flush_early``, called by
+  the attention function and by ``set_flags``;)
 * a forward hook on the base model ends the step (deferred checks, flush), and an always-called
   one pops the active cache and abandons a step the forward left unfinished;
 * ``model.generate`` is wrapped so that, when it returns, the value checks of the steps since the

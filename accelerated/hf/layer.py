@@ -182,6 +182,10 @@ class KVSinkLayer(CacheLayerMixin):
         if self.store is not None:
             self.store.flush()
 
+    def num_due(self) -> int:
+        """Tokens the next :meth:`flush` moves out of the residual (host arithmetic, no device read)."""
+        return 0 if self.store is None else self.store.num_due
+
     def attend(self, query: torch.Tensor, scale: Optional[float], positions=None,
                checks=None, shared=None) -> torch.Tensor:
         """Attention of ``query (B, Hq, n, D)``, the step's ``n`` newest slots, over this layer's cache.

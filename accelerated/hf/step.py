@@ -17,6 +17,10 @@ call them; :class:`StepState` holds them):
    last flush).  A step that flushes nothing reads nothing from the device; its checks stay in the
    cache's open :class:`~accelerated.cache.DeferredChecks` (``eager_checks=True``: read at every
    ``end``; :meth:`StepState.read_checks`: at once, e.g. before a crop).
+   ``flush_early`` (after a layer's attention, and for the layers resolved by ``set_flags``): in a
+   step of at least ``token_block`` new tokens (a prefill or a chunk of one), a layer that has
+   attended and whose tokens are resolved is flushed at once (reading the checks first, as any
+   flush that quantizes does), so that one or a few layers hold the prompt at full precision.
    ``abandon`` (always-called hook) marks the cache broken if the forward raised after appending.
 
 The stack of active caches (one per nested forward, per thread) lives here too: the attention
@@ -298,9 +302,10 @@ class StepState:
                                                              predicted=predicted)
         hist.append_status(flags, predicted, valid_count, preserved_count)
         step.flags = flags
-        for layer in step.waiting:
+        waiting, step.waiting = step.waiting, []
+        for layer in waiting:
             self._resolve(layer)
-        step.waiting.clear()
+        self.flush_early(waiting)       # they have attended already (layers before the predictor's)
 
     def _resolve(self, layer) -> None:
         """Resolve ``layer``'s pending tokens with the step's flags (padding never flagged:
@@ -318,6 +323,21 @@ class StepState:
             self._resolve(layer)
         else:
             step.waiting.append(layer)
+
+    def flush_early(self, layers: list) -> None:
+        """Flush ``layers`` now -- each has attended the step's tokens, which are resolved -- when
+        the step brought at least ``token_block`` tokens (a decode step keeps the flush for
+        ``end``).  A layer that quantizes reads the open checks first (one device->host read for
+        all of them; a layer never quantizes unchecked tokens) and the layers after it record
+        theirs in a fresh ``DeferredChecks`` (``_renew_checks``).  The layers' contents are those
+        the flush at ``end`` would give: nothing reaches a layer after its attention."""
+        step = self.current
+        if step is None or step.n is None or step.n < self.config.token_block or step.flags is None:
+            return
+        for layer in layers:
+            if layer.num_due():
+                layer.flush()
+        self._renew_checks()
 
     def query_positions(self, query: torch.Tensor) -> Optional[torch.Tensor]:
         """int64 ``(B, n)``: the slots of the step's ``n`` tokens, the attention's query positions;
