@@ -25,7 +25,7 @@ from reference import cache as ref_cache
 from reference import quantize as RQ
 from reference.config import KVSinkConfig
 
-from accelerated import cache_layer as ACL
+from accelerated import cache_attend as ACA
 from accelerated.cache_checks import DeferredChecks
 from accelerated.cache_layer import QuantizedKVCacheLayer
 from tests.conftest import KERNEL_DEVICE, needs_cuda, needs_kernel
@@ -38,12 +38,12 @@ ETA = 2.0 ** -149
 def fused_calls(monkeypatch):
     """Counts the layer's calls of the fused kernel's entry point (proves attend took it)."""
     calls = []
-    real = ACL.fused_decode_attention
+    real = ACA.fused_decode_attention
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
-    monkeypatch.setattr(ACL, "fused_decode_attention", spy)
+    monkeypatch.setattr(ACA, "fused_decode_attention", spy)
     return calls
 
 
