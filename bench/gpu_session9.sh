@@ -22,7 +22,7 @@ run_kernels() {
   timeout 100 python3 bench/bench_kernels.py --quick --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1
   echo "kernels rc=$?"; grep -i -E "layer|floor" "$OUT/kernels.txt" | tail -20
   timeout 120 python3 bench/gpu_decode_profile.py --prompt 4096 --steps 32 --rounds 3 --warmup-s 10 \
-    --out "$OUT/profile.json" > "$OUT/profile.txt" 2>&1
+    --out "$OUT" > "$OUT/profile.txt" 2>&1
   echo "profile rc=$?"; tail -15 "$OUT/profile.txt"
 }
 run_speed() {
