@@ -74,13 +74,16 @@ def check_data(args) -> None:
 
 def corpus_ids(args, tokenizer):
     """``(ids (1, N), corpus name)`` of ``--data`` (or the default text)."""
-    from .corpus import is_wikitext, load_corpus, tokenize_corpus
+    from .corpus import is_wikitext, load_corpus, tokenize_corpus, window_bos
     try:
         text, name = load_corpus(args.data)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     ids = tokenize_corpus(text, tokenizer, wikitext_rows=is_wikitext(name))
-    say(f"corpus: {name}: {ids.shape[1]} tokens")
+    bos = window_bos(tokenizer)
+    say(f"corpus: {name}: {ids.shape[1]} tokens; "
+        + ("no BOS (the tokenizer adds none)" if bos is None else
+           f"every window opens with the BOS {tokenizer.convert_ids_to_tokens(bos)!r}"))
     return ids, name
 
 

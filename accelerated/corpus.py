@@ -6,7 +6,9 @@ bundled ``pydoc_data.topics`` (the Python language reference's topic pages,
 ~465,000 characters of English prose, ~113,000 SmolLM2 tokens; installed with
 every CPython, so no download).  :func:`tokenize_corpus` tokenizes it once
 (WikiText-2 files with their rows joined by ``"\\n\\n"``, the common practice),
-:func:`make_windows` cuts the token stream into non-overlapping windows.
+:func:`make_windows` cuts the token stream into non-overlapping windows, each
+opened by the tokenizer's BOS token where the tokenizer adds one
+(:func:`window_bos`), the way the model saw text in training.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ __all__ = [
     "is_wikitext",
     "corpus_documents",
     "tokenize_corpus",
+    "window_bos",
+    "window_count",
     "make_windows",
 ]
 
@@ -105,31 +109,61 @@ def corpus_documents(text: str) -> List[str]:
 
 
 def tokenize_corpus(text: str, tokenizer, *, wikitext_rows: bool = True) -> torch.Tensor:
-    """Token ids ``(1, N)`` of the whole corpus, tokenized once.
+    """Token ids ``(1, N)`` of the whole corpus, tokenized once, **without** special tokens.
 
     ``wikitext_rows=True``: the rows of :func:`corpus_documents` are joined with
     ``"\\n\\n"`` (the common practice for WikiText raw in GPTQ / KIVI / lm-eval
-    style perplexity scripts); False: the text as it is.  Tokenized with the
-    tokenizer's defaults (a BOS token only at the very start, and only if the
-    tokenizer adds one).
+    style perplexity scripts); False: the text as it is.  No BOS/EOS is added
+    (``add_special_tokens=False``): :func:`make_windows` opens every window with
+    the BOS of :func:`window_bos` instead.
     """
     joined = "\n\n".join(corpus_documents(text)) if wikitext_rows else text
-    enc = tokenizer(joined, return_tensors="pt", verbose=False)
+    enc = tokenizer(joined, return_tensors="pt", verbose=False, add_special_tokens=False)
     return enc["input_ids"].to(torch.long)
 
 
-def make_windows(input_ids, seq_len: int, max_windows: Optional[int] = None) -> torch.Tensor:
+def window_bos(tokenizer) -> Optional[int]:
+    """The token id that opens every evaluation window: the tokenizer's BOS where it adds one.
+
+    ``tokenizer.bos_token_id`` when it is set **and** the tokenizer puts it in front of
+    text by default (``tokenizer("a")["input_ids"][0] == bos_token_id``): the way the
+    model saw text in training.  None otherwise — a tokenizer without a BOS, or one
+    that declares a BOS token but does not add it (SmolLM2's ``<|im_start|>`` and
+    Qwen2.5's ``<|endoftext|>``: docs/12-evaluation.md §12.1).
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return int(bos) if len(ids) and int(ids[0]) == int(bos) else None
+
+
+def window_count(n_tokens: int, seq_len: int, bos_token_id: Optional[int] = None) -> int:
+    """Whole windows of ``seq_len`` tokens that ``n_tokens`` text tokens give: each window holds
+    ``seq_len`` text tokens, or ``seq_len - 1`` after a BOS (``bos_token_id`` not None)."""
+    return int(n_tokens) // (seq_len - (bos_token_id is not None))
+
+
+def make_windows(input_ids, seq_len: int, max_windows: Optional[int] = None,
+                 bos_token_id: Optional[int] = None) -> torch.Tensor:
     """Non-overlapping windows ``(W, seq_len)`` of a token stream.
 
-    ``input_ids`` is ``(N,)`` or ``(1, N)``.  Window ``w`` holds tokens
-    ``[w * seq_len, (w + 1) * seq_len)``; a trailing partial window is dropped;
-    the first ``max_windows`` are kept (``None``: all).
+    ``input_ids`` is ``(N,)`` or ``(1, N)``.  Without ``bos_token_id``, window ``w``
+    holds tokens ``[w * seq_len, (w + 1) * seq_len)``.  With it (a BOS, see
+    :func:`window_bos`), window ``w`` is that BOS followed by text tokens
+    ``[w * (seq_len - 1), (w + 1) * (seq_len - 1))``: the BOS is context, never a
+    scored target, and every text token is scored once (the ``seq_len - 1``
+    predictions of a window are its text tokens).  A trailing partial window is
+    dropped; the first ``max_windows`` are kept (``None``: all).
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2 (one prediction needs two tokens), got {seq_len!r}")
     if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)
                                     or max_windows < 1):
         raise ValueError(f"max_windows must be None or an int >= 1, got {max_windows!r}")
+    if bos_token_id is not None and (isinstance(bos_token_id, bool) or not isinstance(bos_token_id, int)
+                                     or bos_token_id < 0):
+        raise ValueError(f"bos_token_id must be None or a token id >= 0, got {bos_token_id!r}")
     ids = torch.as_tensor(input_ids)
     if ids.ndim == 2 and ids.shape[0] == 1:
         ids = ids[0]
@@ -137,10 +171,15 @@ def make_windows(input_ids, seq_len: int, max_windows: Optional[int] = None) -> 
         raise ValueError(f"input_ids must have shape (N,) or (1, N), got {tuple(ids.shape)}")
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise TypeError(f"input_ids must be an integer tensor, got {ids.dtype}")
-    n = ids.shape[0] // seq_len
+    text_len = seq_len - (bos_token_id is not None)
+    n = window_count(ids.shape[0], seq_len, bos_token_id)
     if n == 0:
-        raise ValueError(f"the corpus has {ids.shape[0]} tokens, fewer than seq_len={seq_len}; "
-                         "use a smaller seq_len or a longer corpus")
+        raise ValueError(f"the corpus has {ids.shape[0]} tokens, fewer than seq_len={seq_len}"
+                         + (" less the window's BOS" if bos_token_id is not None else "")
+                         + "; use a smaller seq_len or a longer corpus")
     if max_windows is not None:
         n = min(n, max_windows)
-    return ids[: n * seq_len].reshape(n, seq_len).to(torch.long)
+    windows = ids[: n * text_len].reshape(n, text_len).to(torch.long)
+    if bos_token_id is None:
+        return windows
+    return torch.cat([torch.full((n, 1), bos_token_id, dtype=torch.long), windows], dim=1)
