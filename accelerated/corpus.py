@@ -9,11 +9,20 @@ every CPython, so no download).  :func:`tokenize_corpus` tokenizes it once
 :func:`make_windows` cuts the token stream into non-overlapping windows, each
 opened by the tokenizer's BOS token where the tokenizer adds one
 (:func:`window_bos`), the way the model saw text in training.
+
+A second English corpus, :func:`lee_corpus_text` (``--corpus lee``): the Lee
+background corpus, 300 news articles (360 KB), read from inside gensim's
+wheel (``gensim/test/test_data/lee_background.cor``), fetched once with
+``pip download --no-deps`` into ``cache_dir()/corpora`` and checked against its
+SHA-256; nothing is installed or imported from the wheel.
+:func:`load_named_corpus` resolves ``wikitext`` / ``lee`` / ``default`` / a path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import zipfile
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -25,6 +34,13 @@ __all__ = [
     "default_corpus_text",
     "default_corpus_path",
     "load_corpus",
+    "LEE_REQUIREMENT",
+    "LEE_MEMBER",
+    "LEE_SHA256",
+    "LEE_NAME",
+    "corpora_dir",
+    "lee_corpus_text",
+    "load_named_corpus",
     "is_wikitext",
     "corpus_documents",
     "tokenize_corpus",
@@ -97,6 +113,84 @@ def _named(p: Path) -> Tuple[str, str]:
     if p.resolve() == default_corpus_path():
         return text, PACKAGED_TEXT_NAME
     return text, str(p)
+
+
+#: The wheel that holds the Lee corpus (any platform's wheel of this version holds the same file).
+LEE_REQUIREMENT = "gensim==4.4.0"
+#: The corpus file inside the wheel, and its SHA-256.
+LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
+LEE_SHA256 = "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb"
+#: Name reported for the Lee corpus.
+LEE_NAME = "lee_background (gensim 4.4.0 test data: 300 news articles)"
+
+
+def corpora_dir() -> Path:
+    """Folder of downloaded corpus wheels: ``cache_dir()/corpora`` (``$KVSINK_CACHE`` or ``~/.cache/kvsink``)."""
+    from .model_registry import cache_dir
+    return cache_dir() / "corpora"
+
+
+def lee_corpus_text(folder=None, *, download: bool = True) -> str:
+    """The Lee background corpus: 300 news articles, one per line (UTF-8 text).
+
+    Read from ``gensim-4.4.0-*.whl`` in ``folder`` (default :func:`corpora_dir`);
+    with none there and ``download=True`` the wheel is fetched first with
+    ``pip download --no-deps`` (``model_registry.pip_download``).
+    ``FileNotFoundError`` (naming the command to run) when no wheel can be had;
+    ``ValueError`` when the wheel lacks :data:`LEE_MEMBER` or the file's SHA-256
+    is not :data:`LEE_SHA256`.
+    """
+    folder = Path(folder) if folder is not None else corpora_dir()
+    wheel = _lee_wheel(folder)
+    if wheel is None:
+        if not download:
+            raise FileNotFoundError(f"--corpus lee needs the {LEE_REQUIREMENT} wheel in {folder}: run "
+                                    f"`pip download --no-deps {LEE_REQUIREMENT} -d {folder}` (or omit "
+                                    "download=False to fetch it)")
+        from .model_registry import pip_download
+        folder.mkdir(parents=True, exist_ok=True)
+        pip_download(LEE_REQUIREMENT, folder)
+        wheel = _lee_wheel(folder)
+        if wheel is None:
+            raise FileNotFoundError(f"fetching {LEE_REQUIREMENT} left no wheel in {folder}")
+    with zipfile.ZipFile(wheel) as zf:
+        if LEE_MEMBER not in zf.namelist():
+            raise ValueError(f"{wheel.name} holds no {LEE_MEMBER}: not the {LEE_REQUIREMENT} wheel; "
+                             "delete it and retry")
+        data = zf.read(LEE_MEMBER)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != LEE_SHA256:
+        raise ValueError(f"{LEE_MEMBER} in {wheel} has sha256 {digest}, expected {LEE_SHA256}: not the "
+                         f"{LEE_REQUIREMENT} wheel; delete it and retry")
+    return data.decode("utf-8")
+
+
+def _lee_wheel(folder: Path) -> Optional[Path]:
+    dist, version = LEE_REQUIREMENT.split("==")
+    found = sorted(folder.glob(f"{dist}-{version}-*.whl")) if folder.is_dir() else []
+    return found[0] if found else None
+
+
+def load_named_corpus(name: str, *, download: bool = True) -> Tuple[str, str, bool]:
+    """``(text, name, wikitext_rows)`` of a corpus chosen by name.
+
+    ``"wikitext"``: the file of ``$KVSINK_WIKITEXT`` (``FileNotFoundError`` when unset);
+    ``"lee"``: :func:`lee_corpus_text`; ``"default"``: :func:`default_corpus_text`;
+    anything else: a text file's path (:func:`load_corpus`).  ``wikitext_rows`` says whether
+    :func:`tokenize_corpus` should join WikiText rows (:func:`is_wikitext`).
+    """
+    if name == "lee":
+        return lee_corpus_text(download=download), LEE_NAME, False
+    if name == "default":
+        return default_corpus_text(), DEFAULT_CORPUS_NAME, False
+    if name == "wikitext":
+        if not os.environ.get(_WIKITEXT_ENV):
+            raise FileNotFoundError(f"--corpus wikitext reads ${_WIKITEXT_ENV}: set it to WikiText-2's "
+                                    "wiki.test.raw, or pass that file's path as --corpus")
+        text, label = load_corpus()
+    else:
+        text, label = load_corpus(name)
+    return text, label, is_wikitext(label)
 
 
 def corpus_documents(text: str) -> List[str]:
