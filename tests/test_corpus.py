@@ -99,3 +99,74 @@ def test_every_protocol_opens_windows_with_bos(tiny_llama, protocol):
     assert with_bos.windows == WINDOWS and with_bos.tokens == WINDOWS * (SEQ - 1)
     assert with_bos.window_nll == explicit.window_nll
     assert with_bos.window_nll != without.window_nll
+
+
+# =========================================================================== the Lee corpus
+
+LEE_TEXT = "First news article.\nSecond news article.\n"
+
+
+def _fake_gensim_wheel(folder, text=LEE_TEXT, member=C.LEE_MEMBER):
+    import zipfile
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "gensim-4.4.0-cp311-cp311-manylinux_x86_64.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(member, text.encode("utf-8"))
+        zf.writestr("gensim/__init__.py", "")
+    return path
+
+
+def _sha(text):
+    import hashlib
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def test_lee_corpus_read_from_the_wheel(tmp_path, monkeypatch):
+    _fake_gensim_wheel(tmp_path)
+    monkeypatch.setattr(C, "LEE_SHA256", _sha(LEE_TEXT))
+    assert C.lee_corpus_text(tmp_path, download=False) == LEE_TEXT
+    monkeypatch.setenv("KVSINK_CACHE", str(tmp_path / "cache"))
+    _fake_gensim_wheel(tmp_path / "cache" / "corpora")
+    text, name, rows = C.load_named_corpus("lee", download=False)
+    assert (text, name, rows) == (LEE_TEXT, C.LEE_NAME, False)
+
+
+def test_lee_corpus_checksum_and_member(tmp_path):
+    _fake_gensim_wheel(tmp_path / "a")                      # the real digest: these bytes fail it
+    with pytest.raises(ValueError, match="sha256"):
+        C.lee_corpus_text(tmp_path / "a", download=False)
+    _fake_gensim_wheel(tmp_path / "b", member="gensim/other.cor")
+    with pytest.raises(ValueError, match="holds no"):
+        C.lee_corpus_text(tmp_path / "b", download=False)
+
+
+def test_lee_corpus_missing_wheel(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="pip download --no-deps gensim==4.4.0"):
+        C.lee_corpus_text(tmp_path, download=False)
+    calls = []
+
+    def fake_download(requirement, dest):             # what pip would leave: the wheel
+        calls.append(requirement)
+        _fake_gensim_wheel(dest)
+    from accelerated import model_registry
+    monkeypatch.setattr(model_registry, "pip_download", fake_download)
+    monkeypatch.setattr(C, "LEE_SHA256", _sha(LEE_TEXT))
+    assert C.lee_corpus_text(tmp_path / "fetched") == LEE_TEXT and calls == [C.LEE_REQUIREMENT]
+    monkeypatch.setattr(model_registry, "pip_download", lambda r, d: None)   # fetched nothing
+    with pytest.raises(FileNotFoundError, match="left no wheel"):
+        C.lee_corpus_text(tmp_path / "empty")
+
+
+def test_load_named_corpus_choices(tmp_path, monkeypatch):
+    assert C.load_named_corpus("default")[1] == C.DEFAULT_CORPUS_NAME
+    monkeypatch.delenv("KVSINK_WIKITEXT", raising=False)
+    with pytest.raises(FileNotFoundError, match="KVSINK_WIKITEXT"):
+        C.load_named_corpus("wikitext")
+    raw = tmp_path / "wiki.test.raw"
+    raw.write_text(" = A = \n\n text .\n")
+    monkeypatch.setenv("KVSINK_WIKITEXT", str(raw))
+    text, name, rows = C.load_named_corpus("wikitext")
+    assert rows and name.startswith("wikitext-2") and text == raw.read_text()
+    other = tmp_path / "notes.txt"
+    other.write_text("plain text")
+    assert C.load_named_corpus(str(other)) == ("plain text", str(other), False)
