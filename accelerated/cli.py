@@ -129,6 +129,10 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--data", default=None, metavar="PATH",
                    help="text file to evaluate, e.g. WikiText-2's wiki.test.raw; default: "
                         "$KVSINK_WIKITEXT, else CPython's bundled pydoc_data.topics (offline)")
+    p.add_argument("--corpus", choices=("default", "wikitext", "lee"), default=None,
+                   help="a named text instead of --data: default (pydoc_data.topics), wikitext "
+                        "($KVSINK_WIKITEXT) or lee (gensim's Lee news corpus, 300 articles, read "
+                        "from the gensim 4.4.0 wheel, fetched once with pip download)")
     p.add_argument("--seq-len", type=_positive_int("--seq-len", 2), default=512,
                    help="tokens per window (default 512); where the model's tokenizer adds a BOS "
                         "token (Gemma), each window is that BOS, never scored, then --seq-len - 1 "
