@@ -38,6 +38,7 @@ cells already there (other settings: refused, naming ``--fresh``).
 Run (CPU, one thread, low priority; one model at a time):
 
     OMP_NUM_THREADS=1 nice -n 15 python bench/fidelity.py --model gemma-3-270m --windows 8
+    python bench/fidelity.py --render          (the Markdown and the index again, from the JSON files)
 """
 
 from __future__ import annotations
@@ -248,16 +249,52 @@ def markdown(state, summary) -> str:
     return "\n".join(L)
 
 
+def _claim_cell(state, key, ref):
+    """``difference ± SE`` of two cells of a saved report (bold when beyond 2 SE), or "pending"."""
+    if key not in state["cells"] or ref not in state["cells"]:
+        return "pending"
+    d, flag = _diff(paired(state, key, ref))
+    return f"**{d}**" if flag == "**yes**" else d
+
+
+def claim_tables(reports) -> list:
+    """Markdown lines: per claim, one row per report (model) with its paired differences."""
+    L = ["## Claim 1: KVSink − PFN-k at equal counts, uniform quantization", "",
+         "| report | kept/window | " + " | ".join(f"{b}-bit" for b in (2, 3, 4)) + " |", "|---|---|---|---|---|"]
+    for stem, s in reports:
+        L.append(f"| {stem} | {_kept(s, uniform_key(s['bits'][0], 'kvsink'))} | " + " | ".join(
+            _claim_cell(s, uniform_key(b, "kvsink"), uniform_key(b, "pfn-k")) if b in s["bits"] else "-"
+            for b in (2, 3, 4)) + " |")
+    for title, ref_of in (("Claim 2a: KVQuant-style, KVSink − PFN-k at the same outlier fraction",
+                           lambda s, b, f: kvquant_key(b, f, "pfn-k")),
+                          ("Claim 2b: KVQuant-style, KVSink at p − PFN-k at the largest p",
+                           lambda s, b, f: kvquant_key(b, max(s["fractions"]), "pfn-k"))):
+        fr = sorted({f for _, s in reports for f in s["fractions"]})
+        L += ["", f"## {title}", "", "| report | bits | " + " | ".join(f"{100 * f:g} %" for f in fr) + " |",
+              "|---|---|" + "---|" * len(fr)]
+        for stem, s in reports:
+            for b in s["kvquant_bits"]:
+                L.append(f"| {stem} | {b} | " + " | ".join(
+                    _claim_cell(s, kvquant_key(b, f, "kvsink"), ref_of(s, b, f)) if f in s["fractions"]
+                    else "-" for f in fr) + " |")
+    return L
+
+
 def write_index(out: Path) -> None:
-    """``README.md`` of the report folder: one line per report."""
-    lines = ["# Fidelity reports", "", "Written by `bench/fidelity.py` (one file per model and corpus; "
-             "the JSON holds every cell's per-window NLLs).", "",
-             "| report | model | corpus | windows | cells done |", "|---|---|---|---|---|"]
-    for path in sorted(out.glob("*.json")):
-        s = json.loads(path.read_text())
+    """``README.md`` of the report folder: one line per report, then the claims' differences."""
+    reports = [(p.stem, json.loads(p.read_text())) for p in sorted(out.glob("*.json"))]
+    lines = ["# Fidelity reports", "", "Written by `bench/fidelity.py` after every cell (one report per model "
+             "and corpus; the JSON holds every cell's per-window NLLs).  Differences: perplexity, paired over "
+             "windows, ± SE; **bold** = beyond 2 SE; negative = KVSink better.  Reading: docs/15-claims.md.", "",
+             "| report | model | corpus | windows | full precision | cells done |", "|---|---|---|---|---|---|"]
+    for stem, s in reports:
         total = len(plan(s["bits"], s["kvquant_bits"], s["fractions"]))
-        lines.append(f"| [{path.stem}]({path.stem}.md) | {s['model']} | {s['corpus']} | "
-                     f"{s['windows']} x {s['window_length']} | {len(s['cells'])} / {total} |")
+        fp = s["cells"].get("fp")
+        fp_ppl = "-" if fp is None else f"{fp['ppl']:.3f}"
+        lines.append(f"| [{stem}]({stem}.md) | {s['model']} | {s['corpus']} | "
+                     f"{s['windows']} x {s['window_length']} | {fp_ppl} | "
+                     f"{len(s['cells'])} / {total} |")
+    lines += [""] + claim_tables(reports)
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -307,6 +344,9 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="CPU torch threads (default 1)")
     ap.add_argument("--fresh", action="store_true", help="discard an existing report of other settings")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite every report's Markdown and the index in --out from the JSON files "
+                         "(no model is loaded)")
     args = ap.parse_args(argv)
     if args.windows < 2:
         ap.error("--windows must be >= 2 (a standard error needs two windows)")
@@ -386,8 +426,18 @@ def resume(path: Path, state, fresh: bool):
     return saved
 
 
+def render(out: Path) -> None:
+    """Rewrite every report's Markdown (and the index) from its JSON."""
+    for path in sorted(out.glob("*.json")):
+        state = json.loads(path.read_text())
+        state.pop("comparisons", None)
+        save(out, path.stem, state)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.render:
+        return render(Path(args.out))
     from tqdm.auto import tqdm
     device = torch.device(args.device)
     if device.type == "cpu":

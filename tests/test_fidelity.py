@@ -84,6 +84,12 @@ def test_report_structure_and_paired_differences(setup, tmp_path):
     index = (tmp_path / "README.md").read_text()
     assert "[tiny-text](tiny-text.md)" in index and "| 8 / 8 |" in index
     assert state["cells"].keys() == saved["cells"].keys()
+    assert "| tiny-text | 2 | " in index and index.count("pending") == 0        # claims 2a, 2b rows
+    # --render rewrites the Markdown from the JSON alone (no model): the same text
+    (tmp_path / "tiny-text.md").unlink()
+    (tmp_path / "README.md").unlink()
+    F.main(["--render", "--out", str(tmp_path)])
+    assert (tmp_path / "tiny-text.md").read_text() == md and (tmp_path / "README.md").read_text() == index
 
 
 def test_resume_skips_done_cells_and_refuses_other_settings(setup, tmp_path, monkeypatch):
