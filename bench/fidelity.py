@@ -233,6 +233,8 @@ def markdown(state, summary) -> str:
              for p in ("none", "pfn-k", "kvsink")]
     L += _table(state, rows, first, ["method", "bits"])
     L += ["", f"## KVQuant-style quantization ({state['kvquant_datatype']} levels)", ""]
+    if "kvquant" in state.get("not_applicable", {}):
+        L += [f"Not applicable to this model: {state['not_applicable']['kvquant']}.", ""]
     rows = [(kvquant_key(b, f, p), [POLICY_LABEL[p], str(b), f"{100 * f:g} %"])
             for b in state["kvquant_bits"] for f in state["fractions"] for p in ("pfn-k", "kvsink")]
     L += _table(state, rows, first, ["method", "bits", "outliers"])
@@ -243,14 +245,17 @@ def markdown(state, summary) -> str:
         d, flag = _diff(cmp)
         L.append(f"| {b} | {100 * float(f):g} % | {d} | {flag} |")
     pending = [c[0] for c in plan(state["bits"], state["kvquant_bits"], state["fractions"])
-               if c[0] not in state["cells"]]
+               if c[0] not in state["cells"] and c[1] not in state.get("not_applicable", {})]
     L += ["", "Pending cells: " + (", ".join(pending) if pending else "none") + ".", "",
           "Command:", "", "    " + state["command"], ""]
     return "\n".join(L)
 
 
 def _claim_cell(state, key, ref):
-    """``difference ± SE`` of two cells of a saved report (bold when beyond 2 SE), or "pending"."""
+    """``difference ± SE`` of two cells of a saved report (bold when beyond 2 SE), "pending", or
+    "n/a" (the cells cannot run on this model)."""
+    if key.split("/")[0] in state.get("not_applicable", {}):
+        return "n/a"
     if key not in state["cells"] or ref not in state["cells"]:
         return "pending"
     d, flag = _diff(paired(state, key, ref))
@@ -288,7 +293,8 @@ def write_index(out: Path) -> None:
              "windows, ± SE; **bold** = beyond 2 SE; negative = KVSink better.  Reading: docs/15-claims.md.", "",
              "| report | model | corpus | windows | full precision | cells done |", "|---|---|---|---|---|---|"]
     for stem, s in reports:
-        total = len(plan(s["bits"], s["kvquant_bits"], s["fractions"]))
+        total = len([c for c in plan(s["bits"], s["kvquant_bits"], s["fractions"])
+                     if c[1] not in s.get("not_applicable", {})])
         fp = s["cells"].get("fp")
         fp_ppl = "-" if fp is None else f"{fp['ppl']:.3f}"
         lines.append(f"| [{stem}]({stem}.md) | {s['model']} | {s['corpus']} | "
@@ -434,6 +440,17 @@ def render(out: Path) -> None:
         save(out, path.stem, state)
 
 
+def kvquant_unavailable(model):
+    """Why the KVQuant cells cannot run on this model (None when they can): the fake protocol
+    un-rotates the keys with the model's one ``inv_freq``, which e.g. Gemma-3 does not have."""
+    from accelerated.hf.support import kvquant_inv_freq
+    try:
+        kvquant_inv_freq(model)
+    except ValueError as exc:
+        return str(exc).split(";")[0]
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.render:
@@ -467,7 +484,13 @@ def main(argv=None):
                                         command), args.fresh)
     run = SimpleNamespace(predictor_config=pred_cfg, calibration_ids=cal_ids, datatype=args.kvquant_datatype,
                           progress=not args.no_progress)
-    todo = [c for c in plan(args.bits, args.kvquant_bits, args.fractions) if c[0] not in state["cells"]]
+    state["not_applicable"] = {}
+    why = kvquant_unavailable(model) if args.kvquant_bits else None
+    if why:
+        state["not_applicable"]["kvquant"] = why
+        print(f"KVQuant cells skipped: {why}", flush=True)
+    todo = [c for c in plan(args.bits, args.kvquant_bits, args.fractions)
+            if c[0] not in state["cells"] and c[1] not in state["not_applicable"]]
     bar = tqdm(todo, desc=f"{model_name} cells", disable=args.no_progress, file=sys.stdout)
     for cell in bar:
         bar.set_postfix_str(cell[0])

@@ -106,3 +106,21 @@ def test_resume_skips_done_cells_and_refuses_other_settings(setup, tmp_path, mon
     assert state["cells"]["fp"] == saved["cells"]["fp"]
     with pytest.raises(SystemExit, match="--fresh"):
         F.main(setup[1] + ARGS[2:] + ["--windows", "2", "--out", str(tmp_path)])
+
+
+def test_kvquant_cells_not_applicable_are_said_so(setup, tmp_path, monkeypatch):
+    """A model whose keys the KVQuant protocol cannot un-rotate (Gemma-3's per-layer-type rotary
+    embeddings) gets its uniform cells and "n/a" for the KVQuant ones, not "pending"."""
+    from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaForCausalLM
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=2,
+                                               num_key_value_heads=1, head_dim=16))
+    assert "rotary" in F.kvquant_unavailable(gemma)
+    assert F.kvquant_unavailable(LlamaForCausalLM.from_pretrained(setup[0] / "tiny")) is None
+    monkeypatch.setattr(F, "kvquant_unavailable", lambda model: "no single rotary inv_freq")
+    state = _run(setup, tmp_path)
+    assert list(state["cells"]) == ["fp"] + [F.uniform_key(2, p) for p in ("none", "pfn-k", "kvsink")]
+    md = (tmp_path / "tiny-text.md").read_text()
+    assert "Not applicable to this model: no single rotary inv_freq." in md and "Pending cells: none." in md
+    index = (tmp_path / "README.md").read_text()
+    assert "| 4 / 4 |" in index and "| tiny-text | 2 | n/a | n/a |" in index
