@@ -124,3 +124,18 @@ def test_kvquant_cells_not_applicable_are_said_so(setup, tmp_path, monkeypatch):
     assert "Not applicable to this model: no single rotary inv_freq." in md and "Pending cells: none." in md
     index = (tmp_path / "README.md").read_text()
     assert "| 4 / 4 |" in index and "| tiny-text | 2 | n/a | n/a |" in index
+
+
+def test_kvsink_equal_to_pfn_k_is_computed_once(setup, tmp_path, monkeypatch):
+    """Where KVSink's set is the first k_w tokens of every window (here: no sink at all), its
+    uniform cell is the PFN-k cell (same inputs), recorded as such; the KVQuant cells still run."""
+    _, common = setup
+    argv = common[:-1] + ["1e30"] + ARGS + ["--out", str(tmp_path)]
+    state = F.main(argv)
+    assert all(s == [] for s in state["cells"]["fp"]["kvsink_positions"])
+    cell = state["cells"]["uniform/2/kvsink"]
+    assert cell["same_as"] == "uniform/2/pfn-k"
+    assert cell["window_nll"] == state["cells"]["uniform/2/pfn-k"]["window_nll"]
+    # what computing it would have given: the windows with nothing preserved
+    assert cell["window_nll"] == state["cells"]["uniform/2/none"]["window_nll"]
+    assert "same_as" not in state["cells"]["kvquant/2/0/kvsink"]
