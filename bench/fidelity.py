@@ -123,10 +123,8 @@ def run_cell(model, ids, state, cell, run):
         sinks = state["cells"]["fp"]["kvsink_positions"]
         given = {"none": [[] for _ in sinks], "kvsink": sinks,
                  "pfn-k": [list(range(len(s))) for s in sinks]}[policy]
-        twin = uniform_key(bits, "pfn-k")
-        if quantizer == "uniform" and policy == "kvsink" and twin in state["cells"] and \
-                all(s == list(range(len(s))) for s in sinks):
-            # KVSink's set is the first k_w tokens in every window: the PFN-k cell, same inputs
+        twin = key.rsplit("/", 1)[0] + "/pfn-k"
+        if policy == "kvsink" and twin in state["cells"] and same_inputs(state, quantizer):
             return dict(state["cells"][twin], seconds=0.0, same_as=twin)
         cfg = cell_config(run, quantizer, bits, fraction, policy, sinks)
         if quantizer == "kvquant":
@@ -135,6 +133,30 @@ def run_cell(model, ids, state, cell, run):
         extra = {"calibration": res.calibration}
     return dict(ppl=res.ppl, window_nll=res.window_nll, tokens=res.tokens,
                 kept=[len(p) for p in res.preserved_positions], seconds=time.time() - t0, **extra)
+
+
+def same_inputs(state, quantizer) -> bool:
+    """Whether a KVSink cell has exactly its PFN-k twin's inputs: KVSink's set is the first ``k_w``
+    tokens of every window and, for KVQuant, its calibration excludes the same tokens of the
+    held-out text as PFN's (the first ``max(1, round(mean k))``).  Then the twin's result is its."""
+    sinks = state["cells"]["fp"]["kvsink_positions"]
+    if not all(s == list(range(len(s))) for s in sinks):
+        return False
+    if quantizer == "uniform":
+        return True
+    n = max(1, round(sum(len(s) for s in sinks) / max(len(sinks), 1)))
+    return state.get("calibration_kvsink_positions") == list(range(n))
+
+
+def calibration_sinks(model, cfg: KVSinkConfig, cal_ids) -> list:
+    """Positions the KVSink predictor picks in the held-out calibration text (what a KVSink
+    KVQuant cell's calibration excludes)."""
+    from accelerated import predictor as PR
+    with torch.no_grad():
+        hidden = model(input_ids=cal_ids.to(next(model.parameters()).device), use_cache=False,
+                       output_hidden_states=True).hidden_states[cfg.predictor_layer]
+    flags = PR.predict_sinks(hidden.float(), cfg.predictor_channels, cfg.predictor_threshold)
+    return torch.nonzero(torch.as_tensor(flags)[0]).flatten().tolist()
 
 
 def cell_config(run, quantizer, bits, fraction, policy, sinks) -> KVSinkConfig:
@@ -490,6 +512,7 @@ def main(argv=None):
     run = SimpleNamespace(predictor_config=pred_cfg, calibration_ids=cal_ids, datatype=args.kvquant_datatype,
                           progress=not args.no_progress)
     state["not_applicable"] = {}
+    state["calibration_kvsink_positions"] = calibration_sinks(model, pred_cfg, cal_ids)
     why = kvquant_unavailable(model) if args.kvquant_bits else None
     if why:
         state["not_applicable"]["kvquant"] = why

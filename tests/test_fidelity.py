@@ -67,6 +67,8 @@ def test_report_structure_and_paired_differences(setup, tmp_path):
         if key.endswith(("pfn-k", "kvsink")):
             assert c["kept"] == k                                  # equal counts in every window
     assert saved["cells"]["uniform/2/none"]["kept"] == [0, 0, 0]
+    cal = saved["calibration_kvsink_positions"]                  # the predictor on the held-out text
+    assert cal == sorted(set(cal)) and all(0 <= p < 512 for p in cal)
     for cmp in saved["comparisons"]:
         a = saved["cells"][cmp["key"]]
         b = saved["cells"][cmp["reference"]]
@@ -139,3 +141,17 @@ def test_kvsink_equal_to_pfn_k_is_computed_once(setup, tmp_path, monkeypatch):
     # what computing it would have given: the windows with nothing preserved
     assert cell["window_nll"] == state["cells"]["uniform/2/none"]["window_nll"]
     assert "same_as" not in state["cells"]["kvquant/2/0/kvsink"]
+
+
+def test_kvquant_kvsink_equal_to_pfn_k_when_calibration_excludes_the_same(setup, tmp_path, monkeypatch):
+    """KVQuant cells are copied only when the calibration text's excluded tokens also agree."""
+    _, common = setup
+    argv = common[:-1] + ["1e30"] + ARGS + ["--out", str(tmp_path)]
+    # no sink in any window: k = 0, PFN's calibration excludes token 0 of the held-out text
+    monkeypatch.setattr(F, "calibration_sinks", lambda *a: [0])
+    state = F.main(argv)
+    assert state["calibration_kvsink_positions"] == [0]
+    for f in ("0", "0.01"):
+        assert state["cells"][f"kvquant/2/{f}/kvsink"]["same_as"] == f"kvquant/2/{f}/pfn-k"
+    real = F.same_inputs(dict(state, calibration_kvsink_positions=[]), "kvquant")
+    assert real is False and F.same_inputs(state, "uniform") is True
