@@ -170,3 +170,30 @@ def test_load_named_corpus_choices(tmp_path, monkeypatch):
     other = tmp_path / "notes.txt"
     other.write_text("plain text")
     assert C.load_named_corpus(str(other)) == ("plain text", str(other), False)
+
+
+def test_cli_eval_opens_windows_with_the_bos(tiny_llama, tmp_path, capsys):
+    """``kvsink eval`` with a tokenizer that adds a BOS: every window opens with it, the JSON and
+    the caption say so, and the full-precision NLLs are those of the BOS windows."""
+    import json
+    from accelerated.cli import main
+    folder = tmp_path / "model"
+    tiny_llama.save_pretrained(folder)
+    tok = _tokenizer("adds")
+    tok.save_pretrained(folder)
+    data = tmp_path / "text.txt"
+    text = "The quick brown fox jumps over the lazy dog. " * 4
+    data.write_text(text, encoding="utf-8")
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(folder), "--data", str(data), "--seq-len", str(SEQ), "--windows",
+                 str(WINDOWS), "--device", "cpu", "--no-progress", "--bits", "2", "--methods", "none",
+                 "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"each window opens with BOS id {BOS}, not scored" in captured.out
+    assert "every window opens with the BOS '<bos>'" in captured.err
+    report = json.loads(out.read_text())
+    assert report["window_bos"] == BOS and report["windows"] == WINDOWS
+    fp = report["results"][0]["fake"]
+    ids = C.tokenize_corpus(text, tok, wikitext_rows=False)
+    expected = E.perplexity_full_precision(tiny_llama, _explicit(ids), seq_len=SEQ, max_windows=WINDOWS)
+    assert fp["window_nll"] == expected.window_nll
