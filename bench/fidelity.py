@@ -261,16 +261,9 @@ def markdown(state, summary) -> str:
     L += _table(state, rows, first, ["method", "bits"])
     L += ["", f"## KVQuant-style quantization ({state['kvquant_datatype']} levels)", ""]
     if "kvquant" in state.get("not_applicable", {}):
-        L += [f"Not applicable to this model: {state['not_applicable']['kvquant']}.", ""]
-    rows = [(kvquant_key(b, f, p), [POLICY_LABEL[p], str(b), f"{100 * f:g} %"])
-            for b in state["kvquant_bits"] for f in state["fractions"] for p in ("pfn-k", "kvsink")]
-    L += _table(state, rows, first, ["method", "bits", "outliers"])
-    L += ["", "## Reliance on outliers: KVSink at p against PFN-k at the largest p", ""]
-    L += ["| bits | KVSink outliers | difference ± SE | beyond 2 SE |", "|---|---|---|---|"]
-    for cmp in (c for c in summary if c["claim"] == "claim 2b"):
-        _, b, f, _ = cmp["key"].split("/")
-        d, flag = _diff(cmp)
-        L.append(f"| {b} | {100 * float(f):g} % | {d} | {flag} |")
+        L += [f"Not applicable to this model: {state['not_applicable']['kvquant']}."]
+    else:
+        L += _kvquant_tables(state, summary, first)
     pending = [c[0] for c in plan(state["bits"], state["kvquant_bits"], state["fractions"])
                if c[0] not in state["cells"] and c[1] not in state.get("not_applicable", {})]
     L += ["", "Pending cells: " + (", ".join(pending) if pending else "none") + ".", "",
@@ -309,6 +302,20 @@ def claim_tables(reports) -> list:
                 L.append(f"| {stem} | {b} | " + " | ".join(
                     _claim_cell(s, kvquant_key(b, f, "kvsink"), ref_of(s, b, f)) if f in s["fractions"]
                     else "-" for f in fr) + " |")
+    return L
+
+
+def _kvquant_tables(state, summary, first) -> list:
+    """The KVQuant cells' table and the reliance-on-outliers table (claim 2b)."""
+    rows = [(kvquant_key(b, f, p), [POLICY_LABEL[p], str(b), f"{100 * f:g} %"])
+            for b in state["kvquant_bits"] for f in state["fractions"] for p in ("pfn-k", "kvsink")]
+    L = _table(state, rows, first, ["method", "bits", "outliers"])
+    L += ["", "## Reliance on outliers: KVSink at p against PFN-k at the largest p", ""]
+    L += ["| bits | KVSink outliers | difference ± SE | beyond 2 SE |", "|---|---|---|---|"]
+    for cmp in (c for c in summary if c["claim"] == "claim 2b"):
+        _, b, f, _ = cmp["key"].split("/")
+        d, flag = _diff(cmp)
+        L.append(f"| {b} | {100 * float(f):g} % | {d} | {flag} |")
     return L
 
 

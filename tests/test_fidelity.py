@@ -124,6 +124,7 @@ def test_kvquant_cells_not_applicable_are_said_so(setup, tmp_path, monkeypatch):
     assert list(state["cells"]) == ["fp"] + [F.uniform_key(2, p) for p in ("none", "pfn-k", "kvsink")]
     md = (tmp_path / "tiny-text.md").read_text()
     assert "Not applicable to this model: no single rotary inv_freq." in md and "Pending cells: none." in md
+    assert "| PFN-k | 2 | 0 % |" not in md and "Reliance on outliers" not in md
     index = (tmp_path / "README.md").read_text()
     assert "| 4 / 4 |" in index and "| tiny-text | 2 | n/a | n/a |" in index
 
