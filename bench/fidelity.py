@@ -253,6 +253,11 @@ def markdown(state, summary) -> str:
         L += [f"KVSink keeps {sum(k) / len(k):.2f} tokens per window (min {min(k)}, max {max(k)}); "
               f"positions in window 0: {fp['kvsink_positions'][0][:20]}.  PFN-k keeps the first k "
               "tokens of each window, k = KVSink's count in that window (equal counts).", ""]
+        copies = [k for k, c in state["cells"].items() if "same_as" in c]
+        if copies:
+            L += [f"{len(copies)} KVSink cells have exactly their PFN-k twin's inputs (KVSink's set is the "
+                  "first k tokens of every window, and the calibration text's excluded tokens agree) and "
+                  "are copied from it: " + ", ".join(copies) + ".", ""]
     L += ["Differences: paired over windows, mean ± standard error; **yes** = |difference| >= 2 SE.",
           "", "## Uniform (KIVI-style) quantization", ""]
     rows = [("fp", ["full precision", "-"])]

@@ -142,6 +142,8 @@ def test_kvsink_equal_to_pfn_k_is_computed_once(setup, tmp_path, monkeypatch):
     # what computing it would have given: the windows with nothing preserved
     assert cell["window_nll"] == state["cells"]["uniform/2/none"]["window_nll"]
     assert "same_as" not in state["cells"]["kvquant/2/0/kvsink"]
+    md = (tmp_path / "tiny-text.md").read_text()
+    assert "1 KVSink cells have exactly their PFN-k twin's inputs" in md and "copied from it: uniform/2/kvsink." in md
 
 
 def test_kvquant_kvsink_equal_to_pfn_k_when_calibration_excludes_the_same(setup, tmp_path, monkeypatch):
