@@ -87,14 +87,15 @@ def text_ids(tokenizer, text: str, tokens: int, bos: Optional[bool] = None) -> t
 
     ``bos=None`` follows the tokenizer: the BOS token is prepended when the
     tokenizer itself adds it to a text (Gemma; not SmolLM2), as the model was
-    trained; ``True``/``False`` force it.  The BOS token counts in ``tokens``.
+    trained — the rule of the evaluation windows, ``accelerated.corpus.window_bos``;
+    ``True``/``False`` force it.  The BOS token counts in ``tokens``.
     """
+    from .corpus import window_bos
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 2:
         raise ValueError(f"tokens must be an int >= 2, got {tokens!r}")
     bos_id = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
-        probe = tokenizer("a")["input_ids"]
-        bos = bos_id is not None and len(probe) > 0 and probe[0] == bos_id
+        bos = window_bos(tokenizer) is not None
     if bos and bos_id is None:
         raise ValueError("bos=True but the tokenizer has no BOS token; pass bos=False")
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])

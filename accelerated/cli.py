@@ -129,8 +129,14 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--data", default=None, metavar="PATH",
                    help="text file to evaluate, e.g. WikiText-2's wiki.test.raw; default: "
                         "$KVSINK_WIKITEXT, else CPython's bundled pydoc_data.topics (offline)")
+    p.add_argument("--corpus", choices=("default", "wikitext", "lee"), default=None,
+                   help="a named text instead of --data: default (pydoc_data.topics), wikitext "
+                        "($KVSINK_WIKITEXT) or lee (gensim's Lee news corpus, 300 articles, read "
+                        "from the gensim 4.4.0 wheel, fetched once with pip download)")
     p.add_argument("--seq-len", type=_positive_int("--seq-len", 2), default=512,
-                   help="tokens per window (default 512)")
+                   help="tokens per window (default 512); where the model's tokenizer adds a BOS "
+                        "token (Gemma), each window is that BOS, never scored, then --seq-len - 1 "
+                        "text tokens")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to run (default auto: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
@@ -257,12 +263,12 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
 def cmd_calibrate(args) -> dict:
     import torch
     from . import predictor as PR
-    from .evaluate import make_windows
+    from .evaluate import make_windows, window_bos
     check_data(args)
     model, tokenizer = load(args)
     ids, corpus = corpus_ids(args, tokenizer)
     try:
-        window = make_windows(ids, args.seq_len, 1)
+        window = make_windows(ids, args.seq_len, 1, window_bos(tokenizer))
     except ValueError as exc:
         raise UsageError(f"{exc} (--seq-len {args.seq_len})") from None
     cfg, where = calibrate_predictor(model, args, tokenizer)

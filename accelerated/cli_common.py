@@ -65,8 +65,18 @@ def check_predictor_fits(model, layer, channels) -> None:
 
 
 def check_data(args) -> None:
-    """``UsageError`` when ``--data`` names no file (checked before the model loads)."""
+    """``UsageError`` when ``--data`` names no file, when ``--data`` and ``--corpus`` are both
+    given, or when the ``--corpus`` text cannot be had (checked before the model loads)."""
     from pathlib import Path
+    corpus = getattr(args, "corpus", None)
+    if corpus is not None:
+        if args.data is not None:
+            raise UsageError(f"--data {args.data} and --corpus {corpus} both name the text; give one")
+        from .corpus import load_named_corpus
+        try:
+            load_named_corpus(corpus)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(f"--corpus {corpus}: {exc}") from None
     if args.data is not None and not Path(args.data).expanduser().is_file():
         raise UsageError(f"--data file {args.data} does not exist; pass the path of a text file "
                          "(e.g. WikiText-2's wiki.test.raw), or omit it to use the default text")
@@ -74,13 +84,20 @@ def check_data(args) -> None:
 
 def corpus_ids(args, tokenizer):
     """``(ids (1, N), corpus name)`` of ``--data`` (or the default text)."""
-    from .corpus import is_wikitext, load_corpus, tokenize_corpus
+    from .corpus import is_wikitext, load_corpus, load_named_corpus, tokenize_corpus, window_bos
     try:
-        text, name = load_corpus(args.data)
+        if getattr(args, "corpus", None) is not None:
+            text, name, rows = load_named_corpus(args.corpus)
+        else:
+            text, name = load_corpus(args.data)
+            rows = is_wikitext(name)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    ids = tokenize_corpus(text, tokenizer, wikitext_rows=is_wikitext(name))
-    say(f"corpus: {name}: {ids.shape[1]} tokens")
+    ids = tokenize_corpus(text, tokenizer, wikitext_rows=rows)
+    bos = window_bos(tokenizer)
+    say(f"corpus: {name}: {ids.shape[1]} tokens; "
+        + ("no BOS (the tokenizer adds none)" if bos is None else
+           f"every window opens with the BOS {tokenizer.convert_ids_to_tokens(bos)!r}"))
     return ids, name
 
 

@@ -76,13 +76,14 @@ def _row_result(E, model, ids, cfg, key, proto, args, kw, fp):
     return E.perplexity_streaming(model, ids, cfg, chunk=args.chunk, **kw)
 
 
-def _run_rows(model, tokenizer, ids, base, args, protocols, windows, corpus):
+def _run_rows(model, tokenizer, ids, base, args, protocols, windows, corpus, bos):
     """Full precision and every quantized row: ``List[report.Row]``."""
     import torch
     from . import evaluate as E
     from . import report as R
     progress = not args.no_progress
-    kw = dict(seq_len=args.seq_len, max_windows=windows, corpus=corpus, progress=progress)
+    kw = dict(seq_len=args.seq_len, max_windows=windows, corpus=corpus, progress=progress,
+              bos_token_id=bos)
     keys = comparison_order(args.methods)
     sink_cfg = base.replace(preserve="kvsink") if "kvsink" in keys else None
     fp = E.perplexity_full_precision(model, ids, kvsink_config=sink_cfg, **kw)
@@ -121,10 +122,11 @@ def _row_bytes(R, cfg, model, results, seq_len, itemsize):
     return out
 
 
-def _caption(args, corpus, windows, rows, base, calib_note, protocol, elapsed):
+def _caption(args, corpus, windows, rows, base, calib_note, protocol, elapsed, bos=None):
     from . import report as R
     fp = rows[0].results[protocol]
-    lines = [f"text: {corpus}; {windows} window(s) x {args.seq_len} tokens ({fp.tokens} scored); "
+    lines = [f"text: {corpus}; {windows} window(s) x {args.seq_len} tokens ({fp.tokens} scored"
+             + ("" if bos is None else f"; each window opens with BOS id {bos}, not scored") + "); "
              f"{quantization_note(args)}"
              + (f"; streaming: residual {args.residual_length}, chunk {args.chunk}"
                 if protocol == "streaming" else "")]
@@ -149,7 +151,9 @@ def cmd_eval(args) -> dict:
     check_eval_args(args)
     model, tokenizer = load(args)
     ids, corpus = corpus_ids(args, tokenizer)
-    n_windows = ids.shape[1] // args.seq_len
+    from .corpus import window_bos, window_count
+    bos = window_bos(tokenizer)
+    n_windows = window_count(ids.shape[1], args.seq_len, bos)
     if n_windows == 0:
         raise UsageError(f"the text has {ids.shape[1]} tokens, fewer than --seq-len {args.seq_len}; "
                          "use a smaller --seq-len or a longer --data file")
@@ -164,17 +168,18 @@ def cmd_eval(args) -> dict:
         say(f"KVSink predictor: layer {base.predictor_layer}, channels "
             f"{list(base.predictor_channels)}, threshold {base.predictor_threshold:.4g} ({calib_note})")
     t0 = time.time()
-    rows = _run_rows(model, tokenizer, ids, base, args, protocols, windows, corpus)
+    rows = _run_rows(model, tokenizer, ids, base, args, protocols, windows, corpus, bos)
     elapsed = time.time() - t0
     name = args.model or "SmolLM2-135M-Instruct"
     title = f"kvsink perplexity: {name}"
     fp_bytes = R.full_precision_bytes_per_token(model.config, int(rows[0].bits) // 8)
-    captions = {p: _caption(args, corpus, windows, rows, base, calib_note, p, elapsed)
+    captions = {p: _caption(args, corpus, windows, rows, base, calib_note, p, elapsed, bos)
                 for p in protocols}
     for proto in protocols:
         R.render_table(f"{title} ({proto} protocol)", rows, proto, fp_bytes, captions[proto],
                        sys.stdout)
     report = {"model": name, "corpus": corpus, "seq_len": args.seq_len, "windows": windows,
+              "window_bos": bos,
               "protocols": protocols, "group_size": args.group_size, "quantizer": args.quantizer,
               "kvquant": None if args.quantizer != "kvquant" else {
                   "datatype": base.kvquant_datatype, "outlier_fraction": base.outlier_fraction,

