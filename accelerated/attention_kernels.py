@@ -48,7 +48,7 @@ import torch
 from .attention_launch import DecodeLaunch, decode_launch, dot_launch, merge_launch
 from .triton_support import tl, triton
 
-__all__ = ["quantized_attention_kernel", "decode_attention_kernel", "merge_splits_kernel",
+__all__ = ["quantized_attention_kernel", "decode_attention_kernel", "merge_splits_kernel", "merge_split_row",
            "decode_query_tile", "decode_split_state", "stat_count", "strided_parts",
            "quantized_partial_attention", "decode_partial_attention"]
 
@@ -392,14 +392,11 @@ def decode_attention_kernel(q_ptr, qpos_ptr, kpos_ptr,
 
 
 @triton.jit
-def merge_splits_kernel(m_s_ptr, l_s_ptr, acc_s_ptr, m_ptr, l_ptr, acc_ptr, n_split,
-                        R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                        NS_BLOCK: tl.constexpr):
-    """One program per (KV head, row): log-sum-exp merge of the n_split partials (Def. 5.5);
-    writes m, l (B*H*R,) and acc (B*H*R, D), i.e. (B, Hq, Tq[, D]) in the caller's order."""
-    pid = tl.program_id(0).to(tl.int64)            # = bh * R + r
-    bh = pid // R
-    r = pid % R
+def merge_split_row(m_s_ptr, l_s_ptr, acc_s_ptr, bh, r, n_split,
+                    R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, NS_BLOCK: tl.constexpr):
+    """The log-sum-exp merge (Def. 5.5) of row ``r`` of KV head ``bh`` over its ``n_split``
+    partials (laid out ``(B*H, n_split, R[, D])``): ``(m, l, acc)``, acc of shape ``(D_PAD,)``.
+    Shared by :func:`merge_splits_kernel` and decode_kernels.merge_normalise_kernel."""
     si = tl.arange(0, NS_BLOCK)
     dd = tl.arange(0, D_PAD)
     d_ok = dd < D
@@ -420,9 +417,22 @@ def merge_splits_kernel(m_s_ptr, l_s_ptr, acc_s_ptr, m_ptr, l_ptr, acc_ptr, n_sp
         l_acc += w * tl.load(l_s_ptr + idx, mask=ok, other=0.0)
         acc += w[:, None] * tl.load(acc_s_ptr + idx[:, None] * D + dd[None, :],
                                     mask=ok[:, None] & d_ok[None, :], other=0.0)
+    return mx, tl.sum(l_acc, axis=0), tl.sum(acc, axis=0)
+
+
+@triton.jit
+def merge_splits_kernel(m_s_ptr, l_s_ptr, acc_s_ptr, m_ptr, l_ptr, acc_ptr, n_split,
+                        R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                        NS_BLOCK: tl.constexpr):
+    """One program per (KV head, row): log-sum-exp merge of the n_split partials (Def. 5.5);
+    writes m, l (B*H*R,) and acc (B*H*R, D), i.e. (B, Hq, Tq[, D]) in the caller's order."""
+    pid = tl.program_id(0).to(tl.int64)            # = bh * R + r
+    dd = tl.arange(0, D_PAD)
+    mx, l_row, acc_row = merge_split_row(m_s_ptr, l_s_ptr, acc_s_ptr, pid // R, pid % R, n_split,
+                                         R, D, D_PAD, NS_BLOCK)
     tl.store(m_ptr + pid, mx)
-    tl.store(l_ptr + pid, tl.sum(l_acc, axis=0))
-    tl.store(acc_ptr + pid * D + dd, tl.sum(acc, axis=0), mask=d_ok)
+    tl.store(l_ptr + pid, l_row)
+    tl.store(acc_ptr + pid * D + dd, acc_row, mask=dd < D)
 
 
 # --------------------------------------------------------------------------- entry points

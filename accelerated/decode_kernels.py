@@ -57,7 +57,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .attention_kernels import decode_query_tile, decode_split_state, stat_count, strided_parts
+from .attention_kernels import (decode_query_tile, decode_split_state, merge_split_row, stat_count,
+                                strided_parts)
 from .attention_launch import FusedLaunch, fused_launch, merge_launch
 from .triton_support import tl, triton
 
@@ -187,29 +188,13 @@ def merge_normalise_kernel(m_s_ptr, l_s_ptr, acc_s_ptr, out_ptr, n_total, H, G, 
     r = pid % R
     b = bh // H
     head = (bh % H) * G + r // TQ
-    si = tl.arange(0, NS_BLOCK)
     dd = tl.arange(0, D_PAD)
     d_ok = dd < D
-    big = tl.full((NS_BLOCK,), float("-inf"), tl.float32)
-    for s0 in range(0, n_total, NS_BLOCK):
-        sm = tl.load(m_s_ptr + (bh * n_total + s0 + si) * R + r, mask=s0 + si < n_total,
-                     other=float("-inf"))
-        big = tl.maximum(big, sm)
-    mx = tl.max(big, axis=0)
-    safe = tl.where(mx == float("-inf"), 0.0, mx)
-    l_acc = tl.zeros((NS_BLOCK,), tl.float32)
-    acc = tl.zeros((NS_BLOCK, D_PAD), tl.float32)
-    for s0 in range(0, n_total, NS_BLOCK):
-        ok = s0 + si < n_total
-        idx = (bh * n_total + s0 + si) * R + r
-        sm = tl.load(m_s_ptr + idx, mask=ok, other=float("-inf"))
-        w = tl.where(sm == float("-inf"), 0.0, tl.exp(sm - safe))
-        l_acc += w * tl.load(l_s_ptr + idx, mask=ok, other=0.0)
-        acc += w[:, None] * tl.load(acc_s_ptr + idx[:, None] * D + dd[None, :],
-                                    mask=ok[:, None] & d_ok[None, :], other=0.0)
+    mx, l_row, acc_row = merge_split_row(m_s_ptr, l_s_ptr, acc_s_ptr, bh, r, n_total, R, D, D_PAD,
+                                         NS_BLOCK)
     seen = mx != float("-inf")
-    den = tl.where(seen, tl.sum(l_acc, axis=0), 1.0)
-    res = tl.where(seen, tl.math.div_rn(tl.sum(acc, axis=0), den), 0.0)     # IEEE, as torch
+    den = tl.where(seen, l_row, 1.0)
+    res = tl.where(seen, tl.math.div_rn(acc_row, den), 0.0)     # IEEE, as torch
     tl.store(out_ptr + b * out_sb + head * out_sh + (r % TQ) * out_st + dd, res, mask=d_ok)
 
 
