@@ -256,23 +256,33 @@ def token_quantization_error(c: LayerCapture, token: int, bits: int, group_size:
     evaluated as ``r (O_j - p v_s) + w v̂_s`` with ``r = 1 / D``, ``w = p e^Δ / D`` and
     ``log D = logaddexp(log(1 - p), log p + Δ)``, so a logit change too large for ``e^Δ``
     (a 2-bit key of a token with massive activations) gives ``w -> 1``, not inf / inf.
-    Masked keys (``p = 0``, e.g. outside a sliding window) leave ``O_j`` unchanged.
+    ``O_j - p v_s`` and ``1 - p`` are formed from the OTHER keys (``Σ_{s'≠s} p_{js'} v_{s'}`` and
+    ``Σ_{s'≠s} p_{js'}``), not by subtraction: where the float32 ``p`` rounds to 1 (a query
+    attending to one key), the subtraction leaves only rounding error, which ``r = e^{-Δ}`` would
+    then amplify without bound; ``O_j`` itself is recomputed from the same terms (float64), so
+    quantizing nothing gives 0, not the model's float32 rounding.  Masked keys (``p = 0``, e.g.
+    outside a sliding window) leave ``O_j`` unchanged.
     """
     kv = kv_head_index(c.query.shape[0], c.key.shape[0])
     k, v = c.key[:, token:token + 1], c.value[:, token:token + 1]
     kq = _dequantized_token(k, bits, group_size)[:, 0].astype(np.float64)[kv]     # (Hq, D)
     vq = _dequantized_token(v, bits, group_size)[:, 0].astype(np.float64)[kv]
-    k0, v0 = k[:, 0].astype(np.float64)[kv], v[:, 0].astype(np.float64)[kv]
+    k0 = k[:, 0].astype(np.float64)[kv]
     q = c.query[:, token:].astype(np.float64)                                      # (Hq, Tj, D)
     z0 = _softcapped(c.scaling * np.einsum("hjd,hd->hj", q, k0), c.softcap)
     z1 = _softcapped(c.scaling * np.einsum("hjd,hd->hj", q, kq), c.softcap)
     delta = (z1 - z0)[..., None]                                                   # (Hq, Tj, 1)
-    p = c.probs[:, token:, token].astype(np.float64)[..., None]
-    o = c.output[:, token:].astype(np.float64)
+    probs = c.probs[:, token:].astype(np.float64)                                 # (Hq, Tj, T)
+    p = probs[:, :, token][..., None]
+    others = probs.copy()
+    others[:, :, token] = 0.0
+    o_rest = np.einsum("hjs,hsd->hjd", others, c.value.astype(np.float64)[kv])   # O_j - p v_s
+    v0 = v[:, 0].astype(np.float64)[kv]
+    o = o_rest + p * v0[:, None]             # O_j, in float64 from the same terms as O'_j
     with np.errstate(divide="ignore"):                                             # log 0 = -inf
-        log_p, log_rest = np.log(p), np.log1p(-p)
+        log_p, log_rest = np.log(p), np.log(others.sum(axis=-1, keepdims=True))
     log_d = np.logaddexp(log_rest, log_p + delta)
-    new = np.exp(-log_d) * (o - p * v0[:, None]) + np.exp(log_p + delta - log_d) * vq[:, None]
+    new = np.exp(-log_d) * o_rest + np.exp(log_p + delta - log_d) * vq[:, None]
     norm = float(np.linalg.norm(o))
     return float(np.linalg.norm(new - o) / norm) if norm > 0 else 0.0
 

@@ -253,3 +253,35 @@ def test_token_quantization_error_survives_a_logit_change_beyond_exp_range():
     direct = np.linalg.norm(after - before) / np.linalg.norm(before)
     got = A.token_quantization_error(c, 0, 2, 4)
     assert np.isfinite(got) and got == pytest.approx(direct, rel=1e-3, abs=1e-6)
+
+
+def test_token_quantization_error_where_the_float32_probability_rounds_to_one():
+    """A query that attends to one key with a probability that is 1 in float32 while the quantized
+    key lowers its logit a lot (Qwen2.5-Coder-1.5B, decoder layer 0).  The recorded output carries
+    the model's float32 rounding (here one ulp); forming ``O_j - p v_s`` by subtraction kept only
+    that rounding and ``e^-Δ`` blew it up (9.6e4 instead of ~1 there).  The error must equal the
+    recomputed attention."""
+    # key 1's logit 38 (p = 1 - 3e-17); its 2-bit key (levels -30, -10, 10, 30) moves it to 20:
+    # delta = -18, e^-delta = 7e7
+    key = np.array([[[0.0, 0.0, 0.0, 0.0], [19.0, -30.0, 30.0, 0.0]]], np.float32)
+    value = np.array([[[1.0, -2.0, 0.5, 3.0], [2.5, 0.7, -1.3, 0.9]]], np.float32)
+    query = np.array([[[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]]], np.float32)
+    pos = np.arange(2)[None]
+    scores = np.einsum("htd,hsd->hts", query.astype(np.float64), key.astype(np.float64))
+    scores = np.where(pos[0][None, :, None] >= pos[0][None, None, :], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    output = (probs @ value.astype(np.float64)).astype(np.float32)
+    output = np.nextafter(output, np.float32(np.inf))                # the model's own rounding
+    c = A.LayerCapture(query=query, key=key, value=value, probs=probs.astype(np.float32),
+                       output=output, scaling=1.0, softcap=None)
+    assert c.probs[0, 1, 1] == 1.0 and c.probs[0, 1, 0] > 0          # 1 in float32; the rest > 0
+    k, v = key.copy(), value.copy()
+    for x in (k, v):
+        x[:, 1] = AQ.dequantize(AQ.quantize_per_token(torch.from_numpy(x[:, 1:2].copy()), 2, 4)).numpy()[:, 0]
+    assert float(query[0, 1] @ (k[0, 1] - key[0, 1])) < -17
+    before = attention(query[None], key[None], value[None], query_positions=pos, key_positions=pos, scale=1.0)[0]
+    after = attention(query[None], k[None], v[None], query_positions=pos, key_positions=pos, scale=1.0)[0]
+    direct = np.linalg.norm(after[:, 1:] - before[:, 1:]) / np.linalg.norm(before[:, 1:])
+    got = A.token_quantization_error(c, 1, 2, 4)
+    assert np.isfinite(got) and got == pytest.approx(direct, rel=1e-3, abs=1e-6)
