@@ -49,7 +49,7 @@ from .attention_launch import DecodeLaunch, decode_launch, dot_launch, merge_lau
 from .triton_support import tl, triton
 
 __all__ = ["quantized_attention_kernel", "decode_attention_kernel", "merge_splits_kernel", "merge_split_row",
-           "decode_query_tile", "decode_split_state", "stat_count", "strided_parts",
+           "decode_query_tile", "decode_split_state", "store_split_partial", "stat_count", "strided_parts",
            "quantized_partial_attention", "decode_partial_attention"]
 
 
@@ -348,6 +348,22 @@ def decode_split_state(q, qpos, row_ok, b, hh, split, kpos_ptr,
     return big_m, l_out, acc
 
 
+@triton.jit
+def store_split_partial(m_ptr, l_ptr, acc_ptr, out, row_ok, m, l, acc, D: tl.constexpr,
+                        VW: tl.constexpr, VW_PAD: tl.constexpr, VCPW: tl.constexpr,
+                        VCPW_PAD: tl.constexpr):
+    """Store one split's partial ``(m, l, acc)`` of rows ``out`` (``acc`` in the values' word layout
+    ``(RB, VCPW_PAD, VW_PAD)``: channel ``j + w * VCPW``), as decode_split_state returns it."""
+    vwi = tl.arange(0, VW_PAD)
+    vj = tl.arange(0, VCPW_PAD)
+    vd = vj[:, None] + vwi[None, :] * VCPW
+    vd_ok = (vwi[None, :] < VW) & (vj[:, None] < VCPW) & (vd < D)
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(l_ptr + out, l, mask=row_ok)
+    tl.store(acc_ptr + out[:, None, None] * D + vd[None, :, :], acc,
+             mask=row_ok[:, None, None] & vd_ok[None, :, :])
+
+
 @triton.jit(do_not_specialize=["wstride"])
 def decode_attention_kernel(q_ptr, qpos_ptr, kpos_ptr,
                             kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr,
@@ -380,15 +396,8 @@ def decode_attention_kernel(q_ptr, qpos_ptr, kpos_ptr,
         kpos_sb, kw_sb, kw_sh, ks_sb, ks_sh, vw_sb, vw_sh, vs_sb, vs_sh,
         RB, D, A, TS, KW, KW_PAD, KBITS, KCPW, KCPW_PAD, KG, KCHAN, KSYM, KTILE, KWORD,
         VW, VW_PAD, VBITS, VCPW, VCPW_PAD, VG, VCHAN, VSYM, VTILE, VWORD, PREFETCH)
-    vwi = tl.arange(0, VW_PAD)
-    vj = tl.arange(0, VCPW_PAD)
-    vd = vj[:, None] + vwi[None, :] * VCPW
-    vd_ok = (vwi[None, :] < VW) & (vj[:, None] < VCPW) & (vd < D)
-    out = (bh * n_split + split) * R + rows
-    tl.store(m_ptr + out, big_m, mask=row_ok)
-    tl.store(l_ptr + out, l_out, mask=row_ok)
-    tl.store(acc_ptr + out[:, None, None] * D + vd[None, :, :], acc,
-             mask=row_ok[:, None, None] & vd_ok[None, :, :])
+    store_split_partial(m_ptr, l_ptr, acc_ptr, (bh * n_split + split) * R + rows, row_ok,
+                        big_m, l_out, acc, D, VW, VW_PAD, VCPW, VCPW_PAD)
 
 
 @triton.jit

@@ -58,7 +58,7 @@ from typing import Optional, Tuple
 import torch
 
 from .attention_kernels import (decode_query_tile, decode_split_state, merge_split_row, stat_count,
-                                strided_parts)
+                                store_split_partial, strided_parts)
 from .attention_launch import FusedLaunch, fused_launch, merge_launch
 from .triton_support import tl, triton
 
@@ -149,15 +149,8 @@ def fused_decode_kernel(q_ptr, qpos_ptr, kpos_ptr,
             kpos_sb, kw_sb, kw_sh, ks_sb, ks_sh, vw_sb, vw_sh, vs_sb, vs_sh,
             RB, D, A, TS, KW, KW_PAD, KBITS, KCPW, KCPW_PAD, KG, KCHAN, KSYM, KTILE, KWORD,
             VW, VW_PAD, VBITS, VCPW, VCPW_PAD, VG, VCHAN, VSYM, VTILE, VWORD, PREFETCH)
-        vwi = tl.arange(0, VW_PAD)
-        vj = tl.arange(0, VCPW_PAD)
-        vd = vj[:, None] + vwi[None, :] * VCPW
-        vd_ok = (vwi[None, :] < VW) & (vj[:, None] < VCPW) & (vd < D)
-        out = (bh * n_total + split) * R + rows
-        tl.store(acc_ptr + out[:, None, None] * D + vd[None, :, :], acc_q,
-                 mask=row_ok[:, None, None] & vd_ok[None, :, :])
-        tl.store(m_ptr + out, m_q, mask=row_ok)
-        tl.store(l_ptr + out, l_q, mask=row_ok)
+        store_split_partial(m_ptr, l_ptr, acc_ptr, (bh * n_total + split) * R + rows, row_ok,
+                            m_q, l_q, acc_q, D, VW, VW_PAD, VCPW, VCPW_PAD)
     else:                                    # full-precision tokens: preserved, then residual
         row_off = b * q_sb + (hh * G + rows // TQ) * q_sh + (rows % TQ) * q_st
         qpos = tl.load(qpos_ptr + b * TQ + rows % TQ, mask=row_ok, other=-1)
