@@ -42,25 +42,16 @@ from typing import Optional
 
 import torch
 
+from accelerated.hf import dynamic_cache_nbytes
+
 __all__ = ["CacheVariant", "VARIANTS", "STATIC_KVSINK_NAMES", "QUANTO_SETUP", "parse_caches",
-           "kv_tensor_bytes", "qtensor_bytes", "setup_quanto", "kvsink_config"]
+           "qtensor_bytes", "setup_quanto", "kvsink_config"]
 
 #: what :func:`setup_quanto` did in this process (an "error" makes the quanto variants unavailable)
 QUANTO_SETUP: dict = {}
 
 #: class names under which a static-capacity KVSinkCache would be picked up from accelerated.hf
 STATIC_KVSINK_NAMES = ("KVSinkStaticCache", "StaticKVSinkCache")
-
-
-def kv_tensor_bytes(cache) -> int:
-    """Bytes of the ``keys`` / ``values`` tensors of every layer (DynamicCache, StaticCache: the
-    allocated ``max_cache_len``; a QuantizedCache's layers: their full-precision residual)."""
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
 
 
 def qtensor_bytes(t) -> int:
@@ -126,7 +117,7 @@ class DynamicVariant(CacheVariant):
         return DynamicCache(config=model.config)
 
     def nbytes(self, cache):
-        return kv_tensor_bytes(cache)
+        return dynamic_cache_nbytes(cache)
 
 
 class StaticCompiledVariant(CacheVariant):
@@ -137,7 +128,7 @@ class StaticCompiledVariant(CacheVariant):
         return StaticCache(config=model.config, max_cache_len=max_len)
 
     def nbytes(self, cache):
-        return kv_tensor_bytes(cache)
+        return dynamic_cache_nbytes(cache)
 
     def describe(self, options):
         return {**super().describe(options), "compile": {"mode": "reduce-overhead", "fullgraph": False,
@@ -163,7 +154,7 @@ class QuantoVariant(CacheVariant):
     def nbytes(self, cache):
         quantized = sum(qtensor_bytes(getattr(layer, "_quantized_keys", None))
                         + qtensor_bytes(getattr(layer, "_quantized_values", None)) for layer in cache.layers)
-        return quantized + kv_tensor_bytes(cache)
+        return quantized + dynamic_cache_nbytes(cache)
 
     def describe(self, options):
         return {**super().describe(options), "axis_key": 0, "axis_value": 0,
