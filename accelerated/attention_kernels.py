@@ -48,9 +48,25 @@ import torch
 from .attention_launch import DecodeLaunch, decode_launch, dot_launch, merge_launch
 from .triton_support import tl, triton
 
-__all__ = ["quantized_attention_kernel", "decode_attention_kernel", "merge_splits_kernel", "merge_split_row",
-           "decode_query_tile", "decode_split_state", "store_split_partial", "stat_count", "strided_parts",
+__all__ = ["quantized_attention_kernel", "decode_attention_kernel", "merge_splits_kernel",
+           "online_softmax_step", "merge_split_row", "decode_query_tile", "decode_split_state",
+           "store_split_partial", "stat_count", "strided_parts",
            "quantized_partial_attention", "decode_partial_attention"]
+
+
+@triton.jit
+def online_softmax_step(sc, kpos, qpos, row_ok, m_i, l_i):
+    """One tile of the online softmax (docs/05): logits ``sc`` (rows, keys) masked by the
+    visibility rule (key slot not empty, position ``<=`` the query's; padded rows out), the new
+    running max, the rescaling ``alpha`` of the old sums, the tile's weights ``p`` (0 where not
+    visible, also when a row has seen no key yet) and the new running sum."""
+    vis = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None]) & row_ok[:, None]
+    sc = tl.where(vis, sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.where(vis, tl.exp(sc - m_safe[:, None]), 0.0)
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit
@@ -111,13 +127,7 @@ def quantized_attention_kernel(q_ptr, qpos_ptr, kpos_ptr,
             sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale        # (M_PAD, BLOCK_T)
         else:                                      # CUDA cores, exact float32 products, no padding
             sc = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
-        vis = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None]) & row_ok[:, None]
-        sc = tl.where(vis, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.where(vis, tl.exp(sc - m_safe[:, None]), 0.0)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_new, alpha, p, l_i = online_softmax_step(sc, kpos, qpos, row_ok, m_i, l_i)
         v = _dequant_tile(vw_ptr, vs_ptr, vz_ptr, bh, t, t_ok, dd, d_ok, T, NGV,
                           D, VW, VBITS, VCPW, VG, VCHAN, VSYM)
         if USE_DOT:

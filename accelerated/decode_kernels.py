@@ -57,8 +57,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .attention_kernels import (decode_query_tile, decode_split_state, merge_split_row, stat_count,
-                                store_split_partial, strided_parts)
+from .attention_kernels import (decode_query_tile, decode_split_state, merge_split_row,
+                                online_softmax_step, stat_count, store_split_partial, strided_parts)
 from .attention_launch import FusedLaunch, fused_launch, merge_launch
 from .triton_support import tl, triton
 
@@ -96,13 +96,7 @@ def full_precision_state(q, qpos, row_ok, b, hh, f, pk_ptr, pv_ptr, ppos_ptr, rk
         k = tl.where(mp, tl.load(pk_ptr + p_off, mask=mp, other=0.0).to(tl.float32),
                      tl.load(rk_ptr + r_off, mask=mr, other=0.0).to(tl.float32))   # (FB, D_PAD)
         sc = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale                # (RB, FB)
-        vis = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None]) & row_ok[:, None]
-        sc = tl.where(vis, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.where(vis, tl.exp(sc - m_safe[:, None]), 0.0)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_new, alpha, p, l_i = online_softmax_step(sc, kpos, qpos, row_ok, m_i, l_i)
         v = tl.where(mp, tl.load(pv_ptr + p_off, mask=mp, other=0.0).to(tl.float32),
                      tl.load(rv_ptr + r_off, mask=mr, other=0.0).to(tl.float32))
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
