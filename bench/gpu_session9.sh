@@ -12,7 +12,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 run_tests() {
   timeout "${TESTS_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider -n 8 -m "not model" \
-    tests/test_decode_kernels.py tests/test_prefill.py tests/test_hf.py tests/test_accelerated_cache.py \
+    tests/test_decode_kernels.py tests/test_prefill.py tests/test_hf.py tests/test_hf_compile.py tests/test_accelerated_cache.py \
     tests/test_accelerated_ops.py tests/test_accelerated_cache_kvquant.py conformance/test_cuda.py \
     conformance/test_attention.py conformance/test_cache.py > "$OUT/tests.txt" 2>&1
   echo "tests rc=$?"; grep -E "passed|failed|error" "$OUT/tests.txt" | tail -2

@@ -16,8 +16,8 @@ reason it is skipped).  Adding a variant = one subclass + one registry entry.
   bench/gpu_e2e.py ``kv()`` (KIVI layout: keys per channel, values per token, groups of 32,
   asymmetric, residual 128; PFN-1 + the KVSink predictor on channel 0 with a threshold no token
   reaches: random weights have no real sinks), eager.
-* ``kvsink2-static`` / ``kvsink4-static``: a static-capacity kvsink cache (issue 9) compiled like
-  ``static-compiled``; skipped while ``accelerated.hf`` has no such class (STATIC_KVSINK_NAMES).
+* ``kvsink2-static`` / ``kvsink4-static``: ``KVSinkCache(..., max_cache_len=...)``, the compileable
+  kvsink cache (docs/11-transformers.md §11.10), compiled by ``generate`` like ``static-compiled``.
 
 quanto's KV path dequantizes through ``torch.ops.quanto.unpack``, which on CUDA is a kernel of
 quanto's own JIT-built extension.  :func:`setup_quanto` installs optimum-quanto from carried wheels
@@ -44,14 +44,11 @@ import torch
 
 from accelerated.hf import dynamic_cache_nbytes
 
-__all__ = ["CacheVariant", "VARIANTS", "STATIC_KVSINK_NAMES", "QUANTO_SETUP", "parse_caches",
+__all__ = ["CacheVariant", "VARIANTS", "QUANTO_SETUP", "parse_caches",
            "qtensor_bytes", "setup_quanto", "kvsink_config"]
 
 #: what :func:`setup_quanto` did in this process (an "error" makes the quanto variants unavailable)
 QUANTO_SETUP: dict = {}
-
-#: class names under which a static-capacity KVSinkCache would be picked up from accelerated.hf
-STATIC_KVSINK_NAMES = ("KVSinkStaticCache", "StaticKVSinkCache")
 
 
 def qtensor_bytes(t) -> int:
@@ -183,24 +180,14 @@ class KVSinkVariant(CacheVariant):
 
 
 class KVSinkStaticVariant(KVSinkVariant):
-    """A static-capacity kvsink cache, built as ``cls(model, config, max_cache_len=...)`` (the
-    argument of transformers' StaticCache) and compiled like ``static-compiled``."""
+    """The compileable kvsink cache, ``KVSinkCache(model, config, max_cache_len=...)`` (the argument
+    of transformers' StaticCache), compiled by ``generate`` like ``static-compiled``."""
     compiled = True
 
-    @staticmethod
-    def cache_class():
-        import accelerated.hf as H
-        return next((getattr(H, n) for n in STATIC_KVSINK_NAMES if hasattr(H, n)), None)
-
-    def unavailable(self):
-        if self.cache_class() is None:
-            return (f"accelerated.hf has no static-capacity kvsink cache yet (looked for "
-                    f"{' / '.join(STATIC_KVSINK_NAMES)})")
-        return None
-
     def build(self, model, batch, max_len, options):
-        return self.cache_class()(model, kvsink_config(self.bits, model.config.num_hidden_layers,
-                                                       options.kvsink_residual), max_cache_len=max_len)
+        from accelerated.hf import KVSinkCache
+        return KVSinkCache(model, kvsink_config(self.bits, model.config.num_hidden_layers,
+                                                options.kvsink_residual), max_cache_len=max_len)
 
 
 VARIANTS = {

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
+from .compiled import attend_layer, cache_attention
 from .layer import KVSinkLayer
-from .step import active_cache
+from .step import active_cache, compiled_view
 
 __all__ = ["ATTENTION_NAME", "kvsink_attention", "kvsink_mask", "register"]
 
@@ -29,13 +32,18 @@ def _kvsink_layer(cache, module) -> Optional[KVSinkLayer]:
     return layer if isinstance(layer, KVSinkLayer) else None
 
 
-def _check_call(layer: KVSinkLayer, query, dropout: float, kwargs) -> None:
-    """What the kvsink attention refuses: dropout, soft-capping, attention sinks, a sliding window."""
+def _check_options(dropout: float, kwargs) -> None:
+    """What the kvsink attention refuses: dropout, soft-capping, attention sinks."""
     if dropout:
         raise ValueError("kvsink attention is inference only (dropout > 0); call model.eval()")
     for name in ("softcap", "s_aux", "sinks"):
         if kwargs.get(name) is not None:
             raise ValueError(f"kvsink attention does not support {name!r}")
+
+
+def _check_call(layer: KVSinkLayer, query, dropout: float, kwargs) -> None:
+    """:func:`_check_options`, a sliding window, and the query count against the layer's update."""
+    _check_options(dropout, kwargs)
     if kwargs.get("sliding_window") is not None:
         raise ValueError(f"layer {layer.layer_idx} received sliding_window={kwargs['sliding_window']} "
                          "but is a full-attention kvsink layer")
@@ -52,19 +60,20 @@ def kvsink_attention(module, query, key, value, attention_mask, dropout: float =
     ``attend`` over its cache (``key``/``value`` are then only the step's new
     tokens, already in the cache, and ``attention_mask`` is ignored: causality is
     by cache slot, padding by the cache's validity flags).  Otherwise: transformers'
-    ``sdpa_attention_forward``.  Returns ``(B, n, Hq, D), None``.
+    ``sdpa_attention_forward``.  Returns ``(B, n, Hq, D), None``.  Traced by ``torch.compile``:
+    the custom operator ``kvsink::cache_attention`` (which also appends ``key``/``value``,
+    :mod:`accelerated.hf.compiled`) for a full-attention layer of a forward with a KVSinkCache.
     """
-    cache = active_cache()
-    layer = _kvsink_layer(cache, module)
-    if layer is not None:
-        _check_call(layer, query, dropout, kwargs)
-        step = cache.steps.current
-        positions = cache.steps.query_positions(query)
-        out = layer.attend(query, scaling, positions=positions,
-                           checks=None if step is None else step.checks,
-                           shared=None if positions is None else step.shared)
-        cache.steps.flush_early([layer])                     # a prefill: this layer is done
-        return out.transpose(1, 2).contiguous(), None      # contiguous already: no copy
+    if torch.compiler.is_compiling():
+        if compiled_view() is not None and kwargs.get("sliding_window") is None:
+            _check_options(dropout, kwargs)
+            return cache_attention(query, key, value, module.layer_idx, scaling), None
+    else:
+        cache = active_cache()
+        layer = _kvsink_layer(cache, module)
+        if layer is not None:
+            _check_call(layer, query, dropout, kwargs)
+            return attend_layer(cache, layer, query, scaling), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, **kwargs)
@@ -73,9 +82,14 @@ def kvsink_attention(module, query, key, value, attention_mask, dropout: float =
 def kvsink_mask(*args, **kwargs):
     """Mask interface ``"kvsink"``: no mask while a KVSinkCache without full-precision layers is
     active (causality/padding live in the cache); transformers' sdpa mask otherwise."""
-    cache = active_cache()
-    if cache is not None and not cache.has_full_precision_layers:
-        return None
+    if torch.compiler.is_compiling():
+        view = compiled_view()
+        if view is not None and not view[0]:
+            return None
+    else:
+        cache = active_cache()
+        if cache is not None and not cache.has_full_precision_layers:
+            return None
     from transformers.masking_utils import sdpa_mask
     return sdpa_mask(*args, **kwargs)
 

@@ -54,12 +54,23 @@ def _kvquant_calibrations(model, config: KVSinkConfig, text_cfg, num_layers: int
     return config, cals, inv_freq
 
 
-def _build_layers(config: KVSinkConfig, text_cfg, types: List[str], cals, inv_freq) -> list:
+def _check_max_cache_len(max_cache_len) -> Optional[int]:
+    if max_cache_len is None:
+        return None
+    if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
+        raise ValueError(f"max_cache_len must be a positive int (the most tokens, prompt and "
+                         f"generated, a sequence will hold) or None, got {max_cache_len!r}")
+    return max_cache_len
+
+
+def _build_layers(config: KVSinkConfig, text_cfg, types: List[str], cals, inv_freq,
+                  max_cache_len: Optional[int] = None) -> list:
     """One ``KVSinkLayer`` per full-attention layer, a ``DynamicSlidingWindowLayer`` per other."""
     layers = []
     for i, kind in enumerate(types):
         if kind == "full_attention":
-            layers.append(KVSinkLayer(config, i, kvquant_calibration=cals[i], rope_inv_freq=inv_freq))
+            layers.append(KVSinkLayer(config, i, kvquant_calibration=cals[i], rope_inv_freq=inv_freq,
+                                      max_cache_len=max_cache_len))
         else:  # sliding_attention (checked by check_supported)
             layers.append(DynamicSlidingWindowLayer(sliding_window=sliding_window(text_cfg, i)))
     return layers
@@ -154,12 +165,13 @@ class KVSinkCache(Cache):
 
     def __init__(self, model, config: KVSinkConfig, *, kvquant_calibration=None, calibration_ids=None,
                  calibration_text: Optional[str] = None, tokenizer=None, kvquant_fisher: bool = False,
-                 eager_checks: bool = False):
+                 eager_checks: bool = False, max_cache_len: Optional[int] = None):
         if not isinstance(config, KVSinkConfig):
             raise TypeError(f"config must be a KVSinkConfig, got {type(config).__name__}")
         if not isinstance(eager_checks, bool):
             raise TypeError(f"eager_checks must be a bool (True: read the value checks at the end of "
                             f"every forward), got {eager_checks!r}")
+        max_cache_len = _check_max_cache_len(max_cache_len)
         kvquant_fisher = CAL.check_kvquant_fisher(kvquant_fisher, config,
                                                   calibration_given=kvquant_calibration is not None)
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
@@ -177,10 +189,15 @@ class KVSinkCache(Cache):
         if "kvsink" in config.preserve and not config.predictor_ready:
             config = CAL.calibrate_config(model, config, calibration_ids, text=calibration_text,
                                           tokenizer=tokenizer)
-        layers = _build_layers(config, text_cfg, types, cals, inv_freq)
+        layers = _build_layers(config, text_cfg, types, cals, inv_freq, max_cache_len)
         super().__init__(layers=layers)
         self.num_hidden_layers = num_layers
         self.has_full_precision_layers = any(not isinstance(l, KVSinkLayer) for l in layers)
+        if max_cache_len is not None and self.has_full_precision_layers:
+            raise ValueError("max_cache_len (the compileable KVSinkCache) needs a model whose every "
+                             "layer is full attention; this one has sliding-window layers (kept at "
+                             "full precision, shapes growing per step): leave max_cache_len None")
+        self.max_cache_len = max_cache_len
         # quantization options the streaming layer refuses surface now, not mid-generate
         _probe_store(config, cals[types.index("full_attention")], inv_freq)
         self.predictor = _make_predictor(config, text_cfg, num_layers)
@@ -190,7 +207,7 @@ class KVSinkCache(Cache):
         self._decoder_layers = num_decoder_layers
         self.steps = StepState(config, self.predictor,
                                [l for l in layers if isinstance(l, KVSinkLayer)], num_layers,
-                               eager_checks=eager_checks)
+                               eager_checks=eager_checks, max_length=max_cache_len)
         install(model)
         if getattr(model, "training", False):
             warnings.warn("the model is in training mode; KVSinkCache is for inference (call "
@@ -206,6 +223,8 @@ class KVSinkCache(Cache):
         layer = self.layers[layer_idx]
         if not isinstance(layer, KVSinkLayer):
             return layer.update(key_states, value_states)
+        if torch.compiler.is_compiling():
+            return key_states, value_states   # appended by kvsink::cache_attention (hf/compiled.py)
         if self.steps.current is None:
             raise RuntimeError(
                 "KVSinkCache.update was called outside a forward of the model the cache was built "

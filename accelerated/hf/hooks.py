@@ -13,7 +13,12 @@
   one pops the active cache and abandons a step the forward left unfinished;
 * ``model.generate`` is wrapped so that, when it returns, the value checks of the steps since the
   last flush are read (``KVSinkCache.check``): a NaN never goes unreported because no flush
-  followed it (docs/11-transformers.md §11.3 "Validation").
+  followed it (docs/11-transformers.md §11.3 "Validation"), and ``model.create_masks_for_generate``
+  so that ``generate`` hands a compileable KVSinkCache the 2-D mask (docs/11 §11.10).
+
+Under ``torch.compile`` the base-model hooks run eagerly between the compiled graphs
+(``torch.compiler.disable``) and the layer hook becomes the operator ``kvsink::layer_input``
+(:mod:`accelerated.hf.compiled`).
 
 The per-step logic is :class:`accelerated.hf.step.StepState`; these hooks only route the calls.
 """
@@ -24,8 +29,11 @@ import functools
 import inspect
 import types
 
+import torch
+
 from .attention import ATTENTION_NAME, register
-from .step import active_cache, pop_active, push_active
+from .compiled import layer_input, observe_layer_input
+from .step import active_cache, compiled_view, pop_active, push_active
 
 __all__ = ["install", "uninstall", "find_cache"]
 
@@ -78,12 +86,43 @@ class _ModelHooks:
             cache.steps.abandon()      # no-op after end(); else the forward raised
 
     def layer_pre(self, idx: int):
+        """Decoder layer ``idx``'s pre-hook: its input reaches the predictor of the active cache
+        when ``idx`` is the predictor's layer.  Traced by torch.compile: the operator
+        ``kvsink::layer_input`` at the predictor's layer (its copy of the input replaces it), nothing
+        at the others (accelerated/hf/compiled.py)."""
         def hook(module, args, kwargs):
-            cache = active_cache()
-            if cache is not None and cache.predictor is not None and cache.predictor.layer == idx:
-                hidden = args[0] if args else kwargs.get("hidden_states")
-                cache.steps.on_predictor_input(hidden)
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if not torch.compiler.is_compiling():
+                observe_layer_input(active_cache(), idx, hidden)
+                return None
+            view = compiled_view()
+            if view is None or view[1] != idx:
+                return None
+            hidden = layer_input(hidden, idx)
+            if args:
+                return (hidden,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
         return hook
+
+
+def _wrap_mask_creation(model) -> None:
+    """``model.create_masks_for_generate`` (what ``generate`` calls for a cache that
+    ``is_compileable``) hands a KVSinkCache's forward the 2-D padding mask itself, as an eager
+    ``generate`` does: the cache reads each new token's validity from it (docs/11 §11.10)."""
+    from transformers.masking_utils import create_masks_for_generate
+    original = getattr(model, "create_masks_for_generate", create_masks_for_generate)
+
+    def create_masks(*args, **kwargs):
+        if find_cache(kwargs) is not None:
+            return kwargs.get("attention_mask")
+        return original(*args, **kwargs)
+    create_masks.kvsink_wrapper = True
+    model.create_masks_for_generate = create_masks
+
+
+def _unwrap_mask_creation(model) -> None:
+    if getattr(model.__dict__.get("create_masks_for_generate"), "kvsink_wrapper", False):
+        del model.create_masks_for_generate
 
 
 def _wrap_generate(model) -> None:
@@ -130,16 +169,18 @@ def install(model) -> None:
     previous = _set_attention(model)
     base = model.base_model
     hooks = _ModelHooks(base)
+    eager = torch.compiler.disable      # they run between a compiled forward's graphs
     handles = [
-        base.register_forward_pre_hook(hooks.pre_forward, with_kwargs=True),
-        base.register_forward_hook(hooks.post_forward, with_kwargs=True),
-        base.register_forward_hook(hooks.cleanup, with_kwargs=True, always_call=True),
+        base.register_forward_pre_hook(eager(hooks.pre_forward), with_kwargs=True),
+        base.register_forward_hook(eager(hooks.post_forward), with_kwargs=True),
+        base.register_forward_hook(eager(hooks.cleanup), with_kwargs=True, always_call=True),
     ]
     for i, layer in enumerate(base.layers):
         handles.append(layer.register_forward_pre_hook(hooks.layer_pre(i), with_kwargs=True))
     model._kvsink_hooks = handles
     model._kvsink_previous_attn = previous
     _wrap_generate(model)
+    _wrap_mask_creation(model)
 
 
 def uninstall(model) -> None:
@@ -152,5 +193,6 @@ def uninstall(model) -> None:
     previous = getattr(model, "_kvsink_previous_attn", None)
     model._kvsink_hooks = None
     _unwrap_generate(model)
+    _unwrap_mask_creation(model)
     if previous is not None and model.config._attn_implementation == ATTENTION_NAME:
         model.set_attn_implementation(previous)

@@ -78,8 +78,12 @@ class KVSinkLayer(CacheLayerMixin):
     supports_early_init = False
 
     def __init__(self, config: KVSinkConfig, layer_idx: int, *, kvquant_calibration=None,
-                 rope_inv_freq=None):
+                 rope_inv_freq=None, max_cache_len: Optional[int] = None):
         super().__init__()
+        #: None: the growing layer; an int: the bound of the compileable cache (constant mask sizes)
+        self.max_cache_len = max_cache_len
+        self.is_compileable = max_cache_len is not None
+        self.length_tensor = None     # compileable cache: the slots held, on the device
         self.kvsink_config = config
         self.layer_idx = layer_idx
         self.kvquant_calibration = kvquant_calibration   # kvquant only
@@ -116,21 +120,41 @@ class KVSinkLayer(CacheLayerMixin):
             self.store.update(key_states, value_states, valid=valid,
                               rope_positions=rope_positions.to(self.device), checks=checks)
         self.last_new = key_states.shape[-2]
+        self._publish_length()
         return key_states, value_states
 
     def get_seq_length(self) -> int:
+        """Slots held.  Traced by torch.compile (the compileable cache, ``max_cache_len``): a 0-d
+        int64 tensor on the layer's device holding it (as transformers' ``StaticLayer``), so the
+        traced code reads no Python int that changes per step."""
+        if torch.compiler.is_compiling() and self.length_tensor is not None:
+            return self.length_tensor
         return 0 if self.store is None else _read_int(self.store, "seq_length")
 
+    def _publish_length(self) -> None:
+        """The compileable cache keeps :attr:`length_tensor` equal to the slots held (one fill)."""
+        if self.max_cache_len is None or self.store is None:
+            return
+        if self.length_tensor is None:
+            self.length_tensor = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.length_tensor.fill_(_read_int(self.store, "seq_length"))
+
     def get_mask_sizes(self, query_length: int):
+        """``(kv_length, kv_offset)``; with ``max_cache_len`` the constant ``(max_cache_len, 0)``, as
+        transformers' ``StaticCache``, so a compiled forward's shapes do not change per step (the
+        kvsink attention takes no mask: causality and padding live in the cache)."""
+        if self.max_cache_len is not None:
+            return self.max_cache_len, 0
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.max_cache_len is None else self.max_cache_len
 
     def reset(self) -> None:
         self.store = None
         self.is_initialized = False
         self.last_new = 0
+        self.length_tensor = None
 
     def crop(self, tokens_to_remove: int) -> None:
         """``crop(-n)`` drops the last ``n`` tokens; ``crop(m)`` with ``m > 0`` keeps the first ``m`` (legacy)."""
@@ -140,6 +164,7 @@ class KVSinkLayer(CacheLayerMixin):
         keep = n - abs(tokens_to_remove) if tokens_to_remove <= 0 else min(tokens_to_remove, n)
         if keep < n:
             self.store.crop(max(keep, 0))
+            self._publish_length()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.store is not None:

@@ -44,9 +44,33 @@ __all__ = [
     "active_cache",
     "push_active",
     "pop_active",
+    "compiled_view",
 ]
 
 _LOCAL = threading.local()
+
+#: What a forward traced by torch.compile needs to know of the innermost active cache, as plain
+#: constants dynamo can guard on (it cannot read the thread-local stack): None (no KVSinkCache), or
+#: ``(has_full_precision_layers, predictor_layer or -1)``.  Set by :func:`push_active` /
+#: :func:`pop_active` (the hooks, which run outside the compiled graphs: accelerated/hf/compiled.py).
+_COMPILED_VIEW = None
+
+
+def compiled_view():
+    """``None`` or ``(has_full_precision_layers, predictor_layer)`` of the innermost active
+    ``KVSinkCache`` (``predictor_layer`` -1 without a predictor): read by the traced code of
+    :mod:`accelerated.hf.compiled`; a change between forwards makes dynamo recompile."""
+    return _COMPILED_VIEW
+
+
+def _set_view(stack) -> None:
+    global _COMPILED_VIEW
+    cache = stack[-1] if stack else None
+    if cache is None:
+        _COMPILED_VIEW = None
+    else:
+        p = cache.predictor
+        _COMPILED_VIEW = (bool(cache.has_full_precision_layers), -1 if p is None else int(p.layer))
 
 
 def active_cache():
@@ -57,13 +81,17 @@ def active_cache():
 
 def push_active(cache) -> None:
     """A forward begins with ``cache`` (or None: a forward without a ``KVSinkCache``)."""
-    _LOCAL.__dict__.setdefault("stack", []).append(cache)
+    stack = _LOCAL.__dict__.setdefault("stack", [])
+    stack.append(cache)
+    _set_view(stack)
 
 
 def pop_active():
     """The innermost forward ended: its cache (None if none was pushed)."""
     stack = getattr(_LOCAL, "stack", None)
-    return stack.pop() if stack else None
+    cache = stack.pop() if stack else None
+    _set_view(stack)
+    return cache
 
 
 class ForwardStep:
@@ -221,12 +249,14 @@ class StepState:
     :class:`TokenHistory` and whether a failed forward left the cache unusable (``broken``).
 
     ``layers``: the cache's ``KVSinkLayer`` objects; ``predictor``: a
-    ``reference.predictor.SinkPredictor`` or None; ``num_hidden_layers``: the model's.
+    ``reference.predictor.SinkPredictor`` or None; ``num_hidden_layers``: the model's;
+    ``max_length``: None, or the most slots the cache may hold (``KVSinkCache(max_cache_len=)``).
     """
 
     def __init__(self, config: KVSinkConfig, predictor, layers: list, num_hidden_layers: int,
-                 eager_checks: bool = False):
+                 eager_checks: bool = False, max_length: Optional[int] = None):
         self.config = config
+        self.max_length = max_length
         self.eager_checks = eager_checks
         self.predictor = predictor
         self.layers = layers
@@ -278,6 +308,10 @@ class StepState:
                 raise RuntimeError(f"KVSinkCache: a layer received {n} new tokens, another {step.n} "
                                    "in the same forward")
             return
+        if self.max_length is not None and self.history.length + n > self.max_length:
+            raise ValueError(f"KVSinkCache(max_cache_len={self.max_length}) holds "
+                             f"{self.history.length} tokens and cannot take {n} more; build the "
+                             f"cache with a larger max_cache_len (at least prompt + max_new_tokens)")
         valid = self._new_valid(step, n, batch, device)
         step.n, step.valid = n, valid
         if self.config.quantizer == "kvquant":
