@@ -17,7 +17,7 @@ reason it is skipped).  Adding a variant = one subclass + one registry entry.
   asymmetric, residual 128; PFN-1 + the KVSink predictor on channel 0 with a threshold no token
   reaches: random weights have no real sinks), eager.
 * ``kvsink2-static`` / ``kvsink4-static``: ``KVSinkCache(..., max_cache_len=...)``, the compileable
-  kvsink cache (docs/11-transformers.md §11.10), compiled by ``generate`` like ``static-compiled``.
+  kvsink cache (docs/11-transformers.md §11.11), compiled by ``generate`` like ``static-compiled``.
 
 quanto's KV path dequantizes through ``torch.ops.quanto.unpack``, which on CUDA is a kernel of
 quanto's own JIT-built extension.  :func:`setup_quanto` installs optimum-quanto from carried wheels

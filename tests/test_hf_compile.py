@@ -1,5 +1,5 @@
 """The compileable KVSinkCache (``max_cache_len``) inside ``torch.compile`` (docs/11-transformers.md
-§11.10): ``generate`` auto-compiles its decode forward and produces the tokens, preserved sets and
+§11.11): ``generate`` auto-compiles its decode forward and produces the tokens, preserved sets and
 stored bytes of the eager cache; one compilation serves later caches and steps; the bound and the
 construction errors.  CPU: dynamo with the eager backend (the graphs dynamo builds are what is
 checked; inductor's CUDA graphs run on the device: bench/gpu_speed.py ``kvsink2-static``), and one

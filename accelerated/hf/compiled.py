@@ -1,4 +1,4 @@
-"""A :class:`~accelerated.hf.KVSinkCache` inside ``torch.compile`` (docs/11-transformers.md §11.10).
+"""A :class:`~accelerated.hf.KVSinkCache` inside ``torch.compile`` (docs/11-transformers.md §11.11).
 
 What dynamo traces of a forward with a ``KVSinkCache`` is the model's own computation (norms,
 projections, rotary embedding, MLP); what the cache does (append, resolve, attend, flush) is Python

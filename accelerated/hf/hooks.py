@@ -14,7 +14,7 @@
 * ``model.generate`` is wrapped so that, when it returns, the value checks of the steps since the
   last flush are read (``KVSinkCache.check``): a NaN never goes unreported because no flush
   followed it (docs/11-transformers.md §11.3 "Validation"), and ``model.create_masks_for_generate``
-  so that ``generate`` hands a compileable KVSinkCache the 2-D mask (docs/11 §11.10).
+  so that ``generate`` hands a compileable KVSinkCache the 2-D mask (docs/11 §11.11).
 
 Under ``torch.compile`` the base-model hooks run eagerly between the compiled graphs
 (``torch.compiler.disable``) and the layer hook becomes the operator ``kvsink::layer_input``
@@ -108,7 +108,7 @@ class _ModelHooks:
 def _wrap_mask_creation(model) -> None:
     """``model.create_masks_for_generate`` (what ``generate`` calls for a cache that
     ``is_compileable``) hands a KVSinkCache's forward the 2-D padding mask itself, as an eager
-    ``generate`` does: the cache reads each new token's validity from it (docs/11 §11.10)."""
+    ``generate`` does: the cache reads each new token's validity from it (docs/11 §11.11)."""
     from transformers.masking_utils import create_masks_for_generate
     original = getattr(model, "create_masks_for_generate", create_masks_for_generate)
 
