@@ -67,7 +67,8 @@ def kvsink_cache(model, cache_config: Union[None, dict, KVSinkConfig] = None, *,
     ``cache_implementation="quantized"`` holds its cache's arguments), default
     ``preserve="kvsink"``; unknown keys are a ``TypeError`` naming them.  ``tokenizer``
     and ``cache_kwargs`` (``calibration_ids``, ``calibration_text``,
-    ``kvquant_calibration``, ``kvquant_fisher``) go to ``KVSinkCache``.
+    ``kvquant_calibration``, ``kvquant_fisher``, ``eager_checks``, ``max_cache_len`` -- the
+    compileable cache, docs/11 §11.11) go to ``KVSinkCache``.
     """
     if isinstance(cache_config, KVSinkConfig):
         config = cache_config
