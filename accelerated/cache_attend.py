@@ -40,8 +40,10 @@ class LayerAttention:
 
     def attend(self, query, query_positions, scale=None, *, block_size: int = 256,
                use_kernel: Optional[bool] = None, checks: Optional[DeferredChecks] = None,
-               shared: Optional[dict] = None) -> torch.Tensor:
-        """Attention of ``query`` over the cache (definition 6.13), float32 ``(B, Hq, Tq, D)``.
+               shared: Optional[dict] = None, out_dtype: torch.dtype = _F32) -> torch.Tensor:
+        """Attention of ``query`` over the cache (definition 6.13), ``(B, Hq, Tq, D)`` in
+        ``out_dtype`` (default float32; a narrower one is the float32 result rounded to nearest
+        even, as ``.to()``: the fused decode kernel writes it directly, the other paths convert).
 
         Decode (``g*Tq <= DECODE_ROWS``) over the uniform store where the Triton kernels run
         (CUDA): :meth:`_attend_fused`, one kernel over the three segments and one merge kernel.
@@ -68,9 +70,15 @@ class LayerAttention:
             b, hq, tq, d = query.shape
             _att.int_tensor("query_positions", query_positions, (b, tq), query.device)
             _att.check_scale(scale, d)
-            return torch.zeros(query.shape, dtype=_F32, device=query.device)
+            return torch.zeros(query.shape, dtype=out_dtype, device=query.device)
         if self._fused_applies(query, use_kernel):
-            return self._attend_fused(query, query_positions, scale, checks)
+            return self._attend_fused(query, query_positions, scale, checks, out_dtype)
+        return self._attend_unfused(query, query_positions, scale, block_size, use_kernel, checks,
+                                    shared).to(out_dtype)
+
+    def _attend_unfused(self, query, query_positions, scale, block_size, use_kernel, checks,
+                        shared) -> torch.Tensor:
+        """:meth:`attend` by the prefill path or the split form (float32)."""
         out = self._attend_prefill(query, query_positions, scale, block_size, use_kernel, checks, shared)
         if out is not None:
             return out
@@ -94,9 +102,10 @@ class LayerAttention:
                 and hq % h == 0 and 0 < (hq // h) * tq <= DECODE_ROWS and query.dtype in FLOAT_DTYPES
                 and query.device == self._residual.keys.device and _att.attention_kernel_usable(query))
 
-    def _attend_fused(self, query: torch.Tensor, query_positions, scale, checks) -> torch.Tensor:
-        """:meth:`attend` in two launches and no host read (accelerated/decode_kernels.py): float32
-        ``(B, Hq, Tq, D)``, a transposed view of ``(B, Tq, Hq, D)``."""
+    def _attend_fused(self, query: torch.Tensor, query_positions, scale, checks,
+                      out_dtype: torch.dtype = _F32) -> torch.Tensor:
+        """:meth:`attend` in two launches and no host read (accelerated/decode_kernels.py):
+        ``(B, Hq, Tq, D)`` in ``out_dtype``, a transposed view of ``(B, Tq, Hq, D)``."""
         if checks is not None:
             checks.finite(query, "query contains NaN or Inf; pass finite values")
         elif not bool(torch.isfinite(query).all()):
@@ -105,7 +114,7 @@ class LayerAttention:
         (ppos, pk, pv), (rk, rv, valid, _) = self._preserved.view(), self._residual.view()
         return fused_decode_attention(query, qp, _att.check_scale(scale, query.shape[3]),
                                       self.quantized.kernel_views(), (pk, pv, ppos),
-                                      (rk, rv, valid, self._residual.start))
+                                      (rk, rv, valid, self._residual.start), out_dtype=out_dtype)
 
     def _attend_inputs(self, query: torch.Tensor, query_positions, scale, checks, convert: bool = True):
         """The checked query (on the device; float32 unless not ``convert``), positions (int64), scale.

@@ -182,6 +182,7 @@ def merge_normalise_kernel(m_s_ptr, l_s_ptr, acc_s_ptr, out_ptr, n_total, H, G, 
     seen = mx != float("-inf")
     den = tl.where(seen, l_row, 1.0)
     res = tl.where(seen, tl.math.div_rn(acc_row, den), 0.0)     # IEEE, as torch
+    res = res.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")   # as torch's .to()
     tl.store(out_ptr + b * out_sb + head * out_sh + (r % TQ) * out_st + dd, res, mask=d_ok)
 
 

@@ -164,6 +164,15 @@ def test_fused_decode_matches_reference(bits, d, g, tq, residual, preserve, fuse
     got = ours.attend(qd, t(qp))
     assert len(fused_calls) == 1, "attend must take the fused kernel for this query"
     assert got.dtype == torch.float32 and tuple(got.shape) == (b, h * g, tq, d)
+    # out_dtype: the kernel writes the float32 result rounded to nearest even, as .to() does (on
+    # CUDA, cvt.rn; Triton's CPU interpreter emulates the bf16 store by truncation: one ulp there)
+    narrow = ours.attend(qd, t(qp), out_dtype=torch.bfloat16)
+    assert len(fused_calls) == 2 and narrow.dtype == torch.bfloat16
+    if narrow.is_cuda:
+        assert torch.equal(narrow, got.to(torch.bfloat16))
+    else:
+        ulp = torch.finfo(torch.bfloat16).eps * got.abs().clamp_min(ETA)
+        assert torch.all((narrow.float() - got).abs() <= ulp)
     want = ref.attend(query, qp)
     bound, n_vis = _bound(query, ref, qp)
     got = _np(got).astype(np.float64)
@@ -178,7 +187,7 @@ def test_fused_decode_matches_reference(bits, d, g, tq, residual, preserve, fuse
     # in float32 (the same bf16 values): in the cache's dtype with Tq > 1 it would take the SDPA
     # prefill path, whose bf16 arithmetic has the bf16 row of docs/09 9.5, not this one
     torch_out = _np(ours.attend(qd.float(), t(qp), use_kernel=False)).astype(np.float64)
-    assert len(fused_calls) == 1, "use_kernel=False keeps the torch path"
+    assert len(fused_calls) == 2, "use_kernel=False keeps the torch path"
     assert not (~blind & (np.abs(got - torch_out) > 2 * bound)).any()
 
 

@@ -29,6 +29,9 @@ Where each concern lives (docs/ARCHITECTURE.md draws how a token flows through t
   cache), ``sdpa`` for any other layer or a forward without a ``KVSinkCache``.
 * :mod:`accelerated.hf.hooks` -- :func:`install` / :func:`uninstall`: the forward hooks that bind a
   cache to a forward call and drive ``cache.steps``.
+* :mod:`accelerated.hf.compiled` -- the cache inside ``torch.compile``: its work as two custom
+  operators kept out of CUDA graphs, so that ``KVSinkCache(..., max_cache_len=N)`` is compiled by
+  ``generate`` (docs/11-transformers.md §11.11).
 * :mod:`accelerated.hf.registration` -- ``kvsink_cache`` / ``kvsink_generate_kwargs``: the cache from
   a ``cache_config`` dict for ``generate`` and ``pipeline`` (transformers has no registration
   point for a cache implementation, docs/11-transformers.md §11.9).

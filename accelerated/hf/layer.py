@@ -225,7 +225,8 @@ class KVSinkLayer(CacheLayerMixin):
             n = query.shape[-2]
             seq = self.get_seq_length()
             positions = torch.arange(seq - n, seq, device=query.device).expand(query.shape[0], n)
-        out = self.store.attend(query, positions, scale=scale, checks=checks, shared=shared)
+        out = self.store.attend(query, positions, scale=scale, checks=checks, shared=shared,
+                                out_dtype=query.dtype)
         return out.transpose(1, 2).to(query.dtype, memory_format=torch.contiguous_format).transpose(1, 2)
 
     def nbytes(self) -> int:
