@@ -2,6 +2,7 @@
 # Issue 9's device calls after the fused decode kernel, the SDPA prefill and the sync-free step
 # landed.  Outputs under $OUT.  Carry .devdata/whl-quanto (bench/gpu_speed.sh).
 #   bash bench/gpu_session9.sh tests     the CUDA tests of the cache, kernels and transformers glue
+#   bash bench/gpu_session9.sh suite     the whole suite (tests/ and conformance/, not the model checks)
 #   bash bench/gpu_session9.sh kernels   bench_kernels.py --quick ("layer ..." rows: fused vs split)
 #                                        and gpu_decode_profile.py (launches, syncs, GPU time per step)
 #   bash bench/gpu_session9.sh speed ARGS  bench/gpu_speed.py ARGS (issue 9's grid, see its header)
@@ -17,6 +18,13 @@ run_tests() {
     conformance/test_attention.py conformance/test_cache.py > "$OUT/tests.txt" 2>&1
   echo "tests rc=$?"; grep -E "passed|failed|error" "$OUT/tests.txt" | tail -2
   grep -E "^(FAILED|ERROR)" "$OUT/tests.txt" | head -20
+}
+run_suite() {
+  timeout "${SUITE_LIMIT:-540}" python3 -m pytest -q -p no:cacheprovider -n 8 -m "not model" -rs \
+    tests conformance > "$OUT/suite.txt" 2>&1
+  echo "suite rc=$?"; grep -E "passed|failed|error" "$OUT/suite.txt" | tail -2
+  grep -E "^(FAILED|ERROR)" "$OUT/suite.txt" | head -20
+  grep -E "^SKIPPED" "$OUT/suite.txt" | sed -E 's/\[[0-9]+\] //; s/:[0-9]+:/:/' | sort | uniq -c | sort -rn | head -8
 }
 run_kernels() {
   timeout 100 python3 bench/bench_kernels.py --quick --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1
@@ -36,8 +44,9 @@ while [ $# -gt 0 ]; do
   part="$1"; shift
   case "$part" in
     tests) run_tests ;;
+    suite) run_suite ;;
     kernels) run_kernels ;;
     speed) run_speed "$@"; break ;;
-    *) echo "usage: bash bench/gpu_session9.sh [tests] [kernels] [speed gpu_speed.py-args]" >&2; exit 2 ;;
+    *) echo "usage: bash bench/gpu_session9.sh [tests] [suite] [kernels] [speed gpu_speed.py-args]" >&2; exit 2 ;;
   esac
 done
