@@ -108,6 +108,7 @@ def test_max_cache_len_bound_and_errors():
     model = _model()
     cache = KVSinkCache(model, _config("pfn"), max_cache_len=PROMPT + 3)
     assert cache.layers[0].get_mask_sizes(1) == (PROMPT + 3, 0)
+    assert cache.get_max_length() == PROMPT + 3
     with pytest.raises(ValueError, match=r"max_cache_len=24\) holds 24 tokens and cannot take 1 more"):
         _generate(model, cache)
     for bad in (0, -3, 2.5, True, "64"):

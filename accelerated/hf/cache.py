@@ -197,7 +197,6 @@ class KVSinkCache(Cache):
             raise ValueError("max_cache_len (the compileable KVSinkCache) needs a model whose every "
                              "layer is full attention; this one has sliding-window layers (kept at "
                              "full precision, shapes growing per step): leave max_cache_len None")
-        self.max_cache_len = max_cache_len
         # quantization options the streaming layer refuses surface now, not mid-generate
         _probe_store(config, cals[types.index("full_attention")], inv_freq)
         self.predictor = _make_predictor(config, text_cfg, num_layers)
