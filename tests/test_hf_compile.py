@@ -128,3 +128,19 @@ def test_length_tensor_follows_crop():
     assert int(layer.length_tensor) == layer.get_seq_length() == PROMPT + NEW - 1
     cache.crop(-5)
     assert int(layer.length_tensor) == layer.get_seq_length() == PROMPT + NEW - 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_user_compiled_forward_with_the_growing_cache(family):
+    """``torch.compile(model.forward)`` with the growing cache: the same operators, and on Gemma-3 the
+    sliding-window layers stay transformers' (SDPA with their mask): the eager tokens."""
+    from accelerated.hf import KVSinkCache
+    torch._dynamo.reset()
+    model = _model(family)
+    ref = _generate(model, KVSinkCache(model, _config("pfn")))
+    model.forward = torch.compile(model.forward, backend="eager")
+    before = _graph_count()
+    out = _generate(model, KVSinkCache(model, _config("pfn")))
+    assert _graph_count() > before, "the forward was not traced"
+    assert torch.equal(out, ref)
