@@ -53,6 +53,8 @@ _LOCAL = threading.local()
 #: constants dynamo can guard on (it cannot read the thread-local stack): None (no KVSinkCache), or
 #: ``(has_full_precision_layers, predictor_layer or -1)``.  Set by :func:`push_active` /
 #: :func:`pop_active` (the hooks, which run outside the compiled graphs: accelerated/hf/compiled.py).
+#: One per process, unlike the stack: compiled forwards in several threads at once must use caches of
+#: the same view (docs/11 §11.11).
 _COMPILED_VIEW = None
 
 
