@@ -46,6 +46,8 @@ from reference.packing import check_bits, packed_length
 from .packing import WORD_DTYPE, pack_codes, unpack_codes, words_from_reference, words_to_reference
 
 __all__ = [
+    "check_overflow_asymmetric",
+    "check_overflow_symmetric",
     "QuantizedTensor",
     "PackedQuantizedTensor",
     "quantization_levels",
@@ -133,7 +135,9 @@ def group_absmax(groups: torch.Tensor, counted: torch.Tensor, axis: int) -> torc
 
 # --------------------------------------------------------------------------- 2.2 / 2.3
 
-def _check_overflow_asymmetric(s: torch.Tensor, z: torch.Tensor, levels: int) -> None:
+def check_overflow_asymmetric(s: torch.Tensor, z: torch.Tensor, levels: int) -> None:
+    """``ValueError`` if an asymmetric grid (scale ``s``, zero ``z``, ``levels`` steps) overflows
+    float32 (definition 2.2); one device->host read each."""
     # width = max - min overflows  <=>  s = width / L is inf (width finite => s finite)
     if s.numel() and not bool(torch.isfinite(s).all()):
         raise ValueError("x: a group's range max - min overflows float32 (values of opposite sign "
@@ -144,7 +148,8 @@ def _check_overflow_asymmetric(s: torch.Tensor, z: torch.Tensor, levels: int) ->
                          "(values within a few ulp of the float32 maximum); rescale x")
 
 
-def _check_overflow_symmetric(s: torch.Tensor, m: int) -> None:
+def check_overflow_symmetric(s: torch.Tensor, m: int) -> None:
+    """``ValueError`` if ``M * s`` overflows float32 (definition 2.3); one device->host read."""
     top = _full(s, m) * s
     if top.numel() and not bool(torch.isfinite(top).all()):
         raise ValueError("x: the largest dequantized magnitude M * s overflows float32 "
@@ -157,7 +162,7 @@ def asymmetric_scale_zero(mn: torch.Tensor, mx: torch.Tensor, bits: int) -> Tupl
     mn = mn.to(_F32)
     width = mx.to(_F32) - mn
     s = width / _full(width, levels)
-    _check_overflow_asymmetric(s, mn, levels)
+    check_overflow_asymmetric(s, mn, levels)
     return s, mn
 
 
@@ -166,7 +171,7 @@ def symmetric_scale(absmax: torch.Tensor, bits: int) -> torch.Tensor:
     m = symmetric_offset(bits)
     absmax = absmax.to(_F32)
     s = absmax / _full(absmax, m)
-    _check_overflow_symmetric(s, m)
+    check_overflow_symmetric(s, m)
     return s
 
 
@@ -481,9 +486,9 @@ def quantize_packed(x, bits: int, group_size: int, axis: str, *, symmetric: bool
         if validate and int(flag.item()):                     # the one sync; rare slow path below
             check_x(x)
             if symmetric:
-                _check_overflow_symmetric(s, symmetric_offset(bits))
+                check_overflow_symmetric(s, symmetric_offset(bits))
             else:
-                _check_overflow_asymmetric(s, z, quantization_levels(bits))
+                check_overflow_asymmetric(s, z, quantization_levels(bits))
         return PackedQuantizedTensor(words=words, scale=s, zero=z, bits=bits, group_size=group_size,
                                      axis=axis, symmetric=symmetric, shape=tuple(x32.shape))
     x32, bits, group_size, axis, symmetric, excl = _prepare(x, bits, group_size, axis, symmetric, exclude)

@@ -201,9 +201,9 @@ def bench(rows, quick):
             x32 = AQ.check_x(x)
             w_, s_, z_ = QK1.quantize_pack(x32, excl, bits, g, axis, sym)
             if sym:
-                AQ._check_overflow_symmetric(s_, AQ.symmetric_offset(bits))
+                AQ.check_overflow_symmetric(s_, AQ.symmetric_offset(bits))
             else:
-                AQ._check_overflow_asymmetric(s_, z_, AQ.quantization_levels(bits))
+                AQ.check_overflow_asymmetric(s_, z_, AQ.quantization_levels(bits))
         flag = torch.zeros(1, dtype=torch.int32, device="cuda")
         tm = {"kernel v1": timeit(lambda: QK1.quantize_pack(x, excl, bits, g, axis, sym)),
               "kernel v2": timeit(lambda: QK.quantize_pack(x, excl, bits, g, axis, sym)),
