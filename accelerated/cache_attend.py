@@ -73,13 +73,19 @@ class LayerAttention:
             return torch.zeros(query.shape, dtype=out_dtype, device=query.device)
         if self._fused_applies(query, use_kernel):
             return self._attend_fused(query, query_positions, scale, checks, out_dtype)
-        return self._attend_unfused(query, query_positions, scale, block_size, use_kernel, checks,
-                                    shared).to(out_dtype)
+        out = self._attend_unfused(query, query_positions, scale, block_size, use_kernel, checks,
+                                   shared, out_dtype)
+        if out.dtype == out_dtype:
+            return out
+        # one conversion into the fused path's layout: a transposed view of (B, Tq, Hq, D)
+        return out.transpose(1, 2).to(out_dtype, memory_format=torch.contiguous_format).transpose(1, 2)
 
     def _attend_unfused(self, query, query_positions, scale, block_size, use_kernel, checks,
-                        shared) -> torch.Tensor:
-        """:meth:`attend` by the prefill path or the split form (float32)."""
-        out = self._attend_prefill(query, query_positions, scale, block_size, use_kernel, checks, shared)
+                        shared, out_dtype: torch.dtype = _F32) -> torch.Tensor:
+        """:meth:`attend` by the prefill path or the split form (float32, or the SDPA prefill's
+        own dtype when that is ``out_dtype``)."""
+        out = self._attend_prefill(query, query_positions, scale, block_size, use_kernel, checks, shared,
+                                   out_dtype)
         if out is not None:
             return out
         q, qp, sc = self._attend_inputs(query, query_positions, scale, checks)
@@ -154,10 +160,12 @@ class LayerAttention:
         vis = self._shared_visibility(shared, "preserved", qp, lambda: ppos)
         return [_att.segment_partial(q, pk.to(_F32), pv.to(_F32), qp, ppos, None, sc, block_size, vis=vis)]
 
-    def _attend_prefill(self, query, query_positions, scale, block_size, use_kernel, checks, shared):
+    def _attend_prefill(self, query, query_positions, scale, block_size, use_kernel, checks, shared,
+                        out_dtype: torch.dtype = _F32):
         """A prefill's attention, its residual through SDPA (:mod:`accelerated.attention_sdpa`,
         docs/11-transformers.md §11.3), or None (the blocked path): ``Tq == 1``, no residual, a
-        query not in the cache dtype, or earlier segments and no usable log-sum-exp op here."""
+        query not in the cache dtype, or earlier segments and no usable log-sum-exp op here.
+        float32, or SDPA's own output when it is already in ``out_dtype``."""
         res = self._residual
         earlier = self.quantized.num_codes > 0 or self._preserved.used > 0
         if not res.length or not _sdpa.prefill_applies(query, self.dtype, self.device.type, earlier):
@@ -166,7 +174,8 @@ class LayerAttention:
         rk, rv, valid, _ = res.view()
         plan = _sdpa.shared_plan(shared, (self.device, res.start, res.length), qp, res.start, valid)
         if not earlier:
-            return _sdpa.sdpa_attention(qc, rk, rv, plan, sc).to(_F32)
+            out = _sdpa.sdpa_attention(qc, rk, rv, plan, sc)
+            return out if out.dtype == out_dtype else out.to(_F32)   # no float32 round trip
         q = qc.to(_F32)
         parts = [self.quantized.partial(q, qp, sc, block_size=block_size, use_kernel=use_kernel,
                                         check_query=checks is None)] if self.quantized.num_codes else []
