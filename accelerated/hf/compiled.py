@@ -30,8 +30,9 @@ from .step import active_cache
 
 __all__ = ["cache_attention", "layer_input", "observe_layer_input", "attend_layer"]
 
-#: the two operators are opaque to CUDA graphs: inductor partitions the graph around them
-_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+#: the two operators are opaque to CUDA graphs: inductor partitions the graph around them (a torch
+#: without the tag must fail here, not capture the cache's Python as a replayed graph)
+_TAGS = (torch.Tag.cudagraph_unsafe,)
 
 
 def observe_layer_input(cache, layer_idx: int, hidden: torch.Tensor) -> None:
