@@ -50,7 +50,7 @@ from .triton_support import tl, triton
 
 __all__ = ["quantized_attention_kernel", "decode_attention_kernel", "merge_splits_kernel",
            "online_softmax_step", "merge_split_row", "decode_query_tile", "decode_split_state",
-           "store_split_partial", "stat_count", "strided_parts",
+           "store_split_partial", "stat_count", "strided_parts", "merge_split_partials",
            "quantized_partial_attention", "decode_partial_attention"]
 
 
@@ -488,7 +488,9 @@ def _partials(bh: int, n_split: int, r: int, d: int, device):
     return m_s, torch.empty_like(m_s), acc_s
 
 
-def _merge(m_s, l_s, acc_s, b, hq, tq, d):
+def merge_split_partials(m_s, l_s, acc_s, b, hq, tq, d):
+    """One :func:`merge_splits_kernel` launch: the split partials ``(B*H, n_split, R[, D])`` merged
+    into ``m, l`` ``(B, Hq, Tq)`` and ``acc`` ``(B, Hq, Tq, D)``."""
     bh, n_split, r = m_s.shape
     dev = m_s.device
     m = torch.empty((b, hq, tq), dtype=torch.float32, device=dev)
@@ -527,7 +529,7 @@ def decode_partial_attention(q: torch.Tensor, keys, values, qp: torch.Tensor, kp
         R=r, RB=launch.rb, NRG=launch.nrg, D=d, A=launch.a, TS=launch.ts,
         **launch.keys.constexprs("K"), **launch.values.constexprs("V"),
         PREFETCH=launch.prefetch, num_warps=launch.num_warps, num_stages=launch.num_stages)
-    return _merge(m_s, l_s, acc_s, b, hq, tq, d)
+    return merge_split_partials(m_s, l_s, acc_s, b, hq, tq, d)
 
 
 def quantized_partial_attention(q: torch.Tensor, keys, values, qp: torch.Tensor, kp: torch.Tensor,
@@ -567,4 +569,4 @@ def quantized_partial_attention(q: torch.Tensor, keys, values, qp: torch.Tensor,
         VCHAN=values.axis == "channel", VSYM=values.symmetric,
         PREC=precision, USE_DOT=launch.use_dot, num_warps=launch.num_warps,
         num_stages=launch.num_stages)
-    return _merge(m_s, l_s, acc_s, b, hq, tq, d)
+    return merge_split_partials(m_s, l_s, acc_s, b, hq, tq, d)

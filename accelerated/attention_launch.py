@@ -20,11 +20,15 @@ import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
+import torch
+
 from .triton_support import device_properties, next_pow2
 
 __all__ = ["PROGRAMS_PER_SM", "DotLaunch", "dot_launch", "PackedSide", "DecodeLaunch", "decode_launch",
            "MergeLaunch", "merge_launch", "DECODE_ROWS", "DecodeTuning", "DECODE_TUNING",
-           "DEFAULT_DECODE_TUNING", "decode_tuning", "FP_TOKENS_PER_PROGRAM", "FusedLaunch", "fused_launch"]
+           "DEFAULT_DECODE_TUNING", "decode_tuning", "FP_TOKENS_PER_PROGRAM", "FusedLaunch", "fused_launch",
+           "TENSOR_ROWS", "TensorDecodeLaunch", "tensor_decode_applies", "tensor_decode_launch",
+           "ENGINES", "TENSOR_DECODE_FAMILIES", "decode_engine"]
 
 #: query rows per KV head (g * Tq) up to which a query is "decode": CUDA-core products
 #: (decode_attention_kernel, fused_decode_kernel) rather than tl.dot
@@ -229,15 +233,26 @@ FP_TOKENS_PER_PROGRAM = 64
 
 @dataclass(frozen=True)
 class FusedLaunch:
-    """Launch of ``fused_decode_kernel`` (accelerated/decode_kernels.py): ``decode`` for the
-    programs over the packed store (``decode.n_split`` = 0 when it holds no slot), then ``n_fp``
-    programs per row group over the full-precision tokens, ``fp_tiles`` tiles of ``fp_block``."""
+    """Launch of ``fused_decode_kernel`` (accelerated/decode_kernels.py): the programs over the
+    packed store -- on tensor cores by ``tensor`` when set, else on CUDA cores by ``decode`` (whose
+    row groups ``rb``/``nrg`` also tile the full-precision programs) -- then ``n_fp`` programs per
+    row group over the full-precision tokens, ``fp_tiles`` tiles of ``fp_block``."""
 
     decode: DecodeLaunch
     fp_block: int          # FB: full-precision tokens per tile (registers: RB x FB x D_PAD products)
     fp_tiles: int
     n_fp: int
     d_pad: int
+    tensor: Optional["TensorDecodeLaunch"] = None
+
+    @property
+    def n_split(self) -> int:
+        """Programs (per row group) over the packed store (0 when it holds no slot)."""
+        return (self.tensor or self.decode).n_split
+
+    @property
+    def tiles_per_split(self) -> int:
+        return (self.tensor or self.decode).tiles_per_split
 
 
 class _PackedSpec(NamedTuple):
@@ -251,24 +266,57 @@ class _PackedSpec(NamedTuple):
 
 
 def fused_launch(q_shape, keys, values, fp_tokens: int, device, *, fp_block: Optional[int] = None,
-                 **decode_choices) -> FusedLaunch:
+                 engine: Optional[str] = None, **decode_choices) -> FusedLaunch:
     """The :class:`FusedLaunch` for query ``(B, Hq, Tq, D)`` over ``keys``/``values`` (the packed
     store, any length) and ``fp_tokens`` preserved + residual tokens: the quantized programs as
     :func:`decode_launch` (``decode_choices`` are its keywords) with the full-precision programs
     counted in its target (quantized + full-precision programs <= the target: whole waves),
     :data:`FP_TOKENS_PER_PROGRAM` full-precision tokens per program, ``fp_block`` (default
     ``2048 // D_PAD``, at least 8: the (RB, FB, D_PAD) product tile of 4 rows fits 64 registers
-    per thread at 4 warps).
+    per thread at 4 warps).  ``engine`` of the packed store's programs: "tensor"
+    (:class:`TensorDecodeLaunch`), "cuda-core" (``decode``), None = :func:`decode_engine`.
     Cached per shape (every layer of a model step asks the same: host time)."""
     specs = [_PackedSpec(tuple(p.shape), p.bits, p.group_size, p.axis, p.symmetric) for p in (keys, values)]
+    if engine is None:
+        engine = decode_engine(q_shape, keys, values, device)
+    elif engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES} or None, got {engine!r}")
+    elif engine == "tensor" and not tensor_decode_applies(q_shape, keys, values):
+        raise ValueError("engine='tensor' needs at most 16 query rows per KV head and a power-of-two "
+                         "head dim >= 16 filled by whole words (bits 1, 2, 4, 8); use engine=None")
     return _fused_launch(tuple(q_shape), specs[0], specs[1], int(fp_tokens), str(device), fp_block,
-                         tuple(sorted(decode_choices.items())))
+                         engine, tuple(sorted(decode_choices.items())))
+
+
+#: the engines of the fused kernel's packed-store programs (fused_launch's ``engine``)
+ENGINES = ("tensor", "cuda-core")
+
+
+#: device families whose fused decode takes the tensor-core programs by default: those where
+#: bench/bench_decode_tc.py measured them faster than the CUDA-core ones (bench/README.md)
+TENSOR_DECODE_FAMILIES: tuple = ()
+
+
+def decode_engine(q_shape, keys, values, device) -> str:
+    """The default engine of the packed store's decode programs: "tensor" where
+    :func:`tensor_decode_applies`, the device has TF32 tensor cores (compute capability 8.0 or
+    later) and its family is in :data:`TENSOR_DECODE_FAMILIES` (on CPU, the Triton interpreter:
+    always), else "cuda-core"."""
+    props = device_properties(device)
+    if torch.device(device).type == "cpu":
+        tensor_ok = True
+    else:
+        tensor_ok = props.capability >= (8, 0) and any(f in props.name for f in TENSOR_DECODE_FAMILIES)
+    return "tensor" if tensor_ok and tensor_decode_applies(q_shape, keys, values) else "cuda-core"
 
 
 @functools.lru_cache(maxsize=1024)
-def _fused_launch(q_shape, keys, values, fp_tokens, device, fp_block, decode_choices) -> FusedLaunch:
+def _fused_launch(q_shape, keys, values, fp_tokens, device, fp_block, engine,
+                  decode_choices) -> FusedLaunch:
     d = q_shape[-1]
     choices = dict(decode_choices)
+    if engine == "tensor":
+        return _fused_tensor_launch(q_shape, keys, values, fp_tokens, device, fp_block, choices)
     dec = decode_launch(q_shape, keys, values, device, **choices)
     d_pad = next_pow2(d)
     fb = max(8, 2048 // d_pad) if fp_block is None else fp_block
@@ -282,3 +330,93 @@ def _fused_launch(q_shape, keys, values, fp_tokens, device, fp_block, decode_cho
         dec = decode_launch(q_shape, keys, values, device, target_programs=max(rows, target - rows * n_fp),
                             **choices)
     return FusedLaunch(decode=dec, fp_block=fb, fp_tiles=fp_tiles, n_fp=n_fp, d_pad=d_pad)
+
+
+#: the mma tile's rows: a tensor-core decode program computes 16 query rows (a KV head's R <= 16
+#: rows, the rest masked)
+TENSOR_ROWS = 16
+
+
+@dataclass(frozen=True)
+class TensorDecodeLaunch:
+    """Launch of ``tensor_decode_kernel`` (accelerated/attention_tc_kernels.py): one program per
+    (KV head, split) over all its rows."""
+
+    rows: int              # R = g*Tq
+    m: int                 # rows padded to the mma tile
+    block_t: int           # BT tokens per tile
+    n_split: int
+    tiles_per_split: int
+    keys: PackedSide
+    values: PackedSide
+    key_fold: bool         # keys per channel, BT dividing G: scale folded into the query
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def constexprs(self) -> dict:
+        """The kernel's constexpr arguments of both packed sides."""
+        out = {"KFOLD": self.key_fold}
+        for p, side in (("K", self.keys), ("V", self.values)):
+            out.update({p + "W": side.words, p + "BITS": side.bits, p + "CPW": side.cpw,
+                        p + "G": side.group, p + "CHAN": side.channel, p + "SYM": side.symmetric,
+                        p + "TILE": side.tile_stats, p + "WORD": side.word_stats})
+        return out
+
+
+def tensor_decode_applies(q_shape, keys, values) -> bool:
+    """Whether the tensor-core decode kernel takes this shape: at most :data:`TENSOR_ROWS` rows per
+    KV head, a power-of-two head dim of at least 16 that whole words fill (codes per word a power
+    of two: bits 1, 2, 4, 8)."""
+    b, hq, tq, d = q_shape
+    h = keys.shape[1]
+    if (hq // h) * tq > TENSOR_ROWS or d < 16 or d != next_pow2(d):
+        return False
+    return all(p.bits in (1, 2, 4, 8) and d % (32 // p.bits) == 0 for p in (keys, values))
+
+
+def tensor_decode_launch(q_shape, keys, values, device, *, block_t: Optional[int] = None,
+                         fold: Optional[bool] = None, num_warps: int = 4, num_stages: int = 1,
+                         n_split: Optional[int] = None,
+                         target_programs: Optional[int] = None) -> TensorDecodeLaunch:
+    """The :class:`TensorDecodeLaunch` for query ``(B, Hq, Tq, D)`` over ``keys``/``values``:
+    ``block_t`` default 64, or the key group when keys are per channel in groups of 16 or 32 (so
+    that the scale folds); ``n_split`` aims at the device's :data:`PROGRAMS_PER_SM` programs per SM
+    (whole waves)."""
+    b, hq, tq, d = q_shape
+    h, t_len = keys.shape[1], keys.shape[2]
+    r = (hq // h) * tq
+    chan = keys.axis == "channel"
+    if block_t is None:
+        g = keys.group_size
+        block_t = g if chan and g in (16, 32) else 64
+    ks, vs = _packed_side(keys, d, block_t), _packed_side(values, d, block_t)
+    fold = ks.tile_stats if fold is None else (fold and ks.tile_stats)
+    n_tiles = -(-t_len // block_t)
+    if n_tiles == 0:
+        n_split = tiles_per_split = 0
+    else:
+        if n_split is None:
+            target = _target_programs(device) if target_programs is None else target_programs
+            n_split = max(1, min(n_tiles, target // (b * h)))
+        tiles_per_split = -(-n_tiles // n_split)
+        n_split = -(-n_tiles // tiles_per_split)
+    return TensorDecodeLaunch(rows=r, m=max(TENSOR_ROWS, next_pow2(r)), block_t=block_t,
+                              n_split=n_split, tiles_per_split=tiles_per_split, keys=ks, values=vs,
+                              key_fold=fold, num_warps=num_warps, num_stages=num_stages)
+
+
+def _fused_tensor_launch(q_shape, keys, values, fp_tokens, device, fp_block, choices) -> FusedLaunch:
+    """:func:`fused_launch` with the packed store on tensor cores: one program per (KV head, split)
+    does all rows (the other row groups' programs of a split return at once); the full-precision
+    programs as on CUDA cores.  ``choices``: :func:`tensor_decode_launch`'s keywords."""
+    dec = decode_launch(q_shape, keys, values, device)
+    d_pad = next_pow2(q_shape[-1])
+    fb = max(8, 2048 // d_pad) if fp_block is None else fp_block
+    fp_tiles = max(1, FP_TOKENS_PER_PROGRAM // fb)
+    n_fp = -(-fp_tokens // (fp_tiles * fb))
+    if n_fp and "n_split" not in choices:
+        heads = q_shape[0] * keys.shape[1]
+        target = choices.pop("target_programs", None) or _target_programs(device)
+        choices["target_programs"] = max(heads, target - heads * dec.nrg * n_fp)
+    tensor = tensor_decode_launch(q_shape, keys, values, device, **choices)
+    return FusedLaunch(decode=dec, fp_block=fb, fp_tiles=fp_tiles, n_fp=n_fp, d_pad=d_pad, tensor=tensor)

@@ -60,6 +60,7 @@ import torch
 from .attention_kernels import (decode_query_tile, decode_split_state, merge_split_row,
                                 online_softmax_step, stat_count, store_split_partial, strided_parts)
 from .attention_launch import FusedLaunch, fused_launch, merge_launch
+from .attention_tc_kernels import tensor_program
 from .triton_support import tl, triton
 
 __all__ = ["fused_decode_kernel", "merge_normalise_kernel", "full_precision_state",
@@ -123,7 +124,8 @@ def fused_decode_kernel(q_ptr, qpos_ptr, kpos_ptr,
                         VW: tl.constexpr, VW_PAD: tl.constexpr, VBITS: tl.constexpr,
                         VCPW: tl.constexpr, VCPW_PAD: tl.constexpr, VG: tl.constexpr,
                         VCHAN: tl.constexpr, VSYM: tl.constexpr, VTILE: tl.constexpr,
-                        VWORD: tl.constexpr, PREFETCH: tl.constexpr):
+                        VWORD: tl.constexpr, PREFETCH: tl.constexpr,
+                        TC: tl.constexpr, M: tl.constexpr, BT: tl.constexpr, KFOLD: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     rg = pid % NRG
@@ -133,7 +135,15 @@ def fused_decode_kernel(q_ptr, qpos_ptr, kpos_ptr,
     rows = rg * RB + tl.arange(0, RB)
     row_ok = rows < R
     # (nothing computed here stays live through the branches: registers are at their limit)
-    if split < n_split:                      # a split of the packed quantized store
+    if TC:                                   # a split of the packed store on tensor cores
+        if (split < n_split) & (rg == 0):
+            tensor_program(q_ptr, qpos_ptr, kpos_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr,
+                           m_ptr, l_ptr, acc_ptr, b, hh, bh, split, G, T, TQ, NGK, NGV,
+                           tiles_per_split, n_total, scale, q_sb, q_sh, q_st,
+                           kpos_sb, kw_sb, kw_sh, ks_sb, ks_sh, vw_sb, vw_sh, vs_sb, vs_sh,
+                           R, M, D, BT, KW, KBITS, KCPW, KG, KCHAN, KSYM, KTILE, KWORD, KFOLD,
+                           VW, VBITS, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
+    elif split < n_split:                    # a split of the packed quantized store
         row_off = b * q_sb + (hh * G + rows // TQ) * q_sh + (rows % TQ) * q_st   # (RB,) int64
         qpos = tl.load(qpos_ptr + b * TQ + rows % TQ, mask=row_ok, other=-1)
         q_w = decode_query_tile(q_ptr, row_off, row_ok, D, KW, KW_PAD, KCPW, KCPW_PAD)
@@ -145,7 +155,7 @@ def fused_decode_kernel(q_ptr, qpos_ptr, kpos_ptr,
             VW, VW_PAD, VBITS, VCPW, VCPW_PAD, VG, VCHAN, VSYM, VTILE, VWORD, PREFETCH)
         store_split_partial(m_ptr, l_ptr, acc_ptr, (bh * n_total + split) * R + rows, row_ok,
                             m_q, l_q, acc_q, D, VW, VW_PAD, VCPW, VCPW_PAD)
-    else:                                    # full-precision tokens: preserved, then residual
+    if split >= n_split:                     # full-precision tokens: preserved, then residual
         row_off = b * q_sb + (hh * G + rows // TQ) * q_sh + (rows % TQ) * q_st
         qpos = tl.load(qpos_ptr + b * TQ + rows % TQ, mask=row_ok, other=-1)
         dd = tl.arange(0, D_PAD)
@@ -225,9 +235,8 @@ def fused_decode_attention(q: torch.Tensor, qp: torch.Tensor, scale: float, quan
     n_p, n_r = pk.shape[2], rk.shape[2]
     if launch is None:
         launch = fused_launch(q.shape, keys, values, n_p + n_r, q.device)
-    dl = launch.decode
-    r = dl.rows
-    n_total = dl.n_split + launch.n_fp
+    r = launch.decode.rows
+    n_total = launch.n_split + launch.n_fp
     m_s = torch.empty((b * h, n_total, r), dtype=torch.float32, device=q.device)
     l_s = torch.empty_like(m_s)
     acc_s = torch.empty((b * h, n_total, r, d), dtype=torch.float32, device=q.device)
@@ -255,13 +264,15 @@ def _launch_fused(q, qp, scale, keys, values, kpos, pk, pv, ppos, rk, rv, rvalid
     kw, kw_sb, kw_sh, ks, kz, ks_sb, ks_sh = strided_parts(keys)
     vw, vw_sb, vw_sh, vs, vz, vs_sb, vs_sh = strided_parts(values)
     kpos, ppos, rvalid = (x if x.stride(-1) == 1 else x.contiguous() for x in (kpos, ppos, rvalid))
-    grid = (b * h * dl.nrg, dl.n_split + launch.n_fp)
+    grid = (b * h * dl.nrg, launch.n_split + launch.n_fp)
+    tc = launch.tensor
     fused_decode_kernel[grid](
         q_ptr=q, qpos_ptr=qp.contiguous(), kpos_ptr=kpos, kw_ptr=kw, ks_ptr=ks, kz_ptr=kz,
         vw_ptr=vw, vs_ptr=vs, vz_ptr=vz, pk_ptr=pk, pv_ptr=pv, ppos_ptr=ppos, rk_ptr=rk, rv_ptr=rv,
         rvalid_ptr=rvalid, m_ptr=m_s, l_ptr=l_s, acc_ptr=acc_s,
         H=h, G=hq // h, T=keys.shape[2], TQ=tq, NGK=stat_count(keys), NGV=stat_count(values),
-        tiles_per_split=dl.tiles_per_split, n_split=dl.n_split, n_total=dl.n_split + launch.n_fp,
+        tiles_per_split=launch.tiles_per_split, n_split=launch.n_split,
+        n_total=launch.n_split + launch.n_fp,
         scale=float(scale), wstride=1, q_sb=q.stride(0), q_sh=q.stride(1), q_st=q.stride(2),
         kpos_sb=kpos.stride(0), kw_sb=kw_sb, kw_sh=kw_sh, ks_sb=ks_sb, ks_sh=ks_sh,
         vw_sb=vw_sb, vw_sh=vw_sh, vs_sb=vs_sb, vs_sh=vs_sh,
@@ -270,4 +281,6 @@ def _launch_fused(q, qp, scale, keys, values, kpos, pk, pv, ppos, rk, rv, rvalid
         r_sh=rk.stride(1), rvalid_sb=rvalid.stride(0),
         R=dl.rows, RB=dl.rb, NRG=dl.nrg, D=d, D_PAD=launch.d_pad, FB=launch.fp_block, A=dl.a,
         TS=dl.ts, **dl.keys.constexprs("K"), **dl.values.constexprs("V"),
-        PREFETCH=dl.prefetch, num_warps=dl.num_warps, num_stages=dl.num_stages)
+        PREFETCH=dl.prefetch, TC=tc is not None, M=tc.m if tc else 16,
+        BT=tc.block_t if tc else 16, KFOLD=bool(tc and tc.key_fold),
+        num_warps=(tc or dl).num_warps, num_stages=(tc or dl).num_stages)

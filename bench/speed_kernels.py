@@ -19,7 +19,7 @@ import math
 
 import torch
 
-__all__ = ["copy_bandwidth", "decode_kernel_case", "kernel_level"]
+__all__ = ["copy_bandwidth", "graph_ms", "decode_kernel_case", "kernel_level"]
 
 KSPEC = ("channel", "token")       # key axis, value axis (groups of 32, asymmetric)
 
@@ -34,7 +34,8 @@ def copy_bandwidth(nbytes: int = 2 ** 30) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
-def _graph_ms(fn) -> float:
+def graph_ms(fn) -> float:
+    """Median milliseconds of ``fn`` captured once in a CUDA graph and replayed (GPU time only)."""
     import triton.testing as tt
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -78,7 +79,7 @@ def decode_kernel_case(batch: int, kv_heads: int, q_heads: int, ctx: int, head_d
            "bits": bits, "bytes": nbytes, "floor_us": nbytes / copy_bw * 1e6}
     row["api_us"] = tt.do_bench(call, return_mode="median") * 1e3
     try:
-        row["graph_us"] = _graph_ms(kernel) * 1e3
+        row["graph_us"] = graph_ms(kernel) * 1e3
     except Exception as e:  # noqa: BLE001 - a call that synchronises cannot be captured: say so
         row["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     best = min(row.get("graph_us", math.inf), row["api_us"])

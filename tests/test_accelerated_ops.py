@@ -299,13 +299,16 @@ def test_preserve_identical():
 
 # --------------------------------------------------------------------------- attention
 
-def attention_bound(q, k_list, v_list, scale=None, u_in=0.0, u_p=0.0, u_v=0.0, dk=None, dv=0.0):
+def attention_bound(q, k_list, v_list, scale=None, u_in=0.0, u_p=0.0, u_v=0.0, dk=None, dv=0.0,
+                    u_acc=None):
     """docs/09-tolerances.md §9.3 test rule (float32 port), global maxima over the test's inputs.
 
     ``k_list``/``v_list``: float64 arrays (B, H, S_i, D) of the keys/values the reference
     saw; ``dk``: optional list of per-element key differences (§9.2 b) of a port that
-    dequantizes on the fly, ``dv``: max value difference.  Returns an absolute tolerance.
+    dequantizes on the fly, ``dv``: max value difference; ``u_acc``: the roundoff per term of the
+    sums (default ``u``; tensor cores: §9.5's ``6u``).  Returns an absolute tolerance.
     """
+    u_acc = U if u_acc is None else u_acc
     q = np.asarray(q, dtype=np.float64)
     b, hq, tq, d = q.shape
     c = 1.0 / math.sqrt(d) if scale is None else scale
@@ -323,8 +326,8 @@ def attention_bound(q, k_list, v_list, scale=None, u_in=0.0, u_p=0.0, u_v=0.0, d
         V = max(V, float(np.abs(np.asarray(v_list[i], dtype=np.float64)).max()))
         S += k.shape[2]
     S = max(S, 1)
-    bracket = 2.5 * (c * A * (2 * u_in + (d + 1) * U) + U * (3 * math.log(S) + 2 * S + 4) + u_p + c * AD) \
-        + u_v + U + U
+    bracket = 2.5 * (c * A * (2 * u_in + (d + 1) * u_acc) + U * (3 * math.log(S) + 4) + 2 * S * u_acc
+                     + u_p + c * AD) + u_v + U + U
     return V * bracket + dv * (1 + 1e-6)
 
 
@@ -408,7 +411,7 @@ QSEG = [  # key (bits, G, axis, sym), value (bits, G, axis, sym)
 ]
 
 
-def _quantized_case(rng, kspec, vspec, s=200, d=64, tq=3):
+def quantized_case(rng, kspec, vspec, s=200, d=64, tq=3):
     q, k, v, kp, qp, kv = _attn_inputs(rng, s=s, d=d, tq=tq)
     excl = rng.random(kp.shape) < 0.05                               # preserved tokens leave the stats
     excl4 = np.broadcast_to(excl[:, None, :], k.shape[:3])
@@ -421,7 +424,7 @@ def _quantized_case(rng, kspec, vspec, s=200, d=64, tq=3):
 @pytest.mark.parametrize("kspec,vspec", QSEG)
 def test_quantized_segment_attention_torch(kspec, vspec):
     rng = np.random.default_rng(kspec[0] * 10 + vspec[0])
-    q, kq, vq, kp, qp, kv = _quantized_case(rng, kspec, vspec)
+    q, kq, vq, kp, qp, kv = quantized_case(rng, kspec, vspec)
     kd, vd = RQ.dequantize(kq), RQ.dequantize(vq)
     pk = AQ.PackedQuantizedTensor.from_reference(kq)
     pv = AQ.PackedQuantizedTensor.from_reference(vq)
@@ -443,7 +446,7 @@ def test_quantized_segment_attention_torch(kspec, vspec):
 
 def test_quantized_segment_attention_errors():
     rng = np.random.default_rng(3)
-    q, kq, vq, kp, qp, kv = _quantized_case(rng, *QSEG[0], s=40)
+    q, kq, vq, kp, qp, kv = quantized_case(rng, *QSEG[0], s=40)
     pk = AQ.PackedQuantizedTensor.from_reference(kq)
     with pytest.raises(TypeError, match="PackedQuantizedTensor"):
         AA.quantized_segment_attention(t(q), kq, pk, query_positions=t(qp), key_positions=t(kp))
@@ -477,7 +480,7 @@ def test_quantize_kernel_identical_cuda(bits, group, axis, symmetric, shape):
 @pytest.mark.parametrize("tq", [1, 3])     # 3 rows per KV head: CUDA-core path; 9 rows: tl.dot path
 def test_quantized_segment_attention_kernel_cuda(kspec, vspec, precision, tq):
     rng = np.random.default_rng(kspec[0] * 10 + vspec[0] + 1)
-    q, kq, vq, kp, qp, kv = _quantized_case(rng, kspec, vspec, s=1000, d=64, tq=tq)
+    q, kq, vq, kp, qp, kv = quantized_case(rng, kspec, vspec, s=1000, d=64, tq=tq)
     kd, vd = RQ.dequantize(kq), RQ.dequantize(vq)
     pk = AQ.PackedQuantizedTensor.from_reference(kq, "cuda")
     pv = AQ.PackedQuantizedTensor.from_reference(vq, "cuda")

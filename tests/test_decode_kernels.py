@@ -25,7 +25,9 @@ from reference import cache as ref_cache
 from reference import quantize as RQ
 from reference.config import KVSinkConfig
 
+from accelerated import attention_launch as AL
 from accelerated import cache_attend as ACA
+from accelerated.attention_launch import fused_launch
 from accelerated.cache_checks import DeferredChecks
 from accelerated.cache_layer import QuantizedKVCacheLayer
 from tests.conftest import KERNEL_DEVICE, needs_cuda, needs_kernel
@@ -52,7 +54,13 @@ def _np(x):
     return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).numpy()
 
 
-def _fma_diff(qt, xd):
+#: docs/09-tolerances.md 9.5, tensor-core decode: TF32 splits, and sums on tensor cores (2u per
+#: addition, truncating) over the 3 chained products of a split
+U_TF32 = 2.0 ** -21
+U_ACC_TENSOR = 6 * U
+
+
+def fma_diff(qt, xd):
     """docs/09-tolerances.md 9.2 (b): |x' - x| <= 2u(|q s| + |x|) + eta per element (0 symmetric)."""
     if qt.symmetric:
         return np.zeros(xd.shape)
@@ -61,25 +69,42 @@ def _fma_diff(qt, xd):
     return 2 * U * (qt.codes * s + np.abs(xd)) + ETA
 
 
-def _segments_with_diffs(ref):
-    """The reference's segments and, per segment, the kernel's possible key/value differences."""
+def fold_diff(qt):
+    """docs/09-tolerances.md 9.5: keys whose group scale the tensor-core kernel folds into the query,
+    ``(2^-20 + (5D + 4)u)(|code s| + |z|)`` per element (symmetric: ``z = -M s``)."""
+    gax = RQ.GROUP_AXIS[qt.axis]
+    s = RQ.expand_groups(qt.scale, qt.group_size, qt.shape[gax], gax).astype(np.float64)
+    if qt.symmetric:
+        z = -((1 << (qt.bits - 1)) - 1) * s
+    else:
+        z = RQ.expand_groups(qt.zero, qt.group_size, qt.shape[gax], gax).astype(np.float64)
+    return (2.0 ** -20 + (5 * qt.shape[-1] + 4) * U) * (np.abs(qt.codes * s) + np.abs(z))
+
+
+def _segments_with_diffs(ref, folded=False):
+    """The reference's segments and, per segment, the kernel's possible key/value differences
+    (``folded``: the tensor-core kernel folds the key scales)."""
     segs = ref.segments()
     qk = [b.keys.unpack() for b in ref.blocks]
     qv = [b.values.unpack() for b in ref.blocks]
     kd, vd = segs[0][0], segs[0][1]
     if qk:
-        dk = np.concatenate([_fma_diff(q, RQ.dequantize(q)) for q in qk], axis=2)
-        dv = np.concatenate([_fma_diff(q, RQ.dequantize(q)) for q in qv], axis=2)
+        dk = np.concatenate([fma_diff(q, RQ.dequantize(q)) + (fold_diff(q) if folded else 0.0)
+                             for q in qk], axis=2)
+        dv = np.concatenate([fma_diff(q, RQ.dequantize(q)) for q in qv], axis=2)
     else:
         dk, dv = np.zeros(kd.shape), np.zeros(vd.shape)
     diffs = [(dk, dv)] + [(np.zeros(k.shape), np.zeros(v.shape)) for k, v, _ in segs[1:]]
     return segs, diffs
 
 
-def _bound(query, ref, qp):
+def _bound(query, ref, qp, engine="cuda-core", folded=False):
     """Per-output bound: 9.3 with ``c*sum_d |q_d||dk_jd|`` in delta and ``max|dv|`` on the output
-    (u_in = u_p = u_v = 0, u_o = u; V, A, S over the visible keys).  Returns (bound, S)."""
-    segs, diffs = _segments_with_diffs(ref)
+    (u_o = u; V, A, S over the visible keys); "cuda-core": u_in = u_p = u_v = 0, sums u;
+    "tensor": 9.5's TF32-split and tensor-core constants (``folded``: the key scales folded into
+    the query, their input difference added).  Returns (bound, S)."""
+    u_tf, u_acc = (U_TF32, U_ACC_TENSOR) if engine == "tensor" else (0.0, U)
+    segs, diffs = _segments_with_diffs(ref, folded)
     q = np.abs(query.astype(np.float64))
     b, hq, tq, d = q.shape
     k = np.concatenate([np.asarray(s[0], np.float64) for s in segs], axis=2)
@@ -99,21 +124,21 @@ def _bound(query, ref, qp):
     s_vis = np.broadcast_to(vis.sum(-1)[:, None], (b, hq, tq)).astype(np.float64)
     s = np.maximum(s_vis, 1.0)
     c = 1.0 / math.sqrt(d)
-    inner = c * a * (d + 1) * U + U * (3 * np.log(s) + 2 * s + 4) + c * ad
-    return (vmax(v) * (2.5 * inner + 2 * U) + vmax(dv) * (1 + 1e-6))[..., None], s_vis
+    inner = c * a * (2 * u_tf + (d + 1) * u_acc) + U * (3 * np.log(s) + 4) + 2 * s * u_acc + u_tf + c * ad
+    return (vmax(v) * (2.5 * inner + u_tf + 2 * U) + vmax(dv) * (1 + 1e-6))[..., None], s_vis
 
 
-def _config(bits, residual, axis_v="token"):
-    return KVSinkConfig(key_bits=bits, value_bits=bits, key_group_size=8, value_group_size=16,
+def _config(bits, residual, axis_v="token", key_group=8):
+    return KVSinkConfig(key_bits=bits, value_bits=bits, key_group_size=key_group, value_group_size=16,
                         key_axis="channel", value_axis=axis_v, quantizer="uniform",
                         residual_length=residual, preserve=(), preserve_first_n=1)
 
 
-def _drive(bits, d, residual, preserve, b=3, h=2, n=48, dtype=torch.bfloat16, seed=0):
+def _drive(bits, d, residual, preserve, b=3, h=2, n=48, dtype=torch.bfloat16, seed=0, key_group=8):
     """Reference and fused layers fed the same tokens: a prefill with rows of different lengths
     (left padding), statuses, a flush, then (residual) two single-token decode updates."""
     rng = np.random.default_rng(seed)
-    cfg = _config(bits, residual)
+    cfg = _config(bits, residual, key_group=key_group)
     ref = ref_cache.QuantizedKVCacheLayer(cfg, dtype=np.float32)
     ours = QuantizedKVCacheLayer(cfg, dtype=dtype, device=KERNEL_DEVICE)
     t = (lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(KERNEL_DEVICE))
@@ -136,17 +161,33 @@ def _drive(bits, d, residual, preserve, b=3, h=2, n=48, dtype=torch.bfloat16, se
     return ref, ours, t
 
 
-CASES = [  # (bits, D, rows per KV head g, query tokens, residual window, preserved)
-    (2, 64, 1, 1, 8, True), (2, 64, 4, 1, 0, False), (2, 128, 2, 2, 8, False),
-    (4, 64, 3, 2, 0, True), (4, 128, 4, 1, 8, True), (4, 64, 8, 1, 16, False),
+CASES = [  # (bits, D, rows per KV head g, query tokens, residual window, preserved, key group)
+    (2, 64, 1, 1, 8, True, 8), (2, 64, 4, 1, 0, False, 16), (2, 128, 2, 2, 8, False, 16),
+    (4, 64, 3, 2, 0, True, 8), (4, 128, 4, 1, 8, True, 16), (4, 64, 8, 1, 16, False, 8),
 ]
 
 
+@pytest.fixture(params=AL.ENGINES)
+def engine(request, monkeypatch):
+    """The packed store's programs on tensor cores or on CUDA cores (fused_launch's default made
+    this engine wherever the tensor-core kernel applies)."""
+    real = AL.decode_engine
+
+    def forced(q_shape, keys, values, device):
+        if request.param == "tensor" and real(q_shape, keys, values, "cpu") != "tensor":
+            return real(q_shape, keys, values, device)
+        return request.param
+    monkeypatch.setattr(AL, "decode_engine", forced)
+    return request.param
+
+
 @needs_kernel
-@pytest.mark.parametrize("bits,d,g,tq,residual,preserve", CASES)
-def test_fused_decode_matches_reference(bits, d, g, tq, residual, preserve, fused_calls):
+@pytest.mark.parametrize("bits,d,g,tq,residual,preserve,key_group", CASES)
+def test_fused_decode_matches_reference(bits, d, g, tq, residual, preserve, key_group, engine,
+                                        fused_calls):
     h = 2
-    ref, ours, t = _drive(bits, d, residual, preserve, h=h, seed=bits * 1000 + d + g)
+    ref, ours, t = _drive(bits, d, residual, preserve, h=h, seed=bits * 1000 + d + g,
+                          key_group=key_group)
     assert (ref.num_residual > 0) == (residual > 0)
     assert (sum(p.size for p in ref.preserved_positions()) > 0) == preserve
     b = ref.batch_size
@@ -174,7 +215,11 @@ def test_fused_decode_matches_reference(bits, d, g, tq, residual, preserve, fuse
         ulp = torch.finfo(torch.bfloat16).eps * got.abs().clamp_min(ETA)
         assert torch.all((narrow.float() - got).abs() <= ulp)
     want = ref.attend(query, qp)
-    bound, n_vis = _bound(query, ref, qp)
+    launch = fused_launch(qd.shape, *ours.quantized.kernel_views()[:2], 1, qd.device)
+    assert (launch.tensor is not None) == (engine == "tensor")
+    folded = launch.tensor is not None and launch.tensor.key_fold
+    assert folded == (engine == "tensor" and key_group == 16)
+    bound, n_vis = _bound(query, ref, qp, engine, folded)
     got = _np(got).astype(np.float64)
     blind = np.broadcast_to((n_vis == 0)[..., None], got.shape)
     if tq > 1:
@@ -242,8 +287,6 @@ def test_fused_decode_not_taken_beyond_decode_rows(fused_calls):
 def test_fused_launch_covers_every_token():
     """The launch's programs cover the packed store's slots and every full-precision token; an
     empty store gets no quantized program; results are cached per shape."""
-    from accelerated import attention_launch as AL
-    from accelerated.attention_launch import fused_launch
     from accelerated.quantize import quantize_packed
     from accelerated.triton_support import CPU_NOMINAL_SMS
     for t_len, fp_tokens, d in ((0, 5, 64), (64, 0, 128), (4096, 161, 128), (96, 1000, 64),
@@ -251,22 +294,33 @@ def test_fused_launch_covers_every_token():
         x = torch.zeros((2, 3, t_len, d))
         keys = quantize_packed(x, 2, 32, "channel") if t_len else quantize_packed(x, 2, 32, "token")
         values = quantize_packed(x, 4, 32, "token")
-        fl = fused_launch((2, 6, 1, d), keys, values, fp_tokens, "cpu")
-        dec = fl.decode
-        assert dec.n_split * dec.tiles_per_split * dec.a * dec.ts >= t_len
-        assert (dec.n_split == 0) == (t_len == 0)
-        assert fl.n_fp * fl.fp_tiles * fl.fp_block >= fp_tokens > (fl.n_fp - 1) * fl.fp_tiles * fl.fp_block
-        # quantized and full-precision programs together within the target (whole waves)
-        rows = 2 * 3 * dec.nrg
-        target = AL.PROGRAMS_PER_SM * CPU_NOMINAL_SMS
-        assert rows * (dec.n_split + fl.n_fp) <= max(target, rows * (min(dec.n_split, 1) + fl.n_fp))
-        assert fused_launch((2, 6, 1, d), keys, values, fp_tokens, "cpu") is fl
+        for engine in AL.ENGINES:
+            fl = fused_launch((2, 6, 1, d), keys, values, fp_tokens, "cpu", engine=engine)
+            dec, tc = fl.decode, fl.tensor
+            assert (tc is not None) == (engine == "tensor")
+            tile = tc.block_t if tc else dec.a * dec.ts
+            assert fl.n_split * fl.tiles_per_split * tile >= t_len
+            assert (fl.n_split == 0) == (t_len == 0)
+            assert fl.n_fp * fl.fp_tiles * fl.fp_block >= fp_tokens > (fl.n_fp - 1) * fl.fp_tiles * fl.fp_block
+            # quantized and full-precision programs that work, together within the target (whole
+            # waves); on tensor cores one program per (KV head, split) does all rows
+            heads, rows = 2 * 3, 2 * 3 * dec.nrg
+            programs = (heads if tc else rows) * fl.n_split + rows * fl.n_fp
+            target = AL.PROGRAMS_PER_SM * CPU_NOMINAL_SMS
+            assert programs <= max(target, (heads if tc else rows) * min(fl.n_split, 1) + rows * fl.n_fp)
+            assert fused_launch((2, 6, 1, d), keys, values, fp_tokens, "cpu", engine=engine) is fl
+        assert fused_launch((2, 6, 1, d), keys, values, fp_tokens, "cpu").tensor is not None
+    with pytest.raises(ValueError, match="engine must be one of"):
+        fused_launch((2, 6, 1, 64), keys, values, 1, "cpu", engine="fast")
+    odd = quantize_packed(torch.zeros((2, 3, 64, 64)), 3, 32, "token")
+    assert fused_launch((2, 6, 1, 64), odd, odd, 1, "cpu").tensor is None    # 3-bit: CUDA cores
+    with pytest.raises(ValueError, match="engine='tensor' needs"):
+        fused_launch((2, 6, 1, 64), odd, odd, 1, "cpu", engine="tensor")
 
 
 def test_decode_tuning_by_device_family(monkeypatch):
     """The named per-device launch settings: an H100 finds its (bits, head dim) entry, a device or
     shape without one gets the default; decode_launch takes them unless told otherwise."""
-    from accelerated import attention_launch as AL
     from accelerated.quantize import quantize_packed
     from accelerated.triton_support import DeviceProperties
     assert AL.decode_tuning("cpu", 2, 128) == AL.DEFAULT_DECODE_TUNING

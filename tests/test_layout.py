@@ -125,6 +125,7 @@ ACCELERATED_ONLY = {
     "attention_kernels": "Triton kernels of accelerated.attention",
     "attention_launch": "launch settings of the attention kernels",
     "decode_kernels": "the fused decode-attention kernel of a cache layer (Triton)",
+    "attention_tc_kernels": "the decode programs over the packed store on tensor cores (Triton)",
     "cache_attend": "how a cache layer reads its segments (fused decode kernel, SDPA prefill, split "
                     "form): the reference's cache_layer.attend, apart for the 600-line rule",
     "attention_sdpa": "a prefill's full-precision tokens through torch SDPA (flash / efficient kernels)",

@@ -1,0 +1,81 @@
+"""The tensor-core decode kernel (accelerated/attention_tc_kernels.py) against the reference.
+
+Each case quantizes random keys and values with the reference (a sink-like key, empty slots, rows of
+different lengths, a query that sees no key), runs the kernel through
+``tensor_decode_partial_attention`` and checks the normalised output against ``RA.attention`` over
+the dequantized cache within docs/09-tolerances.md 9.3, with the constants 9.5 states for this
+kernel: TF32 splits (``u_in = u_p = u_v = 2^-21``), tensor-core sums (``u_acc = 6u``), the
+dequantization's FMA difference (9.3) and, where the key scale is folded into the query, the
+folded keys' input difference ``(2^-20 + (5D + 4)u)(|code*s| + |z|)``.
+Runs where the kernels run (CUDA, or CPU under ``TRITON_INTERPRET=1``: the interpreter's dot is
+a float32 numpy product, so there it checks the algorithm, not the TF32 arithmetic).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reference import attention as RA
+from reference import quantize as RQ
+
+from accelerated import attention as AA
+from accelerated import quantize as AQ
+from accelerated.attention_launch import tensor_decode_applies, tensor_decode_launch
+from accelerated.attention_tc_kernels import tensor_decode_partial_attention
+from tests.conftest import KERNEL_DEVICE, needs_kernel
+from tests.test_accelerated_ops import attention_bound, quantized_case
+from tests.test_decode_kernels import U_ACC_TENSOR, U_TF32, fma_diff, fold_diff
+
+pytestmark = needs_kernel
+
+CASES = [  # key (bits, G, axis, sym), value (bits, G, axis, sym), head dim, block_t, fold
+    ((2, 32, "channel", False), (2, 32, "token", False), 64, None, None),       # KIVI, folded, BT = G
+    ((2, 32, "channel", False), (2, 32, "token", False), 64, 64, None),         # BT > G: not folded
+    ((4, 16, "channel", True), (4, 8, "token", True), 32, 16, None),            # symmetric, folded
+    ((4, 64, "channel", False), (2, 16, "channel", False), 64, 32, None),       # BT < G, values per channel
+    ((8, 32, "token", False), (1, 64, "token", False), 64, 32, None),           # keys per token
+    ((2, 32, "channel", False), (4, 32, "token", True), 128, 32, False),        # fold switched off
+]
+
+
+def _t(x):
+    return torch.from_numpy(np.ascontiguousarray(x)).to(KERNEL_DEVICE)
+
+
+@pytest.mark.parametrize("kspec,vspec,d,block_t,fold", CASES)
+@pytest.mark.parametrize("tq", [1, 3])
+def test_tensor_decode_within_the_bound(kspec, vspec, d, block_t, fold, tq):
+    rng = np.random.default_rng(kspec[0] * 100 + vspec[0] * 10 + d + tq)
+    q, kq, vq, kp, qp, kv = quantized_case(rng, kspec, vspec, s=300, d=d, tq=tq)
+    kd, vd = RQ.dequantize(kq), RQ.dequantize(vq)
+    pk = AQ.PackedQuantizedTensor.from_reference(kq, KERNEL_DEVICE)
+    pv = AQ.PackedQuantizedTensor.from_reference(vq, KERNEL_DEVICE)
+    assert tensor_decode_applies(q.shape, pk, pv)
+    launch = tensor_decode_launch(q.shape, pk, pv, KERNEL_DEVICE, block_t=block_t, fold=fold)
+    folded = kspec[2] == "channel" and kspec[1] % launch.block_t == 0 and fold is not False
+    assert launch.key_fold == folded
+    kpos = np.where(kv, kp, -1)
+    m, l, acc = tensor_decode_partial_attention(_t(q), pk, pv, _t(qp), _t(kpos), 1 / math.sqrt(d),
+                                                launch=launch)
+    got = AA.merge_partials([(m.cpu(), l.cpu(), acc.cpu())]).numpy()
+    want = RA.attention(q, kd, vd, query_positions=qp, key_positions=kpos)
+    dk = fma_diff(kq, kd) + (fold_diff(kq) if folded else 0.0)
+    tol = attention_bound(q, [kd], [vd], u_in=U_TF32, u_p=U_TF32, u_v=U_TF32, dk=[dk],
+                          dv=float(fma_diff(vq, vd).max()), u_acc=U_ACC_TENSOR)
+    blind = qp < 0                                             # a query that sees no key: exactly 0
+    assert blind.any() == (tq == 3) and (got.transpose(0, 2, 1, 3)[blind] == 0).all()
+    assert np.abs(got - want).max() <= tol
+
+
+def test_tensor_decode_applies_only_where_whole_words_fill_a_power_of_two_head():
+    k = AQ.quantize_packed(torch.randn(1, 2, 40, 64), 2, 32, "channel")
+    v3 = AQ.quantize_packed(torch.randn(1, 2, 40, 64), 3, 32, "token")
+    assert tensor_decode_applies((1, 8, 1, 64), k, k)
+    assert not tensor_decode_applies((1, 8, 1, 64), k, v3)            # 10 codes per word
+    assert not tensor_decode_applies((1, 34, 1, 64), k, k)            # 17 rows per KV head
+    k80 = AQ.quantize_packed(torch.randn(1, 2, 40, 80), 2, 16, "channel")
+    assert not tensor_decode_applies((1, 8, 1, 80), k80, k80)        # head dim not a power of two
