@@ -20,15 +20,14 @@ import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
-import torch
-
 from .triton_support import device_properties, next_pow2
 
 __all__ = ["PROGRAMS_PER_SM", "DotLaunch", "dot_launch", "PackedSide", "DecodeLaunch", "decode_launch",
            "MergeLaunch", "merge_launch", "DECODE_ROWS", "DecodeTuning", "DECODE_TUNING",
            "DEFAULT_DECODE_TUNING", "decode_tuning", "FP_TOKENS_PER_PROGRAM", "FusedLaunch", "fused_launch",
            "TENSOR_ROWS", "TensorDecodeLaunch", "tensor_decode_applies", "tensor_decode_launch",
-           "ENGINES", "TENSOR_DECODE_FAMILIES", "decode_engine"]
+           "ENGINES", "TensorTuning", "TENSOR_TUNING", "DEFAULT_TENSOR_TUNING", "TENSOR_DECODE_FAMILIES",
+           "tensor_tuning", "decode_engine"]
 
 #: query rows per KV head (g * Tq) up to which a query is "decode": CUDA-core products
 #: (decode_attention_kernel, fused_decode_kernel) rather than tl.dot
@@ -292,9 +291,35 @@ def fused_launch(q_shape, keys, values, fp_tokens: int, device, *, fp_block: Opt
 ENGINES = ("tensor", "cuda-core")
 
 
-#: device families whose fused decode takes the tensor-core programs by default: those where
-#: bench/bench_decode_tc.py measured them faster than the CUDA-core ones (bench/README.md)
-TENSOR_DECODE_FAMILIES: tuple = ()
+@dataclass(frozen=True)
+class TensorTuning:
+    """The tuned settings of the tensor-core decode programs (bench/bench_decode_tc.py sweeps them)."""
+
+    block_t: int = 32          # tokens per tile (16 when keys are per channel in groups of 16)
+    num_warps: int = 2
+    num_stages: int = 3
+    programs_per_sm: int = 8   # the split's target: programs per streaming multiprocessor
+
+
+#: Named per-device settings of the tensor-core decode programs, by device family, and the families
+#: whose fused decode takes them by default (the CUDA-core programs elsewhere).  H100: measured, 2026-12-07
+#: (bench/README.md "Issue 9, tensor-core decode"): >= the CUDA-core kernel at every shape swept
+#: (1.0x-1.5x).  H200: the H100's settings (the same sm_90 SMs), not measured separately.
+TENSOR_TUNING = {
+    "H100": TensorTuning(block_t=32, num_warps=2, num_stages=3, programs_per_sm=8),
+    "H200": TensorTuning(block_t=32, num_warps=2, num_stages=3, programs_per_sm=8),
+}
+DEFAULT_TENSOR_TUNING = TensorTuning()
+TENSOR_DECODE_FAMILIES = tuple(TENSOR_TUNING)
+
+
+def tensor_tuning(device) -> TensorTuning:
+    """The :data:`TENSOR_TUNING` entry of ``device``'s family, :data:`DEFAULT_TENSOR_TUNING` if none."""
+    name = device_properties(device).name
+    for family, tuning in TENSOR_TUNING.items():
+        if family in name:
+            return tuning
+    return DEFAULT_TENSOR_TUNING
 
 
 def decode_engine(q_shape, keys, values, device) -> str:
@@ -303,7 +328,7 @@ def decode_engine(q_shape, keys, values, device) -> str:
     later) and its family is in :data:`TENSOR_DECODE_FAMILIES` (on CPU, the Triton interpreter:
     always), else "cuda-core"."""
     props = device_properties(device)
-    if torch.device(device).type == "cpu":
+    if props.capability == (0, 0):           # off CUDA: the Triton interpreter
         tensor_ok = True
     else:
         tensor_ok = props.capability >= (8, 0) and any(f in props.name for f in TENSOR_DECODE_FAMILIES)
@@ -375,20 +400,25 @@ def tensor_decode_applies(q_shape, keys, values) -> bool:
 
 
 def tensor_decode_launch(q_shape, keys, values, device, *, block_t: Optional[int] = None,
-                         fold: Optional[bool] = None, num_warps: int = 4, num_stages: int = 1,
-                         n_split: Optional[int] = None,
+                         fold: Optional[bool] = None, num_warps: Optional[int] = None,
+                         num_stages: Optional[int] = None, n_split: Optional[int] = None,
                          target_programs: Optional[int] = None) -> TensorDecodeLaunch:
-    """The :class:`TensorDecodeLaunch` for query ``(B, Hq, Tq, D)`` over ``keys``/``values``:
-    ``block_t`` default 64, or the key group when keys are per channel in groups of 16 or 32 (so
-    that the scale folds); ``n_split`` aims at the device's :data:`PROGRAMS_PER_SM` programs per SM
-    (whole waves)."""
+    """The :class:`TensorDecodeLaunch` for query ``(B, Hq, Tq, D)`` over ``keys``/``values``;
+    defaults from :func:`tensor_tuning`: ``block_t`` (the key group instead when keys are per
+    channel in groups of 16 to ``block_t`` that divide it, so that the scale folds),
+    ``num_warps``, ``num_stages``, and ``n_split`` aiming at its programs per SM (whole waves);
+    ``fold`` (default: wherever the tile lies in one key group) can switch the folding off."""
+    tuning = tensor_tuning(device)
+    num_warps = tuning.num_warps if num_warps is None else num_warps
+    num_stages = tuning.num_stages if num_stages is None else num_stages
     b, hq, tq, d = q_shape
     h, t_len = keys.shape[1], keys.shape[2]
     r = (hq // h) * tq
     chan = keys.axis == "channel"
     if block_t is None:
-        g = keys.group_size
-        block_t = g if chan and g in (16, 32) else 64
+        g, block_t = keys.group_size, tuning.block_t
+        if chan and 16 <= g < block_t and block_t % g == 0:
+            block_t = g
     ks, vs = _packed_side(keys, d, block_t), _packed_side(values, d, block_t)
     fold = ks.tile_stats if fold is None else (fold and ks.tile_stats)
     n_tiles = -(-t_len // block_t)
@@ -396,7 +426,8 @@ def tensor_decode_launch(q_shape, keys, values, device, *, block_t: Optional[int
         n_split = tiles_per_split = 0
     else:
         if n_split is None:
-            target = _target_programs(device) if target_programs is None else target_programs
+            target = (tuning.programs_per_sm * device_properties(device).sm_count
+                      if target_programs is None else target_programs)
             n_split = max(1, min(n_tiles, target // (b * h)))
         tiles_per_split = -(-n_tiles // n_split)
         n_split = -(-n_tiles // tiles_per_split)
@@ -416,7 +447,8 @@ def _fused_tensor_launch(q_shape, keys, values, fp_tokens, device, fp_block, cho
     n_fp = -(-fp_tokens // (fp_tiles * fb))
     if n_fp and "n_split" not in choices:
         heads = q_shape[0] * keys.shape[1]
-        target = choices.pop("target_programs", None) or _target_programs(device)
+        target = choices.pop("target_programs", None) or \
+            tensor_tuning(device).programs_per_sm * device_properties(device).sm_count
         choices["target_programs"] = max(heads, target - heads * dec.nrg * n_fp)
     tensor = tensor_decode_launch(q_shape, keys, values, device, **choices)
     return FusedLaunch(decode=dec, fp_block=fb, fp_tiles=fp_tiles, n_fp=n_fp, d_pad=d_pad, tensor=tensor)

@@ -34,6 +34,11 @@ from bench.speed_kernels import graph_ms                        # noqa: E402
 
 KIVI = ((2, 32, "channel", False), (2, 32, "token", False))
 
+#: (B, KV heads, query heads, tokens, head dim, bits): Llama-3-8B at 32k (2- and 4-bit, B = 1 and
+#: 8) and 4k, Llama-2-7B (no GQA), SmolLM2's heads
+SHAPES = ((1, 8, 32, 32768, 128, 2), (1, 8, 32, 32768, 128, 4), (8, 8, 32, 32768, 128, 2),
+          (1, 8, 32, 4096, 128, 2), (1, 32, 32, 32768, 128, 2), (1, 3, 9, 32768, 64, 2))
+
 
 def reference_output(q, pk, pv, qp, kp, scale):
     """float64 attention over the dequantized cache, (B, Hq, 1, D), and max|v|."""
@@ -117,20 +122,32 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--variants", default=None,
+                    help="JSON list of tensor_decode_launch keyword dicts (target_programs as "
+                         "'pps' programs per SM) instead of the sweep; every shape runs them all")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs CUDA")
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s")
     rows = []
+    if args.variants:
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        variants = [{k: (v * sms if k == "pps" else v) for k, v in d.items()} for d in json.loads(args.variants)]
+        variants = [{("target_programs" if k == "pps" else k): v for k, v in d.items()} for d in variants]
+        for shape in SHAPES:
+            case(*shape, bw, variants, rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": rows}, f, indent=1)
+        return
     variants = sweep(args.quick)
     best = case(1, 8, 32, 32768, 128, 2, bw, variants, rows)
     # the other shapes: the best few of the first, and the defaults
     top = sorted((r for r in rows if "us" in r and r["variant"].startswith("v4")), key=lambda r: r["us"])[:6]
     keep = [v for v in variants if "v4 " + " ".join(f"{k}={x}" for k, x in v.items()) in
             {r["variant"] for r in top}] + [dict()]
-    for shape in ((1, 8, 32, 32768, 128, 4), (8, 8, 32, 32768, 128, 2), (1, 8, 32, 4096, 128, 2),
-                  (1, 32, 32, 32768, 128, 2), (1, 3, 9, 32768, 64, 2)):
+    for shape in SHAPES[1:]:
         case(*shape, bw, keep, rows)
     print(f"\nbest on the first shape: {best}")
     if args.json:

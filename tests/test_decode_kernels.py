@@ -306,7 +306,8 @@ def test_fused_launch_covers_every_token():
             # waves); on tensor cores one program per (KV head, split) does all rows
             heads, rows = 2 * 3, 2 * 3 * dec.nrg
             programs = (heads if tc else rows) * fl.n_split + rows * fl.n_fp
-            target = AL.PROGRAMS_PER_SM * CPU_NOMINAL_SMS
+            per_sm = AL.tensor_tuning("cpu").programs_per_sm if tc else AL.PROGRAMS_PER_SM
+            target = per_sm * CPU_NOMINAL_SMS
             assert programs <= max(target, (heads if tc else rows) * min(fl.n_split, 1) + rows * fl.n_fp)
             assert fused_launch((2, 6, 1, d), keys, values, fp_tokens, "cpu", engine=engine) is fl
         assert fused_launch((2, 6, 1, d), keys, values, fp_tokens, "cpu").tensor is not None
@@ -336,6 +337,37 @@ def test_decode_tuning_by_device_family(monkeypatch):
     assert (dl.a, dl.num_warps, dl.rb) == (4, 8, 2)
     assert dl.n_split * dl.tiles_per_split * dl.a * dl.ts >= 256
     assert AL.decode_launch((1, 8, 1, 64), keys, values, "cuda", a=1).a == 1
+
+
+def test_tensor_engine_by_device_family(monkeypatch):
+    """The tensor-core programs are the default only on the families of TENSOR_TUNING (with
+    capability >= 8.0) and on CPU (the interpreter), with their named settings; elsewhere, and
+    for layouts they do not take, the CUDA-core programs."""
+    from accelerated.quantize import quantize_packed
+    from accelerated.triton_support import DeviceProperties
+    x = torch.zeros((1, 2, 256, 128))
+    keys, values = quantize_packed(x, 2, 32, "channel"), quantize_packed(x, 2, 32, "token")
+    shape = (1, 8, 1, 128)
+    assert AL.decode_engine(shape, keys, values, "cpu") == "tensor"
+    devices = {"h100": DeviceProperties(name="NVIDIA H100 80GB HBM3", sm_count=132, capability=(9, 0)),
+               "a100": DeviceProperties(name="NVIDIA A100-SXM4-80GB", sm_count=108, capability=(8, 0)),
+               "old": DeviceProperties(name="NVIDIA H100 (pretend)", sm_count=80, capability=(7, 5))}
+    monkeypatch.setattr(AL, "device_properties", lambda device: devices[device])
+    assert AL.decode_engine(shape, keys, values, "h100") == "tensor"
+    assert AL.decode_engine(shape, keys, values, "a100") == "cuda-core"     # not measured there
+    assert AL.decode_engine(shape, keys, values, "old") == "cuda-core"      # no TF32 tensor cores
+    three = quantize_packed(torch.zeros((1, 2, 256, 128)), 3, 32, "token")
+    assert AL.decode_engine(shape, keys, three, "h100") == "cuda-core"
+    assert AL.tensor_tuning("h100") == AL.TENSOR_TUNING["H100"]
+    assert AL.tensor_tuning("a100") == AL.DEFAULT_TENSOR_TUNING
+    tl = AL.tensor_decode_launch(shape, keys, values, "h100")
+    tuning = AL.TENSOR_TUNING["H100"]
+    assert (tl.block_t, tl.num_warps, tl.num_stages, tl.key_fold) == (32, tuning.num_warps,
+                                                                      tuning.num_stages, True)
+    assert tl.n_split == min(256 // 32, tuning.programs_per_sm * 132 // 2)
+    g16 = quantize_packed(x, 2, 16, "channel")
+    assert AL.tensor_decode_launch(shape, g16, values, "h100").block_t == 16   # folds at G = 16
+    assert not AL.tensor_decode_launch(shape, g16, values, "h100", fold=False).key_fold
 
 
 @needs_kernel
