@@ -27,7 +27,12 @@
 #     x = code*s + z in registers and tl.dot(input_precision="tf32x3");
 #   * online softmax per tile (attention_kernels.online_softmax_step), one state per program.
 #
-# NUMERICS (docs/09-tolerances.md 9.5, "tensor-core decode kernel"): products through TF32 splits
+# MEASURED (H100, bench/README.md "Issue 9, tensor-core decode"; attention_launch.TENSOR_TUNING:
+#   32-token tiles, 2 warps, 3 stages, 8 programs per SM): 110.4 us at the realistic shape (v3 on CUDA
+#   cores 133.2 us), 10 % of the copy bandwidth: latency-bound (255 registers, ~7 us per tile per
+#   program); 1.0x-1.5x v3 over the shapes swept.
+#
+# NUMERICS (docs/09-tolerances.md 9.5, "Tensor-core decode programs"): products through TF32 splits
 #   (relative error <= 2^-20 per product: u_in = u_p = u_v = 2^-21 as "tf32x3"), sums on tensor cores
 #   taken with 2u per addition (their accumulation truncates), the folded keys' input difference
 #   (q*s rounded once, the two sums added once) stated there and added by the tests.
