@@ -13,7 +13,10 @@
 #   quantized: the uniform store's whole buffers (accelerated/cache_store.py, PackedBuffers):
 #            words int32 (B, H, Qcap, W), scale/zero float32, slot positions int64 (B, Qcap)
 #            (-1 = empty); read by attention_kernels.decode_split_state exactly as the
-#            quantized-segment kernel reads them (its header gives the words' layout).
+#            quantized-segment kernel reads them (its header gives the words' layout), or, engine
+#            "tensor" (FusedLaunch.tensor, the default on the devices of TENSOR_TUNING), by
+#            attention_tc_kernels.tensor_program: one program per (KV head, split) for all R rows
+#            (the other row groups' programs of that split return at once).
 #   preserved: keys, values (B, H, P, D) in the cache dtype (views of the (B, H, cap+1, D) buffers:
 #            batch/head strides passed, tokens and channels contiguous), positions int64 (B, P)
 #            (-1 = a row holding fewer).
@@ -43,7 +46,8 @@
 #   little: nothing computed before the branch stays live through it.  The merge: 71 registers.
 #
 # NUMERICS: float32 throughout (docs/09-tolerances.md 9.3 row "float32 throughout"): the quantized
-#   part as attention_kernels.py (exact products on CUDA cores, q*s + z possibly one FMA: 9.2 b);
+#   part as attention_kernels.py (exact products on CUDA cores, q*s + z possibly one FMA: 9.2 b),
+#   or on tensor cores through TF32 splits (engine "tensor": 9.5 "Tensor-core decode programs");
 #   the full-precision keys and values are converted to float32 exactly (bf16/fp16 -> fp32) and
 #   multiplied in float32 on CUDA cores (no TF32); only the summation order and the number of
 #   online-softmax rescalings differ from the torch path, both inside 9.3's bound ("any summation
