@@ -16,9 +16,11 @@
 #   Hq=32, T=32768, D=128, 2-bit KIVI: 33.8 MB -> 11.3 us at 3 TB/s.
 #
 # HOW (why tensor cores): on CUDA cores the v3 kernel spends ~3.9k instructions per (token, KV head)
-#   (4 query rows x 128 channels x 2 products, the dequantization, the lane reductions): issue-bound
-#   at 8-11 % of the copy bandwidth.  Here the products are tl.dot (mma) on a 16-row tile; what stays
-#   on the CUDA cores is the unpacking (shift, mask, the 2^23 trick: ~3 operations per code):
+#   (4 query rows x 128 channels x 2 products, the dequantization, the lane reductions), which
+#   suggested it was issue-bound at 8-11 % of the copy bandwidth.  Here the products are tl.dot (mma)
+#   on a 16-row tile; what stays on the CUDA cores is the unpacking (shift, mask, the 2^23 trick: ~3
+#   operations per code).  Measured (below), that gained only 1.0x-1.5x: both kernels are mostly
+#   waiting on memory latency, not issuing.
 #   * codes (BT, W, cpw) -> (BT, D) float32, exact small integers, hence exact TF32 operands;
 #   * keys per channel with the tile inside one group (KFOLD): the group's scale folds into the
 #     query, sigma = c*(sum_d (q_d s_d) code_d + sum_d q_d z_d) (symmetric: z_d = -M s_d), so the
@@ -34,8 +36,9 @@
 #
 # NUMERICS (docs/09-tolerances.md 9.5, "Tensor-core decode programs"): products through TF32 splits
 #   (relative error <= 2^-20 per product: u_in = u_p = u_v = 2^-21 as "tf32x3"), sums on tensor cores
-#   taken with 2u per addition (their accumulation truncates), the folded keys' input difference
-#   (q*s rounded once, the two sums added once) stated there and added by the tests.
+#   taken with 2u per addition over the 3 chained products of a split (u_acc = 6u: their
+#   accumulation truncates), the folded keys' input difference (2^-20 + (5D + 4)u)(|code s| + |z|)
+#   stated there and added by the tests.
 
 from __future__ import annotations
 
@@ -61,11 +64,16 @@ def tf32_split(x):
 
 
 @triton.jit
-def unpack_codes(w_ptr, base, t, t_ok, W: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr):
-    """The codes of tokens ``t`` (BT,) as float32 (BT, W, CPW): code j of word w is channel
-    d = w*CPW + j (exact small integers: (c | 2^23 bits) - 2^23); tokens past the segment read 0."""
+def load_words(w_ptr, base, t, t_ok, W: tl.constexpr):
+    """The packed words (BT, W) int32 of tokens ``t`` (BT,); tokens past the segment read 0."""
     wi = tl.arange(0, W)
-    words = tl.load(w_ptr + base + t[:, None] * W + wi[None, :], mask=t_ok[:, None], other=0)
+    return tl.load(w_ptr + base + t[:, None] * W + wi[None, :], mask=t_ok[:, None], other=0)
+
+
+@triton.jit
+def unpack_codes(words, BITS: tl.constexpr, CPW: tl.constexpr):
+    """The codes of words (BT, W) as float32 (BT, W, CPW): code j of word w is channel
+    d = w*CPW + j (exact small integers: (c | 2^23 bits) - 2^23)."""
     shifts = tl.arange(0, CPW) * BITS
     c = ((words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)) | 0x4B000000
     return c.to(tl.float32, bitcast=True) - 8388608.0
@@ -117,41 +125,58 @@ def _statistics(s_ptr, z_ptr, base, t, t_ok, t0, NG, W: tl.constexpr, CPW: tl.co
 
 
 @triton.jit
-def _dequantized(codes, s_ptr, z_ptr, base, t, t_ok, t0, NG, W: tl.constexpr, CPW: tl.constexpr,
-                 BITS: tl.constexpr, G: tl.constexpr, CHAN: tl.constexpr, SYM: tl.constexpr,
-                 TILE: tl.constexpr, WORD: tl.constexpr, BT: tl.constexpr):
-    """``x = code*s + z`` (BT, W*CPW) of codes (BT, W, CPW) (symmetric ``(code - M)*s``)."""
-    s, z = _statistics(s_ptr, z_ptr, base, t, t_ok, t0, NG, W, CPW, G, CHAN, SYM, TILE, WORD)
+def _dequantized(codes, s, z, BITS: tl.constexpr, SYM: tl.constexpr, BT: tl.constexpr,
+                 D: tl.constexpr):
+    """``x = code*s + z`` (BT, D) of codes (BT, W, CPW) with statistics broadcastable to them
+    (symmetric ``(code - M)*s``)."""
     if SYM:
         MID: tl.constexpr = (1 << (BITS - 1)) - 1
         x = (codes - MID) * s
     else:
         x = codes * s + z
-    return tl.reshape(x, (BT, W * CPW))
+    return tl.reshape(x, (BT, D))
 
 
 @triton.jit
-def _scores(q, codes, ks_ptr, kz_ptr, ks_base, t, t_ok, t0, NGK, scale, W: tl.constexpr,
-            CPW: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, CHAN: tl.constexpr,
-            SYM: tl.constexpr, TILE: tl.constexpr, WORD: tl.constexpr, FOLD: tl.constexpr,
-            BT: tl.constexpr):
-    """c * q . k of the tile, (M, BT): folded (the group's statistics applied to the query, the
-    codes exact TF32 operands) or over the dequantized tile in "tf32x3"."""
+def _scores(q, codes, s, z, scale, BITS: tl.constexpr, SYM: tl.constexpr, FOLD: tl.constexpr,
+            BT: tl.constexpr, D: tl.constexpr):
+    """c * q . k of the tile, (M, BT): folded (the group's statistics, one row ``s``/``z`` of shape
+    (1, W, CPW), applied to the query; the codes exact TF32 operands) or over the dequantized tile
+    in "tf32x3"."""
     if FOLD:
-        s, z = _group_row(ks_ptr, kz_ptr, ks_base, t0 // G, NGK, W, CPW, SYM)
-        qs = q * tl.reshape(s, (W * CPW,))[None, :]
+        qs = q * tl.reshape(s, (D,))[None, :]
         hi, lo = tf32_split(qs)
-        ct = tl.trans(tl.reshape(codes, (BT, W * CPW)))
+        ct = tl.trans(tl.reshape(codes, (BT, D)))
         sc = tl.dot(hi, ct, input_precision="tf32") + tl.dot(lo, ct, input_precision="tf32")
         if SYM:
             MID: tl.constexpr = (1 << (BITS - 1)) - 1
             bias = -MID * tl.sum(qs, axis=1)
         else:
-            bias = tl.sum(q * tl.reshape(z, (W * CPW,))[None, :], axis=1)
+            bias = tl.sum(q * tl.reshape(z, (D,))[None, :], axis=1)
         return (sc + bias[:, None]) * scale
-    k = _dequantized(codes, ks_ptr, kz_ptr, ks_base, t, t_ok, t0, NGK, W, CPW, BITS, G, CHAN, SYM,
-                     TILE, WORD, BT)
+    k = _dequantized(codes, s, z, BITS, SYM, BT, D)
     return tl.dot(q, tl.trans(k), input_precision="tf32x3") * scale
+
+
+@triton.jit
+def _tile_loads(kpos_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, kpos_base, kw_base,
+                ks_base, vw_base, vs_base, t0, T, live, NGK, NGV, BT: tl.constexpr,
+                KW: tl.constexpr, KCPW: tl.constexpr, KG: tl.constexpr, KCHAN: tl.constexpr,
+                KSYM: tl.constexpr, KTILE: tl.constexpr, KWORD: tl.constexpr,
+                VW: tl.constexpr, VCPW: tl.constexpr, VG: tl.constexpr, VCHAN: tl.constexpr,
+                VSYM: tl.constexpr, VTILE: tl.constexpr, VWORD: tl.constexpr):
+    """Everything the tile of tokens ``t0 .. t0 + BT`` reads (nothing when not ``live``): slot
+    positions, the packed words and the statistics of both sides."""
+    t = t0 + tl.arange(0, BT)
+    t_ok = (t < T) & live
+    kpos = tl.load(kpos_ptr + kpos_base + t, mask=t_ok, other=-1)
+    kwords = load_words(kw_ptr, kw_base, t, t_ok, KW)
+    ks, kz = _statistics(ks_ptr, kz_ptr, ks_base, t, t_ok, tl.where(live, t0, T), NGK, KW, KCPW,
+                         KG, KCHAN, KSYM, KTILE, KWORD)
+    vwords = load_words(vw_ptr, vw_base, t, t_ok, VW)
+    vs, vz = _statistics(vs_ptr, vz_ptr, vs_base, t, t_ok, tl.where(live, t0, T), NGV, VW, VCPW,
+                         VG, VCHAN, VSYM, VTILE, VWORD)
+    return kpos, kwords, ks, kz, vwords, vs, vz
 
 
 @triton.jit
@@ -165,7 +190,7 @@ def tensor_split_state(q, qpos, row_ok, b, hh, split, kpos_ptr,
                        KWORD: tl.constexpr, KFOLD: tl.constexpr,
                        VW: tl.constexpr, VBITS: tl.constexpr, VCPW: tl.constexpr, VG: tl.constexpr,
                        VCHAN: tl.constexpr, VSYM: tl.constexpr, VTILE: tl.constexpr,
-                       VWORD: tl.constexpr):
+                       VWORD: tl.constexpr, PREFETCH: tl.constexpr):
     """``(m, l, acc)`` of the query rows ``q`` (M, D) float32 at positions ``qpos`` (M,) over
     split ``split`` of KV head (b, hh); acc (M, D) in channel order."""
     kw_base = b * kw_sb + hh * kw_sh
@@ -176,18 +201,27 @@ def tensor_split_state(q, qpos, row_ok, b, hh, split, kpos_ptr,
     l_i = tl.zeros((M,), tl.float32)
     acc = tl.zeros((M, D), tl.float32)
     t_first = split * tiles_per_split * BT
+    if PREFETCH:                  # the next tile's loads are issued before this tile is computed
+        n_kpos, n_kw, n_ks, n_kz, n_vw, n_vs, n_vz = _tile_loads(
+            kpos_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, b * kpos_sb, kw_base, ks_base,
+            vw_base, vs_base, t_first, T, True, NGK, NGV, BT, KW, KCPW, KG, KCHAN, KSYM, KTILE,
+            KWORD, VW, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
     for it in range(0, tiles_per_split):
         t0 = t_first + it * BT
-        t = t0 + tl.arange(0, BT)
-        t_ok = t < T
-        kpos = tl.load(kpos_ptr + b * kpos_sb + t, mask=t_ok, other=-1)
-        kc = unpack_codes(kw_ptr, kw_base, t, t_ok, KW, KBITS, KCPW)
-        sc = _scores(q, kc, ks_ptr, kz_ptr, ks_base, t, t_ok, t0, NGK, scale, KW, KCPW, KBITS, KG,
-                     KCHAN, KSYM, KTILE, KWORD, KFOLD, BT)
+        if PREFETCH:
+            kpos, kwords, ks, kz, vwords, vs, vz = n_kpos, n_kw, n_ks, n_kz, n_vw, n_vs, n_vz
+            n_kpos, n_kw, n_ks, n_kz, n_vw, n_vs, n_vz = _tile_loads(
+                kpos_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, b * kpos_sb, kw_base,
+                ks_base, vw_base, vs_base, t0 + BT, T, it + 1 < tiles_per_split, NGK, NGV, BT, KW,
+                KCPW, KG, KCHAN, KSYM, KTILE, KWORD, VW, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
+        else:
+            kpos, kwords, ks, kz, vwords, vs, vz = _tile_loads(
+                kpos_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, b * kpos_sb, kw_base,
+                ks_base, vw_base, vs_base, t0, T, True, NGK, NGV, BT, KW, KCPW, KG, KCHAN, KSYM,
+                KTILE, KWORD, VW, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
+        sc = _scores(q, unpack_codes(kwords, KBITS, KCPW), ks, kz, scale, KBITS, KSYM, KFOLD, BT, D)
         m_new, alpha, p, l_i = online_softmax_step(sc, kpos, qpos, row_ok, m_i, l_i)
-        vc = unpack_codes(vw_ptr, vw_base, t, t_ok, VW, VBITS, VCPW)
-        v = _dequantized(vc, vs_ptr, vz_ptr, vs_base, t, t_ok, t0, NGV, VW, VCPW, VBITS, VG, VCHAN,
-                         VSYM, VTILE, VWORD, BT)
+        v = _dequantized(unpack_codes(vwords, VBITS, VCPW), vs, vz, VBITS, VSYM, BT, D)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="tf32x3")
         m_i = m_new
     return m_i, l_i, acc
@@ -201,10 +235,10 @@ def tensor_program(q_ptr, qpos_ptr, kpos_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs
                    R: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
                    KW: tl.constexpr, KBITS: tl.constexpr, KCPW: tl.constexpr, KG: tl.constexpr,
                    KCHAN: tl.constexpr, KSYM: tl.constexpr, KTILE: tl.constexpr,
-                       KWORD: tl.constexpr, KFOLD: tl.constexpr,
+                   KWORD: tl.constexpr, KFOLD: tl.constexpr,
                    VW: tl.constexpr, VBITS: tl.constexpr, VCPW: tl.constexpr, VG: tl.constexpr,
                    VCHAN: tl.constexpr, VSYM: tl.constexpr, VTILE: tl.constexpr,
-                       VWORD: tl.constexpr):
+                   VWORD: tl.constexpr, PREFETCH: tl.constexpr):
     """One program of the fused decode kernel (accelerated/decode_kernels.py) over split ``split``
     of KV head (b, hh): its R query rows read through the query's strides (row r: query head
     ``hh*G + r // TQ``, query ``r % TQ``), the state of :func:`tensor_split_state`, the partial
@@ -220,7 +254,7 @@ def tensor_program(q_ptr, qpos_ptr, kpos_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs
         T, NGK, NGV, tiles_per_split, scale,
         kpos_sb, kw_sb, kw_sh, ks_sb, ks_sh, vw_sb, vw_sh, vs_sb, vs_sh,
         M, D, BT, KW, KBITS, KCPW, KG, KCHAN, KSYM, KTILE, KWORD, KFOLD,
-        VW, VBITS, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
+        VW, VBITS, VCPW, VG, VCHAN, VSYM, VTILE, VWORD, PREFETCH)
     out = (bh * n_total + split) * R + rows
     tl.store(m_ptr + out, m_i, mask=row_ok)
     tl.store(l_ptr + out, l_i, mask=row_ok)
@@ -238,8 +272,8 @@ def tensor_decode_kernel(q_ptr, qpos_ptr, kpos_ptr,
                          KG: tl.constexpr, KCHAN: tl.constexpr, KSYM: tl.constexpr,
                          KTILE: tl.constexpr, KWORD: tl.constexpr, KFOLD: tl.constexpr,
                          VW: tl.constexpr, VBITS: tl.constexpr, VCPW: tl.constexpr,
-                         VG: tl.constexpr, VCHAN: tl.constexpr, VSYM: tl.constexpr, VTILE: tl.constexpr,
-                       VWORD: tl.constexpr):
+                         VG: tl.constexpr, VCHAN: tl.constexpr, VSYM: tl.constexpr,
+                         VTILE: tl.constexpr, VWORD: tl.constexpr, PREFETCH: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = bh // H
@@ -250,7 +284,7 @@ def tensor_decode_kernel(q_ptr, qpos_ptr, kpos_ptr,
                    tiles_per_split, n_split, scale, H * R * D, TQ * D, D,
                    kpos_sb, kw_sb, kw_sh, ks_sb, ks_sh, vw_sb, vw_sh, vs_sb, vs_sh,
                    R, M, D, BT, KW, KBITS, KCPW, KG, KCHAN, KSYM, KTILE, KWORD, KFOLD,
-                   VW, VBITS, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
+                   VW, VBITS, VCPW, VG, VCHAN, VSYM, VTILE, VWORD, PREFETCH)
 
 
 def tensor_decode_partial_attention(q: torch.Tensor, keys, values, qp: torch.Tensor,
