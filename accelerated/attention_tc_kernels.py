@@ -159,24 +159,17 @@ def _scores(q, codes, s, z, scale, BITS: tl.constexpr, SYM: tl.constexpr, FOLD: 
 
 
 @triton.jit
-def _tile_loads(kpos_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, kpos_base, kw_base,
-                ks_base, vw_base, vs_base, t0, T, live, NGK, NGV, BT: tl.constexpr,
-                KW: tl.constexpr, KCPW: tl.constexpr, KG: tl.constexpr, KCHAN: tl.constexpr,
-                KSYM: tl.constexpr, KTILE: tl.constexpr, KWORD: tl.constexpr,
-                VW: tl.constexpr, VCPW: tl.constexpr, VG: tl.constexpr, VCHAN: tl.constexpr,
-                VSYM: tl.constexpr, VTILE: tl.constexpr, VWORD: tl.constexpr):
-    """Everything the tile of tokens ``t0 .. t0 + BT`` reads (nothing when not ``live``): slot
-    positions, the packed words and the statistics of both sides."""
+def _side_loads(w_ptr, s_ptr, z_ptr, w_base, s_base, t0, T, live, NG, BT: tl.constexpr,
+                W: tl.constexpr, CPW: tl.constexpr, G: tl.constexpr, CHAN: tl.constexpr,
+                SYM: tl.constexpr, TILE: tl.constexpr, WORD: tl.constexpr):
+    """What one side (keys or values) of the tile ``t0 .. t0 + BT`` reads (nothing when not
+    ``live``): the packed words and the statistics."""
     t = t0 + tl.arange(0, BT)
     t_ok = (t < T) & live
-    kpos = tl.load(kpos_ptr + kpos_base + t, mask=t_ok, other=-1)
-    kwords = load_words(kw_ptr, kw_base, t, t_ok, KW)
-    ks, kz = _statistics(ks_ptr, kz_ptr, ks_base, t, t_ok, tl.where(live, t0, T), NGK, KW, KCPW,
-                         KG, KCHAN, KSYM, KTILE, KWORD)
-    vwords = load_words(vw_ptr, vw_base, t, t_ok, VW)
-    vs, vz = _statistics(vs_ptr, vz_ptr, vs_base, t, t_ok, tl.where(live, t0, T), NGV, VW, VCPW,
-                         VG, VCHAN, VSYM, VTILE, VWORD)
-    return kpos, kwords, ks, kz, vwords, vs, vz
+    words = load_words(w_ptr, w_base, t, t_ok, W)
+    s, z = _statistics(s_ptr, z_ptr, s_base, t, t_ok, tl.where(live, t0, T), NG, W, CPW, G, CHAN,
+                       SYM, TILE, WORD)
+    return words, s, z
 
 
 @triton.jit
@@ -201,27 +194,34 @@ def tensor_split_state(q, qpos, row_ok, b, hh, split, kpos_ptr,
     l_i = tl.zeros((M,), tl.float32)
     acc = tl.zeros((M, D), tl.float32)
     t_first = split * tiles_per_split * BT
+    tok = tl.arange(0, BT)
     if PREFETCH:                  # the next tile's loads are issued before this tile is computed
-        n_kpos, n_kw, n_ks, n_kz, n_vw, n_vs, n_vz = _tile_loads(
-            kpos_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, b * kpos_sb, kw_base, ks_base,
-            vw_base, vs_base, t_first, T, True, NGK, NGV, BT, KW, KCPW, KG, KCHAN, KSYM, KTILE,
-            KWORD, VW, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
+        n_kpos = tl.load(kpos_ptr + b * kpos_sb + t_first + tok, mask=t_first + tok < T, other=-1)
+        n_kw, n_ks, n_kz = _side_loads(kw_ptr, ks_ptr, kz_ptr, kw_base, ks_base, t_first, T, True,
+                                       NGK, BT, KW, KCPW, KG, KCHAN, KSYM, KTILE, KWORD)
+        n_vw, n_vs, n_vz = _side_loads(vw_ptr, vs_ptr, vz_ptr, vw_base, vs_base, t_first, T, True,
+                                       NGV, BT, VW, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
     for it in range(0, tiles_per_split):
         t0 = t_first + it * BT
         if PREFETCH:
-            kpos, kwords, ks, kz, vwords, vs, vz = n_kpos, n_kw, n_ks, n_kz, n_vw, n_vs, n_vz
-            n_kpos, n_kw, n_ks, n_kz, n_vw, n_vs, n_vz = _tile_loads(
-                kpos_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, b * kpos_sb, kw_base,
-                ks_base, vw_base, vs_base, t0 + BT, T, it + 1 < tiles_per_split, NGK, NGV, BT, KW,
-                KCPW, KG, KCHAN, KSYM, KTILE, KWORD, VW, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
-        else:
-            kpos, kwords, ks, kz, vwords, vs, vz = _tile_loads(
-                kpos_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, b * kpos_sb, kw_base,
-                ks_base, vw_base, vs_base, t0, T, True, NGK, NGV, BT, KW, KCPW, KG, KCHAN, KSYM,
-                KTILE, KWORD, VW, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
-        sc = _scores(q, unpack_codes(kwords, KBITS, KCPW), ks, kz, scale, KBITS, KSYM, KFOLD, BT, D)
+            kpos, kw, ks, kz, vw, vs, vz = n_kpos, n_kw, n_ks, n_kz, n_vw, n_vs, n_vz
+            live = it + 1 < tiles_per_split
+            tn = t0 + BT + tok
+            n_kpos = tl.load(kpos_ptr + b * kpos_sb + tn, mask=(tn < T) & live, other=-1)
+            n_kw, n_ks, n_kz = _side_loads(kw_ptr, ks_ptr, kz_ptr, kw_base, ks_base, t0 + BT, T, live,
+                                           NGK, BT, KW, KCPW, KG, KCHAN, KSYM, KTILE, KWORD)
+            n_vw, n_vs, n_vz = _side_loads(vw_ptr, vs_ptr, vz_ptr, vw_base, vs_base, t0 + BT, T, live,
+                                           NGV, BT, VW, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
+        else:                     # the values are loaded after the scores (fewer live registers)
+            kpos = tl.load(kpos_ptr + b * kpos_sb + t0 + tok, mask=t0 + tok < T, other=-1)
+            kw, ks, kz = _side_loads(kw_ptr, ks_ptr, kz_ptr, kw_base, ks_base, t0, T, True, NGK, BT,
+                                     KW, KCPW, KG, KCHAN, KSYM, KTILE, KWORD)
+        sc = _scores(q, unpack_codes(kw, KBITS, KCPW), ks, kz, scale, KBITS, KSYM, KFOLD, BT, D)
         m_new, alpha, p, l_i = online_softmax_step(sc, kpos, qpos, row_ok, m_i, l_i)
-        v = _dequantized(unpack_codes(vwords, VBITS, VCPW), vs, vz, VBITS, VSYM, BT, D)
+        if not PREFETCH:
+            vw, vs, vz = _side_loads(vw_ptr, vs_ptr, vz_ptr, vw_base, vs_base, t0, T, True, NGV, BT,
+                                     VW, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
+        v = _dequantized(unpack_codes(vw, VBITS, VCPW), vs, vz, VBITS, VSYM, BT, D)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="tf32x3")
         m_i = m_new
     return m_i, l_i, acc
