@@ -299,7 +299,6 @@ class TensorTuning:
     num_warps: int = 2
     num_stages: int = 3
     programs_per_sm: int = 8   # the split's target: programs per streaming multiprocessor
-    prefetch: bool = False     # manual prefetch of the next tile's loads
 
 
 #: Named per-device settings of the tensor-core decode programs, by device family, and the families
@@ -378,11 +377,10 @@ class TensorDecodeLaunch:
     key_fold: bool         # keys per channel, BT dividing G: scale folded into the query
     num_warps: int = 4
     num_stages: int = 1
-    prefetch: bool = False  # the next tile's loads issued before this tile is computed
 
     def constexprs(self) -> dict:
         """The kernel's constexpr arguments of both packed sides."""
-        out = {"KFOLD": self.key_fold, "PREFETCH": self.prefetch}
+        out = {"KFOLD": self.key_fold}
         for p, side in (("K", self.keys), ("V", self.values)):
             out.update({p + "W": side.words, p + "BITS": side.bits, p + "CPW": side.cpw,
                         p + "G": side.group, p + "CHAN": side.channel, p + "SYM": side.symmetric,
@@ -404,18 +402,15 @@ def tensor_decode_applies(q_shape, keys, values) -> bool:
 def tensor_decode_launch(q_shape, keys, values, device, *, block_t: Optional[int] = None,
                          fold: Optional[bool] = None, num_warps: Optional[int] = None,
                          num_stages: Optional[int] = None, n_split: Optional[int] = None,
-                         target_programs: Optional[int] = None,
-                         prefetch: Optional[bool] = None) -> TensorDecodeLaunch:
+                         target_programs: Optional[int] = None) -> TensorDecodeLaunch:
     """The :class:`TensorDecodeLaunch` for query ``(B, Hq, Tq, D)`` over ``keys``/``values``;
     defaults from :func:`tensor_tuning`: ``block_t`` (the key group instead when keys are per
     channel in groups of 16 to ``block_t`` that divide it, so that the scale folds),
     ``num_warps``, ``num_stages``, and ``n_split`` aiming at its programs per SM (whole waves);
-    ``fold`` (default: wherever the tile lies in one key group) can switch the folding off;
-    ``prefetch`` (default the tuning's) issues each tile's loads one tile ahead."""
+    ``fold`` (default: wherever the tile lies in one key group) can switch the folding off."""
     tuning = tensor_tuning(device)
     num_warps = tuning.num_warps if num_warps is None else num_warps
     num_stages = tuning.num_stages if num_stages is None else num_stages
-    prefetch = tuning.prefetch if prefetch is None else prefetch
     b, hq, tq, d = q_shape
     h, t_len = keys.shape[1], keys.shape[2]
     r = (hq // h) * tq
@@ -438,8 +433,7 @@ def tensor_decode_launch(q_shape, keys, values, device, *, block_t: Optional[int
         n_split = -(-n_tiles // tiles_per_split)
     return TensorDecodeLaunch(rows=r, m=max(TENSOR_ROWS, next_pow2(r)), block_t=block_t,
                               n_split=n_split, tiles_per_split=tiles_per_split, keys=ks, values=vs,
-                              key_fold=fold, num_warps=num_warps, num_stages=num_stages,
-                              prefetch=prefetch)
+                              key_fold=fold, num_warps=num_warps, num_stages=num_stages)
 
 
 def _fused_tensor_launch(q_shape, keys, values, fp_tokens, device, fp_block, choices) -> FusedLaunch:

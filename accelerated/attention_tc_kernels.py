@@ -183,7 +183,7 @@ def tensor_split_state(q, qpos, row_ok, b, hh, split, kpos_ptr,
                        KWORD: tl.constexpr, KFOLD: tl.constexpr,
                        VW: tl.constexpr, VBITS: tl.constexpr, VCPW: tl.constexpr, VG: tl.constexpr,
                        VCHAN: tl.constexpr, VSYM: tl.constexpr, VTILE: tl.constexpr,
-                       VWORD: tl.constexpr, PREFETCH: tl.constexpr):
+                       VWORD: tl.constexpr):
     """``(m, l, acc)`` of the query rows ``q`` (M, D) float32 at positions ``qpos`` (M,) over
     split ``split`` of KV head (b, hh); acc (M, D) in channel order."""
     kw_base = b * kw_sb + hh * kw_sh
@@ -195,32 +195,17 @@ def tensor_split_state(q, qpos, row_ok, b, hh, split, kpos_ptr,
     acc = tl.zeros((M, D), tl.float32)
     t_first = split * tiles_per_split * BT
     tok = tl.arange(0, BT)
-    if PREFETCH:                  # the next tile's loads are issued before this tile is computed
-        n_kpos = tl.load(kpos_ptr + b * kpos_sb + t_first + tok, mask=t_first + tok < T, other=-1)
-        n_kw, n_ks, n_kz = _side_loads(kw_ptr, ks_ptr, kz_ptr, kw_base, ks_base, t_first, T, True,
-                                       NGK, BT, KW, KCPW, KG, KCHAN, KSYM, KTILE, KWORD)
-        n_vw, n_vs, n_vz = _side_loads(vw_ptr, vs_ptr, vz_ptr, vw_base, vs_base, t_first, T, True,
-                                       NGV, BT, VW, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
     for it in range(0, tiles_per_split):
         t0 = t_first + it * BT
-        if PREFETCH:
-            kpos, kw, ks, kz, vw, vs, vz = n_kpos, n_kw, n_ks, n_kz, n_vw, n_vs, n_vz
-            live = it + 1 < tiles_per_split
-            tn = t0 + BT + tok
-            n_kpos = tl.load(kpos_ptr + b * kpos_sb + tn, mask=(tn < T) & live, other=-1)
-            n_kw, n_ks, n_kz = _side_loads(kw_ptr, ks_ptr, kz_ptr, kw_base, ks_base, t0 + BT, T, live,
-                                           NGK, BT, KW, KCPW, KG, KCHAN, KSYM, KTILE, KWORD)
-            n_vw, n_vs, n_vz = _side_loads(vw_ptr, vs_ptr, vz_ptr, vw_base, vs_base, t0 + BT, T, live,
-                                           NGV, BT, VW, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
-        else:                     # the values are loaded after the scores (fewer live registers)
-            kpos = tl.load(kpos_ptr + b * kpos_sb + t0 + tok, mask=t0 + tok < T, other=-1)
-            kw, ks, kz = _side_loads(kw_ptr, ks_ptr, kz_ptr, kw_base, ks_base, t0, T, True, NGK, BT,
-                                     KW, KCPW, KG, KCHAN, KSYM, KTILE, KWORD)
+        kpos = tl.load(kpos_ptr + b * kpos_sb + t0 + tok, mask=t0 + tok < T, other=-1)
+        kw, ks, kz = _side_loads(kw_ptr, ks_ptr, kz_ptr, kw_base, ks_base, t0, T, True, NGK, BT,
+                                 KW, KCPW, KG, KCHAN, KSYM, KTILE, KWORD)
         sc = _scores(q, unpack_codes(kw, KBITS, KCPW), ks, kz, scale, KBITS, KSYM, KFOLD, BT, D)
         m_new, alpha, p, l_i = online_softmax_step(sc, kpos, qpos, row_ok, m_i, l_i)
-        if not PREFETCH:
-            vw, vs, vz = _side_loads(vw_ptr, vs_ptr, vz_ptr, vw_base, vs_base, t0, T, True, NGV, BT,
-                                     VW, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
+        # the values are loaded after the scores: fewer live registers (loading both sides first,
+        # or the next tile's ahead, spilled more and ran up to 2x slower: bench/README.md)
+        vw, vs, vz = _side_loads(vw_ptr, vs_ptr, vz_ptr, vw_base, vs_base, t0, T, True, NGV, BT,
+                                 VW, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
         v = _dequantized(unpack_codes(vw, VBITS, VCPW), vs, vz, VBITS, VSYM, BT, D)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="tf32x3")
         m_i = m_new
@@ -238,7 +223,7 @@ def tensor_program(q_ptr, qpos_ptr, kpos_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs
                    KWORD: tl.constexpr, KFOLD: tl.constexpr,
                    VW: tl.constexpr, VBITS: tl.constexpr, VCPW: tl.constexpr, VG: tl.constexpr,
                    VCHAN: tl.constexpr, VSYM: tl.constexpr, VTILE: tl.constexpr,
-                   VWORD: tl.constexpr, PREFETCH: tl.constexpr):
+                   VWORD: tl.constexpr):
     """One program of the fused decode kernel (accelerated/decode_kernels.py) over split ``split``
     of KV head (b, hh): its R query rows read through the query's strides (row r: query head
     ``hh*G + r // TQ``, query ``r % TQ``), the state of :func:`tensor_split_state`, the partial
@@ -254,7 +239,7 @@ def tensor_program(q_ptr, qpos_ptr, kpos_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs
         T, NGK, NGV, tiles_per_split, scale,
         kpos_sb, kw_sb, kw_sh, ks_sb, ks_sh, vw_sb, vw_sh, vs_sb, vs_sh,
         M, D, BT, KW, KBITS, KCPW, KG, KCHAN, KSYM, KTILE, KWORD, KFOLD,
-        VW, VBITS, VCPW, VG, VCHAN, VSYM, VTILE, VWORD, PREFETCH)
+        VW, VBITS, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
     out = (bh * n_total + split) * R + rows
     tl.store(m_ptr + out, m_i, mask=row_ok)
     tl.store(l_ptr + out, l_i, mask=row_ok)
@@ -273,7 +258,7 @@ def tensor_decode_kernel(q_ptr, qpos_ptr, kpos_ptr,
                          KTILE: tl.constexpr, KWORD: tl.constexpr, KFOLD: tl.constexpr,
                          VW: tl.constexpr, VBITS: tl.constexpr, VCPW: tl.constexpr,
                          VG: tl.constexpr, VCHAN: tl.constexpr, VSYM: tl.constexpr,
-                         VTILE: tl.constexpr, VWORD: tl.constexpr, PREFETCH: tl.constexpr):
+                         VTILE: tl.constexpr, VWORD: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = bh // H
@@ -284,7 +269,7 @@ def tensor_decode_kernel(q_ptr, qpos_ptr, kpos_ptr,
                    tiles_per_split, n_split, scale, H * R * D, TQ * D, D,
                    kpos_sb, kw_sb, kw_sh, ks_sb, ks_sh, vw_sb, vw_sh, vs_sb, vs_sh,
                    R, M, D, BT, KW, KBITS, KCPW, KG, KCHAN, KSYM, KTILE, KWORD, KFOLD,
-                   VW, VBITS, VCPW, VG, VCHAN, VSYM, VTILE, VWORD, PREFETCH)
+                   VW, VBITS, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
 
 
 def tensor_decode_partial_attention(q: torch.Tensor, keys, values, qp: torch.Tensor,

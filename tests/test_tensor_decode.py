@@ -48,8 +48,7 @@ def _t(x):
 
 @pytest.mark.parametrize("kspec,vspec,d,block_t,fold", CASES)
 @pytest.mark.parametrize("tq", [1, 3])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_tensor_decode_within_the_bound(kspec, vspec, d, block_t, fold, tq, prefetch):
+def test_tensor_decode_within_the_bound(kspec, vspec, d, block_t, fold, tq):
     rng = np.random.default_rng(kspec[0] * 100 + vspec[0] * 10 + d + tq)
     q, kq, vq, kp, qp, kv = quantized_case(rng, kspec, vspec, s=300, d=d, tq=tq)
     kd, vd = RQ.dequantize(kq), RQ.dequantize(vq)
@@ -57,8 +56,8 @@ def test_tensor_decode_within_the_bound(kspec, vspec, d, block_t, fold, tq, pref
     pv = AQ.PackedQuantizedTensor.from_reference(vq, KERNEL_DEVICE)
     assert tensor_decode_applies(q.shape, pk, pv)
     launch = tensor_decode_launch(q.shape, pk, pv, KERNEL_DEVICE, block_t=block_t, fold=fold,
-                                  prefetch=prefetch, n_split=3)      # several tiles per program
-    assert launch.prefetch == prefetch and launch.tiles_per_split > 1
+                                  n_split=3)                          # several tiles per program
+    assert launch.tiles_per_split > 1
     folded = kspec[2] == "channel" and kspec[1] % launch.block_t == 0 and fold is not False
     assert launch.key_fold == folded
     kpos = np.where(kv, kp, -1)
