@@ -19,7 +19,7 @@
 #   (4 query rows x 128 channels x 2 products, the dequantization, the lane reductions), which
 #   suggested it was issue-bound at 8-11 % of the copy bandwidth.  Here the products are tl.dot (mma)
 #   on a 16-row tile; what stays on the CUDA cores is the unpacking (shift, mask, the 2^23 trick: ~3
-#   operations per code).  Measured (below), that gained only 1.0x-1.5x: both kernels are mostly
+#   operations per code).  Measured (below), that gained only 0.98x-1.5x: both kernels are mostly
 #   waiting on memory latency, not issuing.
 #   * codes (BT, W, cpw) -> (BT, D) float32, exact small integers, hence exact TF32 operands;
 #   * keys per channel with the tile inside one group (KFOLD): the group's scale folds into the
@@ -30,9 +30,9 @@
 #   * online softmax per tile (attention_kernels.online_softmax_step), one state per program.
 #
 # MEASURED (H100, bench/README.md "Issue 9, tensor-core decode"; attention_launch.TENSOR_TUNING:
-#   32-token tiles, 2 warps, 3 stages, 8 programs per SM): 110.4 us at the realistic shape (v3 on CUDA
-#   cores 133.2 us), 10 % of the copy bandwidth: latency-bound (255 registers, ~7 us per tile per
-#   program); 1.0x-1.5x v3 over the shapes swept.
+#   32-token tiles, 2 warps, 3 stages, 8 programs per SM): 111.4 us at the realistic shape (v3 on CUDA
+#   cores 133.8 us), 10 % of the copy bandwidth: latency-bound (255 registers, ~7 us per tile per
+#   program); 0.98x-1.49x v3 over the six shapes measured.
 #
 # NUMERICS (docs/09-tolerances.md 9.5, "Tensor-core decode programs"): products through TF32 splits
 #   (relative error <= 2^-20 per product: u_in = u_p = u_v = 2^-21 as "tf32x3"), sums on tensor cores
