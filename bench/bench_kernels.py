@@ -347,7 +347,8 @@ FUSED_SWEEP = [dict(a=a, num_warps=w, rb=rb) for a in (1, 2, 4) for w in (4, 8) 
 
 def sweep_fused(layer, q, qp, bits, d, timeit, name):
     """The fused kernel alone (fused_decode_attention with an explicit launch) for each
-    FUSED_SWEEP setting; prints the best, the entry for attention_launch.DECODE_TUNING."""
+    FUSED_SWEEP setting of its CUDA-core programs; prints the best, the entry for
+    attention_launch.DECODE_TUNING (the tensor-core programs: bench_decode_tc.py)."""
     ppos, pk, pv = layer.preserved
     rk, rv, valid, _ = layer.residual
     views = layer.quantized.kernel_views()
@@ -357,7 +358,8 @@ def sweep_fused(layer, q, qp, bits, d, timeit, name):
     for kw in FUSED_SWEEP:
         label = "fused a{a} w{num_warps} rb{rb}".format(**kw)
         try:
-            fl = fused_launch(qf.shape, views[0], views[1], pk.shape[2] + rk.shape[2], qf.device, **kw)
+            fl = fused_launch(qf.shape, views[0], views[1], pk.shape[2] + rk.shape[2], qf.device,
+                              engine="cuda-core", **kw)
             times[label] = timeit(lambda fl=fl: fused_decode_attention(qf, qp, 1 / math.sqrt(d), views,
                                                                        *segs, launch=fl))
         except Exception as e:                                   # out of registers / shared memory

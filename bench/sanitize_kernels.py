@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from accelerated import attention_kernels as AK            # noqa: E402
 from accelerated import quantize as AQ                     # noqa: E402
-from accelerated.attention_launch import fused_launch      # noqa: E402
+from accelerated.attention_launch import fused_launch, tensor_decode_applies      # noqa: E402
 from accelerated.decode_kernels import fused_decode_attention  # noqa: E402
 from bench.bench_kernels import load_version               # noqa: E402
 
@@ -46,7 +46,11 @@ for (b, h, hq, tq, t_len, d, kspec, vspec) in [
     valid[-1, 3:7] = False
     if hq // h * tq <= 8:
         segs = ((pk_buf, pk_buf.clone(), ppos), (rk_buf[:, :, 3:], rk_buf[:, :, 3:].clone(), valid[:, 3:], t_len))
-        for kw in (dict(), dict(a=1, rb=2), dict(num_warps=8)):
+        variants = [dict(engine="cuda-core"), dict(engine="cuda-core", a=1, rb=2),
+                    dict(engine="cuda-core", num_warps=8)]
+        if tensor_decode_applies(q.shape, pk, pv):
+            variants += [dict(engine="tensor"), dict(engine="tensor", num_warps=4, block_t=16)]
+        for kw in variants:
             fl = fused_launch(q.shape, pk, pv, 12, dev, fp_block=8, **kw)
             fused_decode_attention(q, qp + 9, 1 / math.sqrt(d), (pk, pv, kp), *segs, launch=fl)
         empty = [AQ.quantize_packed(torch.zeros(b, h, 0, d, device=dev), *spec[:3], symmetric=spec[3])
