@@ -1,4 +1,5 @@
-"""Launch settings of the attention kernels (accelerated/attention_kernels.py) as named data.
+"""Launch settings of the attention kernels (accelerated/attention_kernels.py,
+accelerated/attention_tc_kernels.py) as named data.
 
 One frozen dataclass per kernel and ONE function choosing it from the shape and the device:
 :func:`dot_launch` (:class:`DotLaunch`, the many-rows kernel ``quantized_attention_kernel``),
@@ -6,7 +7,10 @@ One frozen dataclass per kernel and ONE function choosing it from the shape and 
 :class:`PackedSide` per packed side), :func:`merge_launch` (:class:`MergeLaunch`,
 ``merge_splits_kernel`` and ``merge_normalise_kernel``), :func:`fused_launch` (:class:`FusedLaunch`,
 ``fused_decode_kernel`` of accelerated/decode_kernels.py: a :class:`DecodeLaunch` for its quantized
-programs plus the tiling of its full-precision ones).  The split over the sequence aims at
+programs, or a :class:`TensorDecodeLaunch` of :func:`tensor_decode_launch` when its engine
+(:func:`decode_engine`) is "tensor", plus the tiling of its full-precision ones; the tensor-core
+programs' settings are :data:`TENSOR_TUNING` by device family, bench/bench_decode_tc.py).  The
+split over the sequence aims at
 :data:`PROGRAMS_PER_SM` programs per streaming multiprocessor, the SM count read from the device
 (:func:`accelerated.triton_support.device_properties`, cached per device).  The other choices
 (tokens per stream ``a``, ``num_warps``, rows per program ``rb``) are named per-device
