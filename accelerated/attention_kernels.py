@@ -50,7 +50,7 @@ from .triton_support import tl, triton
 
 __all__ = ["quantized_attention_kernel", "decode_attention_kernel", "merge_splits_kernel",
            "online_softmax_step", "merge_split_row", "decode_query_tile", "decode_split_state",
-           "store_split_partial", "stat_count", "strided_parts", "merge_split_partials",
+           "store_split_partial", "stat_count", "strided_parts", "split_partials", "merge_split_partials", "split_launch_arguments",
            "quantized_partial_attention", "decode_partial_attention"]
 
 
@@ -482,7 +482,9 @@ def strided_parts(p):
     return wds, wsb, wsh, s, z, ssb, ssh
 
 
-def _partials(bh: int, n_split: int, r: int, d: int, device):
+def split_partials(bh: int, n_split: int, r: int, d: int, device):
+    """Uninitialised ``m, l`` float32 ``(bh, n_split, r)`` and ``acc`` ``(bh, n_split, r, d)``: the
+    partials a split-K launch writes and :func:`merge_split_partials` reads."""
     m_s = torch.empty((bh, n_split, r), dtype=torch.float32, device=device)
     acc_s = torch.empty((bh, n_split, r, d), dtype=torch.float32, device=device)
     return m_s, torch.empty_like(m_s), acc_s
@@ -503,33 +505,43 @@ def merge_split_partials(m_s, l_s, acc_s, b, hq, tq, d):
     return m, l, acc
 
 
+def split_launch_arguments(q: torch.Tensor, keys, values, qp: torch.Tensor, kp: torch.Tensor,
+                           scale: float, rows: int, n_split: int, tiles_per_split: int):
+    """What every split-K decode launch over the packed segment passes alike: the keyword arguments
+    (query as ``(B, H, R, D)``, positions, packed sides and their strides, the partial outputs,
+    ``H, T, TQ, NGK, NGV``, the split and ``scale``), and the partials ``(m, l, acc)`` it writes
+    (:func:`split_partials`, read by :func:`merge_split_partials`)."""
+    b, hq, tq, d = q.shape
+    h = keys.shape[1]
+    parts = split_partials(b * h, n_split, rows, d, q.device)
+    kw, kw_sb, kw_sh, ks, kz, ks_sb, ks_sh = strided_parts(keys)
+    vw, vw_sb, vw_sh, vs, vz, vs_sb, vs_sh = strided_parts(values)
+    if kp.stride(-1) != 1:
+        kp = kp.contiguous()
+    args = dict(q_ptr=q.reshape(b, h, rows, d).contiguous(), qpos_ptr=qp.contiguous(), kpos_ptr=kp,
+                kw_ptr=kw, ks_ptr=ks, kz_ptr=kz, vw_ptr=vw, vs_ptr=vs, vz_ptr=vz, m_ptr=parts[0],
+                l_ptr=parts[1], acc_ptr=parts[2], H=h, T=keys.shape[2], TQ=tq,
+                NGK=stat_count(keys), NGV=stat_count(values), tiles_per_split=tiles_per_split,
+                n_split=n_split, scale=float(scale), kpos_sb=kp.stride(0), kw_sb=kw_sb, kw_sh=kw_sh,
+                ks_sb=ks_sb, ks_sh=ks_sh, vw_sb=vw_sb, vw_sh=vw_sh, vs_sb=vs_sb, vs_sh=vs_sh)
+    return args, parts
+
+
 def decode_partial_attention(q: torch.Tensor, keys, values, qp: torch.Tensor, kp: torch.Tensor,
                              scale: float, launch: Optional[DecodeLaunch] = None, **choices):
     """Decode (g*Tq <= 8 rows per KV head, float32 "ieee"): see the header above.  ``launch``:
     None = :func:`decode_launch` for this shape and device (``choices`` are its keywords)."""
     b, hq, tq, d = q.shape
-    h, t_len = keys.shape[1], keys.shape[2]
+    h = keys.shape[1]
     if launch is None:
         launch = decode_launch(q.shape, keys, values, q.device, **choices)
-    r = launch.rows
-    qg = q.reshape(b, h, r, d).contiguous()
-    m_s, l_s, acc_s = _partials(b * h, launch.n_split, r, d, q.device)
-    kw, kw_sb, kw_sh, ks, kz, ks_sb, ks_sh = strided_parts(keys)
-    vw, vw_sb, vw_sh, vs, vz, vs_sb, vs_sh = strided_parts(values)
-    if kp.stride(-1) != 1:
-        kp = kp.contiguous()
-    grid = (b * h * launch.nrg, launch.n_split)
-    decode_attention_kernel[grid](
-        q_ptr=qg, qpos_ptr=qp.contiguous(), kpos_ptr=kp, kw_ptr=kw, ks_ptr=ks, kz_ptr=kz,
-        vw_ptr=vw, vs_ptr=vs, vz_ptr=vz, m_ptr=m_s, l_ptr=l_s, acc_ptr=acc_s,
-        H=h, T=t_len, TQ=tq, NGK=stat_count(keys), NGV=stat_count(values),
-        tiles_per_split=launch.tiles_per_split, n_split=launch.n_split, scale=float(scale), wstride=1,
-        kpos_sb=kp.stride(0), kw_sb=kw_sb, kw_sh=kw_sh, ks_sb=ks_sb, ks_sh=ks_sh,
-        vw_sb=vw_sb, vw_sh=vw_sh, vs_sb=vs_sb, vs_sh=vs_sh,
-        R=r, RB=launch.rb, NRG=launch.nrg, D=d, A=launch.a, TS=launch.ts,
+    args, parts = split_launch_arguments(q, keys, values, qp, kp, scale, launch.rows, launch.n_split,
+                                         launch.tiles_per_split)
+    decode_attention_kernel[(b * h * launch.nrg, launch.n_split)](
+        **args, wstride=1, R=launch.rows, RB=launch.rb, NRG=launch.nrg, D=d, A=launch.a, TS=launch.ts,
         **launch.keys.constexprs("K"), **launch.values.constexprs("V"),
         PREFETCH=launch.prefetch, num_warps=launch.num_warps, num_stages=launch.num_stages)
-    return merge_split_partials(m_s, l_s, acc_s, b, hq, tq, d)
+    return merge_split_partials(*parts, b, hq, tq, d)
 
 
 def quantized_partial_attention(q: torch.Tensor, keys, values, qp: torch.Tensor, kp: torch.Tensor,
@@ -552,7 +564,7 @@ def quantized_partial_attention(q: torch.Tensor, keys, values, qp: torch.Tensor,
                                         num_warps=num_warps, **decode_choices)
     r = launch.rows
     qg = q.reshape(b, h, r, d).contiguous()
-    m_s, l_s, acc_s = _partials(b * h, launch.n_split, r, d, q.device)
+    m_s, l_s, acc_s = split_partials(b * h, launch.n_split, r, d, q.device)
     kw, ks = keys.words.contiguous(), keys.scale.contiguous()
     kz = ks if keys.zero is None else keys.zero.contiguous()
     vw, vs = values.words.contiguous(), values.scale.contiguous()

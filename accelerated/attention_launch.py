@@ -46,6 +46,20 @@ def _target_programs(device) -> int:
     return PROGRAMS_PER_SM * device_properties(device).sm_count
 
 
+def _split_tiles(n_tiles: int, programs_per_split: int, n_split: Optional[int],
+                 target: int) -> tuple:
+    """``(n_split, tiles_per_split)`` of ``n_tiles`` token tiles: ``n_split`` given, or the floor of
+    ``target`` over the ``programs_per_split`` programs each split takes (programs <= target, whole
+    waves), at least 1 and at most one per tile; then as few splits as cover the tiles evenly.
+    ``(0, 0)`` for an empty store (the fused kernel's: no quantized program)."""
+    if n_tiles == 0:
+        return 0, 0
+    if n_split is None:
+        n_split = max(1, min(n_tiles, target // programs_per_split))
+    tiles_per_split = -(-n_tiles // n_split)
+    return -(-n_tiles // tiles_per_split), tiles_per_split
+
+
 @dataclass(frozen=True)
 class DotLaunch:
     """Launch of :func:`quantized_attention_kernel` (many rows per KV head, or "tf32x3")."""
@@ -197,15 +211,8 @@ def decode_launch(q_shape, keys, values, device, *, a: Optional[int] = None,
                                next_pow2(-(-d // (32 // values.bits)))))
     ts = lanes_t * num_warps
     bt = a * ts
-    n_tiles = -(-t_len // bt)
-    if n_tiles == 0:                    # an empty store (the fused kernel's): no quantized program
-        n_split = tiles_per_split = 0
-    else:
-        if n_split is None:
-            target = _target_programs(device) if target_programs is None else target_programs
-            n_split = max(1, min(n_tiles, target // (b * h * nrg)))
-        tiles_per_split = -(-n_tiles // n_split)
-        n_split = -(-n_tiles // tiles_per_split)
+    target = _target_programs(device) if target_programs is None else target_programs
+    n_split, tiles_per_split = _split_tiles(-(-t_len // bt), b * h * nrg, n_split, target)
     ks, vs = _packed_side(keys, d, bt), _packed_side(values, d, bt)
     if prefetch is None:
         prefetch = (not ks.channel) or ks.tile_stats
@@ -318,6 +325,10 @@ DEFAULT_TENSOR_TUNING = TensorTuning()
 TENSOR_DECODE_FAMILIES = tuple(TENSOR_TUNING)
 
 
+def _tensor_target_programs(device) -> int:
+    return tensor_tuning(device).programs_per_sm * device_properties(device).sm_count
+
+
 def tensor_tuning(device) -> TensorTuning:
     """The :data:`TENSOR_TUNING` entry of ``device``'s family, :data:`DEFAULT_TENSOR_TUNING` if none."""
     name = device_properties(device).name
@@ -340,6 +351,15 @@ def decode_engine(q_shape, keys, values, device) -> str:
     return "tensor" if tensor_ok and tensor_decode_applies(q_shape, keys, values) else "cuda-core"
 
 
+def _fp_tiling(d: int, fp_tokens: int, fp_block: Optional[int]) -> tuple:
+    """``(d_pad, FB, fp_tiles, n_fp)`` of the fused kernel's full-precision programs
+    (:func:`fused_launch`): FB tokens per tile, :data:`FP_TOKENS_PER_PROGRAM` per program."""
+    d_pad = next_pow2(d)
+    fb = max(8, 2048 // d_pad) if fp_block is None else fp_block
+    fp_tiles = max(1, FP_TOKENS_PER_PROGRAM // fb)
+    return d_pad, fb, fp_tiles, -(-fp_tokens // (fp_tiles * fb))
+
+
 @functools.lru_cache(maxsize=1024)
 def _fused_launch(q_shape, keys, values, fp_tokens, device, fp_block, engine,
                   decode_choices) -> FusedLaunch:
@@ -348,10 +368,7 @@ def _fused_launch(q_shape, keys, values, fp_tokens, device, fp_block, engine,
     if engine == "tensor":
         return _fused_tensor_launch(q_shape, keys, values, fp_tokens, device, fp_block, choices)
     dec = decode_launch(q_shape, keys, values, device, **choices)
-    d_pad = next_pow2(d)
-    fb = max(8, 2048 // d_pad) if fp_block is None else fp_block
-    fp_tiles = max(1, FP_TOKENS_PER_PROGRAM // fb)
-    n_fp = -(-fp_tokens // (fp_tiles * fb))
+    d_pad, fb, fp_tiles, n_fp = _fp_tiling(d, fp_tokens, fp_block)
     if n_fp and "n_split" not in choices:
         # the full-precision programs count against the target too: whole waves in all (a few
         # extra programs after two full waves would make a third, short one)
@@ -426,16 +443,8 @@ def tensor_decode_launch(q_shape, keys, values, device, *, block_t: Optional[int
             block_t = g
     ks, vs = _packed_side(keys, d, block_t), _packed_side(values, d, block_t)
     fold = ks.tile_stats if fold is None else (fold and ks.tile_stats)
-    n_tiles = -(-t_len // block_t)
-    if n_tiles == 0:
-        n_split = tiles_per_split = 0
-    else:
-        if n_split is None:
-            target = (tuning.programs_per_sm * device_properties(device).sm_count
-                      if target_programs is None else target_programs)
-            n_split = max(1, min(n_tiles, target // (b * h)))
-        tiles_per_split = -(-n_tiles // n_split)
-        n_split = -(-n_tiles // tiles_per_split)
+    target = _tensor_target_programs(device) if target_programs is None else target_programs
+    n_split, tiles_per_split = _split_tiles(-(-t_len // block_t), b * h, n_split, target)
     return TensorDecodeLaunch(rows=r, m=max(TENSOR_ROWS, next_pow2(r)), block_t=block_t,
                               n_split=n_split, tiles_per_split=tiles_per_split, keys=ks, values=vs,
                               key_fold=fold, num_warps=num_warps, num_stages=num_stages)
@@ -446,14 +455,10 @@ def _fused_tensor_launch(q_shape, keys, values, fp_tokens, device, fp_block, cho
     does all rows (the other row groups' programs of a split return at once); the full-precision
     programs as on CUDA cores.  ``choices``: :func:`tensor_decode_launch`'s keywords."""
     dec = decode_launch(q_shape, keys, values, device)
-    d_pad = next_pow2(q_shape[-1])
-    fb = max(8, 2048 // d_pad) if fp_block is None else fp_block
-    fp_tiles = max(1, FP_TOKENS_PER_PROGRAM // fb)
-    n_fp = -(-fp_tokens // (fp_tiles * fb))
+    d_pad, fb, fp_tiles, n_fp = _fp_tiling(q_shape[-1], fp_tokens, fp_block)
     if n_fp and "n_split" not in choices:
         heads = q_shape[0] * keys.shape[1]
-        target = choices.pop("target_programs", None) or \
-            tensor_tuning(device).programs_per_sm * device_properties(device).sm_count
+        target = choices.pop("target_programs", None) or _tensor_target_programs(device)
         choices["target_programs"] = max(heads, target - heads * dec.nrg * n_fp)
     tensor = tensor_decode_launch(q_shape, keys, values, device, **choices)
     return FusedLaunch(decode=dec, fp_block=fb, fp_tiles=fp_tiles, n_fp=n_fp, d_pad=d_pad, tensor=tensor)

@@ -46,7 +46,7 @@ from typing import Optional
 
 import torch
 
-from .attention_kernels import merge_split_partials, online_softmax_step, stat_count, strided_parts
+from .attention_kernels import merge_split_partials, online_softmax_step, split_launch_arguments
 from .attention_launch import TensorDecodeLaunch, tensor_decode_launch
 from .triton_support import tl, triton
 
@@ -159,16 +159,15 @@ def _scores(q, codes, s, z, scale, BITS: tl.constexpr, SYM: tl.constexpr, FOLD: 
 
 
 @triton.jit
-def _side_loads(w_ptr, s_ptr, z_ptr, w_base, s_base, t0, T, live, NG, BT: tl.constexpr,
+def _side_loads(w_ptr, s_ptr, z_ptr, w_base, s_base, t0, T, NG, BT: tl.constexpr,
                 W: tl.constexpr, CPW: tl.constexpr, G: tl.constexpr, CHAN: tl.constexpr,
                 SYM: tl.constexpr, TILE: tl.constexpr, WORD: tl.constexpr):
-    """What one side (keys or values) of the tile ``t0 .. t0 + BT`` reads (nothing when not
-    ``live``): the packed words and the statistics."""
+    """What one side (keys or values) of the tile ``t0 .. t0 + BT`` reads: the packed words and
+    the statistics."""
     t = t0 + tl.arange(0, BT)
-    t_ok = (t < T) & live
+    t_ok = t < T
     words = load_words(w_ptr, w_base, t, t_ok, W)
-    s, z = _statistics(s_ptr, z_ptr, s_base, t, t_ok, tl.where(live, t0, T), NG, W, CPW, G, CHAN,
-                       SYM, TILE, WORD)
+    s, z = _statistics(s_ptr, z_ptr, s_base, t, t_ok, t0, NG, W, CPW, G, CHAN, SYM, TILE, WORD)
     return words, s, z
 
 
@@ -198,13 +197,13 @@ def tensor_split_state(q, qpos, row_ok, b, hh, split, kpos_ptr,
     for it in range(0, tiles_per_split):
         t0 = t_first + it * BT
         kpos = tl.load(kpos_ptr + b * kpos_sb + t0 + tok, mask=t0 + tok < T, other=-1)
-        kw, ks, kz = _side_loads(kw_ptr, ks_ptr, kz_ptr, kw_base, ks_base, t0, T, True, NGK, BT,
+        kw, ks, kz = _side_loads(kw_ptr, ks_ptr, kz_ptr, kw_base, ks_base, t0, T, NGK, BT,
                                  KW, KCPW, KG, KCHAN, KSYM, KTILE, KWORD)
         sc = _scores(q, unpack_codes(kw, KBITS, KCPW), ks, kz, scale, KBITS, KSYM, KFOLD, BT, D)
         m_new, alpha, p, l_i = online_softmax_step(sc, kpos, qpos, row_ok, m_i, l_i)
         # the values are loaded after the scores: fewer live registers (loading both sides first,
         # or the next tile's ahead, spilled more and ran up to 2x slower: bench/README.md)
-        vw, vs, vz = _side_loads(vw_ptr, vs_ptr, vz_ptr, vw_base, vs_base, t0, T, True, NGV, BT,
+        vw, vs, vz = _side_loads(vw_ptr, vs_ptr, vz_ptr, vw_base, vs_base, t0, T, NGV, BT,
                                  VW, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
         v = _dequantized(unpack_codes(vw, VBITS, VCPW), vs, vz, VBITS, VSYM, BT, D)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="tf32x3")
@@ -279,25 +278,12 @@ def tensor_decode_partial_attention(q: torch.Tensor, keys, values, qp: torch.Ten
     cores (header above).  ``launch``: None = :func:`tensor_decode_launch` (``choices`` are its
     keywords); the shape must be one it accepts (``tensor_decode_applies``)."""
     b, hq, tq, d = q.shape
-    h, t_len = keys.shape[1], keys.shape[2]
+    h = keys.shape[1]
     if launch is None:
         launch = tensor_decode_launch(q.shape, keys, values, q.device, **choices)
-    r = launch.rows
-    qg = q.reshape(b, h, r, d).contiguous()
-    m_s = torch.empty((b * h, launch.n_split, r), dtype=torch.float32, device=q.device)
-    l_s = torch.empty_like(m_s)
-    acc_s = torch.empty((b * h, launch.n_split, r, d), dtype=torch.float32, device=q.device)
-    kw, kw_sb, kw_sh, ks, kz, ks_sb, ks_sh = strided_parts(keys)
-    vw, vw_sb, vw_sh, vs, vz, vs_sb, vs_sh = strided_parts(values)
-    if kp.stride(-1) != 1:
-        kp = kp.contiguous()
+    args, parts = split_launch_arguments(q, keys, values, qp, kp, scale, launch.rows, launch.n_split,
+                                         launch.tiles_per_split)
     tensor_decode_kernel[(b * h, launch.n_split)](
-        q_ptr=qg, qpos_ptr=qp.contiguous(), kpos_ptr=kp, kw_ptr=kw, ks_ptr=ks, kz_ptr=kz,
-        vw_ptr=vw, vs_ptr=vs, vz_ptr=vz, m_ptr=m_s, l_ptr=l_s, acc_ptr=acc_s,
-        H=h, T=t_len, TQ=tq, NGK=stat_count(keys), NGV=stat_count(values),
-        tiles_per_split=launch.tiles_per_split, n_split=launch.n_split, scale=float(scale),
-        kpos_sb=kp.stride(0), kw_sb=kw_sb, kw_sh=kw_sh, ks_sb=ks_sb, ks_sh=ks_sh,
-        vw_sb=vw_sb, vw_sh=vw_sh, vs_sb=vs_sb, vs_sh=vs_sh,
-        R=r, M=launch.m, D=d, BT=launch.block_t, **launch.constexprs(),
+        **args, R=launch.rows, M=launch.m, D=d, BT=launch.block_t, **launch.constexprs(),
         num_warps=launch.num_warps, num_stages=launch.num_stages)
-    return merge_split_partials(m_s, l_s, acc_s, b, hq, tq, d)
+    return merge_split_partials(*parts, b, hq, tq, d)

@@ -62,7 +62,8 @@ from typing import Optional, Tuple
 import torch
 
 from .attention_kernels import (decode_query_tile, decode_split_state, merge_split_row,
-                                online_softmax_step, stat_count, store_split_partial, strided_parts)
+                                online_softmax_step, split_partials, stat_count, store_split_partial,
+                                strided_parts)
 from .attention_launch import FusedLaunch, fused_launch, merge_launch
 from .attention_tc_kernels import tensor_program
 from .triton_support import tl, triton
@@ -241,9 +242,7 @@ def fused_decode_attention(q: torch.Tensor, qp: torch.Tensor, scale: float, quan
         launch = fused_launch(q.shape, keys, values, n_p + n_r, q.device)
     r = launch.decode.rows
     n_total = launch.n_split + launch.n_fp
-    m_s = torch.empty((b * h, n_total, r), dtype=torch.float32, device=q.device)
-    l_s = torch.empty_like(m_s)
-    acc_s = torch.empty((b * h, n_total, r, d), dtype=torch.float32, device=q.device)
+    m_s, l_s, acc_s = split_partials(b * h, n_total, r, d, q.device)
     out = torch.empty((b, tq, hq, d), dtype=out_dtype, device=q.device)
     if n_total:
         pk, pv = _pair_rows_contiguous(pk, pv)

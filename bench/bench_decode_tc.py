@@ -54,6 +54,11 @@ def reference_output(q, pk, pv, qp, kp, scale):
     return out.reshape(b, hq, tq, d), float(v.abs().max())
 
 
+def variant_label(kw) -> str:
+    """The printed and recorded name of a tensor-core launch variant."""
+    return "v4 " + " ".join(f"{k}={v}" for k, v in kw.items())
+
+
 def case(b, h, hq, t_len, d, bits, bw, variants, rows):
     kspec, vspec = (bits,) + KIVI[0][1:], (bits,) + KIVI[1][1:]
     pk, pv = make_cache(b, h, t_len, d, kspec, vspec, seed=t_len + b)
@@ -86,7 +91,7 @@ def case(b, h, hq, t_len, d, bits, bw, variants, rows):
     record("v3 default (CUDA cores)", lambda: AK.decode_partial_attention(q, pk, pv, qp, kp, scale))
     best = None
     for kw in variants:
-        label = "v4 " + " ".join(f"{k}={v}" for k, v in kw.items())
+        label = variant_label(kw)
         try:
             launch = tensor_decode_launch(q.shape, pk, pv, q.device, **kw)
         except Exception as e:  # noqa: BLE001
@@ -133,23 +138,20 @@ def main():
     rows = []
     if args.variants:
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        variants = [{k: (v * sms if k == "pps" else v) for k, v in d.items()} for d in json.loads(args.variants)]
-        variants = [{("target_programs" if k == "pps" else k): v for k, v in d.items()} for d in variants]
+        variants = [{("target_programs" if k == "pps" else k): (v * sms if k == "pps" else v)
+                     for k, v in d.items()} for d in json.loads(args.variants)]
         for shape in SHAPES:
             case(*shape, bw, variants, rows)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": rows}, f, indent=1)
-        return
-    variants = sweep(args.quick)
-    best = case(1, 8, 32, 32768, 128, 2, bw, variants, rows)
-    # the other shapes: the best few of the first, and the defaults
-    top = sorted((r for r in rows if "us" in r and r["variant"].startswith("v4")), key=lambda r: r["us"])[:6]
-    keep = [v for v in variants if "v4 " + " ".join(f"{k}={x}" for k, x in v.items()) in
-            {r["variant"] for r in top}] + [dict()]
-    for shape in SHAPES[1:]:
-        case(*shape, bw, keep, rows)
-    print(f"\nbest on the first shape: {best}")
+    else:
+        variants = sweep(args.quick)
+        best = case(*SHAPES[0], bw, variants, rows)
+        # the other shapes: the best few of the first, and the defaults
+        top = sorted((r for r in rows if "us" in r and r["variant"].startswith("v4")),
+                     key=lambda r: r["us"])[:6]
+        keep = [v for v in variants if variant_label(v) in {r["variant"] for r in top}]
+        for shape in SHAPES[1:]:
+            case(*shape, bw, keep + [dict()], rows)
+        print(f"\nbest on the first shape: {best}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": rows}, f, indent=1)
