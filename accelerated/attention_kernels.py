@@ -302,6 +302,9 @@ def decode_split_state(q, qpos, row_ok, b, hh, split, kpos_ptr,
     l_u = tl.zeros((RB, TS), tl.float32)
     acc_u = tl.zeros((RB, VCPW_PAD, TS, VW_PAD), tl.float32)
     t_first = split * tiles_per_split * BT
+    # the split's tiles that hold slots (tiles past T, wholly masked, are skipped: a split past T
+    # -- the graph step's grid spans the store's capacity -- stores the empty state at once)
+    n_it = tl.minimum(tiles_per_split, tl.maximum(tl.cdiv(T - t_first, BT), 0))
     if PREFETCH:
         t = t_first + tok
         t_ok = t < T
@@ -312,14 +315,14 @@ def decode_split_state(q, qpos, row_ok, b, hh, split, kpos_ptr,
         n_vw, n_vs, n_vz = _load_side(vw_ptr, vs_ptr, vz_ptr, vw_base, vs_base, t, t_ok,
                                       t_first // VG, wstride, VW, VW_PAD, VCPW, VCPW_PAD, D, VG, NGV,
                                       VCHAN, VSYM, VTILE, VWORD)
-    for it in range(0, tiles_per_split):
+    for it in range(0, n_it):
         t0 = t_first + it * BT
         if PREFETCH:
             kpos = n_kpos
             kw, ks, kz = n_kw, n_ks, n_kz
             vw, vs, vz = n_vw, n_vs, n_vz
             tn = t0 + BT + tok
-            tn_ok = (tn < T) & (it + 1 < tiles_per_split)
+            tn_ok = (tn < T) & (it + 1 < n_it)
             n_kpos = tl.load(kpos_ptr + kpos_base + tn, mask=tn_ok, other=-1)
             n_kw, n_ks, n_kz = _load_side(kw_ptr, ks_ptr, kz_ptr, kw_base, ks_base, tn, tn_ok,
                                           (t0 + BT) // KG, wstride, KW, KW_PAD, KCPW, KCPW_PAD, D,

@@ -19,8 +19,7 @@
 #   (4 query rows x 128 channels x 2 products, the dequantization, the lane reductions), which
 #   suggested it was issue-bound at 8-11 % of the copy bandwidth.  Here the products are tl.dot (mma)
 #   on a 16-row tile; what stays on the CUDA cores is the unpacking (shift, mask, the 2^23 trick: ~3
-#   operations per code).  Measured (below), that gained only 0.98x-1.5x: both kernels are mostly
-#   waiting on memory latency, not issuing.
+#   operations per code).  Measured (below), that gained only 0.98x-1.5x: the profile shows why.
 #   * codes (BT, W, cpw) -> (BT, D) float32, exact small integers, hence exact TF32 operands;
 #   * keys per channel with the tile inside one group (KFOLD): the group's scale folds into the
 #     query, sigma = c*(sum_d (q_d s_d) code_d + sum_d q_d z_d) (symmetric: z_d = -M s_d), so the
@@ -31,8 +30,14 @@
 #
 # MEASURED (H100, bench/README.md "Issue 9, tensor-core decode"; attention_launch.TENSOR_TUNING:
 #   32-token tiles, 2 warps, 3 stages, 8 programs per SM): 111.4 us at the realistic shape (v3 on CUDA
-#   cores 133.8 us), 10 % of the copy bandwidth: latency-bound (255 registers, ~7 us per tile per
-#   program); 0.98x-1.49x v3 over the six shapes measured.
+#   cores 133.8 us), 10 % of the copy bandwidth; 0.98x-1.49x v3 over the six shapes measured.
+# PROFILE (Nsight Compute, bench/ncu_decode.py; bench/README.md has the table): bound by instruction
+#   issue at a low occupancy, not by DRAM (10.9 %) nor the mma (HMMA 7 % of instructions): 36 M
+#   warp instructions (38 us at every issue slot busy) at 255 registers -> 4 programs of 2 warps per
+#   SM, an eligible warp in 40 % of the cycles.  The instructions: unpacking (LOP3 18 %, SHF 6 %,
+#   FADD 10 %), TF32 operands read back from shared memory by scalar loads (LDS 15 %; no ldmatrix
+#   for 32-bit types); 32 spilled bytes double the L1 requests.  The words and statistics are
+#   already streamed into shared memory by cp.async two tiles ahead (the pipeliner, 3 stages).
 #
 # NUMERICS (docs/09-tolerances.md 9.5, "Tensor-core decode programs"): products through TF32 splits
 #   (relative error <= 2^-20 per product: u_in = u_p = u_v = 2^-21 as "tf32x3"), sums on tensor cores
@@ -194,7 +199,9 @@ def tensor_split_state(q, qpos, row_ok, b, hh, split, kpos_ptr,
     acc = tl.zeros((M, D), tl.float32)
     t_first = split * tiles_per_split * BT
     tok = tl.arange(0, BT)
-    for it in range(0, tiles_per_split):
+    # only the tiles holding slots (a split past T, as the graph step's capacity-wide grid has,
+    # stores the empty state at once)
+    for it in range(0, tl.minimum(tiles_per_split, tl.maximum(tl.cdiv(T - t_first, BT), 0))):
         t0 = t_first + it * BT
         kpos = tl.load(kpos_ptr + b * kpos_sb + t0 + tok, mask=t0 + tok < T, other=-1)
         kw, ks, kz = _side_loads(kw_ptr, ks_ptr, kz_ptr, kw_base, ks_base, t0, T, NGK, BT,

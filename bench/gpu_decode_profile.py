@@ -38,6 +38,11 @@ from accelerated.hf import KVSinkCache  # noqa: E402
 from bench.gpu_e2e import cache_kw, kv, smollm2_shaped  # noqa: E402
 
 
+#: the profiler's names of a host wait on the device (every ``.item()``, ``bool()``, ``.tolist()``,
+#: ``.cpu()`` of a CUDA tensor makes one)
+SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
 @torch.no_grad()
 def decode_ms(model, make_cache, ids, steps, warm=4):
     cache = make_cache()
@@ -71,10 +76,40 @@ def profile_steps(model, cache, tok, n):
     except Exception:  # noqa: BLE001 - a missing statistic must not lose the counts
         gpu_us = float("nan")
     return prof, {"launches": count("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"),
-                  "syncs": count("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"),
+                  "syncs": count(*SYNC_NAMES),
                   "scalar_reads": count("aten::_local_scalar_dense"),
                   "memcpy": count("cudaMemcpyAsync", "cudaMemcpy"),
                   "gpu_ms": gpu_us / 1e3}
+
+
+def syncs_per_step(step_ranges, sync_starts) -> list:
+    """The number of synchronisations (their start times) that fall in each step's time range
+    (``(start, end)`` pairs, in the profiler's microseconds)."""
+    return [sum(1 for t in sync_starts if lo <= t < hi) for lo, hi in step_ranges]
+
+
+def profile_each_step(model, cache, tok, n):
+    """``[(flushed, syncs)]`` per decode step: whether the step quantized a block (the kvsink
+    layers' quantized slot count grew) and the device->host synchronisations inside its forward
+    (the next token stays on the device: nothing else reads it)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    layer = next(l for l in cache.layers if getattr(l, "store", None) is not None)
+    flushed = []
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch.no_grad():
+            for i in range(n):
+                before = layer.store.num_quantized
+                with record_function(f"kvsink_step_{i}"):
+                    tok = model(input_ids=tok, use_cache=True,
+                                **{cache_kw(model): cache}).logits[:, -1:].argmax(-1)
+                flushed.append(layer.store.num_quantized != before)
+        torch.cuda.synchronize()
+    events = prof.events()
+    ranges = {e.name: (e.time_range.start, e.time_range.end) for e in events
+              if e.name.startswith("kvsink_step_")}
+    starts = [e.time_range.start for e in events if e.name in SYNC_NAMES]
+    counts = syncs_per_step([ranges[f"kvsink_step_{i}"] for i in range(n)], starts)
+    return list(zip(flushed, counts))
 
 
 def main():
@@ -114,6 +149,15 @@ def main():
         print(f"{name}: per decode step (mean of {args.profile_steps}): {c['launches']:.0f} kernel launches, "
               f"{c['syncs']:.2f} device->host syncs ({c['scalar_reads']:.2f} of them scalar reads), "
               f"{c['memcpy']:.2f} memcpy calls, {c['gpu_ms']:.2f} ms of GPU kernel time")
+        if name != "DynamicCache":
+            steps = profile_each_step(model, cache, tok, args.profile_steps)
+            quiet = [c for f, c in steps if not f]
+            flush = [c for f, c in steps if f]
+            res["per_step"][name]["syncs_non_flushing"] = quiet
+            res["per_step"][name]["syncs_flushing"] = flush
+            print(f"{name}: device->host syncs per step, {len(quiet)} non-flushing steps: max "
+                  f"{max(quiet, default=0)} (total {sum(quiet)}); {len(flush)} flushing steps: "
+                  f"{flush}")
         if name != "DynamicCache" and args.table:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18,
                                             max_name_column_width=60))

@@ -12,7 +12,9 @@ Method (no binary search: a prefill at N=32k takes seconds to minutes, and a dev
    room for the allocator's fragmentation), capped by ``LIMIT``; with ``--memory-gib`` the free
    memory is that cap less what the allocator holds (the cap also binds the verifying run);
 4. verified by running the whole cell (warm-up, prefill, timed decode) at that batch; if it runs
-   out of memory, once more at floor(0.85 x); the batch that ran and its tokens/s are reported.
+   out of memory, at most ``RETRIES`` = 2 more times, each at floor(0.85 x) the last; the batch that
+   ran and its tokens/s are reported.  The free memory is read again before each cache, after
+   releasing the compiled graphs (and their CUDA-graph pools) of the cells before it.
 The per-sequence bytes measured at a small batch include per-call fixed costs, so the estimate
 errs low; it is verified, not assumed.
 """
@@ -24,9 +26,9 @@ import math
 
 import torch
 
-__all__ = ["LIMIT", "MARGIN", "RETRY", "largest_batches", "estimate"]
+__all__ = ["LIMIT", "MARGIN", "RETRY", "RETRIES", "largest_batches", "estimate", "free_bytes"]
 
-LIMIT, MARGIN, RETRY = 1024, 0.97, 0.85
+LIMIT, MARGIN, RETRY, RETRIES = 1024, 0.97, 0.85, 2
 
 
 def estimate(ref: dict, weights: int, free: int) -> dict:
@@ -37,10 +39,11 @@ def estimate(ref: dict, weights: int, free: int) -> dict:
 
 
 def _verify(model, variant, ref, rec, options, clock, budget, pool, run_cell) -> None:
-    """Step 4: run the estimated batch (once more at ``RETRY`` x after an OOM); fills ``rec``."""
+    """Step 4: run the estimated batch (after an OOM, at most ``RETRIES`` more at ``RETRY`` x the
+    last); fills ``rec``."""
     ctx, batch = rec["ctx"], rec["estimate"]
     rec["attempts"] = []
-    for _ in range(2):
+    for _ in range(1 + RETRIES):
         if batch <= ref["batch"]:
             rec["attempts"].append({"batch": ref["batch"], "status": "ok",
                                     "from": ref.get("reference", "this run's grid")})
@@ -66,21 +69,29 @@ def _verify(model, variant, ref, rec, options, clock, budget, pool, run_cell) ->
         batch = max(1, math.floor(RETRY * batch))
 
 
+def free_bytes(options) -> int:
+    """The device's free bytes now, after releasing what earlier cells left: compiled graphs and
+    their CUDA-graph memory pools (a compiled StaticCache's pool held ~5 GiB through the cells after
+    it), cached blocks; capped by ``--memory-gib`` (``options.memory_cap_bytes``)."""
+    torch._dynamo.reset()               # also the CUDA-graph trees and their private pools
+    gc.collect()
+    torch.cuda.empty_cache()
+    free = torch.cuda.mem_get_info()[0]
+    cap = getattr(options, "memory_cap_bytes", None)
+    if cap is not None:
+        free = min(free, cap - torch.cuda.memory_reserved())
+    return free
+
+
 def largest_batches(model, shape, options, clock, budget, result, save, run_cell, free=None) -> None:
     """Append one record per cache to ``result["max_batch"]`` (saving after each).  ``free``:
     the device's free bytes with the model loaded (default: read from CUDA)."""
     from bench.speed_models import weight_bytes
     ctx, weights = options.max_batch_ctx, weight_bytes(model)
-    if free is None:
-        gc.collect()
-        torch.cuda.empty_cache()
-        free = torch.cuda.mem_get_info()[0]
-        cap = getattr(options, "memory_cap_bytes", None)          # --memory-gib
-        if cap is not None:
-            free = min(free, cap - torch.cuda.memory_reserved())
     pool = result["cells"] + getattr(options, "reference_cells", [])
     for variant in options.variants:
         rec = {"model": shape.name, "cache": variant.name, "ctx": ctx}
+        room = free if free is not None else free_bytes(options)
         refs = [c for c in pool if c["model"] == shape.name and c["cache"] == variant.name
                 and c["ctx"] == ctx and c["status"] == "ok" and "peak_bytes" in c]
         if variant.unavailable() is not None:
@@ -89,7 +100,7 @@ def largest_batches(model, shape, options, clock, budget, result, save, run_cell
             rec.update(status="skipped", reason=f"no measured cell of this cache at N={ctx}")
         else:
             ref = max(refs, key=lambda c: c["batch"])
-            rec.update(estimate(ref, weights, free))
+            rec.update(estimate(ref, weights, room))
             _verify(model, variant, ref, rec, options, clock, budget, pool, run_cell)
         result["max_batch"].append(rec)
         tail = (f"B={rec['batch']}, {rec['tokens_per_s']:.1f} tok/s" if rec["status"] == "ok"

@@ -216,7 +216,7 @@ def test_unreadable_inputs_are_reported_without_traceback(tmp_path, capsys):
 
 
 def test_largest_batch_runs_the_estimate_and_retries_after_oom():
-    """The estimate is run; an OOM there is retried once at 0.85x; a cache without a measured
+    """The estimate is run; an OOM there is retried at 0.85x; a cache without a measured
     reference cell (here or in the reference file) is skipped with the reason."""
     from types import SimpleNamespace
 
@@ -250,3 +250,47 @@ def test_largest_batch_runs_the_estimate_and_retries_after_oom():
     assert ran == [("dynamic", first), ("dynamic", int(RETRY * first)), ("kvsink2", kv["estimate"])]
     assert qu["status"] == "skipped"           # no quanto cell anywhere (or no optimum-quanto here)
     assert "no measured cell of this cache at N=32768" in qu["reason"] or "optimum-quanto" in qu["reason"]
+
+
+def test_largest_batch_retries_twice_then_reports_oom():
+    """After an OOM the batch shrinks by 0.85x at most RETRIES (2) times: a third OOM ends the
+    search with status OOM and every attempt recorded."""
+    import math
+    from types import SimpleNamespace
+
+    from bench.speed_caches import VARIANTS
+    from bench.speed_maxbatch import RETRIES, RETRY, largest_batches
+    gib = 2 ** 30
+    model = torch.nn.Linear(4, 4)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    ref = {"model": "m", "cache": "dynamic", "ctx": 32768, "batch": 2, "status": "ok",
+           "peak_bytes": weights + 2 * gib, "tokens_per_s": 10.0, "decode_ms_per_token": 200.0}
+    budget = SimpleNamespace(skip_reason=lambda *a: None, ran=lambda *a: None)
+    for fails in (2, 3):
+        ran = []
+
+        def run_cell(model, variant, batch, ctx, options, clock):
+            ran.append(batch)
+            if len(ran) <= fails:
+                return {"status": "OOM", "error": "CUDA out of memory"}
+            return {"status": "ok", "tokens_per_s": batch * 5.0, "decode_ms_per_token": 200.0,
+                    "peak_bytes": 1, "prefill_s": 1.0}
+        options = SimpleNamespace(max_batch_ctx=32768, reference_cells=[], variants=[VARIANTS["dynamic"]])
+        result = {"cells": [ref], "max_batch": []}
+        largest_batches(model, SimpleNamespace(name="m"), options, None, budget, result,
+                        lambda: None, run_cell, free=40 * gib)
+        (rec,) = result["max_batch"]
+        want = [rec["estimate"]]
+        for _ in range(RETRIES):
+            want.append(math.floor(RETRY * want[-1]))
+        assert ran == want[:fails + 1]
+        assert rec["status"] == ("ok" if fails <= RETRIES else "OOM")
+        assert [a["status"] for a in rec["attempts"]] == ["OOM"] * fails + ["ok"] * (fails <= RETRIES)
+
+
+def test_decode_profile_attributes_each_sync_to_its_step():
+    """bench/gpu_decode_profile.py counts a step's synchronisations by their start time inside the
+    step's profiler range (start inclusive, end exclusive); one outside every step counts nowhere."""
+    from bench.gpu_decode_profile import syncs_per_step
+    assert syncs_per_step([(0, 10), (10, 20), (30, 40)], [1, 5, 10, 25, 39.5, 40]) == [2, 1, 1]
+    assert syncs_per_step([], [1, 2]) == []
