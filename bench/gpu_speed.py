@@ -34,9 +34,12 @@ a compiled cache) does not fit in what is left is skipped, recorded with the rea
 Largest batch at N = ``--max-batch-ctx`` (32k) per cache (bench/speed_maxbatch.py): bytes per
 sequence = (peak - weights) / B of the cache's measured cell at that N with the largest B (this
 run's, or ``--max-batch-reference``'s: an earlier call's JSON), estimate = floor(0.97 * free memory
-with the model loaded / that), verified by running the whole cell at that batch (one retry at 0.85x
-if it runs out of memory); its tokens/s is reported.  No binary search: a 32k prefill takes seconds
-to minutes and a call has ten.
+with the model loaded / that), verified by running the whole cell at that batch (after an
+out-of-memory, up to two retries, each at 0.85x the last); its tokens/s is reported.  No binary
+search: a 32k prefill takes seconds to minutes and a call has ten.  ``--prefill-chunk c`` has every
+``generate`` feed the prompt ``c`` tokens per forward (transformers' chunked prefill, docs/11
+§11.4): the prefill's activations, which bound the largest batch of every cache at 32k
+(bench/README.md "Issue 9, largest batch"), then scale with ``c`` instead of N.
 
 Kernel level (bench/speed_kernels.py): the copy bandwidth and the decode-attention kernel's achieved
 bandwidth on the bytes it must read.  Outputs under ``--out``: gpu_speed.json, gpu_speed.md (the
@@ -149,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quanto-residual", type=int, default=128)
     ap.add_argument("--kvsink-residual", type=int,
                     help="residual_length of the kvsink caches (default: bench/gpu_e2e.py kv()'s 128)")
+    ap.add_argument("--prefill-chunk", type=int, default=None,
+                    help="generate(prefill_chunk_size=...) for every cache: the prompt in chunks of this "
+                         "many tokens (bounds the prefill's activations; default: one forward)")
     ap.add_argument("--tiny", action="store_true",
                     help="CPU self-test: 2-layer model, N=64, B=1,2, dynamic + kvsink2, no kernels")
     return ap
@@ -171,6 +177,8 @@ def parse_args(argv=None):
         ap.error(f"--model: unknown model(s) {bad}; choose from {', '.join(SHAPES)}")
     if args.memory_gib is not None and args.memory_gib <= 0:
         ap.error(f"--memory-gib must be > 0, got {args.memory_gib}")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        ap.error(f"--prefill-chunk must be >= 1 (tokens per prefill forward), got {args.prefill_chunk}")
     for flag in ("rounds", "decode_tokens", "max_batch_ctx", "quanto_group", "quanto_residual"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -223,6 +231,8 @@ def generate_timed(model, variant, cache, ids, new_tokens, clock, options):
     from accelerated.hf.registration import cache_argument_name
     timer = step_timer(clock)
     kwargs = {cache_argument_name(model): cache, **variant.generate_kwargs(options)}
+    if options.prefill_chunk is not None:            # transformers' chunked prefill, every cache
+        kwargs["prefill_chunk_size"] = options.prefill_chunk
     start = clock.mark()
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,

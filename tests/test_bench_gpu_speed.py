@@ -70,6 +70,7 @@ def test_tiny_run_measures_every_cell(tmp_path):
     (["--batch", "1,x"], "--batch takes comma-separated positive integers"),
     (["--ctx", "0"], "--ctx takes comma-separated positive integers"),
     (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--prefill-chunk", "0"], "--prefill-chunk must be >= 1"),
 ])
 def test_bad_arguments_name_the_option(argv, message, capsys):
     from bench.gpu_speed import parse_args
@@ -294,3 +295,25 @@ def test_decode_profile_attributes_each_sync_to_its_step():
     from bench.gpu_decode_profile import syncs_per_step
     assert syncs_per_step([(0, 10), (10, 20), (30, 40)], [1, 5, 10, 25, 39.5, 40]) == [2, 1, 1]
     assert syncs_per_step([], [1, 2]) == []
+
+
+def test_prefill_chunk_reaches_generate():
+    """``--prefill-chunk`` is handed to every cell's ``generate`` as ``prefill_chunk_size`` (and
+    nothing is when it is not given: transformers' one-forward prefill)."""
+    from types import SimpleNamespace
+
+    from bench.gpu_speed import Clock, generate_timed, parse_args
+    seen = []
+
+    class Model:
+        def forward(self, input_ids=None, cache=None):
+            raise AssertionError("not called")
+
+        def generate(self, ids, **kwargs):
+            seen.append(kwargs)
+    variant = SimpleNamespace(generate_kwargs=lambda options: {})
+    for argv, want in ((["--tiny", "--prefill-chunk", "24"], 24), (["--tiny"], None)):
+        options = parse_args(argv)
+        generate_timed(Model(), variant, "CACHE", torch.zeros(1, 4, dtype=torch.long), 2, Clock("cpu"), options)
+        assert seen[-1]["cache"] == "CACHE"
+        assert seen[-1].get("prefill_chunk_size") == want

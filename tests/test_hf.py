@@ -260,6 +260,32 @@ def test_left_padded_batch_8bit_equals_alone(models, family):
     assert not bool(cache.valid_mask[1, : PROMPT - (PROMPT - 7)].any())
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_chunked_prefill_in_generate_8bit_equals_full_precision(models, family):
+    """``generate(..., prefill_chunk_size=c)`` (transformers' chunked prefill, what bounds a long
+    prompt's activations) reaches the cache one chunk per forward: a chunk attends the earlier
+    chunks' quantized blocks, preserved and residual tokens (docs/11 §11.4), at 8 bits greedy
+    equal to full precision, left padding included; the chunks' blocks are flushed as they come."""
+    model = models[family]
+    a, b = prompt(seed=21, n=40), prompt(seed=22, n=33)
+    ids, mask = _left_pad([a, b])
+    cfg = quant_config(8, "pfn+kvsink", **predictor_fields(model, a))
+    cache = KVSinkCache(model, cfg)
+    sizes, begin_tokens = [], cache.steps.begin_tokens
+
+    def spy(n, batch, device):
+        if cache.steps.current.n is None:
+            sizes.append(n)
+        return begin_tokens(n, batch, device)
+    cache.steps.begin_tokens = spy
+    out = generate(model, ids, cache, mask, prefill_chunk_size=12)
+    assert out.tolist() == fp_generate(model, ids, mask).tolist()
+    assert sizes == [12, 12, 12, 4] + [1] * (NEW - 1)
+    assert cache.valid_mask[:, :ids.shape[1]].equal(mask.bool())
+    layer = next(l for l in cache.layers if isinstance(l, KVSinkLayer))
+    assert layer.store.num_quantized > 0
+
+
 def test_left_padded_batch_per_token_axes_is_exact_at_2_bits(models):
     """With both axes per token (token_block 1) the quantized real tokens and their groups do not
     depend on the padding in front of them, so a padded row and the same prompt alone hold the
