@@ -302,8 +302,8 @@ def decode_split_state(q, qpos, row_ok, b, hh, split, kpos_ptr,
     l_u = tl.zeros((RB, TS), tl.float32)
     acc_u = tl.zeros((RB, VCPW_PAD, TS, VW_PAD), tl.float32)
     t_first = split * tiles_per_split * BT
-    # the split's tiles that hold slots (tiles past T, wholly masked, are skipped: a split past T
-    # -- the graph step's grid spans the store's capacity -- stores the empty state at once)
+    # the split's tiles that hold slots: the last split's tiles past T (wholly masked, no-ops)
+    # are skipped
     n_it = tl.minimum(tiles_per_split, tl.maximum(tl.cdiv(T - t_first, BT), 0))
     if PREFETCH:
         t = t_first + tok

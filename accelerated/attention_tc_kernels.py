@@ -199,8 +199,7 @@ def tensor_split_state(q, qpos, row_ok, b, hh, split, kpos_ptr,
     acc = tl.zeros((M, D), tl.float32)
     t_first = split * tiles_per_split * BT
     tok = tl.arange(0, BT)
-    # only the tiles holding slots (a split past T, as the graph step's capacity-wide grid has,
-    # stores the empty state at once)
+    # only the tiles holding slots: the last split's tiles past T (wholly masked, no-ops) are skipped
     for it in range(0, tl.minimum(tiles_per_split, tl.maximum(tl.cdiv(T - t_first, BT), 0))):
         t0 = t_first + it * BT
         kpos = tl.load(kpos_ptr + b * kpos_sb + t0 + tok, mask=t0 + tok < T, other=-1)

@@ -73,7 +73,7 @@ def free_bytes(options) -> int:
     """The device's free bytes now, after releasing what earlier cells left: compiled graphs and
     their CUDA-graph memory pools (a compiled StaticCache's pool held ~5 GiB through the cells after
     it), cached blocks; capped by ``--memory-gib`` (``options.memory_cap_bytes``)."""
-    torch._dynamo.reset()               # also the CUDA-graph trees and their private pools
+    torch.compiler.reset()              # torch._dynamo.reset: also the CUDA-graph trees' pools
     gc.collect()
     torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info()[0]
