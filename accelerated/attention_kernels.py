@@ -49,8 +49,9 @@ from .attention_launch import DecodeLaunch, decode_launch, dot_launch, merge_lau
 from .triton_support import tl, triton
 
 __all__ = ["quantized_attention_kernel", "decode_attention_kernel", "merge_splits_kernel",
-           "online_softmax_step", "merge_split_row", "decode_query_tile", "decode_split_state",
-           "store_split_partial", "stat_count", "strided_parts", "split_partials", "merge_split_partials", "split_launch_arguments",
+           "online_softmax_step", "merge_split_row", "decode_query_tile", "split_tile_count",
+           "decode_split_state", "store_split_partial", "stat_count", "strided_parts",
+           "split_partials", "merge_split_partials", "split_launch_arguments",
            "quantized_partial_attention", "decode_partial_attention"]
 
 
@@ -270,6 +271,13 @@ def decode_query_tile(q_ptr, row_off, row_ok, D: tl.constexpr, KW: tl.constexpr,
 
 
 @triton.jit
+def split_tile_count(T, t_first, tiles_per_split, BT: tl.constexpr):
+    """The tiles of the split whose first token is ``t_first`` that hold slots: at most
+    ``tiles_per_split``, the last split's tiles past ``T`` (wholly masked: no-ops) left out."""
+    return tl.minimum(tiles_per_split, tl.maximum(tl.cdiv(T - t_first, BT), 0))
+
+
+@triton.jit
 def decode_split_state(q, qpos, row_ok, b, hh, split, kpos_ptr,
                        kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr,
                        T, NGK, NGV, tiles_per_split, scale, wstride,
@@ -302,9 +310,7 @@ def decode_split_state(q, qpos, row_ok, b, hh, split, kpos_ptr,
     l_u = tl.zeros((RB, TS), tl.float32)
     acc_u = tl.zeros((RB, VCPW_PAD, TS, VW_PAD), tl.float32)
     t_first = split * tiles_per_split * BT
-    # the split's tiles that hold slots: the last split's tiles past T (wholly masked, no-ops)
-    # are skipped
-    n_it = tl.minimum(tiles_per_split, tl.maximum(tl.cdiv(T - t_first, BT), 0))
+    n_it = split_tile_count(T, t_first, tiles_per_split, BT)
     if PREFETCH:
         t = t_first + tok
         t_ok = t < T

@@ -51,7 +51,8 @@ from typing import Optional
 
 import torch
 
-from .attention_kernels import merge_split_partials, online_softmax_step, split_launch_arguments
+from .attention_kernels import (merge_split_partials, online_softmax_step, split_launch_arguments,
+                                split_tile_count)
 from .attention_launch import TensorDecodeLaunch, tensor_decode_launch
 from .triton_support import tl, triton
 
@@ -199,8 +200,7 @@ def tensor_split_state(q, qpos, row_ok, b, hh, split, kpos_ptr,
     acc = tl.zeros((M, D), tl.float32)
     t_first = split * tiles_per_split * BT
     tok = tl.arange(0, BT)
-    # only the tiles holding slots: the last split's tiles past T (wholly masked, no-ops) are skipped
-    for it in range(0, tl.minimum(tiles_per_split, tl.maximum(tl.cdiv(T - t_first, BT), 0))):
+    for it in range(0, split_tile_count(T, t_first, tiles_per_split, BT)):
         t0 = t_first + it * BT
         kpos = tl.load(kpos_ptr + b * kpos_sb + t0 + tok, mask=t0 + tok < T, other=-1)
         kw, ks, kz = _side_loads(kw_ptr, ks_ptr, kz_ptr, kw_base, ks_base, t0, T, NGK, BT,

@@ -58,13 +58,29 @@ def decode_ms(model, make_cache, ids, steps, warm=4):
     return (time.perf_counter() - t) / steps * 1e3, cache, tok
 
 
+def syncs_per_step(step_ranges, sync_starts) -> list:
+    """The number of synchronisations (their start times) that fall in each step's time range
+    (``(start, end)`` pairs, in the profiler's microseconds)."""
+    return [sum(1 for t in sync_starts if lo <= t < hi) for lo, hi in step_ranges]
+
+
 def profile_steps(model, cache, tok, n):
-    """Per-step counts over ``n`` decode steps (the caller's argmax read included: 1 sync)."""
-    from torch.profiler import ProfilerActivity, profile
+    """``(profile, counts)`` over ``n`` decode steps: per-step means (kernel launches, syncs, scalar
+    reads, memcpy calls, GPU kernel ms), and ``counts["steps"]``, per step ``(flushed, syncs)``:
+    whether it quantized a block (a kvsink layer's quantized slot count grew; never for other
+    caches) and the device->host synchronisations inside its forward (the next token stays on the
+    device: nothing else reads it)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    store = next((l.store for l in cache.layers if getattr(l, "store", None) is not None), None)
+    flushed = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         with torch.no_grad():
-            for _ in range(n):
-                tok = model(input_ids=tok, use_cache=True, **{cache_kw(model): cache}).logits[:, -1:].argmax(-1)
+            for i in range(n):
+                before = None if store is None else store.num_quantized
+                with record_function(f"kvsink_step_{i}"):
+                    tok = model(input_ids=tok, use_cache=True,
+                                **{cache_kw(model): cache}).logits[:, -1:].argmax(-1)
+                flushed.append(store is not None and store.num_quantized != before)
         torch.cuda.synchronize()
     ka = prof.key_averages()
 
@@ -75,41 +91,16 @@ def profile_steps(model, cache, tok, n):
                      for e in ka if str(getattr(e, "device_type", "")).endswith("CUDA")) / n
     except Exception:  # noqa: BLE001 - a missing statistic must not lose the counts
         gpu_us = float("nan")
-    return prof, {"launches": count("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"),
-                  "syncs": count(*SYNC_NAMES),
-                  "scalar_reads": count("aten::_local_scalar_dense"),
-                  "memcpy": count("cudaMemcpyAsync", "cudaMemcpy"),
-                  "gpu_ms": gpu_us / 1e3}
-
-
-def syncs_per_step(step_ranges, sync_starts) -> list:
-    """The number of synchronisations (their start times) that fall in each step's time range
-    (``(start, end)`` pairs, in the profiler's microseconds)."""
-    return [sum(1 for t in sync_starts if lo <= t < hi) for lo, hi in step_ranges]
-
-
-def profile_each_step(model, cache, tok, n):
-    """``[(flushed, syncs)]`` per decode step: whether the step quantized a block (the kvsink
-    layers' quantized slot count grew) and the device->host synchronisations inside its forward
-    (the next token stays on the device: nothing else reads it)."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-    layer = next(l for l in cache.layers if getattr(l, "store", None) is not None)
-    flushed = []
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        with torch.no_grad():
-            for i in range(n):
-                before = layer.store.num_quantized
-                with record_function(f"kvsink_step_{i}"):
-                    tok = model(input_ids=tok, use_cache=True,
-                                **{cache_kw(model): cache}).logits[:, -1:].argmax(-1)
-                flushed.append(layer.store.num_quantized != before)
-        torch.cuda.synchronize()
     events = prof.events()
     ranges = {e.name: (e.time_range.start, e.time_range.end) for e in events
               if e.name.startswith("kvsink_step_")}
     starts = [e.time_range.start for e in events if e.name in SYNC_NAMES]
-    counts = syncs_per_step([ranges[f"kvsink_step_{i}"] for i in range(n)], starts)
-    return list(zip(flushed, counts))
+    per_step = syncs_per_step([ranges[f"kvsink_step_{i}"] for i in range(n)], starts)
+    return prof, {"launches": count("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"),
+                  "syncs": count(*SYNC_NAMES),
+                  "scalar_reads": count("aten::_local_scalar_dense"),
+                  "memcpy": count("cudaMemcpyAsync", "cudaMemcpy"),
+                  "gpu_ms": gpu_us / 1e3, "steps": list(zip(flushed, per_step))}
 
 
 def main():
@@ -149,12 +140,11 @@ def main():
         print(f"{name}: per decode step (mean of {args.profile_steps}): {c['launches']:.0f} kernel launches, "
               f"{c['syncs']:.2f} device->host syncs ({c['scalar_reads']:.2f} of them scalar reads), "
               f"{c['memcpy']:.2f} memcpy calls, {c['gpu_ms']:.2f} ms of GPU kernel time")
+        steps = c.pop("steps")
         if name != "DynamicCache":
-            steps = profile_each_step(model, cache, tok, args.profile_steps)
-            quiet = [c for f, c in steps if not f]
-            flush = [c for f, c in steps if f]
-            res["per_step"][name]["syncs_non_flushing"] = quiet
-            res["per_step"][name]["syncs_flushing"] = flush
+            quiet = [n for f, n in steps if not f]
+            flush = [n for f, n in steps if f]
+            c["syncs_non_flushing"], c["syncs_flushing"] = quiet, flush
             print(f"{name}: device->host syncs per step, {len(quiet)} non-flushing steps: max "
                   f"{max(quiet, default=0)} (total {sum(quiet)}); {len(flush)} flushing steps: "
                   f"{flush}")

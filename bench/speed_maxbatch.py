@@ -91,7 +91,6 @@ def largest_batches(model, shape, options, clock, budget, result, save, run_cell
     pool = result["cells"] + getattr(options, "reference_cells", [])
     for variant in options.variants:
         rec = {"model": shape.name, "cache": variant.name, "ctx": ctx}
-        room = free if free is not None else free_bytes(options)
         refs = [c for c in pool if c["model"] == shape.name and c["cache"] == variant.name
                 and c["ctx"] == ctx and c["status"] == "ok" and "peak_bytes" in c]
         if variant.unavailable() is not None:
@@ -100,6 +99,7 @@ def largest_batches(model, shape, options, clock, budget, result, save, run_cell
             rec.update(status="skipped", reason=f"no measured cell of this cache at N={ctx}")
         else:
             ref = max(refs, key=lambda c: c["batch"])
+            room = free if free is not None else free_bytes(options)
             rec.update(estimate(ref, weights, room))
             _verify(model, variant, ref, rec, options, clock, budget, pool, run_cell)
         result["max_batch"].append(rec)

@@ -216,6 +216,21 @@ def test_unreadable_inputs_are_reported_without_traceback(tmp_path, capsys):
     assert "missing.json" in err and "--max-batch-reference" in err
 
 
+GIB = 2 ** 30
+
+
+def _max_batch_setup():
+    """A model of 80 bytes of weights, the measured DynamicCache cell at N=32k (B=2, 1 GiB per
+    sequence) and a time budget that never skips: the inputs of ``largest_batches``."""
+    from types import SimpleNamespace
+    model = torch.nn.Linear(4, 4)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    ref = {"model": "m", "cache": "dynamic", "ctx": 32768, "batch": 2, "status": "ok",
+           "peak_bytes": weights + 2 * GIB, "tokens_per_s": 10.0, "decode_ms_per_token": 200.0}
+    budget = SimpleNamespace(skip_reason=lambda *a: None, ran=lambda *a: None)
+    return model, weights, ref, budget
+
+
 def test_largest_batch_runs_the_estimate_and_retries_after_oom():
     """The estimate is run; an OOM there is retried at 0.85x; a cache without a measured
     reference cell (here or in the reference file) is skipped with the reason."""
@@ -223,12 +238,8 @@ def test_largest_batch_runs_the_estimate_and_retries_after_oom():
 
     from bench.speed_caches import VARIANTS
     from bench.speed_maxbatch import MARGIN, RETRY, largest_batches
-    gib = 2 ** 30
-    model = torch.nn.Linear(4, 4)                              # weights: 80 bytes
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    ref = {"model": "m", "cache": "dynamic", "ctx": 32768, "batch": 2, "status": "ok",
-           "peak_bytes": weights + 2 * gib, "tokens_per_s": 10.0, "decode_ms_per_token": 200.0}
-    from_file = dict(ref, cache="kvsink2", peak_bytes=weights + gib // 2, reference="B.json")
+    model, weights, ref, budget = _max_batch_setup()
+    from_file = dict(ref, cache="kvsink2", peak_bytes=weights + GIB // 2, reference="B.json")
     options = SimpleNamespace(max_batch_ctx=32768, reference_cells=[from_file],
                               variants=[VARIANTS["dynamic"], VARIANTS["kvsink2"], VARIANTS["quanto2"]])
     ran = []
@@ -239,15 +250,14 @@ def test_largest_batch_runs_the_estimate_and_retries_after_oom():
             return {"status": "OOM", "error": "CUDA out of memory"}
         return {"status": "ok", "tokens_per_s": batch * 5.0, "decode_ms_per_token": 200.0,
                 "peak_bytes": 1, "prefill_s": 1.0}
-    budget = SimpleNamespace(skip_reason=lambda *a: None, ran=lambda *a: None)
     result = {"cells": [ref], "max_batch": []}
     largest_batches(model, SimpleNamespace(name="m"), options, None, budget, result, lambda: None,
-                    run_cell, free=40 * gib)
+                    run_cell, free=40 * GIB)
     dyn, kv, qu = result["max_batch"]
-    first = int(MARGIN * 40 * gib // gib)                    # 1 GiB per sequence -> 38
+    first = int(MARGIN * 40 * GIB // GIB)                    # 1 GiB per sequence -> 38
     assert dyn["estimate"] == first and dyn["status"] == "ok" and dyn["batch"] == int(RETRY * first)
     assert [a["status"] for a in dyn["attempts"]] == ["OOM", "ok"]
-    assert kv["estimate"] == int(MARGIN * 40 * gib // (gib // 4)) and kv["batch"] == kv["estimate"]
+    assert kv["estimate"] == int(MARGIN * 40 * GIB // (GIB // 4)) and kv["batch"] == kv["estimate"]
     assert ran == [("dynamic", first), ("dynamic", int(RETRY * first)), ("kvsink2", kv["estimate"])]
     assert qu["status"] == "skipped"           # no quanto cell anywhere (or no optimum-quanto here)
     assert "no measured cell of this cache at N=32768" in qu["reason"] or "optimum-quanto" in qu["reason"]
@@ -261,12 +271,7 @@ def test_largest_batch_retries_twice_then_reports_oom():
 
     from bench.speed_caches import VARIANTS
     from bench.speed_maxbatch import RETRIES, RETRY, largest_batches
-    gib = 2 ** 30
-    model = torch.nn.Linear(4, 4)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    ref = {"model": "m", "cache": "dynamic", "ctx": 32768, "batch": 2, "status": "ok",
-           "peak_bytes": weights + 2 * gib, "tokens_per_s": 10.0, "decode_ms_per_token": 200.0}
-    budget = SimpleNamespace(skip_reason=lambda *a: None, ran=lambda *a: None)
+    model, _, ref, budget = _max_batch_setup()
     for fails in (2, 3):
         ran = []
 
@@ -279,7 +284,7 @@ def test_largest_batch_retries_twice_then_reports_oom():
         options = SimpleNamespace(max_batch_ctx=32768, reference_cells=[], variants=[VARIANTS["dynamic"]])
         result = {"cells": [ref], "max_batch": []}
         largest_batches(model, SimpleNamespace(name="m"), options, None, budget, result,
-                        lambda: None, run_cell, free=40 * gib)
+                        lambda: None, run_cell, free=40 * GIB)
         (rec,) = result["max_batch"]
         want = [rec["estimate"]]
         for _ in range(RETRIES):
