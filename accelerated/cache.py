@@ -26,6 +26,7 @@ from reference import cache as _rcache
 from reference.config import KVSinkConfig
 
 from .cache_checks import DeferredChecks
+from .cache_flush import flush_layers
 from .cache_kvquant import KVQuantCacheBlock, KVQuantStore, PackedKVQuantTensor, quantize_block_kvquant_cache
 from .cache_layer import STORES, QuantizedKVCacheLayer, make_store
 from .cache_state import PreservedStore, ResidualWindow, admit_preserved, flushed_length, steady_capacity
@@ -97,10 +98,10 @@ class QuantizedKVCache(_rcache.QuantizedKVCache):
             layer.resolve(preserve)
 
     def flush(self) -> int:
-        """Flush every layer (checked for pending tokens first); returns the total blocks flushed."""
-        for layer in self.layers:
-            layer.check_flushable()
-        return sum(layer.flush() for layer in self.layers)
+        """Flush every layer; returns the total blocks flushed.  Every layer is planned (checked
+        for pending due tokens) and its checks read before any changes, with one device->host
+        read for all of them on the kernel path (:func:`accelerated.cache_flush.flush_layers`)."""
+        return flush_layers(self.layers)
 
     def attend(self, layer_idx: int, query, query_positions, scale=None, **kwargs) -> torch.Tensor:
         return self.layers[self._check_layer(layer_idx)].attend(query, query_positions, scale, **kwargs)

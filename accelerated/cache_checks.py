@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 __all__ = ["DeferredChecks", "FLOAT_DTYPES", "INDEX_DTYPES", "NONFINITE_MESSAGE", "check_storage_dtype",
            "check_kv_shapes", "convert_kv", "check_mask", "check_index", "is_int", "padding_message",
-           "overflow_message"]
+           "overflow_message", "read_values"]
 
 #: Floating dtypes the cache accepts for keys, values and its storage.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -44,9 +44,10 @@ class DeferredChecks:
     Semantics: until :meth:`check` has run, the recorded calls have *already* changed the cache
     (tokens appended, statuses set), so a failed check means: discard the cache (``reset()``); a
     ``crop`` or row selection does not hide it (the slot checks are evaluated before the tokens
-    go).  A layer never quantizes unchecked tokens: its
+    go).  A layer never stores unchecked tokens: its
     :meth:`~QuantizedKVCacheLayer.flush` calls :meth:`check` of the checks its updates recorded to
-    first (and raises, changing nothing, if they failed).  :meth:`check` is idempotent: after the
+    before it changes anything (and raises, changing nothing, if they failed), reading its own
+    values in the same transfer (``check(extra=...)``, ``accelerated/cache_flush.py``).  :meth:`check` is idempotent: after the
     first call it raises the same error again, or returns at once.  One object may gather the
     checks of many calls (``KVSinkCache`` keeps one from flush to flush): :meth:`pack` folds those
     recorded so far into one tensor per device.
@@ -149,27 +150,32 @@ class DeferredChecks:
                 per_slot = src.slot_max_abs(side, lo, lo + n)
                 self._packed.append((torch.linalg.vector_norm(per_slot, math.inf).reshape(1), [i]))
 
-    def _read(self) -> List[float]:
-        """Every recorded flag's value, in recording order (one synchronisation per device)."""
+    def _read(self, extra: Sequence[torch.Tensor] = ()) -> Tuple[List[float], List[float]]:
+        """Every recorded flag's value in recording order, and the values of the ``extra``
+        tensors (flattened, in order), read together: one synchronisation per device."""
         self.materialize()
         self.pack()
-        by_device = {}
-        for flags, idx in self._packed:
-            by_device.setdefault(flags.device, []).append((flags, idx))
-        values = [0.0] * len(self._bad)
-        for parts in by_device.values():
-            stacked = parts[0][0] if len(parts) == 1 else torch.cat([f for f, _ in parts])
-            idx = [i for _, part in parts for i in part]
-            for i, v in zip(idx, stacked.tolist()):
-                values[i] = v
-        return values
+        parts = [flags for flags, _ in self._packed]
+        values = read_values(parts + list(extra))
+        flags = [0.0] * len(self._bad)
+        at = 0
+        for t, (_, idx) in zip(parts, self._packed):
+            for i, v in zip(idx, values[at:at + t.numel()]):
+                flags[i] = v
+            at += t.numel()
+        return flags, values[at:]
 
-    def check(self) -> None:
+    def check(self, extra: Sequence[torch.Tensor] = ()) -> List[float]:
         """Read every recorded flag (one synchronisation per device holding some) and raise the
-        ``ValueError`` of the first failed check in recording order; idempotent."""
-        if not self._checked:
+        ``ValueError`` of the first failed check in recording order; idempotent.
+
+        ``extra``: tensors read in the same transfer (a flush's counts and its quantize kernels'
+        flags); their values, flattened in order, are returned (integers exactly, up to 2**53)."""
+        if self._checked:
+            out = read_values(extra)
+        else:
             self._checked = True
-            values = self._read()
+            values, out = self._read(extra)
             for v, nonzero_is_bad, message in zip(values, self._bad, self._messages):
                 if (v != 0) if nonzero_is_bad else not math.isfinite(v):
                     self._error = message() if callable(message) else message
@@ -177,6 +183,24 @@ class DeferredChecks:
             self._packed = []                 # nothing to hold on to any more
         if self._error is not None:
             raise ValueError(self._error)
+        return out
+
+
+def read_values(tensors: Sequence[torch.Tensor]) -> List[float]:
+    """The elements of ``tensors`` (any shapes and dtypes), flattened in order, as Python floats
+    read with one device->host synchronisation per device (float64: integers exact up to 2**53,
+    NaN and Inf kept)."""
+    by_device: dict = {}
+    for j, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(j)
+    out: List[List[float]] = [[] for _ in tensors]
+    for idx in by_device.values():
+        flat = torch.cat([tensors[j].reshape(-1).to(torch.float64) for j in idx]).tolist()
+        at = 0
+        for j in idx:
+            n = tensors[j].numel()
+            out[j], at = flat[at:at + n], at + n
+    return [v for part in out for v in part]
 
 
 def check_storage_dtype(dtype) -> torch.dtype:

@@ -19,6 +19,7 @@ import torch
 from reference.config import KVSinkConfig
 
 from .cache_attend import LayerAttention
+from .cache_flush import FlushPlan, flush_layers
 from .cache_checks import (NONFINITE_MESSAGE, DeferredChecks, check_index, check_kv_shapes, check_mask,
                            check_storage_dtype, convert_kv, is_int, padding_message)
 from .cache_kvquant import KVQuantStore
@@ -253,12 +254,6 @@ class QuantizedKVCacheLayer(LayerAttention):
         for c in self._unchecked:
             c.materialize(self._residual)
 
-    def _run_checks(self) -> None:
-        """Run the deferred checks recorded by this layer's calls (raises their ValueError)."""
-        for c in self._unchecked:
-            c.check()
-        self._unchecked = []
-
     # ------------------------------------------------------------------ 6.3 flush
 
     @property
@@ -284,33 +279,40 @@ class QuantizedKVCacheLayer(LayerAttention):
         ``config.max_preserved`` per row (earliest first), the others are
         quantized, padding and admitted tokens excluded from the statistics.
         All due blocks are handed to the store at once (the uniform store
-        quantizes them by one ``quantize_packed`` call: blocks are independent).
+        quantizes them by one kernel per side: blocks are independent).
         Raises ``RuntimeError`` (and changes nothing) if a token that would be
-        flushed is pending.  Returns the number of blocks flushed.
+        flushed is pending, ``ValueError`` (and changes nothing) if the deferred
+        checks of the updates fail.  One device->host read on the kernel path
+        (:func:`accelerated.cache_flush.flush_layers`).  Returns the number of blocks flushed.
         """
+        return flush_layers([self])
+
+    def plan_flush(self) -> Optional[FlushPlan]:
+        """The flush's plan (``accelerated/cache_flush.py``): None when no block is due; raises
+        ``RuntimeError`` if a due token is pending.  Changes nothing."""
         if self._dims is None:
-            return 0
+            return None
         self.check_flushable()
         m = self.num_due
         if m == 0:
-            return 0
-        if self._unchecked:                 # never quantize tokens whose deferred checks failed
-            self._run_checks()
-        self._flush_tokens(m)
-        return m // self.block
-
-    def _flush_tokens(self, m: int) -> None:
-        """The residual's first ``m`` tokens (whole blocks) to the quantized and preserved stores."""
+            return None
         res = self._residual
         keys, values, valid, flags, rope = res.head(m)
         admitted = admit_preserved(flags, self._preserved.counts, self.config.max_preserved)
-        coded = valid & ~admitted
-        # the store quantizes before it changes anything, and before the preserved store changes
-        self.quantized.append(res.start, keys, values, coded, rope)
         positions = torch.arange(res.start, res.start + m, dtype=torch.int64, device=self.device)
-        self._preserved.append(positions, keys, values, admitted)   # the flush's one device->host sync
-        res.drop_head(m)                    # advance the window's start (no copy) ...
-        res.shrink()                        # ... and give back a buffer left large by a prefill
+        return FlushPlan(self, m, list(self._unchecked), self._preserved.sizes(admitted),
+                         (res.start, keys, values, valid & ~admitted, rope),
+                         (positions, keys, values, admitted), self.quantized.defers_validation(keys))
+
+    def commit_flush(self, plan: FlushPlan, need: int, added: int) -> None:
+        """Carry out ``plan`` (staged, its checks and flags read and passed; ``need``, ``added``:
+        the preserved store's sizes read on the host): the residual's first ``m`` tokens (whole
+        blocks) go to the quantized and preserved stores."""
+        self.quantized.commit(plan.staged)
+        self._preserved.commit(*plan.preserved_args, need, added)
+        self._residual.drop_head(plan.m)        # advance the window's start (no copy) ...
+        self._residual.shrink()                 # ... and give back a buffer left large by a prefill
+        self._unchecked = []
 
     # ------------------------------------------------------------------ 6.14 crop
 

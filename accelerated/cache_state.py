@@ -266,13 +266,23 @@ class PreservedStore:
                admitted: torch.Tensor) -> None:
         """Append the ``admitted`` (bool ``(B, m)``) tokens of ``keys``/``values`` ``(B, H, m, D)`` at
         ``positions`` (int64 ``(m,)``), scattered without a Python loop; one device->host sync
-        (the largest count, the tokens admitted)."""
-        b, h, m, d = keys.shape
-        n_new = admitted.sum(dim=1)
-        new_count = self.counts + n_new
-        need, added = torch.stack([new_count.max(), n_new.sum()]).tolist()
+        (:meth:`sizes`: the largest count, the tokens admitted)."""
+        sizes = self.sizes(admitted)
+        need, added = (int(v) for v in sizes.tolist())
+        self.commit(positions, keys, values, admitted, need, added)
+
+    def sizes(self, admitted: torch.Tensor) -> torch.Tensor:
+        """int64 ``(2,)`` on the device: the largest row count after admitting ``admitted`` and the
+        tokens it admits, what :meth:`commit` needs on the host (a flush reads them with its other
+        values: ``accelerated.cache_flush``)."""
+        return torch.stack([(self.counts + admitted.sum(dim=1)).max(), admitted.sum()])
+
+    def commit(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               admitted: torch.Tensor, need: int, added: int) -> None:
+        """:meth:`append` given its :meth:`sizes` read on the host (``need``, ``added``)."""
         if not added:
             return
+        b, h, m, d = keys.shape
         self._reserve(need)
         slot = torch.cumsum(admitted, dim=1) - 1 + self.counts[:, None]
         slot = torch.where(admitted, slot, torch.full_like(slot, self.capacity))   # scratch column
@@ -281,7 +291,7 @@ class PreservedStore:
         self.values.scatter_(2, idx, values)
         self.positions.scatter_(1, slot, positions.expand(b, m).contiguous())
         self.positions[:, self.capacity] = -1
-        self.counts = new_count
+        self.counts = self.counts + admitted.sum(dim=1)
         self.used = max(self.used, need)
 
     def crop(self, max_length: int) -> None:

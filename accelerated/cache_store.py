@@ -4,7 +4,10 @@
 definition 6.5): the block bookkeeping (starts, slots still held), crop, row
 selection and the byte count are shared; a quantizer implements ``_quantize``
 (one block record from ``(B, H, blk, D)`` tokens) and the checks of its own
-arguments.  :class:`UniformStore` (KIVI-style) overrides the list of blocks
+arguments.  A flush appends in two steps, :meth:`QuantizedStore.stage` (quantize, change
+nothing, hand back the device flags that must be read first: :class:`StagedBlocks`) and
+:meth:`QuantizedStore.commit`, so that the layer reads every flag of a flush at once
+(``accelerated/cache_flush.py``).  :class:`UniformStore` (KIVI-style) overrides the list of blocks
 with contiguous packed buffers, the layout the Triton decode kernel reads
 (``accelerated/attention_kernels.py``): int32 words ``(B, H, Qcap, W)``,
 float32 scale / zero, int64 slot positions (-1 = empty) and coded flags,
@@ -22,11 +25,14 @@ from reference.config import KVSinkConfig
 from reference.packing import packed_length
 
 from .attention import attention_kernel_usable, quantized_segment_attention, segment_partial
+from .cache_checks import read_values
 from .cache_state import MIN_CAPACITY
 from .packing import WORD_DTYPE
-from .quantize import PackedQuantizedTensor, dequantize, quantize_packed
+from .quantize import (PackedQuantizedTensor, check_quantize_input, dequantize, quantize_defers_validation,
+                       quantize_packed_deferred)
 
-__all__ = ["BlockSlots", "QuantizedStore", "UniformStore", "QuantizedBlock", "PackedBuffers", "block_positions"]
+__all__ = ["BlockSlots", "QuantizedStore", "UniformStore", "QuantizedBlock", "PackedBuffers", "block_positions",
+           "StagedBlocks"]
 
 _F32 = torch.float32
 
@@ -142,16 +148,33 @@ class QuantizedStore:
         self.starts.extend(range(start, start + m, self.block))
         self.slots.extend([self.block] * (m // self.block))
 
-    def append(self, start: int, keys: torch.Tensor, values: torch.Tensor, coded: torch.Tensor,
-               rope: Optional[torch.Tensor]) -> None:
+    def defers_validation(self, keys: torch.Tensor) -> bool:
+        """Whether :meth:`stage` validates tokens like ``keys`` through device flags (no host read);
+        False: it validates as it quantizes (host reads), so the caller reads its own checks first."""
+        return False
+
+    def stage(self, start: int, keys: torch.Tensor, values: torch.Tensor, coded: torch.Tensor,
+              rope: Optional[torch.Tensor]) -> "StagedBlocks":
         """Quantize ``m`` tokens ``(B, H, m, D)`` (``m`` a multiple of the block) as consecutive
-        blocks starting at position ``start`` and append them; nothing changes if one fails."""
+        blocks starting at position ``start``, changing nothing: :meth:`commit` appends them."""
         blk, m = self.block, keys.shape[2]
         new = [self._quantize(start + j, keys[:, :, j:j + blk], values[:, :, j:j + blk],
                               coded[:, j:j + blk], None if rope is None else rope[:, j:j + blk])
                for j in range(0, m, blk)]
-        self._blocks.extend(new)
-        self._record(start, m)
+        return StagedBlocks(start, m, new)
+
+    def commit(self, staged: "StagedBlocks") -> None:
+        """Append what :meth:`stage` quantized (its flags read and verified)."""
+        self._blocks.extend(staged.record)
+        self._record(staged.start, staged.m)
+
+    def append(self, start: int, keys: torch.Tensor, values: torch.Tensor, coded: torch.Tensor,
+               rope: Optional[torch.Tensor]) -> None:
+        """:meth:`stage`, its flags read (one synchronisation if any) and verified, :meth:`commit`:
+        nothing changes if the tokens fail."""
+        staged = self.stage(start, keys, values, coded, rope)
+        staged.verify(read_values(staged.flags))
+        self.commit(staged)
 
     def crop(self, max_length: int) -> None:
         """Drop blocks starting at or after ``max_length``, shorten a straddling one (6.14)."""
@@ -215,6 +238,27 @@ class QuantizedStore:
         return [t for blk in self._blocks for t in blk.tensors()]
 
 
+class StagedBlocks:
+    """Tokens quantized by :meth:`QuantizedStore.stage` and not yet in the store.
+
+    ``start``, ``m``: the first position and the number of tokens; ``record``: what the store's
+    :meth:`~QuantizedStore.commit` appends; ``flags``: device tensors (the quantize kernels'
+    screens) to read before committing: if one is non-zero, :meth:`verify` runs the exact checks,
+    which raise the error the eager path would have raised (or pass: a screen may over-report).
+    """
+
+    __slots__ = ("start", "m", "record", "flags", "_exact")
+
+    def __init__(self, start: int, m: int, record, flags=(), exact=None):
+        self.start, self.m, self.record = start, m, record
+        self.flags, self._exact = list(flags), exact
+
+    def verify(self, values) -> None:
+        """``values``: the :attr:`flags`' host values (flattened, in order)."""
+        if any(values):
+            self._exact()
+
+
 class PackedBuffers:
     """One side (keys or values) of the uniform store: ``words`` int32 ``(B, H, Qcap, W)``,
     ``scale`` / ``zero`` float32 (``zero`` None when symmetric) of ``rows x cols`` groups
@@ -240,7 +284,8 @@ class UniformStore(QuantizedStore):
     ``keys`` / ``values``: :class:`PackedBuffers`; ``slot_pos`` int64 ``(B, Qcap)`` (position of
     each slot, -1 = empty: not coded, cropped or unused); ``coded`` bool ``(B, Qcap)`` (as
     flushed, never changed); ``capacity`` = ``Qcap``.  All due blocks of a flush are quantized
-    by one :func:`~accelerated.quantize.quantize_packed` call per side (blocks are independent).
+    by one :func:`~accelerated.quantize.quantize_packed_deferred` call per side (blocks are
+    independent), its validation flags read by the flush with its other values.
     :meth:`partial` hands the whole buffers to
     :func:`~accelerated.attention.quantized_segment_attention` on the kernel path.
     """
@@ -322,20 +367,29 @@ class UniformStore(QuantizedStore):
 
     # ------------------------------------------------------------------ flush
 
-    def _quantize(self, start, keys, values, coded, rope):
-        """Packed keys and values of ``m`` tokens (whole blocks, quantized at once)."""
+    def defers_validation(self, keys: torch.Tensor) -> bool:
+        c = self.config
+        return (quantize_defers_validation(keys, c.key_group_size, c.key_axis)
+                and quantize_defers_validation(keys, c.value_group_size, c.value_axis))
+
+    def stage(self, start, keys, values, coded, rope) -> StagedBlocks:
+        """Packed keys and values of ``m`` tokens (whole blocks, quantized at once), with the
+        kernels' validation flags (none on the torch path, which raised already)."""
         b, h, m, _ = keys.shape
         c = self.config
         exclude = (~coded)[:, None, :].expand(b, h, m)
-        pk = quantize_packed(keys, c.key_bits, c.key_group_size, c.key_axis,
-                             symmetric=self.symmetric, exclude=exclude)
-        pv = quantize_packed(values, c.value_bits, c.value_group_size, c.value_axis,
-                             symmetric=self.symmetric, exclude=exclude)
-        return pk, pv
+        pk, fk = quantize_packed_deferred(keys, c.key_bits, c.key_group_size, c.key_axis,
+                                          symmetric=self.symmetric, exclude=exclude)
+        pv, fv = quantize_packed_deferred(values, c.value_bits, c.value_group_size, c.value_axis,
+                                          symmetric=self.symmetric, exclude=exclude)
 
-    def append(self, start, keys, values, coded, rope) -> None:
-        m = keys.shape[2]
-        pk, pv = self._quantize(start, keys, values, coded, rope)
+        def exact() -> None:
+            check_quantize_input(keys, pk)
+            check_quantize_input(values, pv)
+        return StagedBlocks(start, m, (pk, pv, coded), [f for f in (fk, fv) if f is not None], exact)
+
+    def commit(self, staged: StagedBlocks) -> None:
+        (pk, pv, coded), start, m = staged.record, staged.start, staged.m
         q0, blk = self.num_codes, self.block
         self._reserve(q0 + m)
         for buf, p in ((self.keys, pk), (self.values, pv)):

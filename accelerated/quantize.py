@@ -47,6 +47,9 @@ from .packing import WORD_DTYPE, pack_codes, unpack_codes, words_from_reference,
 
 __all__ = [
     "check_overflow_asymmetric",
+    "check_quantize_input",
+    "quantize_packed_deferred",
+    "quantize_defers_validation",
     "check_overflow_symmetric",
     "QuantizedTensor",
     "PackedQuantizedTensor",
@@ -460,15 +463,34 @@ def quantize_packed(x, bits: int, group_size: int, axis: str, *, symmetric: bool
     Validation on the kernel path costs ONE device->host synchronisation: the
     kernel itself screens ``x`` for NaN/Inf and the statistics for float32
     overflow into a one-word flag, read once; only if it is set are the exact
-    torch checks run, raising the same errors as the torch path.
-    ``validate=False`` skips that read (no synchronisation at all): allowed
-    only where the caller has already checked ``x`` finite (e.g. the cache,
-    which checks K/V on ``update``); a group whose float32 statistics overflow
-    (|x| near 3.4e38) then goes undetected.  The torch path always validates.
+    torch checks run (:func:`check_quantize_input`), raising the same errors as
+    the torch path.  ``validate=False`` skips that read (no synchronisation at
+    all): allowed only where the caller has already checked ``x`` finite; a
+    group whose float32 statistics overflow (|x| near 3.4e38) then goes
+    undetected.  The torch path always validates.  A caller that reads the flag
+    itself, with other values (the cache's flush), uses
+    :func:`quantize_packed_deferred`.
     """
     if not isinstance(validate, (bool, np.bool_)):
         raise TypeError(f"validate must be a bool, got {validate!r}")
-    kernel = None
+    pqt, flag = quantize_packed_deferred(x, bits, group_size, axis, symmetric=symmetric,
+                                         exclude=exclude, use_kernel=use_kernel, flag=validate)
+    if flag is not None and int(flag.item()):            # the one sync; rare slow path below
+        check_quantize_input(x, pqt)
+    return pqt
+
+
+def quantize_packed_deferred(x, bits: int, group_size: int, axis: str, *, symmetric: bool = False,
+                             exclude=None, use_kernel: Optional[bool] = None, flag: bool = True
+                             ) -> Tuple[PackedQuantizedTensor, Optional[torch.Tensor]]:
+    """:func:`quantize_packed` without its host read: ``(packed, flag)``.
+
+    On the kernel path ``flag`` is the kernel's int32 ``(1,)`` screen on the device (``None`` with
+    ``flag=False``): non-zero when ``x`` holds NaN/Inf or a group's float32 statistics overflow,
+    and then the caller must run :func:`check_quantize_input` (which raises the torch path's
+    error) before using ``packed``; zero guarantees it would pass.  The torch path validates as it
+    goes (raising at once) and returns ``flag = None``.
+    """
     if use_kernel is None or use_kernel:
         # shape/dtype checks only: finiteness is checked by the kernel (fused) or below
         x32, bits, group_size, axis, symmetric, excl = _prepare(x, bits, group_size, axis, symmetric,
@@ -478,21 +500,31 @@ def quantize_packed(x, bits: int, group_size: int, axis: str, *, symmetric: bool
             raise ValueError("use_kernel=True but the Triton quantize kernel cannot run here "
                              "(needs a CUDA tensor, triton, and ceil(D / G) <= 16 for axis 'token'); "
                              "pass use_kernel=None")
-    if kernel:
-        from . import quantize_kernels
-        flag = torch.zeros(1, dtype=torch.int32, device=x32.device) if validate else None
-        g = _ref.effective_group_size(group_size, x32.shape[GROUP_AXIS[axis]])
-        words, s, z = quantize_kernels.quantize_pack(x32, excl, bits, g, axis, symmetric, flag)
-        if validate and int(flag.item()):                     # the one sync; rare slow path below
-            check_x(x)
-            if symmetric:
-                check_overflow_symmetric(s, symmetric_offset(bits))
-            else:
-                check_overflow_asymmetric(s, z, quantization_levels(bits))
-        return PackedQuantizedTensor(words=words, scale=s, zero=z, bits=bits, group_size=group_size,
-                                     axis=axis, symmetric=symmetric, shape=tuple(x32.shape))
+        if kernel:
+            from . import quantize_kernels
+            f = torch.zeros(1, dtype=torch.int32, device=x32.device) if flag else None
+            g = _ref.effective_group_size(group_size, x32.shape[GROUP_AXIS[axis]])
+            words, s, z = quantize_kernels.quantize_pack(x32, excl, bits, g, axis, symmetric, f)
+            return PackedQuantizedTensor(words=words, scale=s, zero=z, bits=bits, group_size=group_size,
+                                         axis=axis, symmetric=symmetric, shape=tuple(x32.shape)), f
     x32, bits, group_size, axis, symmetric, excl = _prepare(x, bits, group_size, axis, symmetric, exclude)
-    return _quantize_torch(x32, bits, group_size, axis, symmetric, excl).to_packed()
+    return _quantize_torch(x32, bits, group_size, axis, symmetric, excl).to_packed(), None
+
+
+def quantize_defers_validation(x, group_size: int, axis: str) -> bool:
+    """Whether :func:`quantize_packed_deferred` takes the kernel path for ``x`` (a torch tensor of
+    the shape it will quantize): it then validates through the device flag, not by host reads."""
+    return _kernel_usable(x, group_size, axis)
+
+
+def check_quantize_input(x, pqt: PackedQuantizedTensor) -> None:
+    """The exact checks behind a set kernel flag: raise the torch path's ``ValueError`` for ``x``
+    (NaN/Inf) or the float32 overflow of ``pqt``'s statistics; return if neither holds."""
+    check_x(x)
+    if pqt.symmetric:
+        check_overflow_symmetric(pqt.scale, symmetric_offset(pqt.bits))
+    else:
+        check_overflow_asymmetric(pqt.scale, pqt.zero, quantization_levels(pqt.bits))
 
 
 def dequantize(qt) -> torch.Tensor:

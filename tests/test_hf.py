@@ -767,12 +767,37 @@ def _decode_step_costs(num_layers, monkeypatch, eager_checks=False):
     return costs
 
 
+def test_a_flushing_decode_step_reads_the_device_once(monkeypatch):
+    """Kernel path (the quantize kernel stood in for on CPU, tests/test_accelerated_cache_flush.py):
+    the decode step that flushes every layer reads the device once, whatever the number of layers:
+    the forward's deferred checks, each layer's preserved-store sizes and quantize flags together
+    (issue 9: at most one read per flush; it was three per layer)."""
+    from tests.test_accelerated_cache_flush import Reads, kernel_stand_in
+    cfg = quant_config(2, "pfn+kvsink", predictor_layer=1, predictor_channels=(0,),
+                       predictor_threshold=1e30)
+    for num_layers in (2, 6):
+        model = _tiny_llama(num_layers)
+        cache = KVSinkCache(model, cfg)
+        out = forward(model, prompt(seed=19, n=20), cache)
+        reads = Reads(monkeypatch)
+        kernel_stand_in(monkeypatch, reads)
+        flushing = []
+        for _ in range(12):
+            quantized = cache.layers[0].store.num_quantized
+            reads.n = 0
+            out = forward(model, out.logits[:, -1:].argmax(-1), cache)
+            if cache.layers[0].store.num_quantized != quantized:
+                flushing.append(reads.n)
+        monkeypatch.undo()
+        assert len(flushing) >= 1 and set(flushing) == {1}, (num_layers, flushing)
+
+
 def test_decode_step_host_reads_do_not_grow_with_layers(monkeypatch):
     """A decode step that flushes nothing never reads the device (its value checks wait for the
     next flush, docs/11 §11.3), whatever the number of layers, and its torch ops grow by a
     bounded number per layer and do not grow with the history; with ``eager_checks=True`` it
-    reads once (the forward's deferred checks).  (A flushing step adds the flush's own reads,
-    per layer, once every token_block steps.)"""
+    reads once (the forward's deferred checks).  (A flushing step reads once on the kernel path:
+    the test above.)"""
     small, large = _decode_step_costs(2, monkeypatch), _decode_step_costs(6, monkeypatch)
     assert len(small) >= 5 and len(large) >= 5
     assert {r for r, _ in small} == {r for r, _ in large} == {0}

@@ -57,10 +57,14 @@ INTENDED: Dict[str, Difference] = {
     # quantize_packed in one fused pass); the reference keeps codes and packs on demand.  The
     # reference's tie analysis (distance_to_tie_ulps) is a spec tool used by the tests and docs/09.
     # The overflow checks are public on the torch side because the fused quantize path calls them
-    # after its kernel and bench/bench_kernels.py times that (the reference checks inline).
+    # after its kernel and bench/bench_kernels.py times that (the reference checks inline); the
+    # deferred variant, its exact checks and its path test serve the cache's one-read flush
+    # (accelerated/cache_flush.py), which reads the kernel's flag with its other values.
     "quantize": _d(reference_only={"distance_to_tie_ulps"},
                    accelerated_only={"PackedQuantizedTensor", "quantize_packed",
-                                     "check_overflow_asymmetric", "check_overflow_symmetric"}),
+                                     "check_overflow_asymmetric", "check_overflow_symmetric",
+                                     "quantize_packed_deferred", "check_quantize_input",
+                                     "quantize_defers_validation"}),
     # settled_layer belongs to the predictor's calibration on numpy hidden states (the reference
     # defines it once); threshold_float32 is the float32 comparison the torch predictor makes.
     "predictor": _d(reference_only={"settled_layer"}, accelerated_only={"threshold_float32"}),
@@ -104,14 +108,14 @@ INTENDED: Dict[str, Difference] = {
     "cache_checks": _d(reference_only={"STORAGE_DTYPES", "check_kv"},
                        accelerated_only={"DeferredChecks", "FLOAT_DTYPES", "INDEX_DTYPES",
                                          "NONFINITE_MESSAGE", "check_kv_shapes", "convert_kv",
-                                         "overflow_message", "padding_message"}),
+                                         "overflow_message", "padding_message", "read_values"}),
     # The torch records grow in place geometrically (MIN_CAPACITY, steady_capacity: memory follows
     # what is stored); the reference's records are frozen and sized exactly.
     "cache_state": _d(accelerated_only={"MIN_CAPACITY", "steady_capacity"}),
     # The reference keeps one PackedQuantized record per block (quantize_block); the torch uniform
     # store keeps all blocks' words in contiguous PackedBuffers for the Triton kernel.
     "cache_store": _d(reference_only={"PackedQuantized", "quantize_block"},
-                      accelerated_only={"PackedBuffers"}),
+                      accelerated_only={"PackedBuffers", "StagedBlocks"}),
     "cache_kvquant": _d(accelerated_only={"PackedKVQuantTensor"}),
 }
 
@@ -129,6 +133,8 @@ ACCELERATED_ONLY = {
     "cache_attend": "how a cache layer reads its segments (fused decode kernel, SDPA prefill, split "
                     "form): the reference's cache_layer.attend, apart for the 600-line rule",
     "attention_sdpa": "a prefill's full-precision tokens through torch SDPA (flash / efficient kernels)",
+    "cache_flush": "a flush of many layers with one device->host read (plan, stage, read, commit); "
+                   "the reference flushes each layer in one pass: it has no device to read from",
     "quantize_kernels": "Triton kernels of accelerated.quantize",
     "kvquant_kernels": "Triton kernels of accelerated.kvquant",
     "triton_support": "triton (or its stand-in) and device properties for the kernels",

@@ -301,16 +301,17 @@ def test_nonfinite_keys_in_a_prefill_raise_before_anything_is_quantized(layer_id
 
 
 def test_a_prefill_flush_quantizes_all_its_blocks_in_one_call_per_side(monkeypatch):
-    """The flush of a 40-token prefill (9 blocks of 4 due) calls ``quantize_packed`` once for the
-    keys and once for the values (one kernel launch per side on CUDA), each on all 36 tokens."""
+    """The flush of a 40-token prefill (9 blocks of 4 due) calls ``quantize_packed_deferred`` once
+    for the keys and once for the values (one kernel launch per side on CUDA), each on all 36
+    tokens."""
     from accelerated import cache_store
     calls = []
-    original = cache_store.quantize_packed
+    original = cache_store.quantize_packed_deferred
 
     def counting(x, *args, **kwargs):
         calls.append(tuple(x.shape))
         return original(x, *args, **kwargs)
-    monkeypatch.setattr(cache_store, "quantize_packed", counting)
+    monkeypatch.setattr(cache_store, "quantize_packed_deferred", counting)
     layer = QuantizedKVCacheLayer(_config(4), dtype=torch.bfloat16)
     layer.update(*_kv(40, torch.bfloat16, "cpu", torch.Generator().manual_seed(1)))
     layer.resolve(torch.zeros(B, 40, dtype=torch.bool))

@@ -12,9 +12,10 @@ call them; :class:`StepState` holds them):
    the preservation status of the new tokens (``accelerated.preserve.preserved_step`` from the
    history's per-row counts, kept on the device: a fixed number of operations whatever the
    history's length); layers updated before that are resolved then.
-4. ``end`` (base-model forward hook): every layer is flushed; a layer that quantizes a block reads
-   the deferred value checks first (one device->host synchronisation for all the steps since the
-   last flush).  A step that flushes nothing reads nothing from the device; its checks stay in the
+4. ``end`` (base-model forward hook): every layer is flushed at once
+   (``accelerated.cache_flush.flush_layers``): if any quantizes a block, one device->host
+   synchronisation reads the deferred value checks of all the steps since the last flush with
+   every layer's quantize flags and preserved-store sizes, before any layer changes.  A step that flushes nothing reads nothing from the device; its checks stay in the
    cache's open :class:`~accelerated.cache.DeferredChecks` (``eager_checks=True``: read at every
    ``end``; :meth:`StepState.read_checks`: at once, e.g. before a crop).
    ``flush_early`` (after a layer's attention, and for the layers resolved by ``set_flags``): in a
@@ -35,6 +36,8 @@ from typing import Callable, List, Optional
 import torch
 
 from reference.config import KVSinkConfig
+
+from ..cache_flush import flush_layers
 
 __all__ = [
     "ForwardStep",
@@ -363,8 +366,8 @@ class StepState:
     def flush_early(self, layers: list) -> None:
         """Flush ``layers`` now -- each has attended the step's tokens, which are resolved -- when
         the step brought at least ``token_block`` tokens (a decode step keeps the flush for
-        ``end``).  A layer that quantizes reads the open checks first (one device->host read for
-        all of them; a layer never quantizes unchecked tokens) and the layers after it record
+        ``end``).  A layer that quantizes reads the open checks with its own values (one
+        device->host read; a layer never stores unchecked tokens) and the layers after it record
         theirs in a fresh ``DeferredChecks`` (``_renew_checks``).  The layers' contents are those
         the flush at ``end`` would give: nothing reaches a layer after its attention."""
         step = self.current
@@ -411,8 +414,9 @@ class StepState:
             else:
                 raise RuntimeError("KVSinkCache: the forward ended before the predictor ran")
         self._check_or_defer()
-        for layer in self.layers:
-            layer.flush()             # reads the open checks first when it quantizes a block
+        # every layer at once: one device->host read (the open checks, the quantize kernels' flags,
+        # the preserved stores' sizes) for a step that flushes, none for one that does not
+        flush_layers([layer.store for layer in self.layers if layer.store is not None])
         self._renew_checks()
 
     def _check_or_defer(self) -> None:
