@@ -39,7 +39,9 @@ out-of-memory, up to two retries, each at 0.85x the last); its tokens/s is repor
 search: a 32k prefill takes seconds to minutes and a call has ten.  ``--prefill-chunk c`` has every
 ``generate`` feed the prompt ``c`` tokens per forward (transformers' chunked prefill, docs/11
 §11.4): the prefill's activations, which bound the largest batch of every cache at 32k
-(bench/README.md "Issue 9, largest batch"), then scale with ``c`` instead of N.
+(bench/README.md "Issue 9, largest batch"), then scale with ``c`` instead of N; the reference
+cells of ``--max-batch-reference`` must then come from a run with the same ``--prefill-chunk``
+(checked: an error otherwise).
 
 Kernel level (bench/speed_kernels.py): the copy bandwidth and the decode-attention kernel's achieved
 bandwidth on the bytes it must read.  Outputs under ``--out``: gpu_speed.json, gpu_speed.md (the
@@ -468,12 +470,21 @@ def setup_cuda(options, result) -> None:
 
 
 def read_reference(options) -> list:
-    """The cells of ``--max-batch-reference`` (an earlier run's JSON), for the largest-batch estimate."""
+    """The cells of ``--max-batch-reference`` (an earlier run's JSON), for the largest-batch estimate.
+
+    Its cells must have been measured with this run's ``--prefill-chunk``: a chunked prefill's
+    activations scale with the chunk, not N, so the bytes per sequence of a cell measured otherwise
+    would not hold (``ValueError`` naming both)."""
     if not options.max_batch_reference:
         return []
     with open(options.max_batch_reference) as f:
-        cells = json.load(f)["cells"]
-    return [dict(c, reference=options.max_batch_reference) for c in cells]
+        data = json.load(f)
+    chunk = data.get("options", {}).get("prefill_chunk")
+    if chunk != options.prefill_chunk:
+        raise ValueError(f"{options.max_batch_reference} was measured with --prefill-chunk {chunk}, this "
+                         f"run uses {options.prefill_chunk}: its bytes per sequence would not hold; "
+                         f"measure the reference cells with the same --prefill-chunk")
+    return [dict(c, reference=options.max_batch_reference) for c in data["cells"]]
 
 
 def main(argv=None) -> int:

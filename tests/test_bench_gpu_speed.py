@@ -216,6 +216,23 @@ def test_unreadable_inputs_are_reported_without_traceback(tmp_path, capsys):
     assert "missing.json" in err and "--max-batch-reference" in err
 
 
+def test_a_reference_measured_with_another_prefill_chunk_is_refused(tmp_path, capsys):
+    """The largest-batch estimate's reference cells must share the run's ``--prefill-chunk``
+    (the prefill's activations scale with it): otherwise a clear error, no traceback."""
+    import json
+
+    from bench.gpu_speed import main
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"options": {"prefill_chunk": None}, "cells": []}))
+    argv = ["--tiny", "--skip-grid", "--max-batch", "--max-batch-reference", str(ref), "--out", str(tmp_path)]
+    assert main(argv + ["--prefill-chunk", "4096"]) == 2
+    err = capsys.readouterr().err
+    assert "--prefill-chunk None" in err and "uses 4096" in err and "ref.json" in err
+    ref.write_text(json.dumps({"options": {"prefill_chunk": 4096}, "cells": []}))
+    from bench.gpu_speed import parse_args, read_reference
+    assert read_reference(parse_args(argv + ["--prefill-chunk", "4096"])) == []
+
+
 GIB = 2 ** 30
 
 
