@@ -44,11 +44,11 @@ class DeferredChecks:
     Semantics: until :meth:`check` has run, the recorded calls have *already* changed the cache
     (tokens appended, statuses set), so a failed check means: discard the cache (``reset()``); a
     ``crop`` or row selection does not hide it (the slot checks are evaluated before the tokens
-    go).  A layer never stores unchecked tokens: its
-    :meth:`~QuantizedKVCacheLayer.flush` calls :meth:`check` of the checks its updates recorded to
-    before it changes anything (and raises, changing nothing, if they failed), reading its own
-    values in the same transfer (``check(extra=...)``, ``accelerated/cache_flush.py``).  :meth:`check` is idempotent: after the
-    first call it raises the same error again, or returns at once.  One object may gather the
+    go).  A layer never stores unchecked tokens: its :meth:`~QuantizedKVCacheLayer.flush` calls
+    :meth:`check` of the checks its updates recorded to before it changes anything (and raises,
+    changing nothing, if they failed), reading its own values in the same transfer
+    (``check(extra=...)``, ``accelerated/cache_flush.py``).  :meth:`check` is idempotent: after
+    the first call it raises the same error again, or returns at once.  One object may gather the
     checks of many calls (``KVSinkCache`` keeps one from flush to flush): :meth:`pack` folds those
     recorded so far into one tensor per device.
     """

@@ -31,8 +31,8 @@ from .packing import WORD_DTYPE
 from .quantize import (PackedQuantizedTensor, check_quantize_input, dequantize, quantize_defers_validation,
                        quantize_packed_deferred)
 
-__all__ = ["BlockSlots", "QuantizedStore", "UniformStore", "QuantizedBlock", "PackedBuffers", "block_positions",
-           "StagedBlocks"]
+__all__ = ["BlockSlots", "QuantizedStore", "UniformStore", "QuantizedBlock", "PackedBuffers",
+           "block_positions", "StagedBlocks"]
 
 _F32 = torch.float32
 

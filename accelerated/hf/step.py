@@ -15,9 +15,10 @@ call them; :class:`StepState` holds them):
 4. ``end`` (base-model forward hook): every layer is flushed at once
    (``accelerated.cache_flush.flush_layers``): if any quantizes a block, one device->host
    synchronisation reads the deferred value checks of all the steps since the last flush with
-   every layer's quantize flags and preserved-store sizes, before any layer changes.  A step that flushes nothing reads nothing from the device; its checks stay in the
-   cache's open :class:`~accelerated.cache.DeferredChecks` (``eager_checks=True``: read at every
-   ``end``; :meth:`StepState.read_checks`: at once, e.g. before a crop).
+   every layer's quantize flags and preserved-store sizes, before any layer changes.  A step that
+   flushes nothing reads nothing from the device; its checks stay in the cache's open
+   :class:`~accelerated.cache.DeferredChecks` (``eager_checks=True``: read at every ``end``;
+   :meth:`StepState.read_checks`: at once, e.g. before a crop).
    ``flush_early`` (after a layer's attention, and for the layers resolved by ``set_flags``): in a
    step of at least ``token_block`` new tokens (a prefill or a chunk of one), a layer that has
    attended and whose tokens are resolved is flushed at once (reading the checks first, as any
