@@ -262,15 +262,6 @@ class PreservedStore:
         pos[:, :keep].copy_(self.positions[:, :keep])
         self.keys, self.values, self.positions, self.capacity = pk, pv, pos, cap
 
-    def append(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               admitted: torch.Tensor) -> None:
-        """Append the ``admitted`` (bool ``(B, m)``) tokens of ``keys``/``values`` ``(B, H, m, D)`` at
-        ``positions`` (int64 ``(m,)``), scattered without a Python loop; one device->host sync
-        (:meth:`sizes`: the largest count, the tokens admitted)."""
-        sizes = self.sizes(admitted)
-        need, added = (int(v) for v in sizes.tolist())
-        self.commit(positions, keys, values, admitted, need, added)
-
     def sizes(self, admitted: torch.Tensor) -> torch.Tensor:
         """int64 ``(2,)`` on the device: the largest row count after admitting ``admitted`` and the
         tokens it admits, what :meth:`commit` needs on the host (a flush reads them with its other
@@ -279,7 +270,9 @@ class PreservedStore:
 
     def commit(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                admitted: torch.Tensor, need: int, added: int) -> None:
-        """:meth:`append` given its :meth:`sizes` read on the host (``need``, ``added``)."""
+        """Append the ``admitted`` (bool ``(B, m)``) tokens of ``keys``/``values`` ``(B, H, m, D)`` at
+        ``positions`` (int64 ``(m,)``), scattered without a Python loop, given :meth:`sizes` read
+        on the host (``need``, ``added``: the flush reads them with its other values)."""
         if not added:
             return
         b, h, m, d = keys.shape

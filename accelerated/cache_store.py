@@ -25,7 +25,6 @@ from reference.config import KVSinkConfig
 from reference.packing import packed_length
 
 from .attention import attention_kernel_usable, quantized_segment_attention, segment_partial
-from .cache_checks import read_values
 from .cache_state import MIN_CAPACITY
 from .packing import WORD_DTYPE
 from .quantize import (PackedQuantizedTensor, check_quantize_input, dequantize, quantize_defers_validation,
@@ -89,8 +88,8 @@ class QuantizedStore:
     """The quantized store of one layer: blocks of ``token_block`` slots, contiguous from position 0.
 
     Shared here: the host-side ``starts`` / ``slots`` of the blocks (position of each block's
-    first slot, slots still in the cache), :meth:`append` (one :meth:`_quantize` per block),
-    :meth:`crop`, :meth:`take_rows`, :meth:`segment`, :meth:`partial`, :meth:`nbytes`.  A
+    first slot, slots still in the cache), :meth:`stage` (one :meth:`_quantize` per block) and
+    :meth:`commit`, :meth:`crop`, :meth:`take_rows`, :meth:`segment`, :meth:`partial`, :meth:`nbytes`.  A
     quantizer implements :meth:`_quantize` and :meth:`check_rope_positions` (and may extend
     :meth:`check_dims`, :meth:`bind`, :meth:`reset`).
     """
@@ -167,14 +166,6 @@ class QuantizedStore:
         """Append what :meth:`stage` quantized (its flags read and verified)."""
         self._blocks.extend(staged.record)
         self._record(staged.start, staged.m)
-
-    def append(self, start: int, keys: torch.Tensor, values: torch.Tensor, coded: torch.Tensor,
-               rope: Optional[torch.Tensor]) -> None:
-        """:meth:`stage`, its flags read (one synchronisation if any) and verified, :meth:`commit`:
-        nothing changes if the tokens fail."""
-        staged = self.stage(start, keys, values, coded, rope)
-        staged.verify(read_values(staged.flags))
-        self.commit(staged)
 
     def crop(self, max_length: int) -> None:
         """Drop blocks starting at or after ``max_length``, shorten a straddling one (6.14)."""
