@@ -103,6 +103,29 @@ def profile_steps(model, cache, tok, n):
                   "gpu_ms": gpu_us / 1e3, "steps": list(zip(flushed, per_step))}
 
 
+def host_profile(model, cache, tok, n, out=None, top=30):
+    """cProfile of ``n`` decode steps (the host's Python: where a host-bound step spends its time),
+    printed by own time and by cumulative time; the stats saved as ``host_profile.pstats`` in
+    ``out``."""
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    with torch.no_grad():
+        prof.enable()
+        for _ in range(n):
+            tok = model(input_ids=tok, use_cache=True, **{cache_kw(model): cache}).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        prof.disable()
+    stats = pstats.Stats(prof)
+    print(f"host profile of {n} decode steps: {stats.total_tt / n * 1e3:.2f} ms of Python per step "
+          "(profiled: slower than unprofiled)")
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    if out:
+        stats.dump_stats(os.path.join(out, "host_profile.pstats"))
+    return tok
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompt", type=int, default=4096)
@@ -111,6 +134,9 @@ def main():
     ap.add_argument("--profile-steps", type=int, default=32)
     ap.add_argument("--warmup-s", type=float, default=20.0, help="untimed DynamicCache decoding first")
     ap.add_argument("--table", action="store_true", help="print the profiler's op table")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="also cProfile the host's Python over --profile-steps decode steps of the "
+                         "2-bit KVSinkCache (top functions by own time; the pstats file in --out)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
@@ -151,6 +177,8 @@ def main():
         if name != "DynamicCache" and args.table:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18,
                                             max_name_column_width=60))
+        if name != "DynamicCache" and args.host_profile:
+            host_profile(model, cache, tok, args.profile_steps, args.out)
         del prof, cache
 
     for name, make in variants[1:]:
