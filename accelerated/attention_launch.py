@@ -399,10 +399,14 @@ class TensorDecodeLaunch:
     key_fold: bool         # keys per channel, BT dividing G: scale folded into the query
     num_warps: int = 4
     num_stages: int = 1
+    value_fold: bool = False   # values per token, D/G <= VREP: statistics folded into the weights
+    value_rows: int = 1        # VREP = m / max(4, next_pow2(R)): tile rows per query row
+    native: bool = False       # bfloat16 operands, inline PTX (CUDA sm_80+; else the interpreter)
 
     def constexprs(self) -> dict:
         """The kernel's constexpr arguments of both packed sides."""
-        out = {"KFOLD": self.key_fold}
+        out = {"KFOLD": self.key_fold, "VFOLD": self.value_fold, "VREP": self.value_rows,
+               "NATIVE": self.native}
         for p, side in (("K", self.keys), ("V", self.values)):
             out.update({p + "W": side.words, p + "BITS": side.bits, p + "CPW": side.cpw,
                         p + "G": side.group, p + "CHAN": side.channel, p + "SYM": side.symmetric,
@@ -422,14 +426,17 @@ def tensor_decode_applies(q_shape, keys, values) -> bool:
 
 
 def tensor_decode_launch(q_shape, keys, values, device, *, block_t: Optional[int] = None,
-                         fold: Optional[bool] = None, num_warps: Optional[int] = None,
+                         fold: Optional[bool] = None, value_fold: Optional[bool] = None,
+                         num_warps: Optional[int] = None,
                          num_stages: Optional[int] = None, n_split: Optional[int] = None,
                          target_programs: Optional[int] = None) -> TensorDecodeLaunch:
     """The :class:`TensorDecodeLaunch` for query ``(B, Hq, Tq, D)`` over ``keys``/``values``;
     defaults from :func:`tensor_tuning`: ``block_t`` (the key group instead when keys are per
     channel in groups of 16 to ``block_t`` that divide it, so that the scale folds),
     ``num_warps``, ``num_stages``, and ``n_split`` aiming at its programs per SM (whole waves);
-    ``fold`` (default: wherever the tile lies in one key group) can switch the folding off."""
+    ``fold`` (default: wherever the tile lies in one key group) can switch the key folding off,
+    ``value_fold`` (default: values per token in groups that divide ``D``, the ``R`` rows repeated
+    once per group within the 16-row tile) the values'."""
     tuning = tensor_tuning(device)
     num_warps = tuning.num_warps if num_warps is None else num_warps
     num_stages = tuning.num_stages if num_stages is None else num_stages
@@ -445,9 +452,14 @@ def tensor_decode_launch(q_shape, keys, values, device, *, block_t: Optional[int
     fold = ks.tile_stats if fold is None else (fold and ks.tile_stats)
     target = _tensor_target_programs(device) if target_programs is None else target_programs
     n_split, tiles_per_split = _split_tiles(-(-t_len // block_t), b * h, n_split, target)
-    return TensorDecodeLaunch(rows=r, m=max(TENSOR_ROWS, next_pow2(r)), block_t=block_t,
+    vrep = TENSOR_ROWS // max(4, next_pow2(r))       # tile rows per query row
+    groups = d // values.group_size if values.axis == "token" and d % values.group_size == 0 else 0
+    vfold = 0 < groups <= vrep and value_fold is not False
+    return TensorDecodeLaunch(rows=r, m=TENSOR_ROWS, block_t=block_t,
                               n_split=n_split, tiles_per_split=tiles_per_split, keys=ks, values=vs,
-                              key_fold=fold, num_warps=num_warps, num_stages=num_stages)
+                              key_fold=fold, num_warps=num_warps, num_stages=num_stages,
+                              value_fold=vfold, value_rows=vrep,
+                              native=device_properties(device).capability >= (8, 0))
 
 
 def _fused_tensor_launch(q_shape, keys, values, fp_tokens, device, fp_block, choices) -> FusedLaunch:

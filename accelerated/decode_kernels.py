@@ -130,7 +130,8 @@ def fused_decode_kernel(q_ptr, qpos_ptr, kpos_ptr,
                         VCPW: tl.constexpr, VCPW_PAD: tl.constexpr, VG: tl.constexpr,
                         VCHAN: tl.constexpr, VSYM: tl.constexpr, VTILE: tl.constexpr,
                         VWORD: tl.constexpr, PREFETCH: tl.constexpr,
-                        TC: tl.constexpr, M: tl.constexpr, BT: tl.constexpr, KFOLD: tl.constexpr):
+                        TC: tl.constexpr, M: tl.constexpr, BT: tl.constexpr, KFOLD: tl.constexpr,
+                        VFOLD: tl.constexpr, VREP: tl.constexpr, NATIVE: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     rg = pid % NRG
@@ -147,7 +148,7 @@ def fused_decode_kernel(q_ptr, qpos_ptr, kpos_ptr,
                            tiles_per_split, n_total, scale, q_sb, q_sh, q_st,
                            kpos_sb, kw_sb, kw_sh, ks_sb, ks_sh, vw_sb, vw_sh, vs_sb, vs_sh,
                            R, M, D, BT, KW, KBITS, KCPW, KG, KCHAN, KSYM, KTILE, KWORD, KFOLD,
-                           VW, VBITS, VCPW, VG, VCHAN, VSYM, VTILE, VWORD)
+                           VW, VBITS, VCPW, VG, VCHAN, VSYM, VTILE, VWORD, VFOLD, VREP, NATIVE)
     elif split < n_split:                    # a split of the packed quantized store
         row_off = b * q_sb + (hh * G + rows // TQ) * q_sh + (rows % TQ) * q_st   # (RB,) int64
         qpos = tl.load(qpos_ptr + b * TQ + rows % TQ, mask=row_ok, other=-1)
@@ -286,4 +287,6 @@ def _launch_fused(q, qp, scale, keys, values, kpos, pk, pv, ppos, rk, rv, rvalid
         TS=dl.ts, **(tc or dl).keys.constexprs("K"), **(tc or dl).values.constexprs("V"),
         PREFETCH=dl.prefetch, TC=tc is not None, M=tc.m if tc else 16,
         BT=tc.block_t if tc else 16, KFOLD=bool(tc and tc.key_fold),
+        VFOLD=bool(tc and tc.value_fold), VREP=tc.value_rows if tc else 1,
+        NATIVE=bool(tc and tc.native),
         num_warps=(tc or dl).num_warps, num_stages=(tc or dl).num_stages)

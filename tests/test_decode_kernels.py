@@ -69,42 +69,66 @@ def fma_diff(qt, xd):
     return 2 * U * (qt.codes * s + np.abs(xd)) + ETA
 
 
-def fold_diff(qt):
-    """docs/09-tolerances.md 9.5: keys whose group scale the tensor-core kernel folds into the query,
-    ``(2^-20 + (5D + 4)u)(|code s| + |z|)`` per element (symmetric: ``z = -M s``)."""
+def _stats(qt):
+    """Scale and zero of every element of ``qt`` (symmetric: ``z = -M s``), float64."""
     gax = RQ.GROUP_AXIS[qt.axis]
     s = RQ.expand_groups(qt.scale, qt.group_size, qt.shape[gax], gax).astype(np.float64)
     if qt.symmetric:
-        z = -((1 << (qt.bits - 1)) - 1) * s
-    else:
-        z = RQ.expand_groups(qt.zero, qt.group_size, qt.shape[gax], gax).astype(np.float64)
-    return (2.0 ** -20 + (5 * qt.shape[-1] + 4) * U) * (np.abs(qt.codes * s) + np.abs(z))
+        return s, -((1 << (qt.bits - 1)) - 1) * s
+    return s, RQ.expand_groups(qt.zero, qt.group_size, qt.shape[gax], gax).astype(np.float64)
 
 
-def _segments_with_diffs(ref, folded=False):
+def fold_diff(qt):
+    """docs/09-tolerances.md 9.5: keys whose group scale the tensor-core kernel folds into the query,
+    ``(3D + 5)u (|code s| + |z|)`` per element."""
+    s, z = _stats(qt)
+    return (3 * qt.shape[-1] + 5) * U * (np.abs(qt.codes * s) + np.abs(z))
+
+
+def value_fold_diff(qt, block_t):
+    """docs/09-tolerances.md 9.5: values whose per-token statistics the tensor-core kernel folds
+    into the weights, ``(BT + 1)u (|code s| + |z|)`` per element."""
+    s, z = _stats(qt)
+    return (block_t + 1) * U * (np.abs(qt.codes * s) + np.abs(z))
+
+
+def tensor_constants(launch):
+    """(u_in, u_p, u_v) of docs/09 9.5 for a ``TensorDecodeLaunch``: 0 on a folded side (exact
+    bfloat16 products), the TF32 split's ``2^-21`` on a dequantized one (``tf32x3``)."""
+    u_in = 0.0 if launch.key_fold else U_TF32
+    u_pv = 0.0 if launch.value_fold else U_TF32
+    return u_in, u_pv, u_pv
+
+
+def _segments_with_diffs(ref, tensor=None):
     """The reference's segments and, per segment, the kernel's possible key/value differences
-    (``folded``: the tensor-core kernel folds the key scales)."""
+    (``tensor``: the tensor-core launch, whose folded sides add their input differences)."""
     segs = ref.segments()
     qk = [b.keys.unpack() for b in ref.blocks]
     qv = [b.values.unpack() for b in ref.blocks]
     kd, vd = segs[0][0], segs[0][1]
+    kfold = tensor is not None and tensor.key_fold
+    vfold = tensor is not None and tensor.value_fold
     if qk:
-        dk = np.concatenate([fma_diff(q, RQ.dequantize(q)) + (fold_diff(q) if folded else 0.0)
+        dk = np.concatenate([fma_diff(q, RQ.dequantize(q)) + (fold_diff(q) if kfold else 0.0)
                              for q in qk], axis=2)
-        dv = np.concatenate([fma_diff(q, RQ.dequantize(q)) for q in qv], axis=2)
+        dv = np.concatenate([fma_diff(q, RQ.dequantize(q))
+                             + (value_fold_diff(q, tensor.block_t) if vfold else 0.0)
+                             for q in qv], axis=2)
     else:
         dk, dv = np.zeros(kd.shape), np.zeros(vd.shape)
     diffs = [(dk, dv)] + [(np.zeros(k.shape), np.zeros(v.shape)) for k, v, _ in segs[1:]]
     return segs, diffs
 
 
-def _bound(query, ref, qp, engine="cuda-core", folded=False):
+def _bound(query, ref, qp, tensor=None):
     """Per-output bound: 9.3 with ``c*sum_d |q_d||dk_jd|`` in delta and ``max|dv|`` on the output
-    (u_o = u; V, A, S over the visible keys); "cuda-core": u_in = u_p = u_v = 0, sums u;
-    "tensor": 9.5's TF32-split and tensor-core constants (``folded``: the key scales folded into
-    the query, their input difference added).  Returns (bound, S)."""
-    u_tf, u_acc = (U_TF32, U_ACC_TENSOR) if engine == "tensor" else (0.0, U)
-    segs, diffs = _segments_with_diffs(ref, folded)
+    (u_o = u; V, A, S over the visible keys); the CUDA-core engine (``tensor`` None): u_in = u_p =
+    u_v = 0, sums u; ``tensor`` (the tensor-core launch): 9.5's constants and its folded sides'
+    input differences.  Returns (bound, S)."""
+    u_in, u_p, u_v = (0.0, 0.0, 0.0) if tensor is None else tensor_constants(tensor)
+    u_acc = U if tensor is None else U_ACC_TENSOR
+    segs, diffs = _segments_with_diffs(ref, tensor)
     q = np.abs(query.astype(np.float64))
     b, hq, tq, d = q.shape
     k = np.concatenate([np.asarray(s[0], np.float64) for s in segs], axis=2)
@@ -124,8 +148,8 @@ def _bound(query, ref, qp, engine="cuda-core", folded=False):
     s_vis = np.broadcast_to(vis.sum(-1)[:, None], (b, hq, tq)).astype(np.float64)
     s = np.maximum(s_vis, 1.0)
     c = 1.0 / math.sqrt(d)
-    inner = c * a * (2 * u_tf + (d + 1) * u_acc) + U * (3 * np.log(s) + 4) + 2 * s * u_acc + u_tf + c * ad
-    return (vmax(v) * (2.5 * inner + u_tf + 2 * U) + vmax(dv) * (1 + 1e-6))[..., None], s_vis
+    inner = c * a * (2 * u_in + (d + 1) * u_acc) + U * (3 * np.log(s) + 4) + 2 * s * u_acc + u_p + c * ad
+    return (vmax(v) * (2.5 * inner + u_v + 2 * U) + vmax(dv) * (1 + 1e-6))[..., None], s_vis
 
 
 def _config(bits, residual, axis_v="token", key_group=8):
@@ -219,7 +243,7 @@ def test_fused_decode_matches_reference(bits, d, g, tq, residual, preserve, key_
     assert (launch.tensor is not None) == (engine == "tensor")
     folded = launch.tensor is not None and launch.tensor.key_fold
     assert folded == (engine == "tensor" and key_group == 16)
-    bound, n_vis = _bound(query, ref, qp, engine, folded)
+    bound, n_vis = _bound(query, ref, qp, launch.tensor)
     got = _np(got).astype(np.float64)
     blind = np.broadcast_to((n_vis == 0)[..., None], got.shape)
     if tq > 1:
