@@ -310,6 +310,7 @@ class TensorTuning:
     num_warps: int = 2
     num_stages: int = 3
     programs_per_sm: int = 8   # the split's target: programs per streaming multiprocessor
+    max_registers: Optional[int] = None   # ptxas register cap per thread (None: its choice)
 
 
 #: Named per-device settings of the tensor-core decode programs, by device family, and the families
@@ -402,6 +403,14 @@ class TensorDecodeLaunch:
     value_fold: bool = False   # values per token, D/G <= VREP: statistics folded into the weights
     value_rows: int = 1        # VREP = m / max(4, next_pow2(R)): tile rows per query row
     native: bool = False       # bfloat16 operands, inline PTX (CUDA sm_80+; else the interpreter)
+    max_registers: Optional[int] = None   # maxnreg of the launch (None: ptxas's choice)
+
+    def compile_options(self) -> dict:
+        """The launch's compile options: warps, stages and, if capped, registers per thread."""
+        out = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.max_registers is not None:
+            out["maxnreg"] = self.max_registers
+        return out
 
     def constexprs(self) -> dict:
         """The kernel's constexpr arguments of both packed sides."""
@@ -429,17 +438,20 @@ def tensor_decode_launch(q_shape, keys, values, device, *, block_t: Optional[int
                          fold: Optional[bool] = None, value_fold: Optional[bool] = None,
                          num_warps: Optional[int] = None,
                          num_stages: Optional[int] = None, n_split: Optional[int] = None,
-                         target_programs: Optional[int] = None) -> TensorDecodeLaunch:
+                         target_programs: Optional[int] = None,
+                         max_registers: Optional[int] = None) -> TensorDecodeLaunch:
     """The :class:`TensorDecodeLaunch` for query ``(B, Hq, Tq, D)`` over ``keys``/``values``;
     defaults from :func:`tensor_tuning`: ``block_t`` (the key group instead when keys are per
     channel in groups of 16 to ``block_t`` that divide it, so that the scale folds),
     ``num_warps``, ``num_stages``, and ``n_split`` aiming at its programs per SM (whole waves);
     ``fold`` (default: wherever the tile lies in one key group) can switch the key folding off,
     ``value_fold`` (default: values per token in groups that divide ``D``, the ``R`` rows repeated
-    once per group within the 16-row tile) the values'."""
+    once per group within the 16-row tile) the values'; ``max_registers`` caps the registers per
+    thread (ptxas's ``maxnreg``; default the tuning's, None: uncapped)."""
     tuning = tensor_tuning(device)
     num_warps = tuning.num_warps if num_warps is None else num_warps
     num_stages = tuning.num_stages if num_stages is None else num_stages
+    max_registers = tuning.max_registers if max_registers is None else max_registers
     b, hq, tq, d = q_shape
     h, t_len = keys.shape[1], keys.shape[2]
     r = (hq // h) * tq
@@ -459,7 +471,8 @@ def tensor_decode_launch(q_shape, keys, values, device, *, block_t: Optional[int
                               n_split=n_split, tiles_per_split=tiles_per_split, keys=ks, values=vs,
                               key_fold=fold, num_warps=num_warps, num_stages=num_stages,
                               value_fold=vfold, value_rows=vrep,
-                              native=device_properties(device).capability >= (8, 0))
+                              native=device_properties(device).capability >= (8, 0),
+                              max_registers=max_registers)
 
 
 def _fused_tensor_launch(q_shape, keys, values, fp_tokens, device, fp_block, choices) -> FusedLaunch:

@@ -469,5 +469,5 @@ def tensor_decode_partial_attention(q: torch.Tensor, keys, values, qp: torch.Ten
                                          launch.tiles_per_split)
     tensor_decode_kernel[(b * h, launch.n_split)](
         **args, R=launch.rows, M=launch.m, D=d, BT=launch.block_t, **launch.constexprs(),
-        num_warps=launch.num_warps, num_stages=launch.num_stages)
+        **launch.compile_options())
     return merge_split_partials(*parts, b, hq, tq, d)

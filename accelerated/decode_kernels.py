@@ -289,4 +289,4 @@ def _launch_fused(q, qp, scale, keys, values, kpos, pk, pv, ppos, rk, rv, rvalid
         BT=tc.block_t if tc else 16, KFOLD=bool(tc and tc.key_fold),
         VFOLD=bool(tc and tc.value_fold), VREP=tc.value_rows if tc else 1,
         NATIVE=bool(tc and tc.native),
-        num_warps=(tc or dl).num_warps, num_stages=(tc or dl).num_stages)
+        **(tc.compile_options() if tc else {"num_warps": dl.num_warps, "num_stages": dl.num_stages}))

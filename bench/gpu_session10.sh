@@ -13,7 +13,8 @@ set -u
 OUT="${OUT:-/tmp/kvsink-out}"; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-VARIANTS='[{}, {"num_warps": 4}, {"num_stages": 2}, {"pps": 4}, {"pps": 12}, {"value_fold": false},
+VARIANTS='[{}, {"max_registers": 168}, {"max_registers": 168, "pps": 12}, {"max_registers": 168, "pps": 6},
+           {"num_warps": 4}, {"num_stages": 2}, {"pps": 4}, {"pps": 12}, {"value_fold": false},
            {"fold": false, "value_fold": false}]'
 run_tests() {
   timeout "${TESTS_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider -n 8 -m "not model" \
