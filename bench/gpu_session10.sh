@@ -37,7 +37,7 @@ run_tc() {
 }
 run_syncs() {
   timeout 150 python3 bench/gpu_decode_profile.py --prompt 4096 --steps 4 --rounds 1 --warmup-s 1 \
-    --profile-steps 32 --out "$OUT" > "$OUT/syncs.txt" 2>&1
+    --profile-steps 32 --host-profile --out "$OUT" > "$OUT/syncs.txt" 2>&1
   echo "syncs rc=$?"; tail -20 "$OUT/syncs.txt"
 }
 while [ $# -gt 0 ]; do
