@@ -314,13 +314,14 @@ class TensorTuning:
 
 
 #: Named per-device settings of the tensor-core decode programs, by device family, and the families
-#: whose fused decode takes them by default (the CUDA-core programs elsewhere).  H100: measured, 2026-12-07
-#: (bench/README.md "Issue 9, tensor-core decode"): 1.1x-1.5x the CUDA-core kernel at five of six
-#: shapes, 0.98x at Llama-2-7B's (no GQA).  H200: the H100's settings (the same sm_90 SMs), not
-#: measured separately.
+#: whose fused decode takes them by default (the CUDA-core programs elsewhere).  H100: measured
+#: (bench/README.md "Issue 9, exact-bfloat16 tensor-core decode"): a 168-register cap and 6
+#: programs per SM are the fastest of the sweep at four of six shapes and within 1 % of the fastest
+#: at the other two; 2.0x-2.4x the CUDA-core kernel.  H200: the H100's settings (the same sm_90
+#: SMs), not measured separately.
 TENSOR_TUNING = {
-    "H100": TensorTuning(block_t=32, num_warps=2, num_stages=3, programs_per_sm=8),
-    "H200": TensorTuning(block_t=32, num_warps=2, num_stages=3, programs_per_sm=8),
+    "H100": TensorTuning(block_t=32, num_warps=2, num_stages=3, programs_per_sm=6, max_registers=168),
+    "H200": TensorTuning(block_t=32, num_warps=2, num_stages=3, programs_per_sm=6, max_registers=168),
 }
 DEFAULT_TENSOR_TUNING = TensorTuning()
 TENSOR_DECODE_FAMILIES = tuple(TENSOR_TUNING)

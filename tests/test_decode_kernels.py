@@ -389,6 +389,8 @@ def test_tensor_engine_by_device_family(monkeypatch):
     assert (tl.block_t, tl.num_warps, tl.num_stages, tl.key_fold) == (32, tuning.num_warps,
                                                                       tuning.num_stages, True)
     assert tl.n_split == min(256 // 32, tuning.programs_per_sm * 132 // 2)
+    assert tl.max_registers == tuning.max_registers       # the named cap reaches the launch
+    assert tl.compile_options().get("maxnreg") == tuning.max_registers
     g16 = quantize_packed(x, 2, 16, "channel")
     assert AL.tensor_decode_launch(shape, g16, values, "h100").block_t == 16   # folds at G = 16
     assert not AL.tensor_decode_launch(shape, g16, values, "h100", fold=False).key_fold
