@@ -42,7 +42,10 @@
 #   from shared memory by scalar loads), FADD 10 %.  Static count of the loop body per 32-token
 #   tile and warp (ptxas for sm_90, nvdisasm): 2050 SASS instructions then, 1110 in this version
 #   (the TF32 scalar loads, the dequantization of the values and two of three key products gone),
-#   at 220 registers without spills.
+#   at 220 registers without spills.  Measured on the H100 (bench/README.md "Issue 9, exact-bfloat16
+#   tensor-core decode"): 67.4 us at the realistic shape with the first launch settings, 55.8 us
+#   (20 % of the copy bandwidth) with TENSOR_TUNING's 168-register cap and 6 programs per SM;
+#   1.5-2.3x the TF32 version at six shapes in the same call.
 #
 # NUMERICS (docs/09-tolerances.md 9.5, "Tensor-core decode programs"): on a folded side the
 #   products are exact (bfloat16 parts of a float32 operand times exact codes), the input

@@ -47,7 +47,8 @@
 #
 # NUMERICS: float32 throughout (docs/09-tolerances.md 9.3 row "float32 throughout"): the quantized
 #   part as attention_kernels.py (exact products on CUDA cores, q*s + z possibly one FMA: 9.2 b),
-#   or on tensor cores through TF32 splits (engine "tensor": 9.5 "Tensor-core decode programs");
+#   or on tensor cores (engine "tensor": 9.5 "Tensor-core decode programs": exact bfloat16 products
+#   where a side folds its statistics, TF32 splits where it is dequantized);
 #   the full-precision keys and values are converted to float32 exactly (bf16/fp16 -> fp32) and
 #   multiplied in float32 on CUDA cores (no TF32); only the summation order and the number of
 #   online-softmax rescalings differ from the torch path, both inside 9.3's bound ("any summation
