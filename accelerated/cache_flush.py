@@ -73,11 +73,8 @@ def read_checked(checks: Sequence[DeferredChecks], tensors: Sequence[torch.Tenso
 
 
 def _unique(checks) -> List[DeferredChecks]:
-    out: List[DeferredChecks] = []
-    for c in checks:
-        if not any(c is o for o in out):
-            out.append(c)
-    return out
+    """``checks`` without repeats (by identity), in first-seen order."""
+    return list({id(c): c for c in checks}.values())
 
 
 def _take(values: Iterator[float], n: int) -> List[float]:
