@@ -317,8 +317,8 @@ class TensorTuning:
 #: whose fused decode takes them by default (the CUDA-core programs elsewhere).  H100: measured
 #: (bench/README.md "Issue 9, exact-bfloat16 tensor-core decode"): a 168-register cap and 6
 #: programs per SM are the fastest of the sweep at four of six shapes and within 1 % of the fastest
-#: at the other two; 2.0x-2.4x the CUDA-core kernel.  H200: the H100's settings (the same sm_90
-#: SMs), not measured separately.
+#: at the other two; 1.7x-3.2x the CUDA-core kernel (1.5x-2.3x the TF32 programs).  H200: the
+#: H100's settings (the same sm_90 SMs), not measured separately.
 TENSOR_TUNING = {
     "H100": TensorTuning(block_t=32, num_warps=2, num_stages=3, programs_per_sm=6, max_registers=168),
     "H200": TensorTuning(block_t=32, num_warps=2, num_stages=3, programs_per_sm=6, max_registers=168),
