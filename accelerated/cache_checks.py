@@ -17,7 +17,7 @@ import torch
 
 __all__ = ["DeferredChecks", "FLOAT_DTYPES", "INDEX_DTYPES", "NONFINITE_MESSAGE", "check_storage_dtype",
            "check_kv_shapes", "convert_kv", "check_mask", "check_index", "is_int", "padding_message",
-           "overflow_message", "read_values"]
+           "overflow_message", "read_values", "check_all"]
 
 #: Floating dtypes the cache accepts for keys, values and its storage.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -150,20 +150,28 @@ class DeferredChecks:
                 per_slot = src.slot_max_abs(side, lo, lo + n)
                 self._packed.append((torch.linalg.vector_norm(per_slot, math.inf).reshape(1), [i]))
 
-    def _read(self, extra: Sequence[torch.Tensor] = ()) -> Tuple[List[float], List[float]]:
-        """Every recorded flag's value in recording order, and the values of the ``extra``
-        tensors (flattened, in order), read together: one synchronisation per device."""
+    def _pending(self) -> List[torch.Tensor]:
+        """The recorded flags, evaluated and packed on the device (no synchronisation), in the
+        order :meth:`_judge` takes their values."""
         self.materialize()
         self.pack()
-        parts = [flags for flags, _ in self._packed]
-        values = read_values(parts + list(extra))
+        return [flags for flags, _ in self._packed]
+
+    def _judge(self, values: Sequence[float]) -> None:
+        """Record the first failed check (recording order) of the :meth:`_pending` flags'
+        ``values`` (flattened, in order); the object is checked from now on."""
         flags = [0.0] * len(self._bad)
         at = 0
-        for t, (_, idx) in zip(parts, self._packed):
+        for t, idx in self._packed:
             for i, v in zip(idx, values[at:at + t.numel()]):
                 flags[i] = v
             at += t.numel()
-        return flags, values[at:]
+        for v, nonzero_is_bad, message in zip(flags, self._bad, self._messages):
+            if (v != 0) if nonzero_is_bad else not math.isfinite(v):
+                self._error = message() if callable(message) else message
+                break
+        self._checked = True
+        self._packed = []                 # nothing to hold on to any more
 
     def check(self, extra: Sequence[torch.Tensor] = ()) -> List[float]:
         """Read every recorded flag (one synchronisation per device holding some) and raise the
@@ -171,19 +179,27 @@ class DeferredChecks:
 
         ``extra``: tensors read in the same transfer (a flush's counts and its quantize kernels'
         flags); their values, flattened in order, are returned (integers exactly, up to 2**53)."""
-        if self._checked:
-            out = read_values(extra)
-        else:
-            self._checked = True
-            values, out = self._read(extra)
-            for v, nonzero_is_bad, message in zip(values, self._bad, self._messages):
-                if (v != 0) if nonzero_is_bad else not math.isfinite(v):
-                    self._error = message() if callable(message) else message
-                    break
-            self._packed = []                 # nothing to hold on to any more
-        if self._error is not None:
-            raise ValueError(self._error)
-        return out
+        return check_all([self], extra)
+
+
+def check_all(checks: Sequence[DeferredChecks], extra: Sequence[torch.Tensor] = ()) -> List[float]:
+    """:meth:`DeferredChecks.check` of every object in ``checks`` (repeats ignored) with the
+    ``extra`` tensors, all read in ONE transfer (one synchronisation per device); raises the error
+    of the first object in order that failed, after every one is read.  Returns the ``extra``
+    values, flattened in order."""
+    checks = list({id(c): c for c in checks}.values())
+    todo = [(c, c._pending()) for c in checks if not c._checked]
+    parts = [t for _, pending in todo for t in pending]
+    values = read_values(parts + list(extra))
+    at = 0
+    for c, pending in todo:
+        n = sum(t.numel() for t in pending)
+        c._judge(values[at:at + n])
+        at += n
+    for c in checks:
+        if c._error is not None:
+            raise ValueError(c._error)
+    return values[at:]
 
 
 def read_values(tensors: Sequence[torch.Tensor]) -> List[float]:

@@ -13,7 +13,7 @@ decode step flushes every layer at once.  :func:`flush_layers` reads them all to
 2. stage (:meth:`QuantizedStore.stage`): each store quantizes its due tokens into new tensors,
    still changing nothing, its validation left in device flags (the kernel path);
 3. read: the checks, the sizes and the flags, one synchronisation per device
-   (``DeferredChecks.check(extra=...)``); a failed check raises here, no layer changed;
+   (``accelerated.cache_checks.check_all``); a failed check raises here, no layer changed;
 4. verify: the exact quantize checks of a layer whose flag is set (raise: no layer changed);
 5. commit (:meth:`QuantizedKVCacheLayer.commit_flush`): every layer.
 
@@ -27,9 +27,9 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
-from .cache_checks import DeferredChecks, read_values
+from .cache_checks import DeferredChecks, check_all, read_values
 
-__all__ = ["FlushPlan", "flush_layers", "read_checked"]
+__all__ = ["FlushPlan", "flush_layers"]
 
 
 class FlushPlan:
@@ -61,22 +61,6 @@ class FlushPlan:
         return [self.sizes] + ([] if self.staged is None else self.staged.flags)
 
 
-def read_checked(checks: Sequence[DeferredChecks], tensors: Sequence[torch.Tensor]) -> List[float]:
-    """Run ``checks`` (raising the first failure's ``ValueError``) and read ``tensors`` (flattened,
-    as floats) in the same transfer: one synchronisation per device."""
-    if not checks:
-        return read_values(tensors)
-    out = checks[0].check(extra=tensors)
-    for c in checks[1:]:
-        c.check()
-    return out
-
-
-def _unique(checks) -> List[DeferredChecks]:
-    """``checks`` without repeats (by identity), in first-seen order."""
-    return list({id(c): c for c in checks}.values())
-
-
 def _take(values: Iterator[float], n: int) -> List[float]:
     return [next(values) for _ in range(n)]
 
@@ -97,8 +81,7 @@ def flush_layers(layers: Sequence) -> int:
         for p in plans:
             p.stage()
     reads = [p.reads() for p in plans]
-    values = iter(read_checked(_unique(c for p in plans for c in p.checks),
-                               [t for r in reads for t in r]))
+    values = iter(check_all([c for p in plans for c in p.checks], [t for r in reads for t in r]))
     sizes = []
     for p, r in zip(plans, reads):
         sizes.append([int(v) for v in _take(values, 2)])

@@ -66,7 +66,8 @@ def kernel_stand_in(monkeypatch, reads: Reads, flag: int = 0, overflow: bool = F
 
 def filled(num_layers: int, n: int, *, checks=None, nan_layer=None, unresolved_layer=None,
            overflow_layer=None, device="cpu"):
-    """A cache whose layers hold ``n`` tokens, resolved (every third preserved) except in
+    """A cache whose layers hold ``n`` tokens (their updates' checks recorded to ``checks``, or to
+    ``checks[i]`` in layer ``i``), resolved (every third preserved) except in
     ``unresolved_layer``; ``nan_layer``: one NaN key there, at a token the next flush moves;
     ``overflow_layer``: a key group there whose max - min overflows float32."""
     g = torch.Generator().manual_seed(5)
@@ -79,7 +80,7 @@ def filled(num_layers: int, n: int, *, checks=None, nan_layer=None, unresolved_l
             k[1, 0, 2, 2] = float("nan")
         if i == overflow_layer:
             k[0, 1, 1, 3], k[0, 1, 2, 3] = 3e38, -3e38
-        layer.update(k.to(device), v.to(device), checks=checks)
+        layer.update(k.to(device), v.to(device), checks=checks[i] if isinstance(checks, list) else checks)
         if i != unresolved_layer:
             layer.resolve(preserve.to(device))
     return cache
@@ -158,6 +159,27 @@ def test_a_failed_deferred_check_changes_no_layer(monkeypatch):
         cache.flush()
     assert reads.n == 1
     assert snapshot(cache) == before
+
+
+def test_checks_of_many_objects_are_read_in_the_same_transfer(monkeypatch):
+    """Each layer's updates recorded to their own DeferredChecks: still one read for the flush,
+    every object read, the first failure in layer order raised and no layer changed."""
+    per_layer = [DeferredChecks() for _ in range(3)]
+    cache = filled(3, 12, checks=per_layer)
+    reads = Reads(monkeypatch)
+    kernel_stand_in(monkeypatch, reads)
+    assert cache.flush() == 6 and reads.n == 1
+    assert all(c.checked for c in per_layer)
+    monkeypatch.undo()
+    per_layer = [DeferredChecks() for _ in range(3)]
+    cache = filled(3, 12, checks=per_layer, nan_layer=1)
+    before = snapshot(cache)
+    reads = Reads(monkeypatch)
+    kernel_stand_in(monkeypatch, reads)
+    with pytest.raises(ValueError, match="keys contains NaN or Inf"):
+        cache.flush()
+    assert reads.n == 1 and snapshot(cache) == before
+    assert all(c.checked for c in per_layer)
 
 
 def test_a_failed_deferred_check_on_the_torch_path_precedes_quantization():

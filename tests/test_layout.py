@@ -108,7 +108,8 @@ INTENDED: Dict[str, Difference] = {
     "cache_checks": _d(reference_only={"STORAGE_DTYPES", "check_kv"},
                        accelerated_only={"DeferredChecks", "FLOAT_DTYPES", "INDEX_DTYPES",
                                          "NONFINITE_MESSAGE", "check_kv_shapes", "convert_kv",
-                                         "overflow_message", "padding_message", "read_values"}),
+                                         "overflow_message", "padding_message", "read_values",
+                                         "check_all"}),
     # The torch records grow in place geometrically (MIN_CAPACITY, steady_capacity: memory follows
     # what is stored); the reference's records are frozen and sized exactly.
     "cache_state": _d(accelerated_only={"MIN_CAPACITY", "steady_capacity"}),
