@@ -39,7 +39,7 @@ class FlushPlan:
     (whole blocks); ``checks``: the :class:`DeferredChecks` its updates recorded (read first);
     ``sizes``: int64 ``(2,)``, the preserved store's :meth:`~PreservedStore.sizes`; ``store_args``
     ``(start, keys, values, coded, rope)`` of :meth:`QuantizedStore.stage`; ``preserved_args``
-    ``(positions, keys, values, admitted)`` of :meth:`PreservedStore.commit`; ``defers``: whether
+    ``(positions, keys, values, admitted, n_new)`` of :meth:`PreservedStore.commit`; ``defers``: whether
     the store validates through device flags (:meth:`QuantizedStore.defers_validation`);
     ``staged``: the store's :class:`StagedBlocks` once :meth:`stage` ran.
     """

@@ -299,10 +299,11 @@ class QuantizedKVCacheLayer(LayerAttention):
         res = self._residual
         keys, values, valid, flags, rope = res.head(m)
         admitted = admit_preserved(flags, self._preserved.counts, self.config.max_preserved)
+        n_new = admitted.sum(dim=1)
         positions = torch.arange(res.start, res.start + m, dtype=torch.int64, device=self.device)
-        return FlushPlan(self, m, list(self._unchecked), self._preserved.sizes(admitted),
+        return FlushPlan(self, m, list(self._unchecked), self._preserved.sizes(n_new),
                          (res.start, keys, values, valid & ~admitted, rope),
-                         (positions, keys, values, admitted), self.quantized.defers_validation(keys))
+                         (positions, keys, values, admitted, n_new), self.quantized.defers_validation(keys))
 
     def commit_flush(self, plan: FlushPlan, need: int, added: int) -> None:
         """Carry out ``plan`` (staged, its checks and flags read and passed; ``need``, ``added``:

@@ -262,17 +262,18 @@ class PreservedStore:
         pos[:, :keep].copy_(self.positions[:, :keep])
         self.keys, self.values, self.positions, self.capacity = pk, pv, pos, cap
 
-    def sizes(self, admitted: torch.Tensor) -> torch.Tensor:
-        """int64 ``(2,)`` on the device: the largest row count after admitting ``admitted`` and the
-        tokens it admits, what :meth:`commit` needs on the host (a flush reads them with its other
-        values: ``accelerated.cache_flush``)."""
-        return torch.stack([(self.counts + admitted.sum(dim=1)).max(), admitted.sum()])
+    def sizes(self, n_new: torch.Tensor) -> torch.Tensor:
+        """int64 ``(2,)`` on the device: the largest row count after admitting ``n_new`` (int64
+        ``(B,)``: tokens admitted per row) and their total, what :meth:`commit` needs on the host
+        (a flush reads them with its other values: ``accelerated.cache_flush``)."""
+        return torch.stack([(self.counts + n_new).max(), n_new.sum()])
 
     def commit(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               admitted: torch.Tensor, need: int, added: int) -> None:
+               admitted: torch.Tensor, n_new: torch.Tensor, need: int, added: int) -> None:
         """Append the ``admitted`` (bool ``(B, m)``) tokens of ``keys``/``values`` ``(B, H, m, D)`` at
-        ``positions`` (int64 ``(m,)``), scattered without a Python loop, given :meth:`sizes` read
-        on the host (``need``, ``added``: the flush reads them with its other values)."""
+        ``positions`` (int64 ``(m,)``), scattered without a Python loop, given ``n_new`` =
+        ``admitted.sum(dim=1)`` and :meth:`sizes` read on the host (``need``, ``added``: the flush
+        reads them with its other values)."""
         if not added:
             return
         b, h, m, d = keys.shape
@@ -284,7 +285,7 @@ class PreservedStore:
         self.values.scatter_(2, idx, values)
         self.positions.scatter_(1, slot, positions.expand(b, m).contiguous())
         self.positions[:, self.capacity] = -1
-        self.counts = self.counts + admitted.sum(dim=1)
+        self.counts = self.counts + n_new
         self.used = max(self.used, need)
 
     def crop(self, max_length: int) -> None:
