@@ -562,12 +562,19 @@ def quantized_partial_attention(q: torch.Tensor, keys, values, qp: torch.Tensor,
     ``q`` float32 (B, Hq, Tq, D); ``keys``/``values`` PackedQuantizedTensor (B, H, T, D);
     ``qp`` int64 (B, Tq); ``kp`` int64 (B, T) with invalid keys at -1.
     Decode (g*Tq <= 8 rows per KV head, precision "ieee"): :func:`decode_partial_attention`;
-    otherwise :func:`quantized_attention_kernel` (``tl.dot`` for many rows or "tf32x3").
+    otherwise :func:`quantized_attention_kernel` (``tl.dot`` for many rows or "tf32x3"), the
+    queries split into launches of at most ``DOT_MAX_ROWS`` rows.
     """
     b, hq, tq, d = q.shape
     h, t_len = keys.shape[1], keys.shape[2]
     launch = dot_launch(q.shape, keys, q.device, precision, block_t=block_t, n_split=n_split,
                         num_warps=num_warps, num_stages=num_stages, use_dot=use_dot)
+    per = launch.max_queries
+    if launch.use_dot and tq > per:
+        parts = [quantized_partial_attention(q[:, :, i:i + per], keys, values, qp[:, i:i + per], kp,
+                                             scale, precision, block_t, n_split, num_stages, num_warps,
+                                             use_dot, **decode_choices) for i in range(0, tq, per)]
+        return tuple(torch.cat([p[j] for p in parts], dim=2) for j in range(3))
     if not launch.use_dot:
         return decode_partial_attention(q, keys, values, qp, kp, scale, n_split=n_split,
                                         num_warps=num_warps, **decode_choices)

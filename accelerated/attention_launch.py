@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 
 from .triton_support import device_properties, next_pow2
 
-__all__ = ["PROGRAMS_PER_SM", "DotLaunch", "dot_launch", "PackedSide", "DecodeLaunch", "decode_launch",
+__all__ = ["PROGRAMS_PER_SM", "DOT_MAX_ROWS", "DotLaunch", "dot_launch", "PackedSide", "DecodeLaunch", "decode_launch",
            "MergeLaunch", "merge_launch", "DECODE_ROWS", "DecodeTuning", "DECODE_TUNING",
            "DEFAULT_DECODE_TUNING", "decode_tuning", "FP_TOKENS_PER_PROGRAM", "FusedLaunch", "fused_launch",
            "TENSOR_ROWS", "TensorDecodeLaunch", "tensor_decode_applies", "tensor_decode_launch",
@@ -36,6 +36,13 @@ __all__ = ["PROGRAMS_PER_SM", "DotLaunch", "dot_launch", "PackedSide", "DecodeLa
 #: query rows per KV head (g * Tq) up to which a query is "decode": CUDA-core products
 #: (decode_attention_kernel, fused_decode_kernel) rather than tl.dot
 DECODE_ROWS = 8
+
+#: query rows per KV head that one launch of the many-rows kernel (quantized_attention_kernel) holds:
+#: its query and accumulator tiles are (M_PAD, D_PAD) in registers, so a chunk of a chunked prefill
+#: (g * Tq rows: 16384 for 4096 queries of Llama-3's g=4, beyond Triton's 2**20-element tensors)
+#: is split over the queries into launches of at most this many rows (the flash-attention forward's
+#: usual 128-row tile)
+DOT_MAX_ROWS = 128
 
 #: programs per SM the split over the sequence aims for (decode kernel at 4 warps and ~255
 #: registers keeps 2 resident per SM: 4 per SM = 2 full waves; tuned on H100, 132 SMs -> 528)
@@ -73,6 +80,7 @@ class DotLaunch:
     use_dot: bool          # tl.dot, else exact float32 products on CUDA cores
     num_warps: int = 4
     num_stages: int = 1
+    max_queries: int = 0   # queries per launch (DOT_MAX_ROWS // g): more are split over launches
 
 
 def dot_launch(q_shape, keys, device, precision: str = "ieee", *, block_t: Optional[int] = None,
@@ -96,7 +104,8 @@ def dot_launch(q_shape, keys, device, precision: str = "ieee", *, block_t: Optio
     n_split = -(-n_tiles // tiles_per_split)
     return DotLaunch(rows=r, m_pad=m_pad, d_pad=max(16, next_pow2(d)), block_t=block_t,
                      n_split=n_split, tiles_per_split=tiles_per_split, use_dot=use_dot,
-                     num_warps=num_warps, num_stages=num_stages)
+                     num_warps=num_warps, num_stages=num_stages,
+                     max_queries=max(1, DOT_MAX_ROWS // (hq // h)))
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,12 @@ from reference import preserve as RPs
 from reference.config import KVSinkConfig
 
 from accelerated import attention as AA
+from accelerated import attention_kernels as AK
 from accelerated import packing as AP
 from accelerated import predictor as APd
 from accelerated import preserve as APs
 from accelerated import quantize as AQ
-from tests.conftest import CUDA, needs_cuda
+from tests.conftest import CUDA, KERNEL_DEVICE, needs_cuda, needs_kernel
 U = 2.0 ** -24
 ETA = 2.0 ** -149
 
@@ -481,13 +482,19 @@ def test_quantize_kernel_identical_cuda(bits, group, axis, symmetric, shape):
 def test_quantized_segment_attention_kernel_cuda(kspec, vspec, precision, tq):
     rng = np.random.default_rng(kspec[0] * 10 + vspec[0] + 1)
     q, kq, vq, kp, qp, kv = quantized_case(rng, kspec, vspec, s=1000, d=64, tq=tq)
-    kd, vd = RQ.dequantize(kq), RQ.dequantize(vq)
     pk = AQ.PackedQuantizedTensor.from_reference(kq, "cuda")
     pv = AQ.PackedQuantizedTensor.from_reference(vq, "cuda")
     m, l, acc = AA.quantized_segment_attention(t(q, "cuda"), pk, pv, query_positions=t(qp, "cuda"),
                                                key_positions=t(kp, "cuda"), key_valid=t(kv, "cuda"),
                                                use_kernel=True, precision=precision)
-    got = AA.merge_partials([(m.cpu(), l.cpu(), acc.cpu())]).numpy()
+    _within_kernel_bound((m, l, acc), q, kq, vq, qp, kp, kv, precision)
+
+
+def _within_kernel_bound(partial, q, kq, vq, qp, kp, kv, precision="ieee"):
+    """The kernel's (m, l, acc) normalised is within docs/09 §9.3's bound of the reference attention,
+    with §9.2 (b)'s FMA allowance for the dequantization."""
+    kd, vd = RQ.dequantize(kq), RQ.dequantize(vq)
+    got = AA.merge_partials([tuple(x.cpu() for x in partial)]).numpy()
     want = RA.attention(q, kd, vd, query_positions=qp, key_positions=np.where(kv, kp, -1))
 
     def fma_diff(qt, xd):                                  # §9.2 (b): 2u(|q s| + |x|) + eta
@@ -501,6 +508,45 @@ def test_quantized_segment_attention_kernel_cuda(kspec, vspec, precision, tq):
     tol = attention_bound(q, [kd], [vd], u_in=u_in, u_p=u_in, u_v=u_in,
                           dk=[fma_diff(kq, kd)], dv=float(fma_diff(vq, vd).max()))
     assert np.abs(got - want).max() <= tol
+
+
+class _Counting:
+    """A kernel stand-in recording the rows ``R`` of each launch, then launching the real kernel."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        def launch(**kw):
+            self.calls.append(kw["R"])
+            return self.kernel[grid](**kw)
+        return launch
+
+
+@needs_kernel
+def test_many_query_rows_split_into_launches(monkeypatch):
+    """A chunk of many queries (a chunked prefill's, g * Tq rows per KV head beyond what one tile
+    of the many-rows kernel holds) is attended in launches of at most ``DOT_MAX_ROWS`` rows, each
+    within the kernel's bound of the reference."""
+    from accelerated import attention_launch as AL
+    rng = np.random.default_rng(7)
+    q, kq, vq, kp, qp, kv = quantized_case(rng, *QSEG[0], s=300, tq=3)
+    q = rng.standard_normal((2, 6, 40, 64)).astype(np.float32)          # 40 queries, positions 0..312
+    qp = np.stack([np.linspace(0, 299, 40).astype(np.int64), np.arange(40) * 8])
+    dev = KERNEL_DEVICE
+    pk = AQ.PackedQuantizedTensor.from_reference(kq, dev)
+    pv = AQ.PackedQuantizedTensor.from_reference(vq, dev)
+
+    def run():
+        return AA.quantized_segment_attention(t(q, dev), pk, pv, query_positions=t(qp, dev),
+                                              key_positions=t(kp, dev), key_valid=t(kv, dev),
+                                              use_kernel=True)
+    monkeypatch.setattr(AL, "DOT_MAX_ROWS", 16)            # g = 3: 5 queries per launch, 8 launches
+    calls = []
+    real = AK.quantized_attention_kernel
+    monkeypatch.setattr(AK, "quantized_attention_kernel", _Counting(real, calls))
+    _within_kernel_bound(run(), q, kq, vq, qp, kp, kv)
+    assert len(calls) == 8 and max(calls) == 15            # 5 queries x 3 rows per launch
 
 
 @pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
