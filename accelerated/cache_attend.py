@@ -120,7 +120,7 @@ class LayerAttention:
         (ppos, pk, pv), (rk, rv, valid, _) = self._preserved.view(), self._residual.view()
         return fused_decode_attention(query, qp, _att.check_scale(scale, query.shape[3]),
                                       self.quantized.kernel_views(), (pk, pv, ppos),
-                                      (rk, rv, valid, self._residual.start), out_dtype=out_dtype)
+                                      (rk, rv, valid, self._residual.start_dev), out_dtype=out_dtype)
 
     def _attend_inputs(self, query: torch.Tensor, query_positions, scale, checks, convert: bool = True):
         """The checked query (on the device; float32 unless not ``convert``), positions (int64), scale.

@@ -19,6 +19,7 @@ import torch
 from reference.config import KVSinkConfig
 
 from .cache_attend import LayerAttention
+from .cache_capture import LayerCapture
 from .cache_flush import FlushPlan, flush_layers
 from .cache_checks import (NONFINITE_MESSAGE, DeferredChecks, check_index, check_kv_shapes, check_mask,
                            check_storage_dtype, convert_kv, is_int, padding_message)
@@ -43,7 +44,7 @@ def make_store(config: KVSinkConfig, *, kvquant_calibration=None, rope_inv_freq=
                                     rope_inv_freq=rope_inv_freq)
 
 
-class QuantizedKVCacheLayer(LayerAttention):
+class QuantizedKVCacheLayer(LayerAttention, LayerCapture):
     """One layer of the streaming quantized KV cache (torch twin of the reference's).
 
     Parameters

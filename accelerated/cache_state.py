@@ -69,16 +69,36 @@ class ResidualWindow:
     and the buffer is that large already, grows a smaller one x1.5 with the tokens held (up to
     ``steady``), and gives a larger append (a prefill) exactly its tokens (x1.5 when tokens keep
     arriving without a flush).
+
+    ``start_dev``: int64 ``(1,)`` on the device, always equal to ``start`` (the fused decode kernel
+    reads it there).  :meth:`pin` fixes the buffers for a captured decode step
+    (accelerated/hf/captured.py): the window moves to the front of buffers of a fixed capacity, a
+    flush then copies the tokens it keeps back to the front of the same buffers instead of
+    sliding, and the slots after the window are kept not valid, so that a CUDA graph recorded on
+    the whole buffers stays right; an append that does not fit (a prefill) reallocates and unpins.
     """
 
-    __slots__ = ("keys", "values", "valid", "preserve", "rope", "start", "offset", "length", "pending",
-                 "capacity", "steady")
+    __slots__ = ("keys", "values", "valid", "preserve", "rope", "_start", "start_dev", "offset",
+                 "length", "pending", "capacity", "steady", "pinned")
 
     def __init__(self, keys, values, valid, preserve, rope, steady: int):
         self.keys, self.values, self.valid, self.preserve, self.rope = keys, values, valid, preserve, rope
-        self.start = self.offset = self.length = self.pending = 0
+        self.start_dev = torch.zeros(1, dtype=torch.int64, device=keys.device)
+        self._start = self.offset = self.length = self.pending = 0
         self.capacity = int(keys.shape[2])
         self.steady = steady
+        self.pinned = False
+
+    @property
+    def start(self) -> int:
+        """Position of the window's first token."""
+        return self._start
+
+    @start.setter
+    def start(self, value: int) -> None:
+        if value != self._start:
+            self._start = int(value)
+            self.start_dev.fill_(self._start)
 
     @classmethod
     def empty(cls, b: int, h: int, d: int, dtype, device, *, rope: bool, steady: int) -> "ResidualWindow":
@@ -126,7 +146,30 @@ class ResidualWindow:
             if hi > lo:
                 new.narrow(axis, 0, r).copy_(old.narrow(axis, lo, r))
             setattr(self, name, new)
-        self.capacity, self.offset = cap, 0
+        self.capacity, self.offset, self.pinned = cap, 0, False
+
+    def pin(self, capacity: int) -> None:
+        """Hold the window at the front of buffers of ``capacity`` slots that later flushes keep
+        (see the class doc); new buffers unless pinned at that capacity already."""
+        if self.length > capacity:
+            raise ValueError(f"the window holds {self.length} tokens, more than capacity={capacity}")
+        if not (self.pinned and self.capacity == capacity and self.offset == 0):
+            self._relocate(capacity)
+            self.pinned = True
+
+    def _compact(self) -> None:
+        """Pinned: move the window to the front of its own buffers, the slots after it not valid."""
+        lo, r = self.offset, self.length
+        if lo:
+            names = ("keys", "values", "valid", "preserve") + (() if self.rope is None else ("rope",))
+            for name in names:
+                buf = getattr(self, name)
+                axis = 2 if buf.dim() == 4 else 1
+                if r:
+                    buf.narrow(axis, 0, r).copy_(buf.narrow(axis, lo, r).clone())
+            self.offset = 0
+        self.valid[:, r:] = False
+        self.preserve[:, r:] = False
 
     def reserve(self, n: int) -> None:
         """Room for ``n`` more tokens after the window (the growth policy above)."""
@@ -163,6 +206,15 @@ class ResidualWindow:
         self.length += n
         self.pending += n
 
+    def claim(self, n: int) -> None:
+        """``n`` tokens written in place after the window (a captured decode step wrote their keys,
+        values and validity into the buffers) join it, status pending."""
+        if self.end + n > self.capacity:
+            raise RuntimeError(f"a captured step wrote {n} tokens after slot {self.end} of a "
+                               f"window of capacity {self.capacity}")
+        self.length += n
+        self.pending += n
+
     def slot_max_abs(self, side: str, lo: int, hi: int) -> torch.Tensor:
         """float ``(hi - lo,)``: max ``|x|`` over ``(B, H, D)`` of the ``side`` ("keys" or
         "values") of the tokens at positions ``lo .. hi - 1`` (NaN and Inf propagate): what
@@ -189,10 +241,13 @@ class ResidualWindow:
         self.pending = 0
 
     def drop_head(self, n: int) -> None:
-        """Forget the first ``n`` tokens (flushed): the window's start advances, nothing is copied."""
+        """Forget the first ``n`` tokens (flushed): the window's start advances, nothing is copied
+        (pinned: the tokens kept are copied to the front of the buffers)."""
         self.offset += n
         self.length -= n
         self.start += n
+        if self.pinned:
+            self._compact()
 
     def crop(self, max_length: int) -> None:
         """Keep the tokens at positions ``< max_length`` (definition 6.14)."""
@@ -201,13 +256,16 @@ class ResidualWindow:
         self.length = keep
         self.pending = max(0, self.pending - dropped)
         self.start = min(self.start, max_length)
+        if self.pinned:
+            self._compact()
 
     def take_rows(self, idx: torch.Tensor) -> None:
-        """Row ``i`` becomes old row ``idx[i]`` (int64 on the device)."""
+        """Row ``i`` becomes old row ``idx[i]`` (int64 on the device); new buffers (unpinned)."""
         for name in ("keys", "values", "valid", "preserve", "rope"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.index_select(0, idx))
+        self.pinned = False
 
     def nbytes(self) -> int:
         """``2*B*H*r*D*itemsize + B*r + B*r`` (+ ``4*B*r`` rotary positions): definitions 6.17, 6.22."""
@@ -248,7 +306,8 @@ class PreservedStore:
         p = self.used
         return self.positions[:, :p], self.keys[:, :, :p], self.values[:, :, :p]
 
-    def _reserve(self, need: int) -> None:
+    def reserve(self, need: int) -> None:
+        """Room for ``need`` tokens per row (grown to ``max(need, 1.5 * capacity, 4)``)."""
         if need <= self.capacity:
             return
         cap = max(need, self.capacity + self.capacity // 2, 4)
@@ -277,7 +336,7 @@ class PreservedStore:
         if not added:
             return
         b, h, m, d = keys.shape
-        self._reserve(need)
+        self.reserve(need)
         slot = torch.cumsum(admitted, dim=1) - 1 + self.counts[:, None]
         slot = torch.where(admitted, slot, torch.full_like(slot, self.capacity))   # scratch column
         idx = slot[:, None, :, None].expand(b, h, m, d)

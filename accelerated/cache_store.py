@@ -351,7 +351,8 @@ class UniformStore(QuantizedStore):
             coded[:, :self.coded.shape[1]].copy_(self.coded)
         self.slot_pos, self.coded, self.capacity = pos, coded, cap
 
-    def _reserve(self, need: int) -> None:
+    def reserve(self, need: int) -> None:
+        """Buffers of at least ``need`` slots (grown x1.25, whole blocks)."""
         if need > self.capacity:
             q = self.capacity
             self._grow(_round_up(max(need, q + q // 4, MIN_CAPACITY), self.block))
@@ -382,7 +383,7 @@ class UniformStore(QuantizedStore):
     def commit(self, staged: StagedBlocks) -> None:
         (pk, pv, coded), start, m = staged.record, staged.start, staged.m
         q0, blk = self.num_codes, self.block
-        self._reserve(q0 + m)
+        self.reserve(q0 + m)
         for buf, p in ((self.keys, pk), (self.values, pv)):
             buf.words[:, :, q0:q0 + m].copy_(p.words)
             r0, r1 = (q0 // blk, (q0 + m) // blk) if buf.axis == "channel" else (q0, q0 + m)

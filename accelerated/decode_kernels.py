@@ -21,7 +21,8 @@
 #            batch/head strides passed, tokens and channels contiguous), positions int64 (B, P)
 #            (-1 = a row holding fewer).
 #   residual: keys, values (B, H, r, D) in the cache dtype (views of the window's buffers, same
-#            strides rule), valid bool (B, r); token j of the window is at position start + j.
+#            strides rule), valid bool (B, r); token j of the window is at position start + j,
+#            start int64 (1,) read from the device (a CUDA-graph replay reads the current one).
 #   partials m, l float32 (B*H, NS, R), acc float32 (B*H, NS, R, D), NS = n_split + n_fp:
 #            splits 0 .. n_split-1 hold the quantized store's, the others the full-precision
 #            segments' (the P preserved tokens followed by the r residual ones, fp_tiles * FB
@@ -111,16 +112,15 @@ def full_precision_state(q, qpos, row_ok, b, hh, f, pk_ptr, pv_ptr, ppos_ptr, rk
     return m_i, l_i, acc
 
 
-@triton.jit(do_not_specialize=["wstride", "n_total", "P", "RL", "r_start", "fp_tiles", "ppos_sb",
-                             "rvalid_sb"])
+@triton.jit(do_not_specialize=["wstride", "n_total", "P", "RL", "fp_tiles", "ppos_sb", "rvalid_sb"])
 def fused_decode_kernel(q_ptr, qpos_ptr, kpos_ptr,
                         kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr,
-                        pk_ptr, pv_ptr, ppos_ptr, rk_ptr, rv_ptr, rvalid_ptr,
+                        pk_ptr, pv_ptr, ppos_ptr, rk_ptr, rv_ptr, rvalid_ptr, rstart_ptr,
                         m_ptr, l_ptr, acc_ptr,
                         H, G, T, TQ, NGK, NGV, tiles_per_split, n_split, n_total, scale, wstride,
                         q_sb, q_sh, q_st,
                         kpos_sb, kw_sb, kw_sh, ks_sb, ks_sh, vw_sb, vw_sh, vs_sb, vs_sh,
-                        P, RL, r_start, fp_tiles, p_sb, p_sh, ppos_sb, r_sb, r_sh, rvalid_sb,
+                        P, RL, fp_tiles, p_sb, p_sh, ppos_sb, r_sb, r_sh, rvalid_sb,
                         R: tl.constexpr, RB: tl.constexpr, NRG: tl.constexpr, D: tl.constexpr,
                         D_PAD: tl.constexpr, FB: tl.constexpr, A: tl.constexpr, TS: tl.constexpr,
                         KW: tl.constexpr, KW_PAD: tl.constexpr, KBITS: tl.constexpr,
@@ -168,6 +168,7 @@ def fused_decode_kernel(q_ptr, qpos_ptr, kpos_ptr,
         dd = tl.arange(0, D_PAD)
         q_d = tl.load(q_ptr + row_off[:, None] + dd[None, :],
                       mask=row_ok[:, None] & (dd < D)[None, :], other=0.0).to(tl.float32)
+        r_start = tl.load(rstart_ptr)        # on the device: a replayed launch reads the current one
         m_f, l_f, acc_f = full_precision_state(
             q_d, qpos, row_ok, b, hh, split - n_split, pk_ptr, pv_ptr, ppos_ptr, rk_ptr, rv_ptr,
             rvalid_ptr, P, RL, r_start, fp_tiles, scale, p_sb, p_sh, ppos_sb, r_sb, r_sh,
@@ -228,7 +229,8 @@ def fused_decode_attention(q: torch.Tensor, qp: torch.Tensor, scale: float, quan
     (``T`` may be 0) and int64 ``(B, T)`` (-1 = empty slot);
     ``preserved = (keys, values, positions)``: ``(B, H, P, D)`` twice and int64 ``(B, P)``;
     ``residual = (keys, values, valid, start)``: ``(B, H, r, D)`` twice, bool ``(B, r)`` and the
-    position of its first token.  Arguments are the cache's own (checked there, not here).
+    position of its first token: an int64 ``(1,)`` tensor on the device (read by the kernel, so that a
+    CUDA-graph replay of the launch reads the current one), or an int.  Arguments are the cache's own (checked there, not here).
     Returns ``(B, Hq, Tq, D)`` in ``out_dtype``: the transposed view of a contiguous
     ``(B, Tq, Hq, D)`` tensor.
     """
@@ -249,7 +251,9 @@ def fused_decode_attention(q: torch.Tensor, qp: torch.Tensor, scale: float, quan
     if n_total:
         pk, pv = _pair_rows_contiguous(pk, pv)
         rk, rv = _pair_rows_contiguous(rk, rv)
-        _launch_fused(q, qp, scale, keys, values, kpos, pk, pv, ppos, rk, rv, rvalid, int(r_start),
+        if not isinstance(r_start, torch.Tensor):
+            r_start = torch.full((1,), int(r_start), dtype=torch.int64, device=q.device)
+        _launch_fused(q, qp, scale, keys, values, kpos, pk, pv, ppos, rk, rv, rvalid, r_start,
                       launch, (m_s, l_s, acc_s))
     ml = merge_launch(32, d)        # 32 partials per loop step whatever n_total: one compilation
     merge_normalise_kernel[(b * h * r,)](
@@ -274,14 +278,14 @@ def _launch_fused(q, qp, scale, keys, values, kpos, pk, pv, ppos, rk, rv, rvalid
     fused_decode_kernel[grid](
         q_ptr=q, qpos_ptr=qp.contiguous(), kpos_ptr=kpos, kw_ptr=kw, ks_ptr=ks, kz_ptr=kz,
         vw_ptr=vw, vs_ptr=vs, vz_ptr=vz, pk_ptr=pk, pv_ptr=pv, ppos_ptr=ppos, rk_ptr=rk, rv_ptr=rv,
-        rvalid_ptr=rvalid, m_ptr=m_s, l_ptr=l_s, acc_ptr=acc_s,
+        rvalid_ptr=rvalid, rstart_ptr=r_start, m_ptr=m_s, l_ptr=l_s, acc_ptr=acc_s,
         H=h, G=hq // h, T=keys.shape[2], TQ=tq, NGK=stat_count(keys), NGV=stat_count(values),
         tiles_per_split=launch.tiles_per_split, n_split=launch.n_split,
         n_total=launch.n_split + launch.n_fp,
         scale=float(scale), wstride=1, q_sb=q.stride(0), q_sh=q.stride(1), q_st=q.stride(2),
         kpos_sb=kpos.stride(0), kw_sb=kw_sb, kw_sh=kw_sh, ks_sb=ks_sb, ks_sh=ks_sh,
         vw_sb=vw_sb, vw_sh=vw_sh, vs_sb=vs_sb, vs_sh=vs_sh,
-        P=pk.shape[2], RL=rk.shape[2], r_start=r_start, fp_tiles=launch.fp_tiles,
+        P=pk.shape[2], RL=rk.shape[2], fp_tiles=launch.fp_tiles,
         p_sb=pk.stride(0), p_sh=pk.stride(1), ppos_sb=ppos.stride(0), r_sb=rk.stride(0),
         r_sh=rk.stride(1), rvalid_sb=rvalid.stride(0),
         R=dl.rows, RB=dl.rb, NRG=dl.nrg, D=d, D_PAD=launch.d_pad, FB=launch.fp_block, A=dl.a,

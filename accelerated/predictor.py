@@ -27,6 +27,7 @@ from reference.predictor import check_channels, check_threshold
 
 __all__ = [
     "outlier_scores",
+    "channel_scores",
     "predict_sinks",
     "SinkPredictor",
     "threshold_float32",
@@ -87,8 +88,14 @@ def outlier_scores(hidden: torch.Tensor, channels, *, checks=None) -> torch.Tens
     ``checks``: None (a NaN/Inf in ``hidden`` raises ``ValueError`` here, one device->host
     synchronisation) or an ``accelerated.cache.DeferredChecks`` that records the test instead."""
     h = _hidden("hidden", hidden, checks)
-    idx = _channel_index(tuple(check_channels(channels, h.shape[-1])), h.device)
-    return h.index_select(-1, idx).abs().amax(dim=-1)
+    return channel_scores(h, _channel_index(tuple(check_channels(channels, h.shape[-1])), h.device))
+
+
+def channel_scores(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Definition 4.1's arithmetic, ``max_{c in index} |h[..., t, c]|`` (``(..., T)``), for a float32
+    ``hidden`` and the channels as an int64 tensor on its device, both checked by the caller
+    (:func:`outlier_scores`; a captured decode step, accelerated/hf/captured.py)."""
+    return hidden.index_select(-1, index).abs().amax(dim=-1)
 
 
 def predict_sinks(hidden: torch.Tensor, channels, threshold, *, checks=None) -> torch.Tensor:

@@ -9,7 +9,7 @@ CPU), so the masks are identical to the reference's.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ __all__ = [
     "cap_preserved",
     "preserved_set",
     "preserved_step",
+    "step_statuses",
     "check_count",
 ]
 
@@ -190,15 +191,29 @@ def preserved_step(config: KVSinkConfig, valid: torch.Tensor, valid_before: torc
     b, dev = valid.shape[0], valid.device
     v0 = _count("valid_before", valid_before, b, dev)
     p0 = _count("preserved_before", preserved_before, b, dev)
-    flags = torch.zeros_like(valid)
-    if "pfn" in config.preserve:
-        rank = torch.cumsum(valid, dim=1).add_(v0[:, None])
-        flags |= valid & (rank <= config.preserve_first_n)
     if "kvsink" in config.preserve:
         if predicted is None:
             raise ValueError("config.preserve includes 'kvsink' but predicted is None; pass "
                              "predicted=predict_sinks(hidden, channels, threshold) (B, n)")
-        flags |= _bool_mask("predicted", predicted, valid.shape).to(dev) & valid
-    if config.max_preserved is not None:
-        flags &= torch.cumsum(flags, dim=1).add_(p0[:, None]) <= config.max_preserved
-    return flags, v0 + valid.sum(dim=1), p0 + flags.sum(dim=1)
+        predicted = _bool_mask("predicted", predicted, valid.shape).to(dev)
+    return step_statuses(valid, v0, p0, predicted, preserve=config.preserve,
+                         preserve_first_n=config.preserve_first_n, max_preserved=config.max_preserved)
+
+
+def step_statuses(valid: torch.Tensor, valid_before: torch.Tensor, preserved_before: torch.Tensor,
+                  predicted: Optional[torch.Tensor], *, preserve: Tuple[str, ...], preserve_first_n: int,
+                  max_preserved: Optional[int]):
+    """The arithmetic of :func:`preserved_step` on checked tensors and plain settings (what a
+    traced, captured decode step calls: accelerated/hf/captured.py): ``valid``, ``predicted``
+    bool ``(B, n)`` on one device (``predicted`` None without ``"kvsink"`` in ``preserve``),
+    ``valid_before``, ``preserved_before`` int64 ``(B,)``; returns ``(flags, valid count after,
+    preserved count after)``."""
+    flags = torch.zeros_like(valid)
+    if "pfn" in preserve:
+        rank = torch.cumsum(valid, dim=1).add_(valid_before[:, None])
+        flags |= valid & (rank <= preserve_first_n)
+    if "kvsink" in preserve:
+        flags |= predicted & valid
+    if max_preserved is not None:
+        flags &= torch.cumsum(flags, dim=1).add_(preserved_before[:, None]) <= max_preserved
+    return flags, valid_before + valid.sum(dim=1), preserved_before + flags.sum(dim=1)

@@ -67,7 +67,8 @@ INTENDED: Dict[str, Difference] = {
                                      "quantize_defers_validation"}),
     # settled_layer belongs to the predictor's calibration on numpy hidden states (the reference
     # defines it once); threshold_float32 is the float32 comparison the torch predictor makes.
-    "predictor": _d(reference_only={"settled_layer"}, accelerated_only={"threshold_float32"}),
+    "predictor": _d(reference_only={"settled_layer"}, accelerated_only={"threshold_float32", "channel_scores"}),
+    "preserve": _d(accelerated_only={"step_statuses"}),
     # reference.kvquant re-exports its four submodules and accelerated.kvquant its four: the
     # difference is the union of the submodules' differences below.
     "kvquant": _d(accelerated_only={"model_inv_freq", "check_float", "check_range",
@@ -133,6 +134,8 @@ ACCELERATED_ONLY = {
     "attention_tc_kernels": "the decode programs over the packed store on tensor cores (Triton)",
     "cache_attend": "how a cache layer reads its segments (fused decode kernel, SDPA prefill, split "
                     "form): the reference's cache_layer.attend, apart for the 600-line rule",
+    "cache_capture": "what a captured (CUDA-graph) decode step needs of a cache layer: pinned "
+                     "buffers, whole-buffer tensors, host accounting of the replayed appends",
     "attention_sdpa": "a prefill's full-precision tokens through torch SDPA (flash / efficient kernels)",
     "cache_flush": "a flush of many layers with one device->host read (plan, stage, read, commit); "
                    "the reference flushes each layer in one pass: it has no device to read from",

@@ -4,7 +4,8 @@
 For a layer held by the active :class:`~accelerated.hf.KVSinkCache` (:func:`accelerated.hf.step.active_cache`)
 as a :class:`~accelerated.hf.KVSinkLayer`, attention is the cache layer's ``attend`` (packed codes +
 preserved store + residual, :mod:`accelerated.cache`); for any other layer, or a forward without a
-``KVSinkCache``, it is transformers' ``sdpa`` attention.
+``KVSinkCache``, it is transformers' ``sdpa`` attention.  In a captured decode step
+(:mod:`accelerated.hf.captured`) it is ``captured_attention_step``, traced into the step's graph.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from .captured import captured_attention_step
 from .compiled import attend_layer, cache_attention
 from .layer import KVSinkLayer
 from .step import active_cache, compiled_view
@@ -65,13 +67,19 @@ def kvsink_attention(module, query, key, value, attention_mask, dropout: float =
     :mod:`accelerated.hf.compiled`) for a full-attention layer of a forward with a KVSinkCache.
     """
     if torch.compiler.is_compiling():
-        if compiled_view() is not None and kwargs.get("sliding_window") is None:
+        view = compiled_view()
+        if view is not None and kwargs.get("sliding_window") is None:
             _check_options(dropout, kwargs)
+            if view[2] is not None:           # a captured step: the cache work in the graph
+                return captured_attention_step(query, key, value, module.layer_idx, scaling), None
             return cache_attention(query, key, value, module.layer_idx, scaling), None
     else:
         cache = active_cache()
         layer = _kvsink_layer(cache, module)
         if layer is not None:
+            if cache.steps.current is not None and cache.steps.current.captured:
+                _check_options(dropout, kwargs)
+                return captured_attention_step(query, key, value, module.layer_idx, scaling), None
             _check_call(layer, query, dropout, kwargs)
             return attend_layer(cache, layer, query, scaling), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -144,6 +144,10 @@ class KVSinkCache(Cache):
         ``batch_select_indices`` change the tokens, at :meth:`check` and when ``generate``
         returns, so a decode step that flushes nothing never waits for the device; True reads
         them at the end of every forward (one synchronisation per step).
+    max_cache_len : None (default: the growing cache) or a positive int, the most tokens (prompt and
+        generated) a sequence will hold: the compileable cache, which ``generate`` compiles like
+        transformers' ``StaticCache`` (docs/11-transformers.md §11.11); its decode steps on CUDA are
+        captured whole in one CUDA graph (§11.12, the packed store then sized for ``max_cache_len``).
 
     Attributes
     ----------
@@ -206,7 +210,8 @@ class KVSinkCache(Cache):
         self._decoder_layers = num_decoder_layers
         self.steps = StepState(config, self.predictor,
                                [l for l in layers if isinstance(l, KVSinkLayer)], num_layers,
-                               eager_checks=eager_checks, max_length=max_cache_len)
+                               eager_checks=eager_checks, max_length=max_cache_len,
+                               query_heads=getattr(text_cfg, "num_attention_heads", None))
         install(model)
         if getattr(model, "training", False):
             warnings.warn("the model is in training mode; KVSinkCache is for inference (call "
@@ -224,6 +229,9 @@ class KVSinkCache(Cache):
             return layer.update(key_states, value_states)
         if torch.compiler.is_compiling():
             return key_states, value_states   # appended by kvsink::cache_attention (hf/compiled.py)
+        step = self.steps.current             # or by the captured step (hf/captured.py)
+        if step is not None and step.captured:
+            return key_states, value_states
         if self.steps.current is None:
             raise RuntimeError(
                 "KVSinkCache.update was called outside a forward of the model the cache was built "

@@ -18,7 +18,8 @@
 
 Under ``torch.compile`` the base-model hooks run eagerly between the compiled graphs
 (``torch.compiler.disable``) and the layer hook becomes the operator ``kvsink::layer_input``
-(:mod:`accelerated.hf.compiled`).
+(:mod:`accelerated.hf.compiled`), or, in a captured decode step, the predictor's traced code
+(:mod:`accelerated.hf.captured`).
 
 The per-step logic is :class:`accelerated.hf.step.StepState`; these hooks only route the calls.
 """
@@ -32,8 +33,9 @@ import types
 import torch
 
 from .attention import ATTENTION_NAME, register
+from .captured import captured_layer_input
 from .compiled import layer_input, observe_layer_input
-from .step import active_cache, compiled_view, pop_active, push_active
+from .step import active_cache, compiled_view, pop_active, push_active, refresh_view
 
 __all__ = ["install", "uninstall", "find_cache"]
 
@@ -45,6 +47,15 @@ def find_cache(kwargs):
         c = kwargs.get(key)
         if isinstance(c, KVSinkCache):
             return c
+    return None
+
+
+def _tokens(params):
+    """``(batch, n)`` of a forward's ``input_ids`` / ``inputs_embeds``, or None."""
+    for key in ("input_ids", "inputs_embeds"):
+        x = params.get(key)
+        if isinstance(x, torch.Tensor) and x.dim() >= 2:
+            return int(x.shape[0]), int(x.shape[1])
     return None
 
 
@@ -70,7 +81,8 @@ class _ModelHooks:
             pos = params.get("position_ids")
             if pos is None:
                 pos = params.get("cache_position")
-            cache.steps.begin(params.get("attention_mask"), pos)
+            cache.steps.begin(params.get("attention_mask"), pos, _tokens(params))
+            refresh_view()
 
     def post_forward(self, module, args, kwargs, output):
         cache = active_cache()
@@ -97,6 +109,9 @@ class _ModelHooks:
                 return None
             view = compiled_view()
             if view is None or view[1] != idx:
+                return None
+            if view[2] is not None:               # a captured step: traced into the graph
+                captured_layer_input(hidden, view[2])
                 return None
             hidden = layer_input(hidden, idx)
             if args:

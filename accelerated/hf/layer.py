@@ -120,7 +120,7 @@ class KVSinkLayer(CacheLayerMixin):
             self.store.update(key_states, value_states, valid=valid,
                               rope_positions=rope_positions.to(self.device), checks=checks)
         self.last_new = key_states.shape[-2]
-        self._publish_length()
+        self.publish_length()
         return key_states, value_states
 
     def get_seq_length(self) -> int:
@@ -131,13 +131,20 @@ class KVSinkLayer(CacheLayerMixin):
             return self.length_tensor
         return 0 if self.store is None else _read_int(self.store, "seq_length")
 
-    def _publish_length(self) -> None:
+    def publish_length(self) -> None:
         """The compileable cache keeps :attr:`length_tensor` equal to the slots held (one fill)."""
         if self.max_cache_len is None or self.store is None:
             return
         if self.length_tensor is None:
             self.length_tensor = torch.zeros((), dtype=torch.int64, device=self.device)
         self.length_tensor.fill_(_read_int(self.store, "seq_length"))
+
+    def share_length(self, layers) -> None:
+        """Every layer of ``layers`` (holding the same slots) reads this layer's
+        :attr:`length_tensor`: a captured step fills one (accelerated/hf/captured.py)."""
+        self.publish_length()
+        for layer in layers:
+            layer.length_tensor = self.length_tensor
 
     def get_mask_sizes(self, query_length: int):
         """``(kv_length, kv_offset)``; with ``max_cache_len`` the constant ``(max_cache_len, 0)``, as
@@ -164,7 +171,7 @@ class KVSinkLayer(CacheLayerMixin):
         keep = n - abs(tokens_to_remove) if tokens_to_remove <= 0 else min(tokens_to_remove, n)
         if keep < n:
             self.store.crop(max(keep, 0))
-            self._publish_length()
+            self.publish_length()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.store is not None:

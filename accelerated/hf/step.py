@@ -49,23 +49,27 @@ __all__ = [
     "push_active",
     "pop_active",
     "compiled_view",
+    "refresh_view",
 ]
 
 _LOCAL = threading.local()
 
 #: What a forward traced by torch.compile needs to know of the innermost active cache, as plain
 #: constants dynamo can guard on (it cannot read the thread-local stack): None (no KVSinkCache), or
-#: ``(has_full_precision_layers, predictor_layer or -1)``.  Set by :func:`push_active` /
-#: :func:`pop_active` (the hooks, which run outside the compiled graphs: accelerated/hf/compiled.py).
+#: ``(has_full_precision_layers, predictor_layer or -1, capture)``, ``capture`` None or, for a
+#: captured step, ``accelerated.hf.captured.capture_spec``.  Set by :func:`push_active` /
+#: :func:`pop_active` / :func:`refresh_view` (the hooks, which run outside the compiled graphs:
+#: accelerated/hf/compiled.py, accelerated/hf/captured.py).
 #: One per process, unlike the stack: compiled forwards in several threads at once must use caches of
 #: the same view (docs/11 §11.11).
 _COMPILED_VIEW = None
 
 
 def compiled_view():
-    """``None`` or ``(has_full_precision_layers, predictor_layer)`` of the innermost active
-    ``KVSinkCache`` (``predictor_layer`` -1 without a predictor): read by the traced code of
-    :mod:`accelerated.hf.compiled`; a change between forwards makes dynamo recompile."""
+    """``None`` or ``(has_full_precision_layers, predictor_layer, capture)`` of the innermost active
+    ``KVSinkCache`` (``predictor_layer`` -1 without a predictor; ``capture`` the captured step's
+    constants or None): read by the traced code of :mod:`accelerated.hf.compiled` and
+    :mod:`accelerated.hf.captured`; a change between forwards makes dynamo recompile."""
     return _COMPILED_VIEW
 
 
@@ -75,8 +79,16 @@ def _set_view(stack) -> None:
     if cache is None:
         _COMPILED_VIEW = None
     else:
-        p = cache.predictor
-        _COMPILED_VIEW = (bool(cache.has_full_precision_layers), -1 if p is None else int(p.layer))
+        p, step = cache.predictor, cache.steps.current
+        capture = cache.steps.capture_spec if step is not None and step.captured else None
+        _COMPILED_VIEW = (bool(cache.has_full_precision_layers), -1 if p is None else int(p.layer),
+                          capture)
+
+
+def refresh_view() -> None:
+    """Recompute :func:`compiled_view` once the innermost forward's step has begun (whether it is
+    captured is known then)."""
+    _set_view(getattr(_LOCAL, "stack", None))
 
 
 def active_cache():
@@ -117,6 +129,9 @@ class ForwardStep:
         #: the value checks of every layer (an ``accelerated.cache.DeferredChecks``): the cache's
         #: open one, gathering the steps' checks until a flush (or ``eager_checks``) reads them
         self.checks = checks
+        #: whether the step is captured (accelerated/hf/captured.py: one token per row, its cache
+        #: work in the traced graph, its accounting in :meth:`StepState.end`)
+        self.captured = False
 
 
 class TokenHistory:
@@ -260,7 +275,9 @@ class StepState:
     """
 
     def __init__(self, config: KVSinkConfig, predictor, layers: list, num_hidden_layers: int,
-                 eager_checks: bool = False, max_length: Optional[int] = None):
+                 eager_checks: bool = False, max_length: Optional[int] = None,
+                 query_heads: Optional[int] = None):
+        from .captured import CapturedSteps, capture_spec
         self.config = config
         self.max_length = max_length
         self.eager_checks = eager_checks
@@ -273,15 +290,20 @@ class StepState:
         #: layers may hold unresolved or unchecked tokens, so the next forward raises until reset()
         self.broken = False
         self.checks = _new_checks()
+        #: the captured decode steps (``max_length`` given; accelerated/hf/captured.py)
+        self.captured = CapturedSteps(self, query_heads)
+        self.capture_spec = capture_spec(config, predictor, num_hidden_layers)
 
     def reset(self) -> None:
         self.current = None
         self.history.clear()
         self.broken = False
         self.checks = _new_checks()
+        self.captured.reset()
 
-    def begin(self, mask2d, position_ids=None) -> None:
-        """A forward with this cache begins (base-model pre-hook)."""
+    def begin(self, mask2d, position_ids=None, tokens=None) -> None:
+        """A forward with this cache begins (base-model pre-hook); ``tokens``: ``(batch, n)`` of its
+        input when known, which decides whether the step is captured (``self.captured.begin``)."""
         if self.current is not None or self.broken or any(l.has_pending() for l in self.layers):
             raise RuntimeError("KVSinkCache: the previous forward pass did not finish (an exception, "
                                "e.g. NaN/Inf keys, values or queries), so some tokens were never "
@@ -290,6 +312,11 @@ class StepState:
         if self.config.quantizer != "kvquant":
             position_ids = None
         self.current = ForwardStep(mask2d, position_ids, self.checks)
+        try:
+            self.current.captured = self.captured.begin(tokens)
+        except BaseException:
+            self.current = None
+            raise
 
     def _new_valid(self, step: ForwardStep, n: int, batch: int, device) -> torch.Tensor:
         """bool ``(B, n)``: the validity of the step's new tokens (from the 2-D mask)."""
@@ -403,17 +430,29 @@ class StepState:
         step = self.current
         if step is None or step.flags is not None:
             return
+        if step.captured:
+            from .captured import captured_layer_input
+            captured_layer_input(hidden, self.capture_spec)
+            return
         self.begin_tokens(hidden.shape[1], hidden.shape[0], hidden.device)
         self.set_flags(self._predict(hidden))
 
+    def predict_last(self, last_hidden: Optional[torch.Tensor]) -> None:
+        """The step's statuses from the last hidden state (a predictor after the last layer)."""
+        if self.predictor is not None and self.predictor.layer == self.num_hidden_layers \
+                and last_hidden is not None:
+            self.set_flags(self._predict(last_hidden))
+        else:
+            raise RuntimeError("KVSinkCache: the forward ended before the predictor ran")
+
     def _finish(self, last_hidden: Optional[torch.Tensor]) -> None:
         step = self.current
-        if step.flags is None:
-            if self.predictor is not None and self.predictor.layer == self.num_hidden_layers \
-                    and last_hidden is not None:
-                self.set_flags(self._predict(last_hidden))
-            else:
-                raise RuntimeError("KVSinkCache: the forward ended before the predictor ran")
+        if step.captured:
+            self.captured.finish(last_hidden)
+        elif step.flags is None:
+            self.predict_last(last_hidden)
+        if self.eager_checks or any(layer.num_due() for layer in self.layers):
+            self.captured.settle()    # the graph's flags join the checks read now
         self._check_or_defer()
         # every layer at once: one device->host read (the open checks, the quantize kernels' flags,
         # the preserved stores' sizes) for a step that flushes, none for one that does not
@@ -458,6 +497,7 @@ class StepState:
         ``reset()`` (it holds the offending tokens)."""
         if self.current is not None:
             raise RuntimeError("KVSinkCache: the checks are read between forwards, not during one")
+        self.captured.settle()
         try:
             self.checks.check()
         except ValueError:
