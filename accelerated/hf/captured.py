@@ -299,7 +299,10 @@ class CapturedSteps:
         if len({s.capture_slot for s in stores}) != 1:
             raise RuntimeError("KVSinkCache: the layers' residual windows are out of step "
                                f"({sorted({s.capture_slot for s in stores})}); call cache.reset()")
-        st.layers[0].share_length([layer for layer in st.layers])
+        first = st.layers[0]
+        if first.length_tensor is None or any(layer.length_tensor is not first.length_tensor
+                                              for layer in st.layers):
+            first.share_length(st.layers)
         b, dev = stores[0].batch_size, stores[0].device
         if self.buffers is None or self.buffers.batch != b or self.buffers.qpos.device != dev:
             channels = () if st.predictor is None else tuple(int(x) for x in st.predictor.channels)
