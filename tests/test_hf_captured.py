@@ -166,16 +166,44 @@ def test_captured_hidden_check(off_cuda):
     from accelerated.hf import KVSinkCache
     model = _model()
     cache = KVSinkCache(model, _config("kvsink"), max_cache_len=PROMPT + NEW)
+    from accelerated.hf.step import pop_active, push_active
     _generate(model, cache)                            # captured steps: the slots are bound to it
     hidden = torch.zeros(2, 1, 64)
-    off_cuda.captured_layer_input(hidden, cache.steps.capture_spec)
-    cache.steps.captured.unsettled = True
-    cache.check()                                      # finite: nothing raised
-    hidden[1, 0, 5] = math.inf
-    off_cuda.captured_layer_input(hidden, cache.steps.capture_spec)
-    cache.steps.captured.unsettled = True
-    with pytest.raises(ValueError, match="hidden contains NaN or Inf"):
-        cache.check()
+    for bad in (False, True):
+        hidden[1, 0, 5] = math.inf if bad else 0.0
+        push_active(cache)                             # as inside a forward with the cache
+        try:
+            off_cuda.captured_layer_input(hidden, cache.steps.capture_spec)
+        finally:
+            pop_active()
+        cache.steps.captured.unsettled = True
+        if bad:
+            with pytest.raises(ValueError, match="hidden contains NaN or Inf"):
+                cache.check()
+        else:
+            cache.check()                              # finite: nothing raised
+
+
+def test_captured_steps_in_two_threads(off_cuda):
+    """Eager captured forwards read their own cache's slots: two threads generating with two
+    caches at once get what each gets alone."""
+    import threading
+
+    from accelerated.hf import KVSinkCache
+    model = _model()
+    configs = [_config("kvsink"), _config("pfn")]
+    alone = [_generate(model, KVSinkCache(model, c, max_cache_len=PROMPT + NEW)) for c in configs]
+    got = [None, None]
+
+    def run(i):
+        for _ in range(3):
+            got[i] = _generate(model, KVSinkCache(model, configs[i], max_cache_len=PROMPT + NEW))
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert all(torch.equal(g, a) for g, a in zip(got, alone))
 
 
 def test_captured_then_crop_and_continue(off_cuda):

@@ -47,6 +47,7 @@ from ..decode_kernels import fused_decode_attention
 from ..predictor import channel_scores, threshold_float32
 from ..preserve import step_statuses
 from ..quantize import PackedQuantizedTensor
+from .step import active_cache
 
 __all__ = ["CapturedSteps", "StepBuffers", "SLOTS", "PRESERVED_CAPACITY", "OFF_CUDA",
            "captured_attention", "captured_attention_step", "captured_layer_input", "capture_spec",
@@ -118,13 +119,31 @@ class _Slots:
             self.layers.append(_LayerSlot())
         return self.layers[i]
 
+    def bind(self, other: "_Slots") -> None:
+        """Take ``other``'s tensors into this object's own (stable) slot objects."""
+        for name in StepBuffers.NAMES:
+            setattr(self.step, name, getattr(other.step, name))
+        for i, src in enumerate(other.layers):
+            dst = self.layer(i)
+            for name in _LayerSlot.__slots__:
+                setattr(dst, name, getattr(src, name, None))
+
 
 class _StepSlot:
     __slots__ = StepBuffers.NAMES
 
 
-#: The slots of the process (one captured cache per forward at a time, as ``compiled_view``).
+#: The slots the traced code reads: one per process (one compiled captured forward at a time, as
+#: ``compiled_view``).  An eager captured forward reads its own cache's (:func:`current_slots`), so
+#: eager forwards in several threads may use different caches.
 SLOTS = _Slots()
+
+
+def current_slots() -> _Slots:
+    """:data:`SLOTS` in traced code; the active cache's own slots in an eager forward."""
+    if torch.compiler.is_compiling():
+        return SLOTS
+    return active_cache().steps.captured.slots
 
 
 def capture_spec(config, predictor, num_hidden_layers: int) -> Tuple:
@@ -143,7 +162,7 @@ def captured_layer_input(hidden: torch.Tensor, spec: Tuple) -> None:
     :data:`SLOTS`' step buffers, the per-row counts updated in place, a NaN/Inf in ``hidden``
     recorded in ``bad_hidden``."""
     _, threshold, preserve, first_n, max_preserved = spec
-    st = SLOTS.step
+    st = current_slots().step
     st.bad_hidden.logical_or_(~torch.isfinite(hidden).all().reshape(1))
     predicted = channel_scores(hidden.to(torch.float32), st.channels) > threshold
     flags, valid_count, preserved_count = step_statuses(
@@ -160,7 +179,8 @@ def captured_attention_step(query: torch.Tensor, key: torch.Tensor, value: torch
     """One layer of a captured step: ``key``/``value`` ``(B, H, 1, D)`` into the window at the
     step's slot, the query's finiteness into ``bad_query``, then the attention of ``query``
     ``(B, Hq, 1, D)`` over the layer: ``(B, 1, Hq, D)`` in the query's dtype."""
-    s, st = SLOTS.layers[layer_idx], SLOTS.step
+    slots = current_slots()
+    s, st = slots.layers[layer_idx], slots.step
     if key.dtype != s.keys.dtype or value.dtype != s.values.dtype:
         raise TypeError(f"a captured KVSinkCache step stores keys/values in {s.keys.dtype}; the "
                         f"model gives {key.dtype}/{value.dtype}: build the cache from a forward in "
@@ -246,7 +266,8 @@ class CapturedSteps:
         self.query_heads = query_heads
         self.buffers: Optional[StepBuffers] = None
         self.unsettled = False           # captured steps whose flags are not recorded yet
-        self._bound = None               # the tensors SLOTS holds for this cache
+        self.slots = _Slots()            # this cache's tensors (SLOTS takes them for traced code)
+        self._bound = None               # the tensors self.slots holds
 
     # ------------------------------------------------------------------ before the forward
 
@@ -310,21 +331,24 @@ class CapturedSteps:
             self._bound = None
 
     def _bind(self, stores) -> None:
-        """Point :data:`SLOTS` at this cache's tensors (marked static when new to it)."""
+        """Point this cache's slots and :data:`SLOTS` at its tensors (marked static when new)."""
         tensors = [s.captured_tensors() for s in stores]
-        if SLOTS.owner is self and self._bound is not None and all(
-                a is b for old, new in zip(self._bound, tensors) for a, b in zip(old, new)):
-            return
-        for name in StepBuffers.NAMES:
-            setattr(SLOTS.step, name, getattr(self.buffers, name))
-        for layer, store, ts in zip(self.steps.layers, stores, tensors):
-            slot = SLOTS.layer(layer.layer_idx)
-            for name, t in zip(CAPTURED_TENSORS, ts):
-                if t is not None:
-                    torch._dynamo.mark_static_address(t)
-                setattr(slot, name, t)
-            slot.layout = store.captured_layout()
-        SLOTS.owner, self._bound = self, tensors
+        changed = self._bound is None or any(a is not b for old, new in zip(self._bound, tensors)
+                                             for a, b in zip(old, new))
+        if changed:
+            for name in StepBuffers.NAMES:
+                setattr(self.slots.step, name, getattr(self.buffers, name))
+            for layer, store, ts in zip(self.steps.layers, stores, tensors):
+                slot = self.slots.layer(layer.layer_idx)
+                for name, t in zip(CAPTURED_TENSORS, ts):
+                    if t is not None:
+                        torch._dynamo.mark_static_address(t)
+                    setattr(slot, name, t)
+                slot.layout = store.captured_layout()
+            self._bound = tensors
+        if changed or SLOTS.owner is not self:
+            SLOTS.bind(self.slots)
+            SLOTS.owner = self
 
     # ------------------------------------------------------------------ after the forward
 
