@@ -25,6 +25,11 @@ call them; :class:`StepState` holds them):
    flush that quantizes does), so that one or a few layers hold the prompt at full precision.
    ``abandon`` (always-called hook) marks the cache broken if the forward raised after appending.
 
+A captured decode step (``max_length`` given, one token per row on CUDA:
+:mod:`accelerated.hf.captured`, docs/11 §11.12) takes steps 2 and 3 in ``begin`` (its token's
+validity and position into device buffers the traced graph reads), does its cache work inside
+the forward's graph, and its host accounting in ``end`` before the flush of step 4.
+
 The stack of active caches (one per nested forward, per thread) lives here too: the attention
 function of :mod:`accelerated.hf.attention` reads the innermost one.
 """
@@ -315,6 +320,8 @@ class StepState:
         try:
             self.current.captured = self.captured.begin(tokens)
         except BaseException:
+            if self.current.n is not None:    # the history took the step's tokens: out of step
+                self.broken = True
             self.current = None
             raise
 
