@@ -229,8 +229,9 @@ def fused_decode_attention(q: torch.Tensor, qp: torch.Tensor, scale: float, quan
     (``T`` may be 0) and int64 ``(B, T)`` (-1 = empty slot);
     ``preserved = (keys, values, positions)``: ``(B, H, P, D)`` twice and int64 ``(B, P)``;
     ``residual = (keys, values, valid, start)``: ``(B, H, r, D)`` twice, bool ``(B, r)`` and the
-    position of its first token: an int64 ``(1,)`` tensor on the device (read by the kernel, so that a
-    CUDA-graph replay of the launch reads the current one), or an int.  Arguments are the cache's own (checked there, not here).
+    position of its first token: an int64 ``(1,)`` tensor on the device (read by the kernel, so
+    that a CUDA-graph replay of the launch reads the current one), or an int.  Arguments are the
+    cache's own (checked there, not here).
     Returns ``(B, Hq, Tq, D)`` in ``out_dtype``: the transposed view of a contiguous
     ``(B, Tq, Hq, D)`` tensor.
     """

@@ -8,8 +8,9 @@ captures the whole step as ONE CUDA graph and replays it, as it does for transfo
 * the tensors it reads and writes stay where they are: each layer's buffers are pinned
   (``LayerCapture.pin``: the residual window at the front of a fixed buffer that flushes keep, the
   packed store sized by ``max_cache_len``, the preserved store by :data:`PRESERVED_CAPACITY`), and
-  reach the traced code as tensor attributes of stable slot objects (:data:`SLOTS`), rebound to
-  the active cache's tensors before each forward and marked ``torch._dynamo.mark_static_address``:
+  reach the traced code as tensor attributes of stable slot objects (:data:`SLOTS`; an eager
+  forward reads its own cache's, :func:`current_slots`), rebound to the active cache's tensors
+  before each forward and marked ``torch._dynamo.mark_static_address``:
   a new cache, or a buffer that grew, is a new address and inductor's CUDA-graph trees record again;
 * what changes per step lives on the device, written by the eager pre-hook before the replay
   (:class:`StepBuffers`): the window slot the token goes to, the query position, its validity;
@@ -30,7 +31,7 @@ which is how the CPU suite checks them against the growing path.
 A step is captured when the cache has ``max_cache_len``, it brings one token per row, every layer
 holds tokens in the uniform store on a device where the fused kernel runs, and the query rows per
 KV head are at most ``DECODE_ROWS``; otherwise the step takes the operators of
-:mod:`accelerated.hf.compiled` (and eagerly the growing path).  :data:`OFF_CUDA` lets tests capture
+:mod:`accelerated.hf.compiled` when compiled, the growing cache's path when not.  :data:`OFF_CUDA` lets tests capture
 on the CPU (the same step, its attention in torch).
 """
 
@@ -49,7 +50,7 @@ from ..preserve import step_statuses
 from ..quantize import PackedQuantizedTensor
 from .step import active_cache
 
-__all__ = ["CapturedSteps", "StepBuffers", "SLOTS", "PRESERVED_CAPACITY", "OFF_CUDA",
+__all__ = ["CapturedSteps", "StepBuffers", "SLOTS", "current_slots", "PRESERVED_CAPACITY", "OFF_CUDA",
            "captured_attention", "captured_attention_step", "captured_layer_input", "capture_spec",
            "QUERY_MESSAGE", "HIDDEN_MESSAGE"]
 
