@@ -225,6 +225,35 @@ def test_captured_then_crop_and_continue(off_cuda):
     _same_cache(results[1][1], results[0][1])
 
 
+@pytest.mark.parametrize("kw", [dict(num_beams=2), dict(eager_checks=True),
+                                dict(max_preserved=3)], ids=["beams", "eager_checks", "max_preserved"])
+def test_captured_steps_with_beams_eager_checks_and_a_cap(off_cuda, monkeypatch, kw):
+    """Beam search (rows repeated, then reordered every step: the pinned buffers are replaced and
+    pinned again), ``eager_checks=True`` (the graph's flags read every step) and ``max_preserved``
+    (the preserved store pinned at the cap): the growing cache's tokens and contents."""
+    from dataclasses import replace
+
+    from accelerated.hf import KVSinkCache
+    model = _model()
+    ids, mask = _inputs()
+    gen_kw = {"num_beams": kw["num_beams"]} if "num_beams" in kw else {}
+    cache_kw = {"eager_checks": True} if "eager_checks" in kw else {}
+    config = _config("kvsink")
+    if "max_preserved" in kw:
+        config = replace(config, max_preserved=kw["max_preserved"])
+    results = []
+    rec = _Recorder(off_cuda, monkeypatch)
+    for extra in ({}, {"max_cache_len": PROMPT + NEW}):
+        cache = KVSinkCache(model, config, **cache_kw, **extra)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW,
+                                 do_sample=False, pad_token_id=0, disable_compile=True, **gen_kw)
+        results.append((out, cache))
+    assert rec.steps == NEW - 1                          # every decode step of the second run
+    assert torch.equal(results[0][0], results[1][0])
+    _same_cache(results[1][1], results[0][1])
+
+
 def test_pinned_window_keeps_its_buffers():
     """``ResidualWindow.pin``: a flush copies the kept tokens to the front of the same buffers,
     the slots after them not valid; ``start_dev`` follows ``start``; a crop clears the slots it drops."""
