@@ -19,7 +19,7 @@ from reference.config import KVSinkConfig
 from .attention import const_like
 
 __all__ = ["ResidualWindow", "PreservedStore", "flushed_length", "admit_preserved", "steady_capacity",
-           "MIN_CAPACITY"]
+           "MIN_CAPACITY", "select_rows"]
 
 #: Smallest capacity (tokens) of a newly allocated quantized / residual buffer.
 MIN_CAPACITY = 64
@@ -44,6 +44,16 @@ def admit_preserved(flags: torch.Tensor, held: torch.Tensor, max_preserved: Opti
         return flags
     rank = torch.cumsum(flags, dim=1) + held[:, None]
     return flags & (rank <= max_preserved)
+
+
+def select_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t`` with row ``i`` = old row ``idx[i]`` (int64 on its device): in place when the batch keeps
+    its size (a beam reorder), so buffers a captured step reads keep their addresses; a new tensor
+    when it changes (rows selected or repeated)."""
+    rows = t.index_select(0, idx)
+    if rows.shape == t.shape:
+        return t.copy_(rows)
+    return rows
 
 
 def steady_capacity(config: KVSinkConfig) -> int:
@@ -260,12 +270,14 @@ class ResidualWindow:
             self._compact()
 
     def take_rows(self, idx: torch.Tensor) -> None:
-        """Row ``i`` becomes old row ``idx[i]`` (int64 on the device); new buffers (unpinned)."""
+        """Row ``i`` becomes old row ``idx[i]`` (int64 on the device; :func:`select_rows`: a
+        reorder keeps the buffers, and a pinned window stays pinned)."""
+        same = int(idx.shape[0]) == self.keys.shape[0]
         for name in ("keys", "values", "valid", "preserve", "rope"):
             t = getattr(self, name)
             if t is not None:
-                setattr(self, name, t.index_select(0, idx))
-        self.pinned = False
+                setattr(self, name, select_rows(t, idx))
+        self.pinned = self.pinned and same
 
     def nbytes(self) -> int:
         """``2*B*H*r*D*itemsize + B*r + B*r`` (+ ``4*B*r`` rotary positions): definitions 6.17, 6.22."""
@@ -361,7 +373,7 @@ class PreservedStore:
     def take_rows(self, idx: torch.Tensor) -> None:
         """Row ``i`` becomes old row ``idx[i]`` (int64 on the device)."""
         for name in ("keys", "values", "positions", "counts"):
-            setattr(self, name, getattr(self, name).index_select(0, idx))
+            setattr(self, name, select_rows(getattr(self, name), idx))
         self.used = int(self.counts.max()) if self.used else 0
 
     def row_positions(self) -> List[torch.Tensor]:

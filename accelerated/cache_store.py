@@ -25,7 +25,7 @@ from reference.config import KVSinkConfig
 from reference.packing import packed_length
 
 from .attention import attention_kernel_usable, quantized_segment_attention, segment_partial
-from .cache_state import MIN_CAPACITY
+from .cache_state import MIN_CAPACITY, select_rows
 from .packing import WORD_DTYPE
 from .quantize import (PackedQuantizedTensor, check_quantize_input, dequantize, quantize_defers_validation,
                        quantize_packed_deferred)
@@ -404,11 +404,11 @@ class UniformStore(QuantizedStore):
         self.slot_pos.masked_fill_(self.slot_pos >= max_length, -1)
 
     def take_rows(self, idx: torch.Tensor) -> None:
-        for buf in (self.keys, self.values):
-            buf.words, buf.scale = buf.words.index_select(0, idx), buf.scale.index_select(0, idx)
+        for buf in (self.keys, self.values):          # in place for a reorder (select_rows)
+            buf.words, buf.scale = select_rows(buf.words, idx), select_rows(buf.scale, idx)
             if buf.zero is not None:
-                buf.zero = buf.zero.index_select(0, idx)
-        self.slot_pos, self.coded = self.slot_pos.index_select(0, idx), self.coded.index_select(0, idx)
+                buf.zero = select_rows(buf.zero, idx)
+        self.slot_pos, self.coded = select_rows(self.slot_pos, idx), select_rows(self.coded, idx)
         self.dims = (int(idx.shape[0]),) + self.dims[1:]
 
     # ------------------------------------------------------------------ views

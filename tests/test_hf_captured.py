@@ -228,8 +228,8 @@ def test_captured_then_crop_and_continue(off_cuda):
 @pytest.mark.parametrize("kw", [dict(num_beams=2), dict(eager_checks=True),
                                 dict(max_preserved=3)], ids=["beams", "eager_checks", "max_preserved"])
 def test_captured_steps_with_beams_eager_checks_and_a_cap(off_cuda, monkeypatch, kw):
-    """Beam search (rows repeated, then reordered every step: the pinned buffers are replaced and
-    pinned again), ``eager_checks=True`` (the graph's flags read every step) and ``max_preserved``
+    """Beam search (rows repeated, then reordered every step, in place: the buffers keep their
+    addresses), ``eager_checks=True`` (the graph's flags read every step) and ``max_preserved``
     (the preserved store pinned at the cap): the growing cache's tokens and contents."""
     from dataclasses import replace
 
@@ -250,6 +250,8 @@ def test_captured_steps_with_beams_eager_checks_and_a_cap(off_cuda, monkeypatch,
                                  do_sample=False, pad_token_id=0, disable_compile=True, **gen_kw)
         results.append((out, cache))
     assert rec.steps == NEW - 1                          # every decode step of the second run
+    if "num_beams" in kw:                                # reordered in place: nothing re-pinned
+        assert all(t == rec.tensors[0] for t in rec.tensors)
     assert torch.equal(results[0][0], results[1][0])
     _same_cache(results[1][1], results[0][1])
 

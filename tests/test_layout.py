@@ -113,7 +113,7 @@ INTENDED: Dict[str, Difference] = {
                                          "check_all"}),
     # The torch records grow in place geometrically (MIN_CAPACITY, steady_capacity: memory follows
     # what is stored); the reference's records are frozen and sized exactly.
-    "cache_state": _d(accelerated_only={"MIN_CAPACITY", "steady_capacity"}),
+    "cache_state": _d(accelerated_only={"MIN_CAPACITY", "steady_capacity", "select_rows"}),
     # The reference keeps one PackedQuantized record per block (quantize_block); the torch uniform
     # store keeps all blocks' words in contiguous PackedBuffers for the Triton kernel.
     "cache_store": _d(reference_only={"PackedQuantized", "quantize_block"},
