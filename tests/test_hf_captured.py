@@ -52,7 +52,7 @@ class _Recorder:
         monkeypatch.setattr(captured.CapturedSteps, "finish", finish)
 
 
-def _pair(model, preserve, device="cpu", backend=None, **cache_kw):
+def _pair(model, preserve, backend=None, **cache_kw):
     from accelerated.hf import KVSinkCache
     growing = KVSinkCache(model, _config(preserve))
     ref = _generate(model, growing)
