@@ -150,15 +150,17 @@ def test_a_flag_whose_exact_check_fails_changes_no_layer(monkeypatch):
 def test_a_failed_deferred_check_changes_no_layer(monkeypatch):
     """NaN keys in the last layer: the flush of all layers raises the check's error (read with the
     sizes and flags) before any layer changes."""
-    checks = DeferredChecks()
-    cache = filled(3, 12, checks=checks, nan_layer=2)
+    _flush_fails_in_one_read(monkeypatch, filled(3, 12, checks=DeferredChecks(), nan_layer=2))
+
+
+def _flush_fails_in_one_read(monkeypatch, cache) -> None:
+    """``cache.flush()`` raises the NaN keys' check error after one device read, no layer changed."""
     before = snapshot(cache)
     reads = Reads(monkeypatch)
     kernel_stand_in(monkeypatch, reads)
     with pytest.raises(ValueError, match="keys contains NaN or Inf"):
         cache.flush()
-    assert reads.n == 1
-    assert snapshot(cache) == before
+    assert reads.n == 1 and snapshot(cache) == before
 
 
 def test_checks_of_many_objects_are_read_in_the_same_transfer(monkeypatch):
@@ -172,13 +174,7 @@ def test_checks_of_many_objects_are_read_in_the_same_transfer(monkeypatch):
     assert all(c.checked for c in per_layer)
     monkeypatch.undo()
     per_layer = [DeferredChecks() for _ in range(3)]
-    cache = filled(3, 12, checks=per_layer, nan_layer=1)
-    before = snapshot(cache)
-    reads = Reads(monkeypatch)
-    kernel_stand_in(monkeypatch, reads)
-    with pytest.raises(ValueError, match="keys contains NaN or Inf"):
-        cache.flush()
-    assert reads.n == 1 and snapshot(cache) == before
+    _flush_fails_in_one_read(monkeypatch, filled(3, 12, checks=per_layer, nan_layer=1))
     assert all(c.checked for c in per_layer)
 
 

@@ -318,9 +318,10 @@ class CapturedSteps:
         preserved = max(PRESERVED_CAPACITY, c.max_preserved or 0)
         for s in stores:
             s.pin(c.residual_length + c.token_block, st.max_length, preserved)
-        if len({s.capture_slot for s in stores}) != 1:
+        slots = {s.capture_slot for s in stores}
+        if len(slots) != 1:
             raise RuntimeError("KVSinkCache: the layers' residual windows are out of step "
-                               f"({sorted({s.capture_slot for s in stores})}); call cache.reset()")
+                               f"({sorted(slots)}); call cache.reset()")
         first = st.layers[0]
         if first.length_tensor is None or any(layer.length_tensor is not first.length_tensor
                                               for layer in st.layers):
